@@ -1,0 +1,178 @@
+// The f-DPO math, once for C++: divergence psi/psi', the stable pair difference and the per-pair head.
+// Shared by the CPU kernels (fdpo_cpu.cpp) and the CUDA kernels (fdpo_cuda.cu); the Triton twin lives in
+// fdiv_kernels/backends/triton_kernels.py and the PyTorch twin in fdiv_kernels/divergences.py.
+// docs/architecture.md states the contract these functions implement. The arithmetic type T is float for
+// fp32/fp16/bf16 inputs (every GPU path) and double for float64 inputs (CPU only: gradcheck and the tests).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FDPO_HD __host__ __device__ __forceinline__
+#else
+#define FDPO_HD inline
+#endif
+
+namespace fdpo {
+
+enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJS = 2, kAlpha = 3, kHellinger = 4 };
+enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
+
+struct HeadParams {
+  double beta;             // Diffusion-DPO beta; d = beta/2 * w * (e_ref - e)
+  int divergence;          // Divergence
+  double alpha;            // alpha-divergence parameter, 0 < alpha < 1
+  double gamma;            // outer scale of the logit
+  double label_smoothing;  // eps of conservative DPO
+  double logratio_clip;    // c > 0: d -> c*tanh(d/c); <= 0: off
+  int reduction;           // Reduction
+  int64_t num_pairs;       // B
+};
+
+// Overloads that pick the float or double libm function on host and device alike.
+FDPO_HD float fexp(float x) { return expf(x); }
+FDPO_HD double fexp(double x) { return exp(x); }
+FDPO_HD float fexpm1(float x) { return expm1f(x); }
+FDPO_HD double fexpm1(double x) { return expm1(x); }
+FDPO_HD float flog1p(float x) { return log1pf(x); }
+FDPO_HD double flog1p(double x) { return log1p(x); }
+FDPO_HD float fabs_(float x) { return fabsf(x); }
+FDPO_HD double fabs_(double x) { return fabs(x); }
+FDPO_HD float fcopysign(float x, float y) { return copysignf(x, y); }
+FDPO_HD double fcopysign(double x, double y) { return copysign(x, y); }
+
+template <typename T>
+FDPO_HD T softplus(T x) {  // log(1 + exp(x)) without overflow
+  return (x > T(0) ? x : T(0)) + flog1p(fexp(-fabs_(x)));
+}
+
+template <typename T>
+FDPO_HD T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + fexp(-x));
+  const T e = fexp(x);
+  return e / (T(1) + e);
+}
+
+// a * b, but 0 whenever either factor is 0: a saturated sigmoid times an overflowed exp is 0, not NaN.
+template <typename T>
+FDPO_HD T mul0(T a, T b) { return (a == T(0) || b == T(0)) ? T(0) : a * b; }
+
+// Exponential family psi(d) = s * (1 - exp(-k d)) (+ a constant for forward KL): the rate k and scale s.
+template <typename T>
+FDPO_HD void exp_family(int divergence, T alpha, T* k, T* s) {
+  if (divergence == kAlpha) {
+    *k = alpha;
+    *s = T(1) / alpha;
+  } else if (divergence == kHellinger) {
+    *k = T(0.5);
+    *s = T(1);
+  } else {  // forward KL
+    *k = T(1);
+    *s = T(1);
+  }
+}
+
+// psi(d): the implicit reward f'(exp(d)), in the stable forms of SPEC section 2.
+template <typename T>
+FDPO_HD T psi(int divergence, T alpha, T d) {
+  switch (divergence) {
+    case kReverseKL: return d;
+    case kForwardKL: return -fexp(-d);
+    case kJS: return T(0.693147180559945309417) - softplus(-d);
+    case kAlpha: return -fexpm1(-alpha * d) / alpha;
+    default: return -fexpm1(T(-0.5) * d);  // hellinger
+  }
+}
+
+// psi'(d) = d psi / d d.
+template <typename T>
+FDPO_HD T psi_slope(int divergence, T alpha, T d) {
+  switch (divergence) {
+    case kReverseKL: return T(1);
+    case kJS: return sigmoid(-d);
+    default: {
+      T k, s;
+      exp_family(divergence, alpha, &k, &s);
+      return s * k * fexp(-k * d);
+    }
+  }
+}
+
+// psi(d_w) - psi(d_l) without cancellation near 0 and without inf - inf at overflow.
+template <typename T>
+FDPO_HD T psi_diff(int divergence, T alpha, T d_w, T d_l) {
+  switch (divergence) {
+    case kReverseKL: return d_w - d_l;
+    case kJS: return softplus(-d_l) - softplus(-d_w);
+    default: {
+      T k, s;
+      exp_family(divergence, alpha, &k, &s);
+      const T a = -k * d_w, b = -k * d_l;  // psi_w - psi_l = s * (exp(b) - exp(a))
+      if (a == b) return T(0);
+      if (b > a) return -s * fexp(b) * fexpm1(a - b);
+      return s * fexp(a) * fexpm1(b - a);
+    }
+  }
+}
+
+// d -> c*tanh(d/c) and its slope sech^2(d/c), computed from exp(-2|x|) so the slope stays non-zero
+// as long as fp32 can hold it.
+template <typename T>
+FDPO_HD void soft_clip(T c, T* d, T* slope) {
+  if (!(c > T(0))) {
+    *slope = T(1);
+    return;
+  }
+  const T x = *d / c;
+  const T t = fexp(T(-2) * fabs_(x));  // in (0, 1]
+  const T th = (T(1) - t) / (T(1) + t);
+  *d = fcopysign(c * th, x);
+  *slope = T(4) * t / ((T(1) + t) * (T(1) + t));
+}
+
+template <typename T>
+struct PairHead {
+  T d_w, d_l;            // log-ratios after the clip
+  T reward_w, reward_l;  // psi(d)
+  T logit;               // z
+  T loss;                // per-pair loss (before reduction)
+  T coef_w, coef_l;      // d(reduced loss)/d e * 2 * inv  (the backward's per-row coefficient)
+};
+
+// The per-pair head. diff_* = e_ref - e (already scaled by inv), inv_* = 1/D, 1/M or 1, w = pair weight.
+template <typename T>
+FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T inv_w, T inv_l, T w) {
+  PairHead<T> h;
+  const T alpha = static_cast<T>(p.alpha), gamma = static_cast<T>(p.gamma);
+  const T clip = static_cast<T>(p.logratio_clip), eps = static_cast<T>(p.label_smoothing);
+  const T half_beta_w = T(0.5) * static_cast<T>(p.beta) * w;
+  T clip_w, clip_l;
+  h.d_w = half_beta_w * diff_w;
+  h.d_l = half_beta_w * diff_l;
+  soft_clip(clip, &h.d_w, &clip_w);
+  soft_clip(clip, &h.d_l, &clip_l);
+  h.reward_w = psi(p.divergence, alpha, h.d_w);
+  h.reward_l = psi(p.divergence, alpha, h.d_l);
+  const T z = gamma * psi_diff(p.divergence, alpha, h.d_w, h.d_l);
+  h.logit = z;
+  T loss = T(0), g = T(0);  // each label-smoothing term only where its weight is non-zero (0 * inf)
+  if (eps < T(1)) {
+    loss += (T(1) - eps) * softplus(-z);
+    g -= (T(1) - eps) * sigmoid(-z);
+  }
+  if (eps > T(0)) {
+    loss += eps * softplus(z);
+    g += eps * sigmoid(z);
+  }
+  h.loss = loss;
+  const T red = (p.reduction == kMean) ? T(1) / static_cast<T>(p.num_pairs) : T(1);
+  const T outer = half_beta_w * red * T(2);
+  const T slope_w = mul0(psi_slope(p.divergence, alpha, h.d_w), clip_w);
+  const T slope_l = mul0(psi_slope(p.divergence, alpha, h.d_l), clip_l);
+  h.coef_w = mul0(mul0(g, -gamma * slope_w), outer * inv_w);
+  h.coef_l = mul0(mul0(g, gamma * slope_l), outer * inv_l);
+  return h;
+}
+
+}  // namespace fdpo

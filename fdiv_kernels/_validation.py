@@ -1,0 +1,191 @@
+"""Argument checks shared by the fused loss and the reference: bad input gets a clear error, never a wrong answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .divergences import Divergence, get_divergence
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+ERR_REDUCTIONS = ("mean", "sum")
+LAYOUTS = ("halves", "interleaved")
+BETA_CONVENTIONS = ("half", "full")
+ACC_TIE_RULES = ("half", "strict")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class FDPOProblem:
+    """Validated, normalized arguments of one loss call (tensors untouched: no copies made here)."""
+
+    model_pred: torch.Tensor
+    ref_pred: torch.Tensor | None
+    target: torch.Tensor
+    ref_err: torch.Tensor | None
+    mask: torch.Tensor | None
+    pair_weight: torch.Tensor | None
+    num_pairs: int
+    beta: float  # in the "half" convention: d = beta / 2 * w * (e_ref - e)
+    divergence: Divergence
+    gamma: float
+    label_smoothing: float
+    err_sum: bool
+    logratio_clip: float | None
+    reduction: str
+    interleaved: bool
+    implicit_acc_ties: str
+
+    @property
+    def target_shared(self) -> bool:
+        return self.target.shape[0] == self.num_pairs
+
+    @property
+    def mask_shared(self) -> bool:
+        return self.mask is not None and self.mask.shape[0] == self.num_pairs
+
+
+def _finite_float(name: str, value, *, positive: bool = False, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0; got {value}")
+    return value
+
+
+def _choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
+    return value
+
+
+def _check_tensor(name: str, t, ref: torch.Tensor, *, same_dtype: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but model_pred is on {ref.device}; move it with .to({ref.device!s})")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    if same_dtype and t.dtype != ref.dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but model_pred has {ref.dtype}; cast it with .to(model_pred.dtype)"
+        )
+    if t.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the loss back-propagates into model_pred only; pass {name}.detach() "
+            "(compute the reference under torch.no_grad())"
+        )
+
+
+def validate(
+    model_pred,
+    ref_pred,
+    target,
+    *,
+    ref_err,
+    beta,
+    divergence,
+    alpha,
+    gamma,
+    label_smoothing,
+    pair_weight,
+    err_reduction,
+    mask,
+    layout,
+    beta_convention,
+    logratio_clip,
+    reduction,
+    implicit_acc_ties,
+) -> FDPOProblem:
+    if not isinstance(model_pred, torch.Tensor):
+        raise TypeError(f"model_pred must be a torch.Tensor; got {type(model_pred).__name__}")
+    if model_pred.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"model_pred must be float32, float16, bfloat16 or float64; got {model_pred.dtype}")
+    if model_pred.dim() < 2:
+        raise ValueError(
+            f"model_pred must have shape [2B, ...] with at least one dim per sample; got {tuple(model_pred.shape)}"
+        )
+    rows = model_pred.shape[0]
+    layout = _choice("layout", layout, LAYOUTS)
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"model_pred has {rows} rows; the paired layout ({layout}: "
+            + ("rows 0..B-1 winners, B..2B-1 losers" if layout == "halves" else "rows [w0, l0, w1, l1, ...]")
+            + ") needs an even, non-zero first dim 2B"
+        )
+    num_pairs = rows // 2
+    sample_shape = model_pred.shape[1:]
+    if model_pred.numel() == 0:
+        raise ValueError(f"model_pred has no elements per sample: shape {tuple(model_pred.shape)}")
+
+    if (ref_pred is None) == (ref_err is None):
+        raise ValueError(
+            "pass exactly one of ref_pred (reference model predictions, [2B, ...]) and ref_err "
+            "(cached reference errors, [2B]); got " + ("both" if ref_pred is not None else "neither")
+        )
+    if ref_pred is not None:
+        _check_tensor("ref_pred", ref_pred, model_pred)
+        if ref_pred.shape != model_pred.shape:
+            raise ValueError(
+                f"ref_pred has shape {tuple(ref_pred.shape)} but model_pred has {tuple(model_pred.shape)}; "
+                "they must match"
+            )
+    if ref_err is not None:
+        _check_tensor("ref_err", ref_err, model_pred, same_dtype=False)
+        if ref_err.shape != (rows,):
+            raise ValueError(f"ref_err must have shape [2B] = ({rows},), one error per sample; got {tuple(ref_err.shape)}")
+
+    if target is None:
+        raise ValueError("target is required: the denoising target (noise, v or flow), shape [2B, ...] or shared [B, ...]")
+    _check_tensor("target", target, model_pred)
+    if target.shape[1:] != sample_shape or target.shape[0] not in (rows, num_pairs):
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}; expected {(rows, *sample_shape)} (one per sample) or "
+            f"{(num_pairs, *sample_shape)} (shared by winner and loser of each pair, {layout} layout)"
+        )
+    if mask is not None:
+        _check_tensor("mask", mask, model_pred)
+        if mask.shape[1:] != sample_shape or mask.shape[0] not in (rows, num_pairs):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}; expected {(rows, *sample_shape)} or shared "
+                f"{(num_pairs, *sample_shape)} ({layout} layout)"
+            )
+    if pair_weight is not None:
+        _check_tensor("pair_weight", pair_weight, model_pred, same_dtype=False)
+        if pair_weight.shape != (num_pairs,):
+            raise ValueError(f"pair_weight must have shape [B] = ({num_pairs},), one weight per pair; got {tuple(pair_weight.shape)}")
+
+    div = get_divergence(divergence, alpha)
+    beta = _finite_float("beta", beta, positive=True)
+    beta_convention = _choice("beta_convention", beta_convention, BETA_CONVENTIONS)
+    if beta_convention == "full":  # d = beta * (e_ref - e), as diffusers' SD1.5 script writes it
+        beta = 2.0 * beta
+    gamma = _finite_float("gamma", gamma, positive=True)
+    eps = _finite_float("label_smoothing", label_smoothing)
+    if not (0.0 <= eps < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
+    clip = _finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True)
+    return FDPOProblem(
+        model_pred=model_pred,
+        ref_pred=ref_pred,
+        target=target,
+        ref_err=ref_err,
+        mask=mask,
+        pair_weight=pair_weight,
+        num_pairs=num_pairs,
+        beta=beta,
+        divergence=div,
+        gamma=gamma,
+        label_smoothing=eps,
+        err_sum=_choice("err_reduction", err_reduction, ERR_REDUCTIONS) == "sum",
+        logratio_clip=clip,
+        reduction=_choice("reduction", reduction, tuple(REDUCTIONS)),
+        interleaved=layout == "interleaved",
+        implicit_acc_ties=_choice("implicit_acc_ties", implicit_acc_ties, ACC_TIE_RULES),
+    )

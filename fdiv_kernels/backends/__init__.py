@@ -1,0 +1,91 @@
+"""Backend registry: which implementations of the kernel contract exist, and which one a call gets.
+
+"auto" picks the fastest available for the tensors' device (CUDA: the CUDA C++ kernels, then Triton; CPU: the
+C++ kernel). A backend named explicitly that cannot run is an error that says why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+# Order "auto" tries on CUDA tensors; chosen by benchmarks/results (see README, "Backends").
+AUTO_CUDA_ORDER = ("cuda", "triton")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _why_unavailable(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run on ``device``, else the reason."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' runs on CPU tensors; these are on {device}"
+        from . import cpp
+
+        return cpp.why_unavailable("cpu")
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' runs on CUDA tensors; these are on {device}"
+        from . import cpp
+
+        return cpp.why_unavailable("cuda")
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError as err:
+            return f"backend='triton' needs the triton package ({err})"
+        if device.type == "cpu" and not triton_interpreted():
+            return "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        if device.type not in ("cpu", "cuda"):
+            return f"backend='triton' supports CUDA tensors (and CPU under TRITON_INTERPRET=1), not {device}"
+        return None
+    raise ValueError(f"unknown backend={name!r}; expected one of {list(BACKENDS)}")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn a user's backend choice into a concrete, runnable one (or raise with the reason)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend={name!r}; expected one of {list(BACKENDS)}")
+    if name != "auto":
+        why = _why_unavailable(name, device)
+        if why is not None:
+            raise RuntimeError(f"backend={name!r} is unavailable: {why}")
+        return name
+    candidates = AUTO_CUDA_ORDER if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
+    reasons = []
+    for candidate in candidates:
+        why = _why_unavailable(candidate, device)
+        if why is None:
+            return candidate
+        reasons.append(why)
+    _warn_fallback(device, reasons)
+    return "torch"
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback(device: torch.device, reasons: list[str]) -> None:
+    if device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(
+            f"fdiv_kernels: no fused kernel for {device.type} tensors ({'; '.join(reasons) or 'unsupported device'}); "
+            "backend='auto' uses the eager PyTorch backend",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def get_implementation(name: str) -> ModuleType:
+    """The module implementing ``forward``/``backward`` of the kernel contract for a concrete backend."""
+    module = {"torch": "torch_backend", "triton": "triton_kernels", "cpu": "cpp", "cuda": "cpp"}[name]
+    return importlib.import_module(f"{__name__}.{module}")

@@ -1,0 +1,35 @@
+"""What every backend shares: the scalar parameters of the kernel contract and the row/pair mapping."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class KernelParams(NamedTuple):
+    """Scalars of the kernel contract (docs/architecture.md); ids match csrc/fdpo_math.h."""
+
+    beta: float
+    divergence: int
+    alpha: float
+    gamma: float
+    label_smoothing: float
+    err_sum: bool
+    logratio_clip: float  # <= 0: off
+    reduction: int  # 0 none, 1 mean, 2 sum
+    interleaved: bool
+
+
+def pair_rows(num_pairs: int, interleaved: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of the winners and of the losers, pair by pair."""
+    p = torch.arange(num_pairs, device=device)
+    return (2 * p, 2 * p + 1) if interleaved else (p, p + num_pairs)
+
+
+def target_rows(rows: int, target_len: int, interleaved: bool, device) -> torch.Tensor:
+    """For each of the 2B rows, the row of a target/mask of length 2B (itself) or B (its pair)."""
+    i = torch.arange(rows, device=device)
+    if target_len == rows:
+        return i
+    return i // 2 if interleaved else i % target_len

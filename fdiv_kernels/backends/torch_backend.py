@@ -1,0 +1,105 @@
+"""backend="torch": the kernel contract (docs/architecture.md) in eager PyTorch, on any device.
+
+It is the portable fallback one names explicitly, and the readable statement of what the fused kernels compute:
+the same per-row sums, the same per-pair head (from ``divergences.py``), the same backward coefficient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..divergences import Divergence, DIVERGENCES, psi, psi_diff, psi_slope
+from .common import KernelParams, pair_rows, target_rows
+
+_NAMES = {v: k for k, v in DIVERGENCES.items()}
+
+
+def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pair_weight: torch.Tensor | None):
+    """Per-pair head on fp32 [2B] vectors: returns (loss, logits, logratio, reward, grad_coef)."""
+    num_pairs = err_gap.shape[0] // 2
+    w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
+    div = Divergence(_NAMES[params.divergence], params.divergence, params.alpha)
+    weight = 1.0 if pair_weight is None else pair_weight.to(err_gap.dtype)
+    half_beta_w = 0.5 * params.beta * weight
+    d = torch.empty_like(err_gap)
+    d[w_rows] = half_beta_w * err_gap[w_rows]
+    d[l_rows] = half_beta_w * err_gap[l_rows]
+    clip_slope = torch.ones_like(d)
+    if params.logratio_clip > 0:
+        x = d / params.logratio_clip
+        t = torch.exp(-2 * x.abs())
+        d = params.logratio_clip * torch.tanh(x)
+        clip_slope = 4 * t / (1 + t) ** 2  # sech^2 without 1 - tanh^2 cancellation
+    z = params.gamma * psi_diff(div, d[w_rows], d[l_rows])
+    eps = params.label_smoothing
+    loss = (1 - eps) * F.softplus(-z)
+    g = -(1 - eps) * torch.sigmoid(-z)
+    if eps > 0:
+        loss = loss + eps * F.softplus(z)
+        g = g + eps * torch.sigmoid(z)
+    reduced = {0: lambda: loss, 1: loss.mean, 2: loss.sum}[params.reduction]()
+    red = 1.0 / num_pairs if params.reduction == 1 else 1.0
+    slope = _mul0(psi_slope(div, d), clip_slope)
+    sign = torch.ones_like(d)
+    sign[w_rows] = -1.0
+    g_rows = torch.empty_like(d)
+    g_rows[w_rows] = g
+    g_rows[l_rows] = g
+    hbw_rows = torch.empty_like(d)
+    hbw_rows[w_rows] = half_beta_w
+    hbw_rows[l_rows] = half_beta_w
+    coef = _mul0(_mul0(g_rows, sign * params.gamma * slope), hbw_rows * red * 2 * inv)
+    return reduced, z, d, psi(div, d), coef
+
+
+def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, but 0 where either is 0 (a saturated sigmoid times an overflowed exp is 0, not NaN)."""
+    return torch.where((a == 0) | (b == 0), torch.zeros_like(a), a * b)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for fp32/fp16/bf16 inputs, float64 for float64 inputs (the contract's arithmetic type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: KernelParams):
+    rows = model_pred.shape[0]
+    acc = accumulate_dtype(model_pred.dtype)
+    t_rows = target_rows(rows, target.shape[0], params.interleaved, model_pred.device)
+    pred = model_pred.to(acc)
+    tgt = target.to(acc)[t_rows]
+    m = None if mask is None else mask.to(acc)[target_rows(rows, mask.shape[0], params.interleaved, mask.device)]
+
+    def row_sum(x):
+        return (x if m is None else x * m).sum(dim=1)
+
+    count = torch.full((rows,), float(pred.shape[1]), dtype=acc, device=pred.device) if m is None else m.sum(dim=1)
+    if params.err_sum:
+        inv = torch.ones_like(count)
+    else:
+        inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+    model_err = row_sum((pred - tgt) ** 2) * inv
+    if ref_pred is not None:
+        ref = ref_pred.to(acc)
+        ref_err_ = row_sum((ref - tgt) ** 2) * inv
+        err_gap = row_sum((ref - pred) * (ref + pred - 2 * tgt)) * inv
+    else:
+        ref_err_ = ref_err.to(acc)
+        err_gap = ref_err_ - model_err
+    loss, logits, logratio, reward, coef = pair_head(params, err_gap, inv, pair_weight)
+    return loss, logits, torch.stack([model_err, ref_err_, logratio, reward]), coef
+
+
+def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
+    rows = model_pred.shape[0]
+    num_pairs = rows // 2
+    t_rows = target_rows(rows, target.shape[0], interleaved, model_pred.device)
+    pair_of_row = target_rows(rows, num_pairs, interleaved, model_pred.device)
+    acc = grad_coef.dtype
+    g = grad_loss.to(acc).reshape(-1)
+    scale = grad_coef * (g[pair_of_row] if grad_loss.dim() == 1 else g)
+    grad = scale[:, None] * (model_pred.to(acc) - target.to(acc)[t_rows])
+    if mask is not None:
+        grad = grad * mask.to(acc)[target_rows(rows, mask.shape[0], interleaved, mask.device)]
+    return grad.to(model_pred.dtype)
