@@ -23,6 +23,7 @@ __all__ = [
     "psi_slope",
     "psi_diff",
     "soft_clip",
+    "softplus",
 ]
 
 # Ids shared with the kernels (csrc/fdpo_math.h enum Divergence).
@@ -82,6 +83,11 @@ def get_divergence(divergence: str, alpha: float = 0.5) -> Divergence:
     return Divergence(name, DIVERGENCES[name], alpha)
 
 
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)), exact everywhere (F.softplus returns x itself above its threshold of 20)."""
+    return -F.logsigmoid(-x)
+
+
 def _exp_family(div: Divergence) -> tuple[float, float]:
     """psi(d) = s * (1 - exp(-k d)) (+ a constant for forward KL): returns (k, s)."""
     if div.name == "alpha":
@@ -98,7 +104,7 @@ def psi(div: Divergence, d: torch.Tensor) -> torch.Tensor:
     if div.name == "forward_kl":
         return -torch.exp(-d)
     if div.name == "js":
-        return math.log(2.0) - F.softplus(-d)
+        return math.log(2.0) - softplus(-d)
     k, s = _exp_family(div)
     return -s * torch.expm1(-k * d)
 
@@ -118,7 +124,7 @@ def psi_diff(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Ten
     if div.name == "reverse_kl":
         return d_w - d_l
     if div.name == "js":
-        return F.softplus(-d_l) - F.softplus(-d_w)
+        return softplus(-d_l) - softplus(-d_w)
     k, s = _exp_family(div)
     a, b = -k * d_w, -k * d_l  # psi_w - psi_l = s * (exp(b) - exp(a))
     hi, lo = torch.maximum(a, b), torch.minimum(a, b)

@@ -7,9 +7,8 @@ the same per-row sums, the same per-pair head (from ``divergences.py``), the sam
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..divergences import Divergence, DIVERGENCES, psi, psi_diff, psi_slope
+from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, softplus
 from .common import KernelParams, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
@@ -33,10 +32,10 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
         clip_slope = 4 * t / (1 + t) ** 2  # sech^2 without 1 - tanh^2 cancellation
     z = params.gamma * psi_diff(div, d[w_rows], d[l_rows])
     eps = params.label_smoothing
-    loss = (1 - eps) * F.softplus(-z)
+    loss = (1 - eps) * softplus(-z)
     g = -(1 - eps) * torch.sigmoid(-z)
     if eps > 0:
-        loss = loss + eps * F.softplus(z)
+        loss = loss + eps * softplus(z)
         g = g + eps * torch.sigmoid(z)
     reduced = {0: lambda: loss, 1: loss.mean, 2: loss.sum}[params.reduction]()
     red = 1.0 / num_pairs if params.reduction == 1 else 1.0
