@@ -1,0 +1,95 @@
+"""Bad input gets a clear error that names the argument and the fix, in the fused loss and the reference alike."""
+
+import pytest
+import torch
+
+from fdiv_kernels import FDPOLoss, fdpo_loss_reference, fused_fdpo_loss
+
+LOSSES = [
+    pytest.param(lambda *a, **k: fused_fdpo_loss(*a, backend="torch", **k), id="fused"),
+    pytest.param(fdpo_loss_reference, id="reference"),
+]
+
+
+def _inputs(rows=4, shape=(3, 5, 7), dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(rows, *shape, generator=g, dtype=dtype)
+    return pred, pred + 0.01 * torch.randn(rows, *shape, generator=g, dtype=dtype), torch.randn(rows, *shape, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda a: a.update(model_pred=a["model_pred"][:3], ref_pred=a["ref_pred"][:3], target=a["target"][:3]),
+         ValueError, r"model_pred has 3 rows; the paired layout \(halves: rows 0..B-1 winners"),
+        (lambda a: a.update(model_pred=a["model_pred"][:3], ref_pred=a["ref_pred"][:3], target=a["target"][:3],
+                            layout="interleaved"),
+         ValueError, r"3 rows; the paired layout \(interleaved"),
+        (lambda a: a.update(ref_pred=a["ref_pred"][:, :2]), ValueError, r"ref_pred has shape \(4, 2, 5, 7\) but model_pred"),
+        (lambda a: a.update(target=a["target"][:3]), ValueError, r"target has shape \(3, 3, 5, 7\); expected"),
+        (lambda a: a.update(target=a["target"][:, :, :4]), ValueError, r"target has shape .*\(shared by winner and loser of each pair, halves layout\)"),
+        (lambda a: a.update(ref_pred=a["ref_pred"].double()), TypeError, r"ref_pred has dtype torch.float64 but model_pred has torch.float32"),
+        (lambda a: a.update(target=a["target"].half()), TypeError, r"target has dtype torch.float16"),
+        (lambda a: a.update(target=a["target"].to(torch.int32)), TypeError, r"target must be a floating-point tensor"),
+        (lambda a: a.update(model_pred=a["model_pred"].to(torch.int64)), TypeError, r"model_pred must be float32, float16, bfloat16"),
+        (lambda a: a.update(model_pred=a["model_pred"][0]), ValueError, r"model_pred has 3 rows"),
+        (lambda a: a.update(model_pred=torch.randn(4)), ValueError, r"model_pred must have shape \[2B, \.\.\.\]"),
+        (lambda a: a.update(divergence="nope"), ValueError, r"unknown divergence='nope'; expected one of"),
+        (lambda a: a.update(divergence="chi2"), ValueError, r"divergence='chi2' violates the f-DPO condition: Pearson chi-squared .* domain contains 0"),
+        (lambda a: a.update(divergence="tv"), ValueError, r"divergence='tv' violates the f-DPO condition: total variation .* not invertible"),
+        (lambda a: a.update(divergence="alpha", alpha=1.0), ValueError, r"alpha=1.0 is outside \(0, 1\)"),
+        (lambda a: a.update(divergence="alpha", alpha=0.0), ValueError, r"alpha=0.0 is outside \(0, 1\)"),
+        (lambda a: a.update(divergence="alpha", alpha="0.5"), TypeError, r"alpha must be a float"),
+        (lambda a: a.update(ref_err=torch.rand(4)), ValueError, r"pass exactly one of ref_pred .* got both"),
+        (lambda a: a.update(ref_pred=None), ValueError, r"pass exactly one of ref_pred .* got neither"),
+        (lambda a: a.update(ref_pred=None, ref_err=torch.rand(2)), ValueError, r"ref_err must have shape \[2B\] = \(4,\)"),
+        (lambda a: a.update(ref_pred=a["ref_pred"].requires_grad_()), ValueError, r"ref_pred requires grad, .* pass ref_pred.detach\(\)"),
+        (lambda a: a.update(target=a["target"].requires_grad_()), ValueError, r"target requires grad"),
+        (lambda a: a.update(target=None), ValueError, r"target is required"),
+        (lambda a: a.update(beta=-1.0), ValueError, r"beta must be > 0; got -1.0"),
+        (lambda a: a.update(beta=float("nan")), ValueError, r"beta must be finite"),
+        (lambda a: a.update(gamma=0.0), ValueError, r"gamma must be > 0"),
+        (lambda a: a.update(label_smoothing=0.5), ValueError, r"label_smoothing must be in \[0, 0.5\)"),
+        (lambda a: a.update(logratio_clip=0.0), ValueError, r"logratio_clip must be > 0"),
+        (lambda a: a.update(reduction="avg"), ValueError, r"reduction='avg' is not supported; expected one of \['none', 'mean', 'sum'\]"),
+        (lambda a: a.update(err_reduction="max"), ValueError, r"err_reduction='max' is not supported"),
+        (lambda a: a.update(layout="pairs"), ValueError, r"layout='pairs' is not supported"),
+        (lambda a: a.update(beta_convention="x"), ValueError, r"beta_convention='x' is not supported"),
+        (lambda a: a.update(pair_weight=torch.rand(4)), ValueError, r"pair_weight must have shape \[B\] = \(2,\)"),
+        (lambda a: a.update(mask=torch.rand(3, 3, 5, 7)), ValueError, r"mask has shape \(3, 3, 5, 7\); expected"),
+        (lambda a: a.update(ref_pred=a["ref_pred"].to("meta")), ValueError, r"ref_pred is on meta but model_pred is on cpu"),
+    ],
+)
+def test_bad_input_message(loss_fn, mutate, error, message):
+    pred, ref, target = _inputs()
+    args = dict(model_pred=pred, ref_pred=ref, target=target)
+    mutate(args)
+    with pytest.raises(error, match=message):
+        loss_fn(args.pop("model_pred"), args.pop("ref_pred"), args.pop("target"), **args)
+
+
+def test_unknown_backend():
+    pred, ref, target = _inputs()
+    with pytest.raises(ValueError, match=r"unknown backend='fast'; expected one of"):
+        fused_fdpo_loss(pred, ref, target, backend="fast")
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback():
+    pred, ref, target = _inputs()
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: backend='cuda' runs on CUDA tensors; these are on cpu"):
+        fused_fdpo_loss(pred, ref, target, backend="cuda")
+
+
+def test_float64_needs_a_float64_capable_backend():
+    pred, ref, target = _inputs(dtype=torch.float64)
+    # TypeError where Triton can run on these tensors, RuntimeError where it cannot: both name the backend.
+    with pytest.raises((TypeError, RuntimeError), match=r"backend='triton'"):
+        fused_fdpo_loss(pred, ref, target, backend="triton")
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match=r"violates the f-DPO condition"):
+        FDPOLoss(divergence="chi2")
+    with pytest.raises(ValueError, match=r"alpha=1.5 is outside"):
+        FDPOLoss(divergence="alpha", alpha=1.5)
