@@ -127,11 +127,13 @@ def psi_diff(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Ten
         return softplus(-d_l) - softplus(-d_w)
     k, s = _exp_family(div)
     a, b = -k * d_w, -k * d_l  # psi_w - psi_l = s * (exp(b) - exp(a))
-    hi, lo = torch.maximum(a, b), torch.minimum(a, b)
-    sign = torch.where(b > a, 1.0, -1.0).to(d_w.dtype)
-    # s * sign * exp(hi) * (1 - exp(lo - hi)) = -s * sign * exp(hi) * expm1(lo - hi)
-    magnitude = -s * torch.exp(hi) * torch.expm1(lo - hi)
-    return torch.where(a == b, torch.zeros_like(d_w), sign * magnitude)
+    # Factor out the larger exponent: s * exp(hi) * expm1(gap), gap <= 0. Branch by where() on the inputs (not
+    # max/min, which split the gradient at ties) so autograd is right at d_w == d_l, the first fine-tuning step.
+    b_ge = b >= a
+    hi = torch.where(b_ge, b, a)
+    gap = torch.where(b_ge, a - b, b - a)
+    value = (s * torch.where(b_ge, -1.0, 1.0).to(hi.dtype)) * torch.exp(hi) * torch.expm1(gap)
+    return torch.where((gap == 0) & torch.isinf(hi.exp()), torch.zeros_like(value), value)  # never inf * 0
 
 
 def soft_clip(d: torch.Tensor, clip: float | None) -> torch.Tensor:

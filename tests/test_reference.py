@@ -123,3 +123,14 @@ def test_torch_backend_ref_err_path(err_reduction):
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-9, atol=0)
     torch.testing.assert_close(torch.autograd.grad(loss_b, pred_b)[0], torch.autograd.grad(loss_a, pred_a)[0],
                                rtol=1e-8, atol=1e-15)
+
+
+@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES)
+def test_reference_gradient_at_ties(name, alpha):
+    """policy == reference (the first fine-tuning step): every d is 0 and the gradient must still be right."""
+    pred, _, target, _ = _case(4, (3, 5), torch.float64, seed=6)
+    a, b = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    fdpo_loss_reference(a, pred, target, divergence=name, alpha=alpha).backward()
+    fused_fdpo_loss(b, pred, target, divergence=name, alpha=alpha, backend="torch").backward()
+    assert a.grad.abs().max() > 0
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
