@@ -71,7 +71,8 @@ def _check_tensor(name: str, t, ref: torch.Tensor, *, same_dtype: bool = True) -
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but model_pred is on {ref.device}; move it with .to({ref.device!s})")
     if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        cast = f": pass {name}.to(model_pred.dtype)" if t.dtype == torch.bool else ""
+        raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}{cast}")
     if same_dtype and t.dtype != ref.dtype:
         raise TypeError(
             f"{name} has dtype {t.dtype} but model_pred has {ref.dtype}; cast it with .to(model_pred.dtype)"
@@ -139,7 +140,11 @@ def validate(
     if ref_err is not None:
         _check_tensor("ref_err", ref_err, model_pred, same_dtype=False)
         if ref_err.shape != (rows,):
-            raise ValueError(f"ref_err must have shape [2B] = ({rows},), one error per sample; got {tuple(ref_err.shape)}")
+            order = "winners first, then losers" if layout == "halves" else "[w0, l0, w1, l1, ...]"
+            raise ValueError(
+                f"ref_err must have shape [2B] = ({rows},), one error per sample in model_pred's row order "
+                f"({layout} layout: {order}); got {tuple(ref_err.shape)}"
+            )
 
     if target is None:
         raise ValueError("target is required: the denoising target (noise, v or flow), shape [2B, ...] or shared [B, ...]")
