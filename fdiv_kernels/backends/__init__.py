@@ -7,6 +7,7 @@ C++ kernel). A backend named explicitly that cannot run is an error that says wh
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from types import ModuleType
@@ -16,6 +17,10 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # Order "auto" tries on CUDA tensors; chosen by benchmarks/results (see README, "Backends").
 AUTO_CUDA_ORDER = ("cuda", "triton")
+
+
+# Looked up once at import, so that resolving a backend under torch.compile is plain Python Dynamo can trace.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreted() -> bool:
@@ -39,10 +44,8 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
 
         return cpp.why_unavailable("cuda")
     if name == "triton":
-        try:
-            importlib.import_module("triton")
-        except ImportError as err:
-            return f"backend='triton' needs the triton package ({err})"
+        if not _HAS_TRITON:
+            return "backend='triton' needs the triton package (pip install triton)"
         if device.type == "cpu" and not triton_interpreted():
             return "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
         if device.type not in ("cpu", "cuda"):
