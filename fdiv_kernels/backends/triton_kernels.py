@@ -1,0 +1,509 @@
+"""backend="triton": the kernel contract (docs/architecture.md) as three Triton kernels.
+
+Forward = 2 launches:
+  1. ``_partials_kernel``, grid (pairs, chunks): one pass over model_pred, ref_pred and target (a shared
+     target row is read once for both samples of its pair), writing per-row partial sums of one chunk of D
+     into a small fp32 workspace. No atomics, so the result has the same bits every run.
+  2. ``_head_kernel``, one program: reduces the partials over chunks in a fixed order and evaluates the
+     per-pair head (the twin of ``fdpo_pair_head`` in csrc/fdpo_math.h), the stats and the reduced loss.
+Backward = 1 launch: ``_backward_kernel``, grid (rows, chunks), grad = coef * G * m * (pred - target).
+
+The math helpers below mirror csrc/fdpo_math.h. They avoid libdevice (its module path differs between
+Triton versions and the interpreter lacks it), so expm1/log1p use Kahan's tricks on plain exp/log (on
+NVIDIA GPUs tl.log compiles to an accurate logf, which the trick needs; tl.exp to ex2.approx). Every
+``tl.where`` evaluates both sides: where the side not taken could turn into NaN, it gets a harmless argument.
+On CPU tensors the kernels run under Triton's interpreter (TRITON_INTERPRET=1); grids are kept tiny there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import KernelParams
+
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+# Ids of csrc/fdpo_math.h (enum Divergence, enum Reduction).
+_REVERSE_KL = tl.constexpr(0)
+_FORWARD_KL = tl.constexpr(1)
+_JS = tl.constexpr(2)
+_ALPHA = tl.constexpr(3)
+_HELLINGER = tl.constexpr(4)
+_NONE = tl.constexpr(0)
+_MEAN = tl.constexpr(1)
+
+# Launch shapes. GPU: 8 contiguous elements per thread (16-byte accesses for fp16/bf16), at least
+# _WAVES programs per SM so that few long rows still fill the machine. Interpreter: every program instance
+# costs ~1 ms of Python, so at most 2 chunks per row (still exercising the chunked path and the tail masks).
+_FWD_BLOCK, _FWD_WARPS = 1024, 4
+_BWD_BLOCK, _BWD_WARPS = 2048, 8
+_WAVES = 4
+_CPU_BLOCK, _CPU_MAX_CHUNKS = 256, 2
+_HEAD_MAX_BLOCK, _HEAD_TILE = 256, 2048  # head: pairs per step, and pairs * chunks per partials tile
+_MAX_ROW_LEN = 2**31 - 1 - max(_FWD_BLOCK, _BWD_BLOCK)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Math helpers (twins of csrc/fdpo_math.h)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 accurate near 0 (Kahan): the rounding error of u = exp(x) cancels in (u - 1) / log(u)."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    exact = (u == 1.0) | (um1 == -1.0) | (u > _FP32_MAX)  # x tiny, exp underflowed, exp overflowed
+    safe_u = tl.where(exact, 2.0, u)
+    kahan = (safe_u - 1.0) * (x / tl.log(safe_u))  # x / log(u) ~ 1: no overflow for u near FP32_MAX
+    return tl.where(u == 1.0, x, tl.where(exact, um1, kahan))
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) accurate near 0 (Kahan): log(u) * x / (u - 1) with u = 1 + x rounded."""
+    u = 1.0 + x
+    tiny = u == 1.0
+    safe_u = tl.where(tiny, 2.0, u)
+    return tl.where(tiny, x, tl.log(safe_u) * x / (safe_u - 1.0))
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + exp(x)) without overflow."""
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))  # in (0, 1]: never overflows
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _mul0(a, b):
+    """a * b, but 0 whenever either factor is 0: a saturated sigmoid times an overflowed exp is 0, not NaN."""
+    zero = (a == 0.0) | (b == 0.0)
+    return tl.where(zero, 0.0, tl.where(zero, 1.0, a) * tl.where(zero, 1.0, b))
+
+
+@triton.jit
+def _exp_family(alpha, DIVERGENCE: tl.constexpr):
+    """Rate k and scale s of the exponential family psi(d) = s * (1 - exp(-k d)) (+ a constant)."""
+    if DIVERGENCE == _ALPHA:
+        return alpha, 1.0 / alpha
+    elif DIVERGENCE == _HELLINGER:
+        return 0.5, 1.0
+    else:  # forward KL
+        return 1.0, 1.0
+
+
+@triton.jit
+def _psi(d, alpha, DIVERGENCE: tl.constexpr):
+    """The implicit reward psi(d) = f'(exp(d)) in the stable forms of SPEC section 2."""
+    if DIVERGENCE == _REVERSE_KL:
+        return d
+    elif DIVERGENCE == _FORWARD_KL:
+        return -tl.exp(-d)
+    elif DIVERGENCE == _JS:
+        return 0.6931471805599453 - _softplus(-d)  # log 2 - softplus(-d)
+    elif DIVERGENCE == _ALPHA:
+        return -_expm1(-alpha * d) / alpha
+    else:  # hellinger
+        return -_expm1(-0.5 * d)
+
+
+@triton.jit
+def _psi_slope(d, alpha, DIVERGENCE: tl.constexpr):
+    """psi'(d)."""
+    if DIVERGENCE == _REVERSE_KL:
+        return tl.full(d.shape, 1.0, tl.float32)
+    elif DIVERGENCE == _JS:
+        return _sigmoid(-d)
+    else:
+        k, s = _exp_family(alpha, DIVERGENCE)
+        return s * k * tl.exp(-k * d)
+
+
+@triton.jit
+def _psi_diff(d_w, d_l, alpha, DIVERGENCE: tl.constexpr):
+    """psi(d_w) - psi(d_l) without cancellation near 0 and without inf - inf at overflow."""
+    if DIVERGENCE == _REVERSE_KL:
+        return d_w - d_l
+    elif DIVERGENCE == _JS:
+        return _softplus(-d_l) - _softplus(-d_w)
+    else:
+        k, s = _exp_family(alpha, DIVERGENCE)
+        a = -k * d_w
+        b = -k * d_l  # psi_w - psi_l = s * (exp(b) - exp(a)) = sign * s * exp(hi) * (1 - exp(lo - hi))
+        hi = tl.maximum(a, b)
+        lo = tl.minimum(a, b)
+        same = a == b  # exp(hi) may be inf there: keep inf * 0 out of the side not taken
+        magnitude = -s * tl.exp(hi) * _expm1(tl.where(same, -1.0, lo - hi))
+        return tl.where(same, 0.0, tl.where(b > a, magnitude, -magnitude))
+
+
+@triton.jit
+def _soft_clip(d, clip):
+    """d -> c*tanh(d/c) and its slope sech^2(d/c), both from exp(-2|x|) so the slope stays non-zero."""
+    x = d / clip
+    t = tl.exp(-2.0 * tl.abs(x))  # in (0, 1]
+    clipped = clip * (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -clipped, clipped), 4.0 * t / ((1.0 + t) * (1.0 + t))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pair_rows(pair, num_pairs, INTERLEAVED: tl.constexpr):
+    """Rows of the winner and of the loser of ``pair``."""
+    if INTERLEAVED:
+        return 2 * pair, 2 * pair + 1
+    else:
+        return pair, pair + num_pairs
+
+
+@triton.jit
+def _partials_kernel(
+    pred_ptr, ref_ptr, target_ptr, mask_ptr, ws_ptr,
+    num_pairs, row_len, chunk_len,
+    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, SHARED_TARGET: tl.constexpr, SHARED_MASK: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Partial sums S, R, Q, M (docs/architecture.md) of one pair's two rows over one chunk of D.
+
+    Workspace ws[stat, row, chunk] (fp32); stats not needed (R, Q without ref_pred; M without mask) stay unset.
+    """
+    pair = tl.program_id(0).to(tl.int64)  # row * row_len may exceed 2^31
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    rows = 2 * num_pairs
+    w_row, l_row = _pair_rows(pair, num_pairs, INTERLEAVED)
+    w_off = w_row * row_len
+    l_off = l_row * row_len
+    if SHARED_TARGET:
+        tw_off = pair * row_len
+    else:
+        tw_off = w_off
+        tl_off = l_off
+    if SHARED_MASK:
+        mw_off = pair * row_len
+    else:
+        mw_off = w_off
+        ml_off = l_off
+
+    s_w = tl.zeros([BLOCK], tl.float32)
+    s_l = tl.zeros([BLOCK], tl.float32)
+    r_w = tl.zeros([BLOCK], tl.float32)
+    r_l = tl.zeros([BLOCK], tl.float32)
+    q_w = tl.zeros([BLOCK], tl.float32)
+    q_l = tl.zeros([BLOCK], tl.float32)
+    m_w = tl.zeros([BLOCK], tl.float32)
+    m_l = tl.zeros([BLOCK], tl.float32)
+    chunk_start = chunk * chunk_len
+    # The last chunk stops at the row's end: no empty steps, and cols stays under row_len + BLOCK.
+    for step in range(0, tl.minimum(chunk_len, row_len - chunk_start), BLOCK):
+        cols = chunk_start + step + tl.arange(0, BLOCK)
+        valid = cols < row_len
+        # Casting at load: all arithmetic is fp32 whatever the storage dtype.
+        p_w = tl.load(pred_ptr + w_off + cols, mask=valid, other=0.0).to(tl.float32)
+        p_l = tl.load(pred_ptr + l_off + cols, mask=valid, other=0.0).to(tl.float32)
+        t_w = tl.load(target_ptr + tw_off + cols, mask=valid, other=0.0).to(tl.float32)
+        if SHARED_TARGET:
+            t_l = t_w
+        else:
+            t_l = tl.load(target_ptr + tl_off + cols, mask=valid, other=0.0).to(tl.float32)
+        e_w = p_w - t_w
+        e_l = p_l - t_l
+        if HAS_MASK:
+            k_w = tl.load(mask_ptr + mw_off + cols, mask=valid, other=0.0).to(tl.float32)
+            if SHARED_MASK:
+                k_l = k_w
+            else:
+                k_l = tl.load(mask_ptr + ml_off + cols, mask=valid, other=0.0).to(tl.float32)
+            m_w += k_w
+            m_l += k_l
+        else:
+            k_w = 1.0
+            k_l = 1.0
+        s_w += k_w * e_w * e_w
+        s_l += k_l * e_l * e_l
+        if HAS_REF:
+            ref_w = tl.load(ref_ptr + w_off + cols, mask=valid, other=0.0).to(tl.float32)
+            ref_l = tl.load(ref_ptr + l_off + cols, mask=valid, other=0.0).to(tl.float32)
+            f_w = ref_w - t_w
+            f_l = ref_l - t_l
+            r_w += k_w * f_w * f_w
+            r_l += k_l * f_l * f_l
+            # e_ref - e summed directly as (ref - pred) * (ref + pred - 2 target) (SPEC 2): ref - pred is exact
+            # when the two are close, where (ref - t) - (pred - t) would cancel the rounding of both.
+            q_w += k_w * (ref_w - p_w) * (f_w + e_w)
+            q_l += k_l * (ref_l - p_l) * (f_l + e_l)
+
+    stat_stride = rows * num_chunks
+    w_base = ws_ptr + w_row * num_chunks + chunk
+    l_base = ws_ptr + l_row * num_chunks + chunk
+    tl.store(w_base, tl.sum(s_w, axis=0))
+    tl.store(l_base, tl.sum(s_l, axis=0))
+    if HAS_REF:
+        tl.store(w_base + stat_stride, tl.sum(r_w, axis=0))
+        tl.store(l_base + stat_stride, tl.sum(r_l, axis=0))
+        tl.store(w_base + 2 * stat_stride, tl.sum(q_w, axis=0))
+        tl.store(l_base + 2 * stat_stride, tl.sum(q_l, axis=0))
+    if HAS_MASK:
+        tl.store(w_base + 3 * stat_stride, tl.sum(m_w, axis=0))
+        tl.store(l_base + 3 * stat_stride, tl.sum(m_l, axis=0))
+
+
+@triton.jit
+def _row_errors(ws_ptr, ref_err_ptr, rows_idx, valid, num_chunks, rows, row_count,
+                HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ERR_SUM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chunk partials -> (e, e_ref, e_ref - e, inv) of the given rows, summing chunks in a fixed order.
+
+    Chunks are read as [rows, BLOCK_C] tiles (contiguous per row): a few wide loads rather than one dependent
+    load per chunk, which would make this single program latency-bound at hundreds of chunks. The tiles are
+    accumulated elementwise and reduced once after the loop (a tl.sum inside it failed to compile, Triton 3.8).
+    """
+    stat_stride = rows * num_chunks
+    s = tl.zeros([rows_idx.shape[0], BLOCK_C], tl.float32)
+    r = tl.zeros([rows_idx.shape[0], BLOCK_C], tl.float32)
+    q = tl.zeros([rows_idx.shape[0], BLOCK_C], tl.float32)
+    m = tl.zeros([rows_idx.shape[0], BLOCK_C], tl.float32)
+    for first in range(0, num_chunks, BLOCK_C):
+        chunks = first + tl.arange(0, BLOCK_C)
+        tile = ws_ptr + rows_idx[:, None] * num_chunks + chunks[None, :]
+        in_tile = valid[:, None] & (chunks[None, :] < num_chunks)
+        s += tl.load(tile, mask=in_tile, other=0.0)
+        if HAS_REF:
+            r += tl.load(tile + stat_stride, mask=in_tile, other=0.0)
+            q += tl.load(tile + 2 * stat_stride, mask=in_tile, other=0.0)
+        if HAS_MASK:
+            m += tl.load(tile + 3 * stat_stride, mask=in_tile, other=0.0)
+    if ERR_SUM:
+        inv = tl.full(rows_idx.shape, 1.0, tl.float32)
+    else:
+        if HAS_MASK:
+            count = tl.sum(m, axis=1)
+        else:
+            count = tl.full(rows_idx.shape, 1.0, tl.float32) * row_count
+        inv = tl.where(count > 0, 1.0 / tl.maximum(count, 1e-30), 0.0)
+    err = tl.sum(s, axis=1) * inv
+    if HAS_REF:
+        ref_err = tl.sum(r, axis=1) * inv
+        gap = tl.sum(q, axis=1) * inv
+    else:
+        ref_err = tl.load(ref_err_ptr + rows_idx, mask=valid, other=0.0)
+        gap = ref_err - err
+    return err, ref_err, gap, inv
+
+
+@triton.jit
+def _head_kernel(
+    ws_ptr, ref_err_ptr, pair_weight_ptr, loss_ptr, logits_ptr, stats_ptr, coef_ptr,
+    num_pairs, num_chunks, row_count,
+    beta, alpha, gamma, label_smoothing, logratio_clip,
+    DIVERGENCE: tl.constexpr, REDUCTION: tl.constexpr, HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ERR_SUM: tl.constexpr, HAS_CLIP: tl.constexpr, SMOOTHING: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The per-pair head (twin of fdpo_pair_head), the stats and the loss, in one program (fixed order)."""
+    rows = 2 * num_pairs
+    if REDUCTION == _MEAN:
+        red = 1.0 / num_pairs
+    else:
+        red = 1.0
+    loss_total = tl.zeros([BLOCK_B], tl.float32)
+    for first in range(0, num_pairs, BLOCK_B):
+        pairs = first + tl.arange(0, BLOCK_B)
+        valid = pairs < num_pairs
+        w_rows, l_rows = _pair_rows(pairs, num_pairs, INTERLEAVED)
+        e_w, eref_w, gap_w, inv_w = _row_errors(ws_ptr, ref_err_ptr, w_rows, valid, num_chunks, rows, row_count,
+                                                HAS_REF, HAS_MASK, ERR_SUM, BLOCK_C)
+        e_l, eref_l, gap_l, inv_l = _row_errors(ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count,
+                                                HAS_REF, HAS_MASK, ERR_SUM, BLOCK_C)
+        if HAS_WEIGHT:
+            weight = tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0)
+        else:
+            weight = 1.0
+        half_beta_w = 0.5 * beta * weight
+        d_w = half_beta_w * gap_w
+        d_l = half_beta_w * gap_l
+        if HAS_CLIP:
+            d_w, clip_w = _soft_clip(d_w, logratio_clip)
+            d_l, clip_l = _soft_clip(d_l, logratio_clip)
+        z = gamma * _psi_diff(d_w, d_l, alpha, DIVERGENCE)
+        # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
+        loss = (1.0 - label_smoothing) * _softplus(-z)
+        g = -(1.0 - label_smoothing) * _sigmoid(-z)
+        if SMOOTHING:
+            loss += label_smoothing * _softplus(z)
+            g += label_smoothing * _sigmoid(z)
+        outer = half_beta_w * red * 2.0
+        slope_w = _psi_slope(d_w, alpha, DIVERGENCE)
+        slope_l = _psi_slope(d_l, alpha, DIVERGENCE)
+        if HAS_CLIP:
+            slope_w = _mul0(slope_w, clip_w)
+            slope_l = _mul0(slope_l, clip_l)
+        coef_w = _mul0(_mul0(g, -gamma * slope_w), outer * inv_w)
+        coef_l = _mul0(_mul0(g, gamma * slope_l), outer * inv_l)
+
+        tl.store(logits_ptr + pairs, z, mask=valid)
+        tl.store(coef_ptr + w_rows, coef_w, mask=valid)
+        tl.store(coef_ptr + l_rows, coef_l, mask=valid)
+        tl.store(stats_ptr + w_rows, e_w, mask=valid)
+        tl.store(stats_ptr + l_rows, e_l, mask=valid)
+        tl.store(stats_ptr + rows + w_rows, eref_w, mask=valid)
+        tl.store(stats_ptr + rows + l_rows, eref_l, mask=valid)
+        tl.store(stats_ptr + 2 * rows + w_rows, d_w, mask=valid)
+        tl.store(stats_ptr + 2 * rows + l_rows, d_l, mask=valid)
+        tl.store(stats_ptr + 3 * rows + w_rows, _psi(d_w, alpha, DIVERGENCE), mask=valid)
+        tl.store(stats_ptr + 3 * rows + l_rows, _psi(d_l, alpha, DIVERGENCE), mask=valid)
+        if REDUCTION == _NONE:
+            tl.store(loss_ptr + pairs, loss, mask=valid)
+        else:
+            loss_total += tl.where(valid, loss, 0.0)
+    if REDUCTION != _NONE:
+        tl.store(loss_ptr, tl.sum(loss_total, axis=0) * red)
+
+
+@triton.jit
+def _backward_kernel(
+    grad_ptr, grad_loss_ptr, pred_ptr, target_ptr, mask_ptr, coef_ptr,
+    num_pairs, row_len, chunk_len,
+    PER_PAIR_GRAD: tl.constexpr, HAS_MASK: tl.constexpr, SHARED_TARGET: tl.constexpr,
+    SHARED_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """grad[row, j] = coef[row] * G[pair] * m[row, j] * (pred - target)[row, j], over one chunk of a row."""
+    row = tl.program_id(0).to(tl.int64)  # row * row_len may exceed 2^31
+    chunk = tl.program_id(1)
+    if INTERLEAVED:
+        pair = row // 2
+    else:
+        pair = row % num_pairs
+    if PER_PAIR_GRAD:
+        upstream = tl.load(grad_loss_ptr + pair)
+    else:
+        upstream = tl.load(grad_loss_ptr)
+    scale = tl.load(coef_ptr + row) * upstream
+    row_off = row * row_len
+    if SHARED_TARGET:
+        t_off = pair * row_len
+    else:
+        t_off = row_off
+    if SHARED_MASK:
+        m_off = pair * row_len
+    else:
+        m_off = row_off
+    chunk_start = chunk * chunk_len
+    for step in range(0, tl.minimum(chunk_len, row_len - chunk_start), BLOCK):
+        cols = chunk_start + step + tl.arange(0, BLOCK)
+        valid = cols < row_len
+        pred = tl.load(pred_ptr + row_off + cols, mask=valid, other=0.0).to(tl.float32)
+        target = tl.load(target_ptr + t_off + cols, mask=valid, other=0.0).to(tl.float32)
+        grad = scale * (pred - target)
+        if HAS_MASK:
+            grad *= tl.load(mask_ptr + m_off + cols, mask=valid, other=0.0).to(tl.float32)
+        tl.store(grad_ptr + row_off + cols, grad.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_rows(device: torch.device, row_len: int, programs_per_chunk: int, block: int) -> tuple[int, int, int]:
+    """(block, chunk_len, num_chunks): each row of ``row_len`` split in chunks, a multiple of ``block`` each.
+
+    On CUDA, enough chunks that programs_per_chunk * num_chunks >= _WAVES * SMs; in the interpreter at most
+    _CPU_MAX_CHUNKS. Chunk lengths are multiples of the block, so no program straddles two chunks.
+    """
+    if device.type == "cuda":
+        wanted = triton.cdiv(_WAVES * _sm_count(device.index), programs_per_chunk)
+    else:
+        block, wanted = _CPU_BLOCK, _CPU_MAX_CHUNKS
+    num_chunks = min(wanted, triton.cdiv(row_len, block))
+    chunk_len = triton.cdiv(triton.cdiv(row_len, num_chunks), block) * block
+    return block, chunk_len, triton.cdiv(row_len, chunk_len)
+
+
+def _device_context(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_row_length(row_len: int) -> None:
+    # Column offsets are 32-bit (row offsets are 64-bit), with a block of headroom for the last step's tail.
+    if row_len > _MAX_ROW_LEN:
+        raise ValueError(f"backend='triton' supports up to {_MAX_ROW_LEN} elements per sample; got {row_len}")
+
+
+def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: KernelParams):
+    """Returns (loss, logits [B], sample_stats [4, 2B], grad_coef [2B]), all fp32; 2 launches, no host sync."""
+    rows, row_len = model_pred.shape
+    num_pairs = rows // 2
+    device = model_pred.device
+    _check_row_length(row_len)
+    f32 = dict(dtype=torch.float32, device=device)
+    loss = torch.empty((num_pairs,) if params.reduction == 0 else (), **f32)
+    logits = torch.empty(num_pairs, **f32)
+    sample_stats = torch.empty(4, rows, **f32)
+    grad_coef = torch.empty(rows, **f32)
+    block, chunk_len, num_chunks = _split_rows(device, row_len, num_pairs, _FWD_BLOCK)
+    workspace = torch.empty(4, rows, num_chunks, **f32)
+    has_ref, has_mask = ref_pred is not None, mask is not None
+    block_pairs = min(triton.next_power_of_2(num_pairs), _HEAD_MAX_BLOCK)
+    # Absent optional tensors: any valid pointer; the constexpr flags keep the kernels from reading it.
+    with _device_context(device):
+        _partials_kernel[(num_pairs, num_chunks)](
+            model_pred, ref_pred if has_ref else model_pred, target, mask if has_mask else model_pred, workspace,
+            num_pairs, row_len, chunk_len,
+            HAS_REF=has_ref, HAS_MASK=has_mask, SHARED_TARGET=target.shape[0] != rows,
+            SHARED_MASK=has_mask and mask.shape[0] != rows, INTERLEAVED=params.interleaved, BLOCK=block,
+            num_warps=_FWD_WARPS,
+        )
+        _head_kernel[(1,)](
+            workspace, workspace if has_ref else ref_err, workspace if pair_weight is None else pair_weight,
+            loss, logits, sample_stats, grad_coef,
+            num_pairs, num_chunks, float(row_len),
+            float(params.beta), float(params.alpha), float(params.gamma), float(params.label_smoothing),
+            float(params.logratio_clip),
+            DIVERGENCE=params.divergence, REDUCTION=params.reduction, HAS_REF=has_ref, HAS_MASK=has_mask,
+            HAS_WEIGHT=pair_weight is not None, ERR_SUM=bool(params.err_sum), HAS_CLIP=params.logratio_clip > 0,
+            SMOOTHING=params.label_smoothing > 0, INTERLEAVED=params.interleaved,
+            BLOCK_B=block_pairs, BLOCK_C=min(triton.next_power_of_2(num_chunks), _HEAD_TILE // block_pairs),
+            num_warps=4,
+        )
+    return loss, logits, sample_stats, grad_coef
+
+
+def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
+    """d loss / d model_pred in model_pred's dtype; 1 launch; grad_loss (0-dim or [B]) is read on the device."""
+    rows, row_len = model_pred.shape
+    num_pairs = rows // 2
+    device = model_pred.device
+    _check_row_length(row_len)
+    grad = torch.empty_like(model_pred)
+    block, chunk_len, num_chunks = _split_rows(device, row_len, rows, _BWD_BLOCK)
+    has_mask = mask is not None
+    with _device_context(device):
+        _backward_kernel[(rows, num_chunks)](
+            grad, grad_loss.to(torch.float32), model_pred, target, mask if has_mask else model_pred, grad_coef,
+            num_pairs, row_len, chunk_len,
+            PER_PAIR_GRAD=grad_loss.dim() == 1, HAS_MASK=has_mask, SHARED_TARGET=target.shape[0] != rows,
+            SHARED_MASK=has_mask and mask.shape[0] != rows, INTERLEAVED=interleaved, BLOCK=block,
+            num_warps=_BWD_WARPS,
+        )
+    return grad
