@@ -1,0 +1,607 @@
+// CUDA implementations of fdiv_kernels_C::forward / fdiv_kernels_C::backward (schemas in ops.cpp), the kernel
+// contract of docs/architecture.md. The divergence math and the per-pair head come from fdpo_math.h, shared with
+// the CPU kernels.
+//
+// Forward: ONE kernel (plus a 4-byte cudaMemsetAsync of its block counter when the grid has more than one block).
+//   * Grid = B pairs x C chunks of D, 1-D (block b: pair b / C, chunk b % C). C is chosen so that B*C fills one
+//     wave of resident blocks (SM count x occupancy, read from the device and the kernel, cached) without
+//     exceeding it, so few long rows (video: 2B = 4) still use every SM, and no chunk is shorter than one sweep of
+//     the block (256 threads x one 16-byte vector).
+//   * Each block reads the winner and the loser rows of its pair over its chunk, the shared [B, D] target (and
+//     mask) row once, with 16-byte vector loads when every base pointer is 16-byte aligned and D is a multiple
+//     of the vector width (else a scalar path), and accumulates in fp32 per row
+//       S = sum m (pred - t)^2,  R = sum m (ref - t)^2,  Q = sum m (ref - pred)(ref + pred - 2t),  M = sum m.
+//     A warp-shuffle + shared-memory reduction in a fixed order gives the block's partials, written to a
+//     workspace.
+//   * Last-block-done: __threadfence + atomicAdd on a per-call int counter; the block that sees count == grid-1
+//     combines the chunk partials of every pair in a FIXED order (fixed thread-to-chunk mapping, xor-shuffle
+//     trees), runs fdpo_pair_head<float> per pair and reduces the per-pair losses in a fixed order. No float
+//     atomics anywhere: same inputs, same device, same bits.
+//   Counter choice: the workspace (partials + counter) is allocated per call from PyTorch's caching allocator on
+//   the current stream and only its 4-byte counter is zeroed by cudaMemsetAsync on that stream. This is safe
+//   under any number of concurrent streams, graphs replayed on several streams and torch.compile's cudagraph
+//   trees (no state shared between calls), costs one memset node, and needs no host sync, so the call is CUDA-
+//   graph capturable (the allocation comes from the graph's pool during capture). A grid of one block needs no
+//   counter and skips the memset.
+//
+// Backward: ONE elementwise kernel over (row, chunk): grad = grad_coef[row] * G[pair] * m * (pred - target),
+// in model_pred's dtype; 16-byte loads and stores (8 bf16/fp16 or 4 fp32) when aligned, 4 vectors in flight
+// per thread, scalar path otherwise. G (0-dim for mean/sum, [B] for reduction none) is read on the device.
+//
+// All offsets are int64 (tensors over 2^31 elements work); the current CUDA stream and device are used, every
+// launch is checked, nothing synchronizes with the host. Inputs are fp32/fp16/bf16 (fp64 is rejected: it runs on
+// backend="cpu" or "torch").
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "fdpo_math.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kNQ = 8;       // partials per pair and chunk: S_w R_w Q_w M_w S_l R_l Q_l M_l
+constexpr int kBwdIters = 4;  // vectors in flight per thread in the backward
+
+template <typename T>
+__host__ __device__ __forceinline__ T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// VEC elements of T, 16 bytes when VEC * sizeof(T) == 16: one LDG.128 / STG.128.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {  // result in lane 0; fixed order
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Block-wide sum of N values per thread; the totals land in thread 0. Fixed order (deterministic).
+template <int N>
+__device__ __forceinline__ void block_sum(float (&v)[N], float* smem /* [N * kWarps] */) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < N; ++k) v[k] = warp_sum(v[k]);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) smem[k * kWarps + warp] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = warp_sum(lane < kWarps ? smem[k * kWarps + lane] : 0.0f);
+  }
+  __syncthreads();  // smem may be reused by the caller
+}
+
+struct FwdArgs {
+  const void* pred;
+  const void* ref;     // nullptr: ref_err path
+  const void* target;  // [2B, D] or [B, D]
+  const void* mask;    // nullptr: no mask
+  const float* ref_err;
+  const float* pair_weight;
+  int64_t D, B;
+  int64_t chunks, chunk_len;
+  bool interleaved, target_shared, mask_shared, err_sum;
+  float inv_d;  // 1/D (0 if D == 0)
+  fdpo::HeadParams hp;
+  float* loss;       // [] or [B]
+  float* logits;     // [B]
+  float* stats;      // [4, 2B]
+  float* coef;       // [2B]
+  float* partials;   // [B * chunks * kNQ]
+  float* combined;   // [B * kNQ]
+  float* pair_loss;  // [B]
+  unsigned int* counter;  // nullptr when the grid is one block
+};
+
+// The last block: combine chunk partials (fixed order), per-pair head, fixed-order loss reduction.
+template <bool HAS_REF, bool HAS_MASK>
+__device__ void forward_tail(const FwdArgs& a, float* smem) {
+  const int64_t B = a.B, C = a.chunks;
+  // 1. combined[p*8+q] = sum_c partials[(p*C+c)*8+q]: groups of L lanes (a power of two <= 32) per (pair, q),
+  //    lane li of a group sums chunks li, li+L, ... in order, then an xor tree inside the group. The loop bounds
+  //    are uniform across the block so every lane reaches every shuffle.
+  const int64_t ncomb = B * kNQ;
+  int L = 32;  // the largest power of two with ncomb * L <= kThreads: 32 lanes per sum for B = 1, 1 for B >= 32
+  while (L > 1 && ncomb * L > kThreads) L >>= 1;
+  const int groups = kThreads / L;
+  const int g = threadIdx.x / L, li = threadIdx.x % L;
+  for (int64_t base = 0; base < ncomb; base += groups) {
+    const int64_t k = base + g;
+    float v = 0.0f;
+    if (k < ncomb) {
+      const int64_t p = k / kNQ, q = k % kNQ;
+      const float* src = a.partials + p * C * kNQ + q;
+      for (int64_t c = li; c < C; c += L) v += __ldcg(src + c * kNQ);
+    }
+    for (int m = L / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    if (k < ncomb && li == 0) a.combined[k] = v;
+  }
+  __syncthreads();
+
+  // 2. per-pair head, one thread per pair.
+  const int64_t rows = 2 * B;
+  for (int64_t p = threadIdx.x; p < B; p += kThreads) {
+    const float* v = a.combined + p * kNQ;
+    const int64_t rw = a.interleaved ? 2 * p : p;
+    const int64_t rl = a.interleaved ? 2 * p + 1 : p + B;
+    float inv_w, inv_l;
+    if (a.err_sum) {
+      inv_w = inv_l = 1.0f;
+    } else if (HAS_MASK) {
+      inv_w = v[3] > 0.0f ? 1.0f / v[3] : 0.0f;
+      inv_l = v[7] > 0.0f ? 1.0f / v[7] : 0.0f;
+    } else {
+      inv_w = inv_l = a.inv_d;
+    }
+    const float e_w = v[0] * inv_w, e_l = v[4] * inv_l;
+    float eref_w, eref_l, diff_w, diff_l;
+    if (HAS_REF) {
+      eref_w = v[1] * inv_w;
+      eref_l = v[5] * inv_l;
+      diff_w = v[2] * inv_w;
+      diff_l = v[6] * inv_l;
+    } else {
+      eref_w = a.ref_err[rw];
+      eref_l = a.ref_err[rl];
+      diff_w = eref_w - e_w;
+      diff_l = eref_l - e_l;
+    }
+    const float w = a.pair_weight != nullptr ? a.pair_weight[p] : 1.0f;
+    const fdpo::PairHead<float> h = fdpo::fdpo_pair_head<float>(a.hp, diff_w, diff_l, inv_w, inv_l, w);
+    a.logits[p] = h.logit;
+    a.stats[rw] = e_w;
+    a.stats[rl] = e_l;
+    a.stats[rows + rw] = eref_w;
+    a.stats[rows + rl] = eref_l;
+    a.stats[2 * rows + rw] = h.d_w;
+    a.stats[2 * rows + rl] = h.d_l;
+    a.stats[3 * rows + rw] = h.reward_w;
+    a.stats[3 * rows + rl] = h.reward_l;
+    a.coef[rw] = h.coef_w;
+    a.coef[rl] = h.coef_l;
+    if (a.hp.reduction == fdpo::kNone) {
+      a.loss[p] = h.loss;
+    } else {
+      a.pair_loss[p] = h.loss;
+    }
+  }
+  if (a.hp.reduction == fdpo::kNone) return;
+  __syncthreads();
+
+  // 3. loss = sum (or mean) of the per-pair losses, fixed order.
+  float s[1] = {0.0f};
+  for (int64_t p = threadIdx.x; p < B; p += kThreads) s[0] += a.pair_loss[p];
+  block_sum<1>(s, smem);
+  if (threadIdx.x == 0) a.loss[0] = a.hp.reduction == fdpo::kMean ? s[0] / static_cast<float>(B) : s[0];
+}
+
+template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
+__global__ void __launch_bounds__(kThreads, 3) fdpo_forward_kernel(const FwdArgs a) {
+  __shared__ float smem[kNQ * kWarps];
+  __shared__ bool is_last;
+  const int64_t bid = blockIdx.x;
+  const int64_t pair = bid / a.chunks, chunk = bid - pair * a.chunks;
+  const int64_t D = a.D;
+  const int64_t rw = a.interleaved ? 2 * pair : pair;
+  const int64_t rl = a.interleaved ? 2 * pair + 1 : pair + a.B;
+  const T* __restrict__ pred = static_cast<const T*>(a.pred);
+  const T* __restrict__ ref = static_cast<const T*>(a.ref);
+  const T* __restrict__ tgt = static_cast<const T*>(a.target);
+  const T* __restrict__ msk = static_cast<const T*>(a.mask);
+  const T* pw = pred + rw * D;
+  const T* pl = pred + rl * D;
+  const T* qw = HAS_REF ? ref + rw * D : nullptr;
+  const T* ql = HAS_REF ? ref + rl * D : nullptr;
+  const T* tw = tgt + (a.target_shared ? pair : rw) * D;
+  const T* tl = tgt + (a.target_shared ? pair : rl) * D;
+  const T* mw = HAS_MASK ? msk + (a.mask_shared ? pair : rw) * D : nullptr;
+  const T* ml = HAS_MASK ? msk + (a.mask_shared ? pair : rl) * D : nullptr;
+
+  float acc[kNQ];
+#pragma unroll
+  for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
+
+  const int64_t start = chunk * a.chunk_len;
+  const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
+  // No unrolling: each iteration already has 4-6 independent 16-byte loads in flight per thread, and unrolled
+  // copies push the register count over the 3-4 resident blocks per SM the launch bounds ask for.
+#pragma unroll 1
+  for (int64_t j = start + static_cast<int64_t>(threadIdx.x) * VEC; j < end; j += kThreads * VEC) {
+    // Raw packs stay in registers (4 per 16 bytes) and are widened to fp32 element by element below.
+    using P = Pack<T, VEC>;
+    const P xw = load_pack<T, VEC>(pw + j), xl = load_pack<T, VEC>(pl + j);
+    const P zw = load_pack<T, VEC>(tw + j);
+    const P zl = a.target_shared ? zw : load_pack<T, VEC>(tl + j);
+    P yw, yl, uw, ul;
+    if (HAS_REF) {
+      yw = load_pack<T, VEC>(qw + j);
+      yl = load_pack<T, VEC>(ql + j);
+    }
+    if (HAS_MASK) {
+      uw = load_pack<T, VEC>(mw + j);
+      ul = a.mask_shared ? uw : load_pack<T, VEC>(ml + j);
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float pw_ = static_cast<float>(xw.v[k]), pl_ = static_cast<float>(xl.v[k]);
+      const float tw_ = static_cast<float>(zw.v[k]), tl_ = static_cast<float>(zl.v[k]);
+      const float rw_ = pw_ - tw_, rl_ = pl_ - tl_;
+      const float mw_ = HAS_MASK ? static_cast<float>(uw.v[k]) : 1.0f;
+      const float ml_ = HAS_MASK ? static_cast<float>(ul.v[k]) : 1.0f;
+      acc[0] += mw_ * (rw_ * rw_);
+      acc[4] += ml_ * (rl_ * rl_);
+      if (HAS_REF) {
+        const float qw_ = static_cast<float>(yw.v[k]), ql_ = static_cast<float>(yl.v[k]);
+        const float sw = qw_ - tw_, sl = ql_ - tl_;
+        acc[1] += mw_ * (sw * sw);
+        acc[5] += ml_ * (sl * sl);
+        // e_ref - e accumulated directly: (ref - pred) * (ref + pred - 2 t), no cancellation of two sums.
+        acc[2] += mw_ * ((qw_ - pw_) * (qw_ + pw_ - 2.0f * tw_));
+        acc[6] += ml_ * ((ql_ - pl_) * (ql_ + pl_ - 2.0f * tl_));
+      }
+      if (HAS_MASK) {
+        acc[3] += mw_;
+        acc[7] += ml_;
+      }
+    }
+  }
+
+  block_sum<kNQ>(acc, smem);
+  if (threadIdx.x == 0) {
+    float* dst = a.partials + bid * kNQ;
+#pragma unroll
+    for (int k = 0; k < kNQ; ++k) dst[k] = acc[k];
+    if (a.counter == nullptr) {
+      is_last = true;
+    } else {
+      __threadfence();  // publish the partials before counting this block as done
+      const unsigned int done = atomicAdd(a.counter, 1u);
+      is_last = (done == gridDim.x - 1);
+    }
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();  // acquire: every other block's partials are visible (read with __ldcg, bypassing L1)
+  forward_tail<HAS_REF, HAS_MASK>(a, smem);
+}
+
+struct BwdArgs {
+  const void* pred;
+  const void* target;
+  const void* mask;
+  const float* coef;  // [2B]
+  const float* g;     // [] or [B]
+  void* grad;
+  int64_t D, B;
+  int64_t chunks, chunk_len;
+  bool g_per_pair, interleaved, target_shared, mask_shared;
+};
+
+template <typename T, int VEC, bool HAS_MASK>
+__global__ void __launch_bounds__(kThreads) fdpo_backward_kernel(const BwdArgs a) {
+  const int64_t bid = blockIdx.x;
+  const int64_t row = bid / a.chunks, chunk = bid - row * a.chunks;
+  const int64_t D = a.D;
+  const int64_t pair = a.interleaved ? row / 2 : (row < a.B ? row : row - a.B);
+  const T* __restrict__ pr = static_cast<const T*>(a.pred) + row * D;
+  const T* __restrict__ tg = static_cast<const T*>(a.target) + (a.target_shared ? pair : row) * D;
+  const T* __restrict__ mk = HAS_MASK ? static_cast<const T*>(a.mask) + (a.mask_shared ? pair : row) * D : nullptr;
+  T* __restrict__ out = static_cast<T*>(a.grad) + row * D;
+  const float c = a.coef[row] * a.g[a.g_per_pair ? pair : 0];
+
+  const int64_t start = chunk * a.chunk_len;
+  const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
+  using P = Pack<T, VEC>;
+  P x[kBwdIters], t[kBwdIters], m[kBwdIters];
+#pragma unroll
+  for (int it = 0; it < kBwdIters; ++it) {
+    const int64_t j = start + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+    if (j < end) {
+      x[it] = load_pack<T, VEC>(pr + j);
+      t[it] = load_pack<T, VEC>(tg + j);
+      if (HAS_MASK) m[it] = load_pack<T, VEC>(mk + j);
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < kBwdIters; ++it) {
+    const int64_t j = start + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+    if (j < end) {
+      P o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float v = c * (static_cast<float>(x[it].v[k]) - static_cast<float>(t[it].v[k]));
+        if (HAS_MASK) v *= static_cast<float>(m[it].v[k]);
+        o.v[k] = static_cast<T>(v);
+      }
+      *reinterpret_cast<Pack<T, VEC>*>(out + j) = o;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- host
+
+// Resident blocks per SM of a kernel on a device, cached (cudaOccupancy... is a host-side query, no sync).
+int blocks_per_sm(const void* kernel, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(kernel, device);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+  if (n < 1) n = 1;
+  cache.emplace(key, n);
+  return n;
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
+void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaStream_t stream) {
+  auto kernel = fdpo_forward_kernel<T, VEC, HAS_REF, HAS_MASK>;
+  const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  const int64_t wave = sms * blocks_per_sm(reinterpret_cast<const void*>(kernel), device);
+  const int64_t unit = static_cast<int64_t>(kThreads) * VEC;
+  const int64_t max_chunks = a.D > 0 ? ceil_div(a.D, unit) : 1;
+  int64_t chunks = wave / a.B;  // fill one wave, never spill a sliver into a second one
+  chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
+  int64_t chunk_len = a.D > 0 ? ceil_div(ceil_div(a.D, chunks), unit) * unit : unit;
+  chunks = a.D > 0 ? ceil_div(a.D, chunk_len) : 1;
+  a.chunks = chunks;
+  a.chunk_len = chunk_len;
+  const int64_t nblocks = a.B * chunks;
+  TORCH_CHECK(nblocks <= INT32_MAX, "fdiv_kernels cuda forward: too many pairs (", a.B, ")");
+
+  // Workspace: partials, combined sums, per-pair losses, then the 4-byte counter.
+  const int64_t nfloat = nblocks * kNQ + a.B * kNQ + a.B;
+  at::Tensor ws = at::empty({nfloat * 4 + 16}, opts.dtype(at::kByte));
+  float* base = reinterpret_cast<float*>(ws.data_ptr());
+  a.partials = base;
+  a.combined = base + nblocks * kNQ;
+  a.pair_loss = a.combined + a.B * kNQ;
+  a.counter = nullptr;
+  if (nblocks > 1) {
+    a.counter = reinterpret_cast<unsigned int*>(base + nfloat);
+    C10_CUDA_CHECK(cudaMemsetAsync(a.counter, 0, sizeof(unsigned int), stream));
+  }
+  kernel<<<static_cast<unsigned int>(nblocks), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC>
+void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
+                      cudaStream_t stream) {
+  if (has_ref) {
+    if (has_mask) launch_forward<T, VEC, true, true>(a, opts, device, stream);
+    else launch_forward<T, VEC, true, false>(a, opts, device, stream);
+  } else {
+    if (has_mask) launch_forward<T, VEC, false, true>(a, opts, device, stream);
+    else launch_forward<T, VEC, false, false>(a, opts, device, stream);
+  }
+}
+
+template <typename T, int VEC, bool HAS_MASK>
+void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
+  const int64_t chunk_len = static_cast<int64_t>(kThreads) * VEC * kBwdIters;
+  a.chunk_len = chunk_len;
+  a.chunks = a.D > 0 ? ceil_div(a.D, chunk_len) : 0;
+  const int64_t nblocks = rows * a.chunks;
+  if (nblocks == 0) return;
+  TORCH_CHECK(nblocks <= INT32_MAX, "fdiv_kernels cuda backward: tensor too large (", nblocks, " blocks)");
+  fdpo_backward_kernel<T, VEC, HAS_MASK><<<static_cast<unsigned int>(nblocks), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_dtype(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble, "fdiv_kernels cuda backend: ", what,
+              " is float64, which the CUDA kernels do not support; use backend='cpu' or 'torch' for float64");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              "fdiv_kernels cuda backend: ", what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
+}
+
+void check_rows_like(const at::Tensor& t, const at::Tensor& pred, const char* what, bool allow_shared) {
+  TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels cuda backend: ", what, " is on ", t.device(),
+              " but model_pred is on ", pred.device());
+  TORCH_CHECK(t.scalar_type() == pred.scalar_type(), "fdiv_kernels cuda backend: ", what, " has dtype ",
+              t.scalar_type(), " but model_pred has ", pred.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == pred.size(1) &&
+                  (t.size(0) == pred.size(0) || (allow_shared && 2 * t.size(0) == pred.size(0))),
+              "fdiv_kernels cuda backend: ", what, " must be [2B, D]", allow_shared ? " or [B, D]" : "",
+              " with model_pred [2B, D] = ", pred.sizes(), "; got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fdiv_kernels cuda backend: ", what, " must be contiguous");
+}
+
+// A small fp32 vector on model_pred's device (converted on the device if needed: no host sync).
+at::Tensor small_float(const at::Tensor& t, const at::Tensor& pred, int64_t numel, const char* what) {
+  TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels cuda backend: ", what, " is on ", t.device(),
+              " but model_pred is on ", pred.device());
+  TORCH_CHECK(t.numel() == numel, "fdiv_kernels cuda backend: ", what, " must have ", numel, " elements; got ",
+              t.numel());
+  return t.to(at::kFloat).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fdpo_forward_cuda(
+    const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
+    const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence, double alpha, double gamma,
+    double label_smoothing, bool err_sum, double logratio_clip, int64_t reduction, bool interleaved) {
+  TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels cuda forward: model_pred must be a CUDA tensor");
+  check_dtype(model_pred, "model_pred");
+  TORCH_CHECK(model_pred.dim() == 2, "fdiv_kernels cuda forward: model_pred must be 2-D [2B, D]; got ",
+              model_pred.sizes());
+  TORCH_CHECK(model_pred.is_contiguous(), "fdiv_kernels cuda forward: model_pred must be contiguous");
+  const int64_t rows = model_pred.size(0), D = model_pred.size(1);
+  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fdiv_kernels cuda forward: model_pred needs an even, non-zero number of "
+              "rows 2B; got ", rows);
+  const int64_t B = rows / 2;
+  TORCH_CHECK(ref_pred.has_value() != ref_err.has_value(),
+              "fdiv_kernels cuda forward: pass exactly one of ref_pred and ref_err");
+  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels cuda forward: unknown divergence id ", divergence);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fdiv_kernels cuda forward: unknown reduction id ", reduction);
+  if (ref_pred) check_rows_like(*ref_pred, model_pred, "ref_pred", /*allow_shared=*/false);
+  check_rows_like(target, model_pred, "target", /*allow_shared=*/true);
+  if (mask) check_rows_like(*mask, model_pred, "mask", /*allow_shared=*/true);
+
+  const c10::cuda::CUDAGuard guard(model_pred.device());
+  const int device = model_pred.get_device();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
+  const auto fopts = model_pred.options().dtype(at::kFloat);
+
+  at::Tensor ref_err_f, pair_weight_f;
+  if (ref_err) ref_err_f = small_float(*ref_err, model_pred, rows, "ref_err");
+  if (pair_weight) pair_weight_f = small_float(*pair_weight, model_pred, B, "pair_weight");
+
+  at::Tensor loss = reduction == fdpo::kNone ? at::empty({B}, fopts) : at::empty({}, fopts);
+  at::Tensor logits = at::empty({B}, fopts);
+  at::Tensor stats = at::empty({4, rows}, fopts);
+  at::Tensor coef = at::empty({rows}, fopts);
+
+  FwdArgs a{};
+  a.pred = model_pred.data_ptr();
+  a.ref = ref_pred ? ref_pred->data_ptr() : nullptr;
+  a.target = target.data_ptr();
+  a.mask = mask ? mask->data_ptr() : nullptr;
+  a.ref_err = ref_err ? ref_err_f.data_ptr<float>() : nullptr;
+  a.pair_weight = pair_weight ? pair_weight_f.data_ptr<float>() : nullptr;
+  a.D = D;
+  a.B = B;
+  a.interleaved = interleaved;
+  a.target_shared = target.size(0) != rows;
+  a.mask_shared = mask ? mask->size(0) != rows : false;
+  a.err_sum = err_sum;
+  a.inv_d = D > 0 ? static_cast<float>(1.0 / static_cast<double>(D)) : 0.0f;
+  a.hp.beta = beta;
+  a.hp.divergence = static_cast<int>(divergence);
+  a.hp.alpha = alpha;
+  a.hp.gamma = gamma;
+  a.hp.label_smoothing = label_smoothing;
+  a.hp.logratio_clip = logratio_clip;
+  a.hp.reduction = static_cast<int>(reduction);
+  a.hp.num_pairs = B;
+  a.loss = loss.data_ptr<float>();
+  a.logits = logits.data_ptr<float>();
+  a.stats = stats.data_ptr<float>();
+  a.coef = coef.data_ptr<float>();
+
+  const bool has_ref = ref_pred.has_value(), has_mask = mask.has_value();
+  const int64_t elem = model_pred.element_size();
+  const int64_t vec = 16 / elem;
+  const bool vectorized = D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) &&
+                          aligned16(a.mask);
+  switch (model_pred.scalar_type()) {
+    case at::kFloat:
+      if (vectorized) dispatch_forward<float, 4>(a, has_ref, has_mask, fopts, device, stream);
+      else dispatch_forward<float, 1>(a, has_ref, has_mask, fopts, device, stream);
+      break;
+    case at::kHalf:
+      if (vectorized) dispatch_forward<at::Half, 8>(a, has_ref, has_mask, fopts, device, stream);
+      else dispatch_forward<at::Half, 1>(a, has_ref, has_mask, fopts, device, stream);
+      break;
+    case at::kBFloat16:
+      if (vectorized) dispatch_forward<at::BFloat16, 8>(a, has_ref, has_mask, fopts, device, stream);
+      else dispatch_forward<at::BFloat16, 1>(a, has_ref, has_mask, fopts, device, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable dtype");
+  }
+  return {loss, logits, stats, coef};
+}
+
+template <typename T, int VEC>
+void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
+  if (has_mask) launch_backward<T, VEC, true>(a, rows, stream);
+  else launch_backward<T, VEC, false>(a, rows, stream);
+}
+
+at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
+                              const std::optional<at::Tensor>& mask, const at::Tensor& grad_coef, bool interleaved) {
+  TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels cuda backward: model_pred must be a CUDA tensor");
+  check_dtype(model_pred, "model_pred");
+  TORCH_CHECK(model_pred.dim() == 2 && model_pred.is_contiguous(),
+              "fdiv_kernels cuda backward: model_pred must be a contiguous 2-D [2B, D] tensor; got ",
+              model_pred.sizes());
+  const int64_t rows = model_pred.size(0), D = model_pred.size(1);
+  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fdiv_kernels cuda backward: model_pred needs an even number of rows");
+  const int64_t B = rows / 2;
+  check_rows_like(target, model_pred, "target", /*allow_shared=*/true);
+  if (mask) check_rows_like(*mask, model_pred, "mask", /*allow_shared=*/true);
+  TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == B),
+              "fdiv_kernels cuda backward: grad_loss must be 0-dim (mean/sum) or [B] (none); got ",
+              grad_loss.sizes());
+
+  const c10::cuda::CUDAGuard guard(model_pred.device());
+  const int device = model_pred.get_device();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
+  const at::Tensor g = small_float(grad_loss, model_pred, grad_loss.numel(), "grad_loss");
+  const at::Tensor coef = small_float(grad_coef, model_pred, rows, "grad_coef");
+  at::Tensor grad = at::empty_like(model_pred);
+
+  BwdArgs a{};
+  a.pred = model_pred.data_ptr();
+  a.target = target.data_ptr();
+  a.mask = mask ? mask->data_ptr() : nullptr;
+  a.coef = coef.data_ptr<float>();
+  a.g = g.data_ptr<float>();
+  a.grad = grad.data_ptr();
+  a.D = D;
+  a.B = B;
+  a.g_per_pair = grad_loss.dim() == 1;
+  a.interleaved = interleaved;
+  a.target_shared = target.size(0) != rows;
+  a.mask_shared = mask ? mask->size(0) != rows : false;
+
+  const bool has_mask = mask.has_value();
+  const int64_t vec = 16 / model_pred.element_size();
+  const bool vectorized =
+      D % vec == 0 && aligned16(a.pred) && aligned16(a.target) && aligned16(a.mask) && aligned16(a.grad);
+  switch (model_pred.scalar_type()) {
+    case at::kFloat:
+      if (vectorized) dispatch_backward<float, 4>(a, has_mask, rows, stream);
+      else dispatch_backward<float, 1>(a, has_mask, rows, stream);
+      break;
+    case at::kHalf:
+      if (vectorized) dispatch_backward<at::Half, 8>(a, has_mask, rows, stream);
+      else dispatch_backward<at::Half, 1>(a, has_mask, rows, stream);
+      break;
+    case at::kBFloat16:
+      if (vectorized) dispatch_backward<at::BFloat16, 8>(a, has_mask, rows, stream);
+      else dispatch_backward<at::BFloat16, 1>(a, has_mask, rows, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "unreachable dtype");
+  }
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdiv_kernels_C, CUDA, m) {
+  m.impl("forward", &fdpo_forward_cuda);
+  m.impl("backward", &fdpo_backward_cuda);
+}
