@@ -312,7 +312,9 @@ __global__ void __launch_bounds__(kThreads) fdpo_backward_kernel(const BwdArgs a
   const T* __restrict__ tg = static_cast<const T*>(a.target) + (a.target_shared ? pair : row) * D;
   const T* __restrict__ mk = HAS_MASK ? static_cast<const T*>(a.mask) + (a.mask_shared ? pair : row) * D : nullptr;
   T* __restrict__ out = static_cast<T*>(a.grad) + row * D;
-  const float c = a.coef[row] * a.g[a.g_per_pair ? pair : 0];
+  // mul0 semantics (see fdpo_math.h): an overflowed +-inf coefficient times a zero upstream gradient, a zero
+  // residual or a zero mask is 0, not NaN. One compare-select per element: free in a bandwidth-bound pass.
+  const float c = fdpo::mul0(a.coef[row], a.g[a.g_per_pair ? pair : 0]);
 
   const int64_t start = chunk * a.chunk_len;
   const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
@@ -334,8 +336,8 @@ __global__ void __launch_bounds__(kThreads) fdpo_backward_kernel(const BwdArgs a
       P o;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        float v = c * (static_cast<float>(x[it].v[k]) - static_cast<float>(t[it].v[k]));
-        if (HAS_MASK) v *= static_cast<float>(m[it].v[k]);
+        float v = fdpo::mul0(c, static_cast<float>(x[it].v[k]) - static_cast<float>(t[it].v[k]));
+        if (HAS_MASK) v = fdpo::mul0(v, static_cast<float>(m[it].v[k]));
         o.v[k] = static_cast<T>(v);
       }
       *reinterpret_cast<Pack<T, VEC>*>(out + j) = o;

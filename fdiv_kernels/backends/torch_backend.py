@@ -97,8 +97,9 @@ def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
     pair_of_row = target_rows(rows, num_pairs, interleaved, model_pred.device)
     acc = grad_coef.dtype
     g = grad_loss.to(acc).reshape(-1)
-    scale = grad_coef * (g[pair_of_row] if grad_loss.dim() == 1 else g)
-    grad = scale[:, None] * (model_pred.to(acc) - target.to(acc)[t_rows])
+    # mul0 throughout: an overflowed (+-inf) coefficient times a zero G, residual or mask is 0, not NaN.
+    scale = _mul0(grad_coef, (g[pair_of_row] if grad_loss.dim() == 1 else g.expand(rows)))
+    grad = _mul0(scale[:, None], model_pred.to(acc) - target.to(acc)[t_rows])
     if mask is not None:
-        grad = grad * mask.to(acc)[target_rows(rows, mask.shape[0], interleaved, mask.device)]
+        grad = _mul0(grad, mask.to(acc)[target_rows(rows, mask.shape[0], interleaved, mask.device)])
     return grad.to(model_pred.dtype)

@@ -392,7 +392,7 @@ def _backward_kernel(
         upstream = tl.load(grad_loss_ptr + pair)
     else:
         upstream = tl.load(grad_loss_ptr)
-    scale = tl.load(coef_ptr + row) * upstream
+    scale = tl.where(upstream == 0.0, 0.0, tl.load(coef_ptr + row) * upstream)  # inf coef * (G = 0) is 0, not NaN
     row_off = row * row_len
     if SHARED_TARGET:
         t_off = pair * row_len
@@ -408,9 +408,12 @@ def _backward_kernel(
         valid = cols < row_len
         pred = tl.load(pred_ptr + row_off + cols, mask=valid, other=0.0).to(tl.float32)
         target = tl.load(target_ptr + t_off + cols, mask=valid, other=0.0).to(tl.float32)
-        grad = scale * (pred - target)
+        # mul0 semantics: an overflowed (+-inf) scale times a zero residual or mask is 0, not NaN.
+        diff = pred - target
+        grad = tl.where(diff == 0.0, 0.0, scale * diff)
         if HAS_MASK:
-            grad *= tl.load(mask_ptr + m_off + cols, mask=valid, other=0.0).to(tl.float32)
+            m = tl.load(mask_ptr + m_off + cols, mask=valid, other=0.0).to(tl.float32)
+            grad = tl.where(m == 0.0, 0.0, grad * m)
         tl.store(grad_ptr + row_off + cols, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
