@@ -81,7 +81,9 @@ def fused_fdpo_loss(
             "(float64 runs on backend='cpu' or 'torch')"
         )
     acc = accumulate_dtype(model_pred.dtype)
-    loss, logits, sample_stats, _ = ops.fdpo_forward(
+    # Compiled graphs call the custom op (traced once); eager calls skip its per-call dispatch cost (ops.py).
+    forward = ops.fdpo_forward if torch.compiler.is_compiling() else ops.fdpo_forward_eager
+    loss, logits, sample_stats, _ = forward(
         _rows(model_pred),
         _rows(ref_pred),
         _rows(target),

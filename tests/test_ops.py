@@ -52,6 +52,23 @@ def test_opcheck_backward(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction, mask, ref_err", [(1, False, False), (0, True, False), (2, False, True)])
+def test_eager_path_matches_the_custom_op_bit_for_bit(backend, reduction, mask, ref_err):
+    """Eager calls skip the custom op's dispatch (ops.fdpo_forward_eager); outputs and gradient are the op's."""
+    args = _op_args(backend, reduction, mask, ref_err)
+    results = []
+    for forward in (fdiv_kernels.ops.fdpo_forward, fdiv_kernels.ops.fdpo_forward_eager):
+        pred = args[0].detach().clone().requires_grad_()
+        outputs = forward(pred, *args[1:])
+        assert [o.requires_grad for o in outputs] == [True, False, False, False]
+        upstream = torch.rand(outputs[0].shape, generator=torch.Generator().manual_seed(1)) + 0.5
+        (grad,) = torch.autograd.grad(outputs[0], pred, grad_outputs=upstream)
+        results.append((*outputs, grad))
+    for op_result, eager_result in zip(*results):
+        assert torch.equal(op_result, eager_result)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_compile_fullgraph_matches_eager(backend):
     pred, ref, target = _inputs(B=3, shape=(4, 6, 5), shared_target=True)
 

@@ -88,7 +88,14 @@ def _warn_fallback(device: torch.device, reasons: list[str]) -> None:
         )
 
 
+_MODULES = {"torch": "torch_backend", "triton": "triton_kernels", "cpu": "cpp", "cuda": "cpp"}
+_implementations: dict[str, ModuleType] = {}
+
+
 def get_implementation(name: str) -> ModuleType:
-    """The module implementing ``forward``/``backward`` of the kernel contract for a concrete backend."""
-    module = {"torch": "torch_backend", "triton": "triton_kernels", "cpu": "cpp", "cuda": "cpp"}[name]
-    return importlib.import_module(f"{__name__}.{module}")
+    """The module implementing ``forward``/``backward`` of the kernel contract for a concrete backend (imported
+    on first use, so that triton is only imported by calls that use it)."""
+    module = _implementations.get(name)
+    if module is None:
+        module = _implementations[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return module
