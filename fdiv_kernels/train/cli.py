@@ -1,0 +1,145 @@
+"""``fdpo-train`` / ``python -m fdiv_kernels.train``: pretrain, make-pairs, ref-errors, train, study."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import DIVERGENCES
+
+_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that fix the run's data stream: shared by ``train`` and ``ref-errors`` (a cache must match them)."""
+    p.add_argument("--pipeline", type=Path, required=True, help="local diffusers pipeline folder (with unet/)")
+    p.add_argument("--dataset", type=Path, required=True,
+                   help="Pick-a-Pic table: .parquet/.jsonl file, or a folder of parquet shards or one jsonl")
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="preference pairs per micro-step, over all processes")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the UNet's native size)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "flow"], default=None,
+                   help="training target (default: the pipeline scheduler's)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and timesteps")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is available")
+    p.add_argument("--dataloader-workers", type=int, default=0)
+    p.add_argument("--no-check-images", dest="check_images", action="store_false",
+                   help="skip the up-front check that every image opens and verifies (huge datasets)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdpo-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train the embedded base model (UNet + text encoder) on the rendered task")
+    p.add_argument("--output", type=Path, required=True, help="pipeline folder to write")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("make-pairs", help="sample pairs from a base model, label them with the task reward")
+    p.add_argument("--output", type=Path, required=True, help="dataset folder to write (Pick-a-Pic schema)")
+    p.add_argument("--pipeline", type=Path, default=None, help="base pipeline (default: the embedded one)")
+    p.add_argument("--pairs", type=int, default=1024)
+    p.add_argument("--sampling-steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("ref-errors", help="cache the reference model's errors over a run's data stream")
+    _add_data_flags(p)
+    p.add_argument("--output", type=Path, required=True, help="safetensors file to write")
+
+    p = sub.add_parser("train", help="f-DPO fine-tuning of a pipeline's UNet (accelerate launch for several processes)")
+    _add_data_flags(p)
+    p.add_argument("--output", type=Path, required=True, help="run folder: log.jsonl, checkpoint-N/, unet/")
+    p.add_argument("--divergence", default="reverse_kl", help=f"one of {', '.join(DIVERGENCES)}")
+    p.add_argument("--alpha", type=float, default=0.5, help="alpha of --divergence alpha, in (0, 1)")
+    p.add_argument("--beta", type=float, default=5000.0,
+                   help="Diffusion-DPO beta, original/SDXL convention (diffusers' SD1.5 script: pass twice its value)")
+    p.add_argument("--gamma", type=float, default=1.0, help="outer scale of the pair logit")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ref-errors", type=Path, default=None,
+                   help="cached reference errors (from ref-errors) instead of a frozen reference UNet")
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--lr-warmup-steps", type=int, default=0)
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-weight-decay", type=float, default=1e-2)
+    p.add_argument("--adam-epsilon", type=float, default=1e-8)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="0: no checkpoints, only the final unet/")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--xformers", action="store_true", help="xformers attention (CUDA only)")
+    p.add_argument("--log-grad-weights", action="store_true",
+                   help="also log batch means of the gradient weights push_w, push_l (fdiv_kernels.gradient_field)")
+
+    p = sub.add_parser("study", help="the divergence study on the embedded task (alignment vs diversity)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder to write: study.md, study.json, study.png, the runs (default fdpo-study[-quick])")
+    p.add_argument("--quick", action="store_true", help="a smoke-test sized study (under 3 minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beta", type=float, default=None, help="inner beta (default 500; see docs/training.md)")
+    p.add_argument("--gamma", type=float, default=None, help="outer scale of the logit (default 10)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def _config_args(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "command"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except _USER_ERRORS as err:
+        parser.exit(2, f"fdpo-train {args.command}: error: {err}\n")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "pretrain":
+        from .pretrain import PretrainConfig, pretrain
+
+        pretrain(PretrainConfig(output=args.output, steps=args.steps, batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, seed=args.seed), overwrite=args.overwrite)
+        print(f"wrote the base pipeline to {args.output}")
+    elif args.command == "make-pairs":
+        from .model import load_pipeline
+        from .study import BASE_PIPELINE, make_pairs
+
+        pipe = load_pipeline(args.pipeline or BASE_PIPELINE)
+        make_pairs(pipe, args.output, args.pairs, args.seed, args.sampling_steps, overwrite=args.overwrite)
+        print(f"wrote {args.pairs} labelled pairs to {args.output} (pairs.parquet + images/)")
+    elif args.command == "ref-errors":
+        from .loop import TrainConfig, cache_reference_errors
+
+        # The data flags are a subset of train's; the cache file stands in for the run folder.
+        cache_reference_errors(TrainConfig(**_config_args(args)), args.output)
+    elif args.command == "train":
+        from .loop import TrainConfig, train
+
+        train(TrainConfig(**_config_args(args)))
+    elif args.command == "study":
+        from .study import QUICK, StudyConfig, run_study
+
+        output = args.output or Path("fdpo-study-quick" if args.quick else "fdpo-study")
+        loss = {k: getattr(args, k) for k in ("beta", "gamma") if getattr(args, k) is not None}
+        cfg = StudyConfig(output=output, seed=args.seed, progress=args.progress, **loss,
+                          **(QUICK if args.quick else {}))
+        results = run_study(cfg, overwrite=args.overwrite)
+        print((output / "study.md").read_text())
+        print(f"wrote {output}/study.md, study.json, study.png in {results['timings_s']['total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``pretrain``: train the embedded default's base model (UNet + text encoder, jointly) on the rendered task.
+
+Plain denoising (epsilon) training on freshly rendered images of all 180 prompts, on CPU, seeded. Its output
+is the pipeline folder shipped in ``fdiv_kernels/train/assets/base`` (weights stored in float16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from . import task
+from .io import atomic_folder
+from .model import TinyTextEncoder, WordTokenizer, save_pipeline, tiny_unet
+
+CAPTION_WORDS = 7  # "a {size} {colour} {shape} at the {position}"
+
+
+@dataclass
+class PretrainConfig:
+    output: Path
+    steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    seed: int = 0
+    resolution: int = task.RESOLUTION
+
+
+def lr_multiplier(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 0 (the decay stands in for weight averaging at this scale)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain(cfg: PretrainConfig, overwrite: bool = False) -> Path:
+    """Train the base model and write it as a pipeline folder at ``cfg.output``; returns the folder."""
+    if cfg.output.exists() and not overwrite:
+        raise FileExistsError(f"{cfg.output} already exists; choose another output folder or pass --overwrite")
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    tokenizer = WordTokenizer(list(task.VOCABULARY), CAPTION_WORDS)
+    encoder = TinyTextEncoder(len(task.VOCABULARY), CAPTION_WORDS, width=32)
+    unet = tiny_unet(cfg.resolution, cross_attention_dim=32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    parameters = [*unet.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg.steps, cfg.warmup_steps)
+    )
+    bar = tqdm(range(cfg.steps), desc="pretrain", dynamic_ncols=True)
+    for _ in bar:
+        specs = [task.ALL_SPECS[i] for i in torch.randint(len(task.ALL_SPECS), (cfg.batch_size,), generator=generator)]
+        images = task.render(specs, generator, cfg.resolution) * 2 - 1
+        noise = torch.randn(images.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
+        cond = encoder(tokenizer([s.caption for s in specs]))
+        pred = unet(scheduler.add_noise(images, noise, timesteps), timesteps, cond).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    with atomic_folder(cfg.output, overwrite=overwrite) as tmp:
+        save_pipeline(tmp, unet, scheduler, tokenizer, encoder, dtype=torch.float16)
+    return cfg.output

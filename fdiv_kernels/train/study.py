@@ -1,0 +1,281 @@
+"""The divergence study: alignment vs diversity of f-DPO fine-tunes of the embedded base model.
+
+From one base model and one set of preference pairs, fine-tune once per divergence (same data order, noise,
+hyperparameters and cached reference errors), then sample every model from the same initial noise on the
+held-out prompts and measure alignment (mean reward) and diversity (mean pairwise distance and Vendi score of
+each prompt's samples). Writes ``study.md`` (table), ``study.json`` and ``study.png`` (reward vs diversity).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import task
+from .data import write_pairs
+from .io import atomic_folder
+from .loop import TrainConfig, cache_reference_errors, derived_seed, train
+from .model import Pipeline, load_pipeline, sample
+
+BASE_PIPELINE = Path(__file__).parent / "assets" / "base"
+RUNS: tuple[tuple[str, float | None], ...] = (
+    ("reverse_kl", None), ("forward_kl", None), ("js", None),
+    ("alpha", 0.3), ("alpha", 0.5), ("alpha", 0.7), ("hellinger", None),
+)
+
+
+@dataclass
+class StudyConfig:
+    """The study's settings; :data:`QUICK` shrinks every size for a smoke run."""
+
+    output: Path
+    base: Path = BASE_PIPELINE
+    seed: int = 0
+    pairs: int = 1024
+    sampling_steps: int = 10
+    steps: int = 80
+    batch_size: int = 32
+    learning_rate: float = 4e-5
+    # beta/2 sits inside psi and gamma outside (SPEC section 2): beta * gamma = 5000 keeps reverse KL exactly
+    # Diffusion-DPO's beta = 5000, while the other divergences see log-ratios of order 1 (see docs/training.md).
+    beta: float = 500.0
+    gamma: float = 10.0
+    eval_prompts: int = 36  # the held-out prompts, in their fixed order
+    eval_samples: int = 12  # per prompt
+    progress: bool = True
+
+
+QUICK = {"pairs": 64, "steps": 6, "batch_size": 16, "eval_prompts": 8, "eval_samples": 4}
+
+
+def run_name(divergence: str, alpha: float | None) -> str:
+    return divergence if alpha is None else f"{divergence}_{alpha:g}"
+
+
+def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_steps: int,
+               overwrite: bool = False, progress: bool = True) -> Path:
+    """Sample two images per training prompt from ``pipe``, label them with the task reward, save Pick-a-Pic."""
+    if Path(folder).exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another output folder or pass --overwrite")
+    train_specs, _ = task.split_specs()
+    generator = torch.Generator().manual_seed(derived_seed(seed, "pairs", 0))
+    specs = [train_specs[i] for i in torch.randint(len(train_specs), (pairs,), generator=generator)]
+    captions = [s.caption for s in specs]
+    side = pipe.resolution // pipe.vae_scale
+    noise = torch.randn(2 * pairs, pipe.unet.config.in_channels, side, side, generator=generator)
+    with tqdm(total=2 * pairs, desc="sample pairs", disable=not progress, dynamic_ncols=True) as bar:
+        images = sample(pipe, captions + captions, noise, sampling_steps, progress=bar)
+    images = (images * 255).round() / 255  # score exactly what is saved (8-bit PNG)
+    scores = task.reward(images, specs + specs)["reward"]
+    r0, r1 = scores[:pairs], scores[pairs:]
+    label_0 = torch.where(r0 > r1, 1.0, torch.where(r0 < r1, 0.0, 0.5)).tolist()
+    return write_pairs(folder, captions, images[:pairs], images[pairs:], label_0,
+                       extra={"reward_0": r0.tolist(), "reward_1": r1.tolist()}, overwrite=overwrite)
+
+
+def evaluate(pipe: Pipeline, specs: list[task.Spec], samples: int, seed: int, sampling_steps: int,
+             desc: str = "evaluate", progress: bool = True) -> tuple[dict, torch.Tensor]:
+    """Alignment and diversity of ``samples`` images per prompt, from noise fixed by ``seed`` (shared by models).
+
+    Returns the metrics (mean and standard error over prompts) and the images.
+    """
+    generator = torch.Generator().manual_seed(derived_seed(seed, "eval", 0))
+    repeated = [s for s in specs for _ in range(samples)]
+    side = pipe.resolution // pipe.vae_scale
+    noise = torch.randn(len(repeated), pipe.unet.config.in_channels, side, side, generator=generator)
+    with tqdm(total=len(repeated), desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        images = sample(pipe, [s.caption for s in repeated], noise, sampling_steps, progress=bar)
+    scores = task.reward(images, repeated)
+    grouped = images.view(len(specs), samples, *images.shape[1:])
+    per_prompt = {
+        "reward": scores["reward"].view(len(specs), samples).mean(1),
+        "fidelity": scores["fidelity"].view(len(specs), samples).mean(1),
+        "style": scores["style"].view(len(specs), samples).mean(1),
+        "pairwise_distance": task.pairwise_distance(grouped),
+        "vendi": task.vendi_score(grouped),
+    }
+    # Means over prompts with their standard errors (prompts are the independent units); the per-prompt values
+    # are kept for paired comparisons between models (all models share prompts and initial noise).
+    metrics = {k: {"mean": v.mean().item(), "se": _standard_error(v), "per_prompt": v.tolist()}
+               for k, v in per_prompt.items()}
+    return metrics, images
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    return (values.std() / len(values) ** 0.5).item()
+
+
+def paired_differences(rows: list[dict], baseline: str = "reverse_kl") -> list[dict]:
+    """Per model: mean and standard error over prompts of (model - baseline), for reward and pairwise distance."""
+    base = next(r for r in rows if r["model"] == baseline)
+    out = []
+    for row in rows:
+        if row["model"] == baseline:
+            continue
+        diff = {}
+        for key in ("reward", "pairwise_distance"):
+            d = torch.tensor(row[key]["per_prompt"]) - torch.tensor(base[key]["per_prompt"])
+            diff[key] = {"mean": d.mean().item(), "se": _standard_error(d)}
+        out.append({"model": row["model"], **diff})
+    return out
+
+
+def pareto_front(rows: list[dict]) -> list[bool]:
+    """Whether each row is not dominated (another row at least as good in reward and diversity, better in one)."""
+    points = [(r["reward"]["mean"], r["pairwise_distance"]["mean"]) for r in rows]
+    return [not any(a >= p[0] and b >= p[1] and (a, b) != p for a, b in points) for p in points]
+
+
+def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
+    """Run the whole study into ``cfg.output`` (written aside, renamed into place at the end); returns the results."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    _, held_out = task.split_specs()
+    eval_specs = held_out[: cfg.eval_prompts]
+    with atomic_folder(cfg.output, overwrite=overwrite) as out:
+        base = load_pipeline(cfg.base)
+        tick = time.perf_counter()
+        make_pairs(base, out / "pairs", cfg.pairs, cfg.seed, cfg.sampling_steps, progress=cfg.progress)
+        timings["make_pairs"] = time.perf_counter() - tick
+
+        train_cfg = TrainConfig(
+            pipeline=cfg.base, dataset=out / "pairs", output=out / "runs", max_steps=cfg.steps,
+            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta, gamma=cfg.gamma, seed=cfg.seed,
+            log_every=max(1, cfg.steps // 10), cpu=True, progress=cfg.progress,
+        )
+        tick = time.perf_counter()
+        ref_errors = cache_reference_errors(train_cfg, out / "ref_errors.safetensors")
+        timings["reference_errors"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        metrics, base_images = evaluate(base, eval_specs, cfg.eval_samples, cfg.seed, cfg.sampling_steps,
+                                        "evaluate base", cfg.progress)
+        rows = [{"model": "base", "divergence": None, "alpha": None, **metrics}]
+        timings["evaluate base"] = time.perf_counter() - tick
+        grids = {"base": base_images}
+        for divergence, alpha in tqdm(RUNS, desc="study", disable=not cfg.progress, dynamic_ncols=True):
+            name = run_name(divergence, alpha)
+            tick = time.perf_counter()
+            result = train(replace(train_cfg, divergence=divergence, alpha=alpha or 0.5, output=out / "runs" / name,
+                                   ref_errors=ref_errors))
+            timings[f"train {name}"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            tuned = load_pipeline(cfg.base, unet=out / "runs" / name / "unet")
+            metrics, grids[name] = evaluate(tuned, eval_specs, cfg.eval_samples, cfg.seed, cfg.sampling_steps,
+                                            f"evaluate {name}", cfg.progress)
+            timings[f"evaluate {name}"] = time.perf_counter() - tick
+            last = result.records[-1]
+            rows.append({"model": name, "divergence": divergence, "alpha": alpha, **metrics,
+                         "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")}})
+        for row, optimal in zip(rows, pareto_front(rows)):
+            row["pareto_optimal"] = optimal
+        differences = paired_differences(rows)
+        timings["total"] = time.perf_counter() - started
+        results = {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+            "eval_prompts": [s.caption for s in eval_specs],
+            "rows": rows,
+            "paired_vs_reverse_kl": differences,
+            "timings_s": timings,
+            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+        }
+        (out / "study.json").write_text(json.dumps(results, indent=1))
+        (out / "study.md").write_text(markdown_table(results))
+        plot(results, out / "study.png")
+        save_sample_grid(grids, [s.caption for s in eval_specs[:4]], cfg.eval_samples, out / "samples.png")
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    """The study table: one row per model, means over held-out prompts ± standard error."""
+    def cell(metric: dict, digits: int = 3) -> str:
+        return f"{metric['mean']:.{digits}f} ± {metric['se']:.{digits}f}"
+
+    lines = [
+        "| model | reward (alignment) | fidelity | style | pairwise distance | Vendi score | Pareto-optimal | final implicit_acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        acc = f"{row['final_train']['implicit_acc']:.2f}" if "final_train" in row else "-"
+        lines.append(
+            f"| {row['model']} | {cell(row['reward'])} | {cell(row['fidelity'])} | {cell(row['style'])} | "
+            f"{cell(row['pairwise_distance'])} | {cell(row['vendi'], 2)} | {'yes' if row['pareto_optimal'] else 'no'} "
+            f"| {acc} |"
+        )
+    lines += [
+        "",
+        "Paired differences from reverse_kl (Diffusion-DPO), mean ± standard error over the same prompts and noise:",
+        "",
+        "| model | Δ reward | Δ pairwise distance |",
+        "|---|---|---|",
+    ]
+    for diff in results["paired_vs_reverse_kl"]:
+        lines.append(f"| {diff['model']} | {diff['reward']['mean']:+.3f} ± {diff['reward']['se']:.3f} | "
+                     f"{diff['pairwise_distance']['mean']:+.3f} ± {diff['pairwise_distance']['se']:.3f} |")
+    cfg = results["config"]
+    lines.append("")
+    lines.append(
+        f"{len(results['eval_prompts'])} held-out prompts x {cfg['eval_samples']} samples ({cfg['sampling_steps']} "
+        f"DDIM steps); {cfg['pairs']} preference pairs; {cfg['steps']} steps x {cfg['batch_size']} pairs, "
+        f"lr {cfg['learning_rate']:g}, beta {cfg['beta']:g}, gamma {cfg['gamma']:g}; seed {cfg['seed']}; "
+        f"total {results['timings_s']['total']:.0f} s."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Reward vs each diversity measure, one point per model with standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    markers = "sovD^<>ph"
+    for ax, key, label in ((axes[0], "pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
+                           (axes[1], "vendi", "Vendi score (effective distinct samples)")):
+        for row, marker in zip(results["rows"], markers):
+            base = row["model"] == "base"
+            ax.errorbar(row["reward"]["mean"], row[key]["mean"], xerr=row["reward"]["se"], yerr=row[key]["se"],
+                        fmt=marker, color="black" if base else None, capsize=2, label=row["model"])
+        ax.set_xlabel("mean reward on held-out prompts (alignment)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle("f-DPO on the embedded text-to-image task: alignment vs diversity (± s.e. over prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_sample_grid(grids: dict[str, torch.Tensor], captions: list[str], samples: int, path: Path,
+                     shown: int = 6) -> None:
+    """One row per model: ``shown`` samples of each of the first prompts (``captions``); same noise per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = len(captions)
+    rows = []
+    for images in grids.values():
+        per_prompt = images[: prompts * samples].view(prompts, samples, *images.shape[1:])[:, :shown]
+        rows.append(torch.cat(list(per_prompt.flatten(0, 1).permute(0, 2, 3, 1)), dim=1))  # [H, n * W, 3]
+    mosaic = torch.cat(rows).numpy()
+    side = next(iter(grids.values())).shape[-1]
+    fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 40 + 1.5, mosaic.shape[0] / 40 + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([side * (i + 0.5) for i in range(len(grids))], list(grids))
+    ax.set_xticks([side * shown * (i + 0.5) for i in range(prompts)],
+                  [c.replace(" at the ", "\nat the ") for c in captions], fontsize=7)
+    ax.tick_params(length=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
