@@ -623,20 +623,21 @@ struct FwdItem {
   using W = typename C::W;
   static constexpr int L = C::L;
 
-  // Adds the terms of elements [i, i+L) (vector) into the lane accumulators acc[row][quantity].
-  static inline void step(V (&acc)[2][4], const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
-                          const S* const (&m)[2], int64_t i) {
-    const V t0 = C::load(t[0] + i);
-    const V t1 = SHARED_T ? t0 : C::load(t[1] + i);
-    const V tt[2] = {t0, t1};
-    V mm[2] = {V{}, V{}};
+  // Adds the terms of one position into acc[row][quantity]: L elements as vectors (X = V, load = C::load) in the
+  // main loop, one element (X = A, load = C::load1) in the tail.
+  template <typename X, typename Load>
+  static inline void add_terms(X (&acc)[2][4], Load load, const S* const (&p)[2], const S* const (&r)[2],
+                               const S* const (&t)[2], const S* const (&m)[2], int64_t i) {
+    const X t0 = load(t[0] + i);
+    const X tt[2] = {t0, SHARED_T ? t0 : load(t[1] + i)};
+    X mm[2] = {X{}, X{}};
     if (MASK) {
-      mm[0] = C::load(m[0] + i);
-      mm[1] = SHARED_M ? mm[0] : C::load(m[1] + i);
+      mm[0] = load(m[0] + i);
+      mm[1] = SHARED_M ? mm[0] : load(m[1] + i);
     }
     for (int h = 0; h < 2; ++h) {
-      const V pv = C::load(p[h] + i);
-      const V a = pv - tt[h];
+      const X pv = load(p[h] + i);
+      const X a = pv - tt[h];
       if (MASK) {
         acc[h][0] += (a * a) * mm[h];
         acc[h][3] += mm[h];
@@ -644,9 +645,9 @@ struct FwdItem {
         acc[h][0] += a * a;
       }
       if (REF) {
-        const V rv = C::load(r[h] + i);
-        const V b = rv - tt[h];
-        const V q = (rv - pv) * (a + b);  // (ref - pred) * (ref + pred - 2t), the gap without cancellation
+        const X rv = load(r[h] + i);
+        const X b = rv - tt[h];
+        const X q = (rv - pv) * (a + b);  // (ref - pred) * (ref + pred - 2t), the gap without cancellation
         if (MASK) {
           acc[h][1] += (b * b) * mm[h];
           acc[h][2] += q * mm[h];
@@ -658,37 +659,14 @@ struct FwdItem {
     }
   }
 
+  static inline void step(V (&acc)[2][4], const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
+                          const S* const (&m)[2], int64_t i) {
+    add_terms(acc, [](const S* x) { return C::load(x); }, p, r, t, m, i);
+  }
+
   static inline void step1(A (&acc)[2][4], const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
                            const S* const (&m)[2], int64_t i) {
-    const A t0 = C::load1(t[0] + i);
-    const A tt[2] = {t0, SHARED_T ? t0 : C::load1(t[1] + i)};
-    A mm[2] = {A(1), A(1)};
-    if (MASK) {
-      mm[0] = C::load1(m[0] + i);
-      mm[1] = SHARED_M ? mm[0] : C::load1(m[1] + i);
-    }
-    for (int h = 0; h < 2; ++h) {
-      const A pv = C::load1(p[h] + i);
-      const A a = pv - tt[h];
-      if (MASK) {
-        acc[h][0] += (a * a) * mm[h];
-        acc[h][3] += mm[h];
-      } else {
-        acc[h][0] += a * a;
-      }
-      if (REF) {
-        const A rv = C::load1(r[h] + i);
-        const A b = rv - tt[h];
-        const A q = (rv - pv) * (a + b);
-        if (MASK) {
-          acc[h][1] += (b * b) * mm[h];
-          acc[h][2] += q * mm[h];
-        } else {
-          acc[h][1] += b * b;
-          acc[h][2] += q;
-        }
-      }
-    }
+    add_terms(acc, [](const S* x) { return C::load1(x); }, p, r, t, m, i);
   }
 
   // Sums elements [begin, end) of the pair's rows into out[kSlots].
