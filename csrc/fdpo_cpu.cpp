@@ -479,40 +479,34 @@ inline void stream_fence() {
 template <typename Tag>
 struct Cvt;
 
-template <>
-struct Cvt<F32> {
-  static constexpr int L = 8;
-  using A = float;
-  using V = f32x8;
-  using W = Wide8;
-  static V load(const float* p) {
+// float and double are stored as their own accumulate type: plain loads and stores, no conversion.
+template <typename T, typename Vec>
+struct PlainCvt {
+  using A = T;
+  using V = Vec;
+  static V load(const T* p) {
     V v;
     std::memcpy(&v, p, sizeof v);
     return v;
   }
   template <bool NT>
-  static void store(float* p, V v) { store_bytes<NT, 32>(p, &v); }
-  static A load1(const float* p) { return *p; }
-  static void store1(float* p, A v) { *p = v; }
+  static void store(T* p, V v) { store_bytes<NT, sizeof(V)>(p, &v); }
+  static A load1(const T* p) { return *p; }
+  static void store1(T* p, A v) { *p = v; }
+};
+
+template <>
+struct Cvt<F32> : PlainCvt<float, f32x8> {
+  static constexpr int L = 8;
+  using W = Wide8;
   static void flush(W& w, V v) { flush8(w, v); }
   static double lane(const W& w, int l) { return l < 4 ? w.lo[l] : w.hi[l - 4]; }
 };
 
 template <>
-struct Cvt<F64> {
+struct Cvt<F64> : PlainCvt<double, f64x4> {
   static constexpr int L = 4;
-  using A = double;
-  using V = f64x4;
   using W = f64x4;
-  static V load(const double* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  template <bool NT>
-  static void store(double* p, V v) { store_bytes<NT, 32>(p, &v); }
-  static A load1(const double* p) { return *p; }
-  static void store1(double* p, A v) { *p = v; }
   static void flush(W& w, V v) { w += v; }
   static double lane(const W& w, int l) { return w[l]; }
 };
