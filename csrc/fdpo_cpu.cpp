@@ -127,6 +127,17 @@ inline void bool_dispatch(bool b, F&& f) {
     f(std::false_type{});
 }
 
+// Run f(Tag{}) for the storage dtype's tag.
+template <typename F>
+inline void dtype_dispatch(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::kF32: return f(F32{});
+    case Dtype::kF64: return f(F64{});
+    case Dtype::kBF16: return f(BF16{});
+    case Dtype::kF16: return f(F16{});
+  }
+}
+
 #define FDPO_CPU_KERNEL_BODY 1
 
 namespace generic {
@@ -691,6 +702,35 @@ struct FwdItem {
   }
 };
 
+// The work split of both passes: items (pair, chunk of kChunk elements) over at::parallel_for. For each item,
+// item(it, pair rows {w, l}, their target rows, their mask rows, [lo, hi)); task_end() after each task's items.
+struct PairChunk {
+  int64_t index;
+  int64_t rows[2], target_rows[2], mask_rows[2];
+  int64_t lo, hi;
+};
+
+template <bool SHARED_T, bool SHARED_M, typename Args, typename Item, typename TaskEnd>
+void for_each_pair_chunk(const Args& a, Item&& item, TaskEnd&& task_end) {
+  const int64_t D = a.D, B = a.B, nc = a.chunks;
+  // At least ~64K elements per task, so tiny problems do not pay for waking threads.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (2 * kChunk));
+  at::parallel_for(0, B * nc, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t pair = it / nc, c = it % nc;
+      const int64_t rw = row_w(pair, B, a.interleaved), rl = row_l(pair, B, a.interleaved);
+      const int64_t lo = c * kChunk;
+      item(PairChunk{it,
+                     {rw, rl},
+                     {SHARED_T ? pair : rw, SHARED_T ? pair : rl},
+                     {SHARED_M ? pair : rw, SHARED_M ? pair : rl},
+                     lo,
+                     std::min(D, lo + kChunk)});
+    }
+    task_end();
+  });
+}
+
 template <typename Tag, bool REF, bool MASK, bool SHARED_T, bool SHARED_M>
 void forward_typed(const FwdArgs& a) {
   using S = typename Tag::S;
@@ -699,24 +739,14 @@ void forward_typed(const FwdArgs& a) {
   const S* ref = static_cast<const S*>(a.ref);
   const S* tgt = static_cast<const S*>(a.target);
   const S* msk = static_cast<const S*>(a.mask);
-  const int64_t D = a.D, B = a.B, nc = a.chunks;
-  const int64_t items = B * nc;
-  // At least ~64K elements per task, so tiny problems do not pay for waking threads.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (2 * kChunk));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t pair = it / nc, c = it % nc;
-      const int64_t rw = row_w(pair, B, a.interleaved), rl = row_l(pair, B, a.interleaved);
-      const int64_t tw = SHARED_T ? pair : rw, tl = SHARED_T ? pair : rl;
-      const int64_t mw = SHARED_M ? pair : rw, ml = SHARED_M ? pair : rl;
-      const S* const pp[2] = {pred + rw * D, pred + rl * D};
-      const S* const rr[2] = {REF ? ref + rw * D : nullptr, REF ? ref + rl * D : nullptr};
-      const S* const tt[2] = {tgt + tw * D, tgt + tl * D};
-      const S* const mm[2] = {MASK ? msk + mw * D : nullptr, MASK ? msk + ml * D : nullptr};
-      const int64_t lo = c * kChunk, hi = std::min(D, lo + kChunk);
-      Item::run(pp, rr, tt, mm, lo, hi, a.ws + it * kSlots);
-    }
-  });
+  const int64_t D = a.D;
+  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
+    const S* const pp[2] = {pred + w.rows[0] * D, pred + w.rows[1] * D};
+    const S* const rr[2] = {REF ? ref + w.rows[0] * D : nullptr, REF ? ref + w.rows[1] * D : nullptr};
+    const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
+    const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
+    Item::run(pp, rr, tt, mm, w.lo, w.hi, a.ws + w.index * kSlots);
+  }, [] {});
 }
 
 template <typename Tag>
@@ -735,12 +765,7 @@ void forward_tag(const FwdArgs& a) {
 }
 
 inline void forward_items(const FwdArgs& a) {
-  switch (a.dtype) {
-    case Dtype::kF32: return forward_tag<F32>(a);
-    case Dtype::kF64: return forward_tag<F64>(a);
-    case Dtype::kBF16: return forward_tag<BF16>(a);
-    case Dtype::kF16: return forward_tag<F16>(a);
-  }
+  dtype_dispatch(a.dtype, [&](auto tag) { forward_tag<decltype(tag)>(a); });
 }
 
 // ---- backward: grad = scale[row] * (pred - target) [* mask], both rows of a pair per item.
@@ -755,53 +780,39 @@ void backward_typed(const BwdArgs& a) {
   const S* tgt = static_cast<const S*>(a.target);
   const S* msk = static_cast<const S*>(a.mask);
   S* grad = static_cast<S*>(a.grad);
-  const int64_t D = a.D, B = a.B, nc = a.chunks;
-  const int64_t items = B * nc;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (2 * kChunk));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t pair = it / nc, c = it % nc;
-      const int64_t rw = row_w(pair, B, a.interleaved), rl = row_l(pair, B, a.interleaved);
-      const int64_t tw = SHARED_T ? pair : rw, tl = SHARED_T ? pair : rl;
-      const int64_t mw = SHARED_M ? pair : rw, ml = SHARED_M ? pair : rl;
-      const S* const pp[2] = {pred + rw * D, pred + rl * D};
-      const S* const tt[2] = {tgt + tw * D, tgt + tl * D};
-      const S* const mm[2] = {MASK ? msk + mw * D : nullptr, MASK ? msk + ml * D : nullptr};
-      S* const gg[2] = {grad + rw * D, grad + rl * D};
-      const A s[2] = {static_cast<A>(a.scale[rw]), static_cast<A>(a.scale[rl])};
-      const V sv[2] = {V{} + s[0], V{} + s[1]};  // broadcast
-      const int64_t lo = c * kChunk, hi = std::min(D, lo + kChunk);
-      const int64_t vec_hi = lo + ((hi - lo) / L) * L;
-      int64_t i = lo;
-      for (; i < vec_hi; i += L) {
-        const V t0 = C::load(tt[0] + i);
-        const V tv[2] = {t0, SHARED_T ? t0 : C::load(tt[1] + i)};
-        V mv[2] = {V{}, V{}};
-        if (MASK) {
-          mv[0] = C::load(mm[0] + i);
-          mv[1] = SHARED_M ? mv[0] : C::load(mm[1] + i);
-        }
-        for (int h = 0; h < 2; ++h) {
-          V g = sv[h] * (C::load(pp[h] + i) - tv[h]);
-          if (MASK) g = g * mv[h];
-          C::template store<NT>(gg[h] + i, g);
-        }
+  const int64_t D = a.D;
+  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
+    const S* const pp[2] = {pred + w.rows[0] * D, pred + w.rows[1] * D};
+    const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
+    const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
+    S* const gg[2] = {grad + w.rows[0] * D, grad + w.rows[1] * D};
+    const A s[2] = {static_cast<A>(a.scale[w.rows[0]]), static_cast<A>(a.scale[w.rows[1]])};
+    // Both rows of the pair at position i: L elements as vectors (X = V) in the main loop, one (X = A) in the tail.
+    auto write = [&](auto load, auto store, const auto (&scale)[2], int64_t i) {
+      using X = std::remove_const_t<std::remove_reference_t<decltype(scale[0])>>;
+      const X t0 = load(tt[0] + i);
+      const X tv[2] = {t0, SHARED_T ? t0 : load(tt[1] + i)};
+      X mv[2] = {X{}, X{}};
+      if (MASK) {
+        mv[0] = load(mm[0] + i);
+        mv[1] = SHARED_M ? mv[0] : load(mm[1] + i);
       }
-      for (; i < hi; ++i) {
-        const A t0 = C::load1(tt[0] + i);
-        const A tv[2] = {t0, SHARED_T ? t0 : C::load1(tt[1] + i)};
-        A mv[2] = {A(1), A(1)};
-        if (MASK) {
-          mv[0] = C::load1(mm[0] + i);
-          mv[1] = SHARED_M ? mv[0] : C::load1(mm[1] + i);
-        }
-        for (int h = 0; h < 2; ++h) {
-          A g = s[h] * (C::load1(pp[h] + i) - tv[h]);
-          if (MASK) g = g * mv[h];
-          C::store1(gg[h] + i, g);
-        }
+      for (int h = 0; h < 2; ++h) {
+        X g = scale[h] * (load(pp[h] + i) - tv[h]);
+        if (MASK) g = g * mv[h];
+        store(gg[h] + i, g);
       }
+    };
+    const V sv[2] = {V{} + s[0], V{} + s[1]};  // broadcast
+    const int64_t vec_hi = w.lo + ((w.hi - w.lo) / L) * L;
+    int64_t i = w.lo;
+    for (; i < vec_hi; i += L) {
+      write([](const S* x) { return C::load(x); }, [](S* x, V v) { C::template store<NT>(x, v); }, sv, i);
     }
+    for (; i < w.hi; ++i) {
+      write([](const S* x) { return C::load1(x); }, [](S* x, A v) { C::store1(x, v); }, s, i);
+    }
+  }, [] {
     if (NT) stream_fence();  // order the streaming stores before the task ends
   });
 }
@@ -822,12 +833,7 @@ void backward_tag(const BwdArgs& a) {
 }
 
 inline void backward_items(const BwdArgs& a) {
-  switch (a.dtype) {
-    case Dtype::kF32: return backward_tag<F32>(a);
-    case Dtype::kF64: return backward_tag<F64>(a);
-    case Dtype::kBF16: return backward_tag<BF16>(a);
-    case Dtype::kF16: return backward_tag<F16>(a);
-  }
+  dtype_dispatch(a.dtype, [&](auto tag) { backward_tag<decltype(tag)>(a); });
 }
 
 // Scalar backward with mul0 semantics, for calls where some row's scale is +-inf: grad = mul0(mul0(s, p - t), m).
@@ -859,12 +865,7 @@ void backward_safe_typed(const BwdArgs& a) {
 }
 
 inline void backward_items_safe(const BwdArgs& a) {
-  switch (a.dtype) {
-    case Dtype::kF32: return backward_safe_typed<F32>(a);
-    case Dtype::kF64: return backward_safe_typed<F64>(a);
-    case Dtype::kBF16: return backward_safe_typed<BF16>(a);
-    case Dtype::kF16: return backward_safe_typed<F16>(a);
-  }
+  dtype_dispatch(a.dtype, [&](auto tag) { backward_safe_typed<decltype(tag)>(a); });
 }
 
 #endif  // FDPO_CPU_KERNEL_BODY
