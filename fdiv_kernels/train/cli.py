@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--xformers", action="store_true", help="xformers attention (CUDA only)")
     p.add_argument("--log-grad-weights", action="store_true",
                    help="also log batch means of the gradient weights push_w, push_l (fdiv_kernels.gradient_field)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank (peft; to_q/to_k/to_v/to_out.0) instead of the whole model; "
+                        "the reference is the model with adapters disabled, the output lora/ (diffusers' LoRA format)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: --lora-rank, scale 1)")
 
     p = sub.add_parser("study", help="the divergence study on the embedded task (alignment vs diversity)")
     p.add_argument("--output", type=Path, default=None,

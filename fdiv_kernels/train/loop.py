@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from .. import fused_fdpo_loss, get_divergence
 from .data import PreferenceDataset
 from .io import atomic_folder
+from .lora import adapters_disabled, add_lora, check_lora_flags, has_lora, save_lora
 from .model import NoiseProcess, Pipeline, PipelineError, load_pipeline, place
 
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -74,6 +76,8 @@ class TrainConfig:
     check_images: bool = True
     log_grad_weights: bool = False
     progress: bool = True
+    lora_rank: int | None = None  # None: full fine-tuning; else LoRA adapters, the reference is adapters-off
+    lora_alpha: float | None = None  # default: lora_rank (scale 1), as diffusers' DPO scripts
 
     def __post_init__(self):
         for name in ("pipeline", "dataset", "output", "ref_errors"):
@@ -87,6 +91,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
+        check_lora_flags(self.lora_rank, self.lora_alpha)
 
     @property
     def stream_length(self) -> int:
@@ -289,12 +294,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     pipe.frozen_parts_to(device, dtype)
     unet = pipe.unet.train()
     ref_unet = None
-    if ref_errors is None:
+    if cfg.lora_rank is not None:
+        # Frozen base weights in the compute dtype, adapters in fp32; the reference is the adapters-off model.
+        add_lora(place(unet, device, dtype), cfg.lora_rank, cfg.lora_alpha, where=f"{cfg.pipeline}'s denoiser")
+    elif ref_errors is None:
         ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), device, dtype)
     if cfg.xformers:
         _enable_xformers(device, [m for m in (unet, ref_unet) if m is not None])
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        [p for p in unet.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
     )
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
@@ -325,9 +333,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             # target is cast to the prediction's dtype rather than the predictions upcast to fp32.
             target = (target[:pairs] if setup.process.shared_target else target).to(model_pred.dtype)
             reference = {}
-            if ref_unet is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    reference["ref_pred"] = ref_unet(noisy.to(dtype), timesteps, cond).sample.to(model_pred.dtype)
+            if ref_errors is None:
+                with torch.no_grad(), accelerator.autocast(), _reference(ref_unet, unet, accelerator) as ref:
+                    reference["ref_pred"] = ref(noisy.to(dtype), timesteps, cond).sample.to(model_pred.dtype)
             else:
                 errors = ref_errors[batch["position"].cpu()].to(device)
                 reference["ref_err"] = torch.cat([errors[:, 0], errors[:, 1]])
@@ -396,12 +404,23 @@ def _save_checkpoint(accelerator: Accelerator, output: Path, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def _reference(ref_unet, unet, accelerator: Accelerator):
+    """The frozen reference copy, or (LoRA) the trained model itself, unwrapped, with its adapters off."""
+    return nullcontext(ref_unet) if ref_unet is not None else adapters_disabled(accelerator.unwrap_model(unet))
+
+
 def _save_unet(accelerator: Accelerator, unet, output: Path) -> None:
-    """The fine-tuned UNet in diffusers format (``output/unet``), loadable in place of the pipeline's."""
+    """The fine-tuned UNet in diffusers format (``output/unet``), loadable in place of the pipeline's; with LoRA,
+    only the adapters, in diffusers' LoRA format (``output/lora``, for ``pipeline.load_lora_weights``)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with atomic_folder(output / "unet", overwrite=True) as tmp:
-            accelerator.unwrap_model(unet).save_pretrained(tmp, safe_serialization=True)
+        model = accelerator.unwrap_model(unet)
+        lora = has_lora(model)
+        with atomic_folder(output / ("lora" if lora else "unet"), overwrite=True) as tmp:
+            if lora:
+                save_lora(model, tmp, "unet")
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()
 
 
