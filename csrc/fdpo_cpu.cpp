@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "fdpo_math.h"
+#include "fdpo_op.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -208,27 +209,12 @@ Dtype dtype_of(const at::Tensor& t) {
   return Dtype::kF32;
 }
 
-// A [rows, D] input in model_pred's dtype, contiguous (copies only when the caller broke the contract).
-at::Tensor as_rows(const at::Tensor& t, const at::Tensor& pred, int64_t B, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fdiv_kernels (cpu): ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 2 && t.size(1) == pred.size(1) && (t.size(0) == 2 * B || t.size(0) == B),
-              "fdiv_kernels (cpu): ", name, " must be [2B, D] or [B, D] with D = ", pred.size(1), "; got ",
-              t.sizes());
-  return t.to(pred.scalar_type()).contiguous();
-}
-
-// A small per-row / per-pair vector in the accumulate dtype.
-at::Tensor as_vec(const at::Tensor& t, at::ScalarType acc, int64_t n, const char* name) {
-  TORCH_CHECK(t.numel() == n, "fdiv_kernels (cpu): ", name, " must have ", n, " elements; got ", t.numel());
-  return t.to(at::kCPU, acc).contiguous().reshape({n});
-}
-
 template <typename T>
-void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, bool err_sum, const T* ref_err,
-                const T* pair_weight, T* loss, T* logits, T* stats, T* coef) {
+void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, bool err_sum, bool strict_ties,
+                const T* ref_err, const T* pair_weight, T* loss, T* logits, T* stats, T* summary, T* coef) {
   const int64_t B = a.B, rows = 2 * B, nc = a.chunks, D = a.D;
   const bool has_mask = a.mask != nullptr;
-  double total = 0.0;
+  double total = 0.0, wins = 0.0, e_total = 0.0, eref_total = 0.0;
   for (int64_t p = 0; p < B; ++p) {
     double sums[kSlots] = {0, 0, 0, 0, 0, 0, 0, 0};
     const double* ws = a.ws + p * nc * kSlots;
@@ -256,6 +242,9 @@ void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, bool
     logits[p] = r.logit;
     if (hp.reduction == fdpo::kNone) loss[p] = r.loss;
     total += static_cast<double>(r.loss);
+    wins += static_cast<double>(fdpo::implicit_win(r.logit, strict_ties));
+    e_total += static_cast<double>(e[0]) + static_cast<double>(e[1]);
+    eref_total += static_cast<double>(eref[0]) + static_cast<double>(eref[1]);
     const int64_t idx[2] = {rw, rl};
     const T d[2] = {r.d_w, r.d_l}, rew[2] = {r.reward_w, r.reward_l}, cf[2] = {r.coef_w, r.coef_l};
     for (int h = 0; h < 2; ++h) {
@@ -268,35 +257,28 @@ void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, bool
   }
   if (hp.reduction == fdpo::kMean) loss[0] = static_cast<T>(total / static_cast<double>(B));
   if (hp.reduction == fdpo::kSum) loss[0] = static_cast<T>(total);
+  summary[0] = static_cast<T>(wins / static_cast<double>(B));
+  summary[1] = static_cast<T>(e_total / static_cast<double>(rows));
+  summary[2] = static_cast<T>(eref_total / static_cast<double>(rows));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& model_pred, const c10::optional<at::Tensor>& ref_pred, const at::Tensor& target,
-    const c10::optional<at::Tensor>& ref_err, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& pair_weight, double beta, int64_t divergence, double alpha, double gamma,
-    double label_smoothing, bool err_sum, double logratio_clip, int64_t reduction, bool interleaved) {
+fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
+                                 const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
+                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& pair_weight,
+                                 double beta, int64_t divergence, double alpha, double gamma, double label_smoothing,
+                                 bool err_sum, double logratio_clip, int64_t reduction, bool interleaved,
+                                 bool strict_ties) {
   TORCH_CHECK(model_pred.device().is_cpu(), "fdiv_kernels (cpu): model_pred must be a CPU tensor");
-  TORCH_CHECK(model_pred.dim() == 2, "fdiv_kernels (cpu): model_pred must be [2B, D]; got ", model_pred.sizes());
-  const int64_t rows = model_pred.size(0), D = model_pred.size(1);
-  TORCH_CHECK(rows > 0 && rows % 2 == 0 && D > 0, "fdiv_kernels (cpu): model_pred must be [2B, D] with B, D > 0");
-  TORCH_CHECK(ref_pred.has_value() != ref_err.has_value(),
-              "fdiv_kernels (cpu): exactly one of ref_pred and ref_err must be given");
-  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels (cpu): divergence id must be in [0, 4]");
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fdiv_kernels (cpu): reduction id must be 0, 1 or 2");
-  const int64_t B = rows / 2;
-  const at::Tensor pred = model_pred.contiguous();
-  const Dtype dt = dtype_of(pred);
+  fdpo::check_forward_ids("cpu", ref_pred.has_value(), ref_err.has_value(), divergence, reduction);
+  const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, ref_pred, target, mask);
+  fdpo::require_one_dtype(v, "cpu");
+  const int64_t B = v.B, D = v.D, rows = 2 * B;
+  const Dtype dt = dtype_of(v.pred);
   const at::ScalarType acc = dt == Dtype::kF64 ? at::kDouble : at::kFloat;
-  at::Tensor ref, tgt = as_rows(target, pred, B, "target"), msk, rerr, pw;
-  if (ref_pred.has_value()) {
-    TORCH_CHECK(ref_pred->sizes() == pred.sizes(), "fdiv_kernels (cpu): ref_pred must have model_pred's shape");
-    TORCH_CHECK(ref_pred->device().is_cpu(), "fdiv_kernels (cpu): ref_pred must be a CPU tensor");
-    ref = ref_pred->to(pred.scalar_type()).contiguous();
-  } else {
-    rerr = as_vec(*ref_err, acc, rows, "ref_err");
-  }
-  if (mask.has_value()) msk = as_rows(*mask, pred, B, "mask");
-  if (pair_weight.has_value()) pw = as_vec(*pair_weight, acc, B, "pair_weight");
+  at::Tensor rerr, pw;
+  if (ref_err.has_value()) rerr = fdpo::small_vector(*ref_err, model_pred, acc, rows, "cpu", "ref_err");
+  if (pair_weight.has_value()) pw = fdpo::small_vector(*pair_weight, model_pred, acc, B, "cpu", "pair_weight");
+  const at::Tensor &pred = v.pred, &ref = v.ref, &tgt = v.target, &msk = v.mask;
 
   const int64_t chunks = (D + kChunk - 1) / kChunk;
   std::vector<double> ws(static_cast<size_t>(B * chunks * kSlots), 0.0);
@@ -315,9 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   a.ws = ws.data();
   run_forward_items(a);
 
-  const auto opts = pred.options().dtype(acc);
-  at::Tensor loss = reduction == fdpo::kNone ? at::empty({B}, opts) : at::empty({}, opts);
-  at::Tensor logits = at::empty({B}, opts), stats = at::empty({4, rows}, opts), coef = at::empty({rows}, opts);
+  fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(pred, reduction);
+  auto& [loss, logits, stats, summary, coef] = out;
   fdpo::HeadParams hp;
   hp.beta = beta;
   hp.divergence = static_cast<int>(divergence);
@@ -327,16 +308,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   hp.logratio_clip = logratio_clip;
   hp.reduction = static_cast<int>(reduction);
   hp.num_pairs = B;
-  if (acc == at::kDouble) {
-    pair_heads<double>(hp, a, ref.defined(), err_sum, rerr.defined() ? rerr.data_ptr<double>() : nullptr,
-                       pw.defined() ? pw.data_ptr<double>() : nullptr, loss.data_ptr<double>(),
-                       logits.data_ptr<double>(), stats.data_ptr<double>(), coef.data_ptr<double>());
-  } else {
-    pair_heads<float>(hp, a, ref.defined(), err_sum, rerr.defined() ? rerr.data_ptr<float>() : nullptr,
-                      pw.defined() ? pw.data_ptr<float>() : nullptr, loss.data_ptr<float>(),
-                      logits.data_ptr<float>(), stats.data_ptr<float>(), coef.data_ptr<float>());
-  }
-  return {loss, logits, stats, coef};
+  const auto heads = [&](auto zero) {
+    using T = decltype(zero);
+    pair_heads<T>(hp, a, ref.defined(), err_sum, strict_ties, rerr.defined() ? rerr.data_ptr<T>() : nullptr,
+                  pw.defined() ? pw.data_ptr<T>() : nullptr, loss.data_ptr<T>(), logits.data_ptr<T>(),
+                  stats.data_ptr<T>(), summary.data_ptr<T>(), coef.data_ptr<T>());
+  };
+  if (acc == at::kDouble) heads(0.0);
+  else heads(0.0f);
+  return out;
 }
 
 // A multi-MB gradient is fresh memory from mmap: every 4 KiB page faults on first touch, and on the VMs measured
@@ -356,22 +336,18 @@ void advise_huge_pages(void* data, int64_t bytes) {
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
-                        const c10::optional<at::Tensor>& mask, const at::Tensor& grad_coef, bool interleaved) {
+                        const std::optional<at::Tensor>& mask, const at::Tensor& grad_coef, bool interleaved) {
   TORCH_CHECK(model_pred.device().is_cpu(), "fdiv_kernels (cpu): model_pred must be a CPU tensor");
-  TORCH_CHECK(model_pred.dim() == 2, "fdiv_kernels (cpu): model_pred must be [2B, D]; got ", model_pred.sizes());
-  const int64_t rows = model_pred.size(0), D = model_pred.size(1);
-  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fdiv_kernels (cpu): model_pred must have an even, non-zero first dim");
-  const int64_t B = rows / 2;
-  const at::Tensor pred = model_pred.contiguous();
+  const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, std::nullopt, target, mask);
+  const int64_t B = v.B, D = v.D, rows = 2 * B;
+  fdpo::require_one_dtype(v, "cpu");
+  const at::Tensor &pred = v.pred, &tgt = v.target, &msk = v.mask;
   const Dtype dt = dtype_of(pred);
-  const at::Tensor tgt = as_rows(target, pred, B, "target");
-  at::Tensor msk;
-  if (mask.has_value()) msk = as_rows(*mask, pred, B, "mask");
   TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == B,
               "fdiv_kernels (cpu): grad_loss must have 1 or B = ", B, " elements; got ", grad_loss.numel());
   const at::Tensor g = grad_loss.to(at::kCPU, at::kDouble).contiguous().reshape({-1});
-  const at::Tensor cf = as_vec(grad_coef, grad_coef.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, rows,
-                               "grad_coef");
+  const at::Tensor cf = fdpo::small_vector(grad_coef, model_pred, dt == Dtype::kF64 ? at::kDouble : at::kFloat, rows,
+                                           "cpu", "grad_coef");
   // Per-row scale coef * G, rounded to the accumulate type as the product in that type would be; 0 where either
   // factor is 0 (an overflowed coefficient times a zero upstream gradient is 0, not NaN).
   std::vector<double> scale(static_cast<size_t>(rows));
@@ -417,14 +393,14 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   // An overflowed (+-inf) coefficient (forward_kl/alpha/hellinger past exp's range, see docs/architecture.md)
   // takes the slower path that gives 0, not NaN, where pred == target or the mask is 0.
   if (D > 0) run_backward_items(a, !all_finite);
-  return grad;
+  return grad.view(model_pred.sizes());
 }
 
 }  // namespace fdpo_cpu
 
-TORCH_LIBRARY_IMPL(fdiv_kernels_C, CPU, m) {
-  m.impl("forward", &fdpo_cpu::forward_cpu);
-  m.impl("backward", &fdpo_cpu::backward_cpu);
+TORCH_LIBRARY_IMPL(fdiv_kernels, CPU, m) {
+  m.impl("fdpo_forward", &fdpo_cpu::forward_cpu);
+  m.impl("fdpo_backward", &fdpo_cpu::backward_cpu);
 }
 
 #else  // FDPO_CPU_KERNEL_BODY

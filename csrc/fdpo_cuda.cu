@@ -48,6 +48,7 @@
 #include <utility>
 
 #include "fdpo_math.h"
+#include "fdpo_op.h"
 
 namespace {
 
@@ -55,6 +56,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kNQ = 8;       // partials per pair and chunk: S_w R_w Q_w M_w S_l R_l Q_l M_l
 constexpr int kBwdIters = 4;  // vectors in flight per thread in the backward
+constexpr int kPairSums = 4;  // per-pair values the forward's tail reduces: loss, win, e_w + e_l, eref_w + eref_l
 
 template <typename T>
 __host__ __device__ __forceinline__ T ceil_div(T a, T b) {
@@ -111,10 +113,12 @@ struct FwdArgs {
   float* loss;       // [] or [B]
   float* logits;     // [B]
   float* stats;      // [4, 2B]
+  float* summary;    // [3]: implicit_acc, mean e, mean e_ref
   float* coef;       // [2B]
   float* partials;   // [B * chunks * kNQ]
   float* combined;   // [B * kNQ]
-  float* pair_loss;  // [B]
+  float* pair_sums;  // [kPairSums * B]: per-pair loss, win, e_w + e_l, eref_w + eref_l
+  bool strict_ties;
   unsigned int* counter;  // nullptr when the grid is one block
 };
 
@@ -184,20 +188,27 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
     a.stats[3 * rows + rl] = h.reward_l;
     a.coef[rw] = h.coef_w;
     a.coef[rl] = h.coef_l;
-    if (a.hp.reduction == fdpo::kNone) {
-      a.loss[p] = h.loss;
-    } else {
-      a.pair_loss[p] = h.loss;
-    }
+    if (a.hp.reduction == fdpo::kNone) a.loss[p] = h.loss;
+    a.pair_sums[p] = h.loss;
+    a.pair_sums[B + p] = fdpo::implicit_win(h.logit, a.strict_ties);
+    a.pair_sums[2 * B + p] = e_w + e_l;
+    a.pair_sums[3 * B + p] = eref_w + eref_l;
   }
-  if (a.hp.reduction == fdpo::kNone) return;
   __syncthreads();
 
-  // 3. loss = sum (or mean) of the per-pair losses, fixed order.
-  float s[1] = {0.0f};
-  for (int64_t p = threadIdx.x; p < B; p += kThreads) s[0] += a.pair_loss[p];
-  block_sum<1>(s, smem);
-  if (threadIdx.x == 0) a.loss[0] = a.hp.reduction == fdpo::kMean ? s[0] / static_cast<float>(B) : s[0];
+  // 3. the reduced loss and the summary statistics, fixed order.
+  float s[kPairSums] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t p = threadIdx.x; p < B; p += kThreads) {
+#pragma unroll
+    for (int k = 0; k < kPairSums; ++k) s[k] += a.pair_sums[k * B + p];
+  }
+  block_sum<kPairSums>(s, smem);
+  if (threadIdx.x == 0) {
+    if (a.hp.reduction != fdpo::kNone) a.loss[0] = a.hp.reduction == fdpo::kMean ? s[0] / static_cast<float>(B) : s[0];
+    a.summary[0] = s[1] / static_cast<float>(B);
+    a.summary[1] = s[2] / static_cast<float>(rows);
+    a.summary[2] = s[3] / static_cast<float>(rows);
+  }
 }
 
 template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
@@ -380,13 +391,13 @@ void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaSt
   const int64_t nblocks = a.B * chunks;
   TORCH_CHECK(nblocks <= INT32_MAX, "fdiv_kernels cuda forward: too many pairs (", a.B, ")");
 
-  // Workspace: partials, combined sums, per-pair losses, then the 4-byte counter.
-  const int64_t nfloat = nblocks * kNQ + a.B * kNQ + a.B;
+  // Workspace: partials, combined sums, per-pair sums, then the 4-byte counter.
+  const int64_t nfloat = nblocks * kNQ + a.B * kNQ + kPairSums * a.B;
   at::Tensor ws = at::empty({nfloat * 4 + 16}, opts.dtype(at::kByte));
   float* base = reinterpret_cast<float*>(ws.data_ptr());
   a.partials = base;
   a.combined = base + nblocks * kNQ;
-  a.pair_loss = a.combined + a.B * kNQ;
+  a.pair_sums = a.combined + a.B * kNQ;
   a.counter = nullptr;
   if (nblocks > 1) {
     a.counter = reinterpret_cast<unsigned int*>(base + nfloat);
@@ -420,55 +431,17 @@ void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_dtype(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() != at::kDouble, "fdiv_kernels cuda backend: ", what,
-              " is float64, which the CUDA kernels do not support; use backend='cpu' or 'torch' for float64");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
-              "fdiv_kernels cuda backend: ", what, " must be float32, float16 or bfloat16; got ", t.scalar_type());
-}
-
-void check_rows_like(const at::Tensor& t, const at::Tensor& pred, const char* what, bool allow_shared) {
-  TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels cuda backend: ", what, " is on ", t.device(),
-              " but model_pred is on ", pred.device());
-  TORCH_CHECK(t.scalar_type() == pred.scalar_type(), "fdiv_kernels cuda backend: ", what, " has dtype ",
-              t.scalar_type(), " but model_pred has ", pred.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(1) == pred.size(1) &&
-                  (t.size(0) == pred.size(0) || (allow_shared && 2 * t.size(0) == pred.size(0))),
-              "fdiv_kernels cuda backend: ", what, " must be [2B, D]", allow_shared ? " or [B, D]" : "",
-              " with model_pred [2B, D] = ", pred.sizes(), "; got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "fdiv_kernels cuda backend: ", what, " must be contiguous");
-}
-
-// A small fp32 vector on model_pred's device (converted on the device if needed: no host sync).
-at::Tensor small_float(const at::Tensor& t, const at::Tensor& pred, int64_t numel, const char* what) {
-  TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels cuda backend: ", what, " is on ", t.device(),
-              " but model_pred is on ", pred.device());
-  TORCH_CHECK(t.numel() == numel, "fdiv_kernels cuda backend: ", what, " must have ", numel, " elements; got ",
-              t.numel());
-  return t.to(at::kFloat).contiguous();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fdpo_forward_cuda(
+fdpo::ForwardOutputs fdpo_forward_cuda(
     const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence, double alpha, double gamma,
-    double label_smoothing, bool err_sum, double logratio_clip, int64_t reduction, bool interleaved) {
-  TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels cuda forward: model_pred must be a CUDA tensor");
-  check_dtype(model_pred, "model_pred");
-  TORCH_CHECK(model_pred.dim() == 2, "fdiv_kernels cuda forward: model_pred must be 2-D [2B, D]; got ",
-              model_pred.sizes());
-  TORCH_CHECK(model_pred.is_contiguous(), "fdiv_kernels cuda forward: model_pred must be contiguous");
-  const int64_t rows = model_pred.size(0), D = model_pred.size(1);
-  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fdiv_kernels cuda forward: model_pred needs an even, non-zero number of "
-              "rows 2B; got ", rows);
-  const int64_t B = rows / 2;
-  TORCH_CHECK(ref_pred.has_value() != ref_err.has_value(),
-              "fdiv_kernels cuda forward: pass exactly one of ref_pred and ref_err");
-  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels cuda forward: unknown divergence id ", divergence);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fdiv_kernels cuda forward: unknown reduction id ", reduction);
-  if (ref_pred) check_rows_like(*ref_pred, model_pred, "ref_pred", /*allow_shared=*/false);
-  check_rows_like(target, model_pred, "target", /*allow_shared=*/true);
-  if (mask) check_rows_like(*mask, model_pred, "mask", /*allow_shared=*/true);
+    double label_smoothing, bool err_sum, double logratio_clip, int64_t reduction, bool interleaved,
+    bool strict_ties) {
+  TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
+  fdpo::check_forward_ids("cuda", ref_pred.has_value(), ref_err.has_value(), divergence, reduction);
+  const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, ref_pred, target, mask);
+  fdpo::require_one_dtype(v, "cuda");
+  const int64_t rows = 2 * v.B, D = v.D, B = v.B;
 
   const c10::cuda::CUDAGuard guard(model_pred.device());
   const int device = model_pred.get_device();
@@ -476,27 +449,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fdpo_forward_cuda(
   const auto fopts = model_pred.options().dtype(at::kFloat);
 
   at::Tensor ref_err_f, pair_weight_f;
-  if (ref_err) ref_err_f = small_float(*ref_err, model_pred, rows, "ref_err");
-  if (pair_weight) pair_weight_f = small_float(*pair_weight, model_pred, B, "pair_weight");
+  if (ref_err) ref_err_f = fdpo::small_vector(*ref_err, model_pred, at::kFloat, rows, "cuda", "ref_err");
+  if (pair_weight) pair_weight_f = fdpo::small_vector(*pair_weight, model_pred, at::kFloat, B, "cuda", "pair_weight");
 
-  at::Tensor loss = reduction == fdpo::kNone ? at::empty({B}, fopts) : at::empty({}, fopts);
-  at::Tensor logits = at::empty({B}, fopts);
-  at::Tensor stats = at::empty({4, rows}, fopts);
-  at::Tensor coef = at::empty({rows}, fopts);
+  fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(v.pred, reduction);
+  auto& [loss, logits, stats, summary, coef] = out;
 
   FwdArgs a{};
-  a.pred = model_pred.data_ptr();
-  a.ref = ref_pred ? ref_pred->data_ptr() : nullptr;
-  a.target = target.data_ptr();
-  a.mask = mask ? mask->data_ptr() : nullptr;
+  a.pred = v.pred.data_ptr();
+  a.ref = v.ref.defined() ? v.ref.data_ptr() : nullptr;
+  a.target = v.target.data_ptr();
+  a.mask = v.mask.defined() ? v.mask.data_ptr() : nullptr;
   a.ref_err = ref_err ? ref_err_f.data_ptr<float>() : nullptr;
   a.pair_weight = pair_weight ? pair_weight_f.data_ptr<float>() : nullptr;
   a.D = D;
   a.B = B;
   a.interleaved = interleaved;
-  a.target_shared = target.size(0) != rows;
-  a.mask_shared = mask ? mask->size(0) != rows : false;
+  a.target_shared = v.target_shared;
+  a.mask_shared = v.mask_shared;
   a.err_sum = err_sum;
+  a.strict_ties = strict_ties;
   a.inv_d = D > 0 ? static_cast<float>(1.0 / static_cast<double>(D)) : 0.0f;
   a.hp.beta = beta;
   a.hp.divergence = static_cast<int>(divergence);
@@ -509,6 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fdpo_forward_cuda(
   a.loss = loss.data_ptr<float>();
   a.logits = logits.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
+  a.summary = summary.data_ptr<float>();
   a.coef = coef.data_ptr<float>();
 
   const bool has_ref = ref_pred.has_value(), has_mask = mask.has_value();
@@ -532,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fdpo_forward_cuda(
     default:
       TORCH_CHECK(false, "unreachable dtype");
   }
-  return {loss, logits, stats, coef};
+  return out;
 }
 
 template <typename T, int VEC>
@@ -543,31 +516,24 @@ void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream
 
 at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
                               const std::optional<at::Tensor>& mask, const at::Tensor& grad_coef, bool interleaved) {
-  TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels cuda backward: model_pred must be a CUDA tensor");
-  check_dtype(model_pred, "model_pred");
-  TORCH_CHECK(model_pred.dim() == 2 && model_pred.is_contiguous(),
-              "fdiv_kernels cuda backward: model_pred must be a contiguous 2-D [2B, D] tensor; got ",
-              model_pred.sizes());
-  const int64_t rows = model_pred.size(0), D = model_pred.size(1);
-  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fdiv_kernels cuda backward: model_pred needs an even number of rows");
-  const int64_t B = rows / 2;
-  check_rows_like(target, model_pred, "target", /*allow_shared=*/true);
-  if (mask) check_rows_like(*mask, model_pred, "mask", /*allow_shared=*/true);
+  TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
+  const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, std::nullopt, target, mask);
+  fdpo::require_one_dtype(v, "cuda");
+  const int64_t rows = 2 * v.B, D = v.D, B = v.B;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == B),
-              "fdiv_kernels cuda backward: grad_loss must be 0-dim (mean/sum) or [B] (none); got ",
-              grad_loss.sizes());
+              "fdiv_kernels (cuda): grad_loss must be 0-dim (mean/sum) or [B] (none); got ", grad_loss.sizes());
 
   const c10::cuda::CUDAGuard guard(model_pred.device());
   const int device = model_pred.get_device();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
-  const at::Tensor g = small_float(grad_loss, model_pred, grad_loss.numel(), "grad_loss");
-  const at::Tensor coef = small_float(grad_coef, model_pred, rows, "grad_coef");
-  at::Tensor grad = at::empty_like(model_pred);
+  const at::Tensor g = fdpo::small_vector(grad_loss, model_pred, at::kFloat, grad_loss.numel(), "cuda", "grad_loss");
+  const at::Tensor coef = fdpo::small_vector(grad_coef, model_pred, at::kFloat, rows, "cuda", "grad_coef");
+  at::Tensor grad = at::empty_like(v.pred);
 
   BwdArgs a{};
-  a.pred = model_pred.data_ptr();
-  a.target = target.data_ptr();
-  a.mask = mask ? mask->data_ptr() : nullptr;
+  a.pred = v.pred.data_ptr();
+  a.target = v.target.data_ptr();
+  a.mask = v.mask.defined() ? v.mask.data_ptr() : nullptr;
   a.coef = coef.data_ptr<float>();
   a.g = g.data_ptr<float>();
   a.grad = grad.data_ptr();
@@ -575,8 +541,8 @@ at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& mod
   a.B = B;
   a.g_per_pair = grad_loss.dim() == 1;
   a.interleaved = interleaved;
-  a.target_shared = target.size(0) != rows;
-  a.mask_shared = mask ? mask->size(0) != rows : false;
+  a.target_shared = v.target_shared;
+  a.mask_shared = v.mask_shared;
 
   const bool has_mask = mask.has_value();
   const int64_t vec = 16 / model_pred.element_size();
@@ -598,12 +564,12 @@ at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& mod
     default:
       TORCH_CHECK(false, "unreachable dtype");
   }
-  return grad;
+  return grad.view(model_pred.sizes());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fdiv_kernels_C, CUDA, m) {
-  m.impl("forward", &fdpo_forward_cuda);
-  m.impl("backward", &fdpo_backward_cuda);
+TORCH_LIBRARY_IMPL(fdiv_kernels, CUDA, m) {
+  m.impl("fdpo_forward", &fdpo_forward_cuda);
+  m.impl("fdpo_backward", &fdpo_backward_cuda);
 }

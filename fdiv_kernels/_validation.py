@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .divergences import Divergence, get_divergence
@@ -16,10 +18,111 @@ ACC_TIE_RULES = ("half", "strict")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+# Real scalars a user may pass (NumPy's too: beta=np.float32(...) from a config file). Not numbers.Real: Dynamo
+# traces a plain isinstance on classes without a graph break.
+_REAL_TYPES = (int, float, np.integer, np.floating)
+
+
+@dataclass(frozen=True)
+class FDPOConfig:
+    """The validated scalar configuration of the loss, built once (``FDPOLoss``) or cached (``fused_fdpo_loss``).
+
+    ``beta`` is in the "half" convention, ``d = beta / 2 * w * (e_ref - e)``, whatever ``beta_convention`` the
+    user passed. Ids match the kernels (csrc/fdpo_math.h).
+    """
+
+    beta: float
+    divergence: Divergence
+    gamma: float
+    label_smoothing: float
+    err_sum: bool
+    logratio_clip: float | None
+    reduction: str
+    layout: str
+    implicit_acc_ties: str
+
+    @property
+    def interleaved(self) -> bool:
+        return self.layout == "interleaved"
+
+    @property
+    def reduction_id(self) -> int:
+        return REDUCTIONS[self.reduction]
+
+    @property
+    def strict_ties(self) -> bool:
+        return self.implicit_acc_ties == "strict"
+
+    def op_scalars(self) -> tuple:
+        """The scalar arguments of fdiv_kernels::fdpo_forward, in schema order."""
+        return (
+            self.beta, self.divergence.id, self.divergence.alpha, self.gamma, self.label_smoothing, self.err_sum,
+            self.logratio_clip or 0.0, self.reduction_id, self.interleaved, self.strict_ties,
+        )
+
+
+def make_config(
+    beta=5000.0,
+    divergence="reverse_kl",
+    alpha=0.5,
+    gamma=1.0,
+    label_smoothing=0.0,
+    err_reduction="mean",
+    layout="halves",
+    beta_convention="half",
+    logratio_clip=None,
+    reduction="mean",
+    implicit_acc_ties="half",
+) -> FDPOConfig:
+    """Validate the loss's scalar arguments (errors name the argument) and return the frozen config."""
+    div = get_divergence(divergence, alpha)
+    beta_convention = _choice("beta_convention", beta_convention, BETA_CONVENTIONS)
+    beta = _finite_float("beta", beta, positive=True)
+    if beta_convention == "full":  # d = beta * (e_ref - e), as diffusers' SD1.5 script writes it
+        beta = 2.0 * beta
+    if beta / 2 > _FLOAT32_MAX:  # beta / 2 is a float32 factor in the kernels: past this it is inf and d is NaN
+        raise ValueError(
+            f"beta={beta / (2.0 if beta_convention == 'full' else 1.0):g} with beta_convention="
+            f"{beta_convention!r} gives beta/2 = {beta / 2:g} per unit of error gap, beyond float32's range "
+            f"({_FLOAT32_MAX:.4g}) in which the kernels compute; pass a smaller beta"
+        )
+    eps = _finite_float("label_smoothing", label_smoothing)
+    if not (0.0 <= eps < 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
+    return FDPOConfig(
+        beta=beta,
+        divergence=div,
+        gamma=_finite_float("gamma", gamma, positive=True, float32=True),
+        label_smoothing=eps,
+        err_sum=_choice("err_reduction", err_reduction, ERR_REDUCTIONS) == "sum",
+        logratio_clip=_finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True, float32=True),
+        reduction=_choice("reduction", reduction, tuple(REDUCTIONS)),
+        layout=_choice("layout", layout, LAYOUTS),
+        implicit_acc_ties=_choice("implicit_acc_ties", implicit_acc_ties, ACC_TIE_RULES),
+    )
+
+
+_cached_config = functools.lru_cache(maxsize=512, typed=True)(make_config)
+
+
+def config_for(*scalars) -> FDPOConfig:
+    """``make_config(*scalars)`` through a cache: a training loop pays for validation once per distinct config."""
+    if torch.compiler.is_compiling():  # traced once per graph anyway; Dynamo warns about cache wrappers
+        return make_config(*scalars)
+    try:
+        return _cached_config(*scalars)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return make_config(*scalars)  # e.g. a tensor passed as beta: the uncached call raises the clear error
+
+
 @dataclass(frozen=True)
 class FDPOProblem:
-    """Validated, normalized arguments of one loss call (tensors untouched: no copies made here)."""
+    """Validated arguments of one loss call: the config and the tensors, untouched (no copies made here)."""
 
+    config: FDPOConfig
     model_pred: torch.Tensor
     ref_pred: torch.Tensor | None
     target: torch.Tensor
@@ -27,15 +130,11 @@ class FDPOProblem:
     mask: torch.Tensor | None
     pair_weight: torch.Tensor | None
     num_pairs: int
-    beta: float  # in the "half" convention: d = beta / 2 * w * (e_ref - e)
-    divergence: Divergence
-    gamma: float
-    label_smoothing: float
-    err_sum: bool
-    logratio_clip: float | None
-    reduction: str
-    interleaved: bool
-    implicit_acc_ties: str
+
+    def __getattr__(self, name):  # the config's fields: problem.beta, problem.divergence, ...
+        if name == "config":  # not yet set (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
     @property
     def target_shared(self) -> bool:
@@ -46,16 +145,21 @@ class FDPOProblem:
         return self.mask is not None and self.mask.shape[0] == self.num_pairs
 
 
-def _finite_float(name: str, value, *, positive: bool = False, allow_none: bool = False) -> float | None:
+def _finite_float(name: str, value, *, positive: bool = False, allow_none: bool = False,
+                  float32: bool = False) -> float | None:
+    """A real number (Python or NumPy scalar; not a bool, not a tensor, which would need a host sync) as float."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float; got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, _REAL_TYPES):
+        hint = " (pass a Python number: a tensor would need a host sync)" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}{hint}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite; got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")
+    if float32 and abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name}={value:g} is beyond float32's range ({_FLOAT32_MAX:.4g}), in which the kernels compute")
     return value
 
 
@@ -84,26 +188,8 @@ def _check_tensor(name: str, t, ref: torch.Tensor, *, same_dtype: bool = True) -
         )
 
 
-def validate(
-    model_pred,
-    ref_pred,
-    target,
-    *,
-    ref_err,
-    beta,
-    divergence,
-    alpha,
-    gamma,
-    label_smoothing,
-    pair_weight,
-    err_reduction,
-    mask,
-    layout,
-    beta_convention,
-    logratio_clip,
-    reduction,
-    implicit_acc_ties,
-) -> FDPOProblem:
+def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask, pair_weight) -> int:
+    """Check the tensors of one call against each other and the config; returns the number of pairs B."""
     if not isinstance(model_pred, torch.Tensor):
         raise TypeError(f"model_pred must be a torch.Tensor; got {type(model_pred).__name__}")
     if model_pred.dtype not in FLOAT_DTYPES:
@@ -113,7 +199,7 @@ def validate(
             f"model_pred must have shape [2B, ...] with at least one dim per sample; got {tuple(model_pred.shape)}"
         )
     rows = model_pred.shape[0]
-    layout = _choice("layout", layout, LAYOUTS)
+    layout = config.layout
     if rows == 0 or rows % 2:
         raise ValueError(
             f"model_pred has {rows} rows; the paired layout ({layout}: "
@@ -165,32 +251,31 @@ def validate(
         _check_tensor("pair_weight", pair_weight, model_pred, same_dtype=False)
         if pair_weight.shape != (num_pairs,):
             raise ValueError(f"pair_weight must have shape [B] = ({num_pairs},), one weight per pair; got {tuple(pair_weight.shape)}")
+    return num_pairs
 
-    div = get_divergence(divergence, alpha)
-    beta = _finite_float("beta", beta, positive=True)
-    beta_convention = _choice("beta_convention", beta_convention, BETA_CONVENTIONS)
-    if beta_convention == "full":  # d = beta * (e_ref - e), as diffusers' SD1.5 script writes it
-        beta = 2.0 * beta
-    gamma = _finite_float("gamma", gamma, positive=True)
-    eps = _finite_float("label_smoothing", label_smoothing)
-    if not (0.0 <= eps < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
-    clip = _finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True)
-    return FDPOProblem(
-        model_pred=model_pred,
-        ref_pred=ref_pred,
-        target=target,
-        ref_err=ref_err,
-        mask=mask,
-        pair_weight=pair_weight,
-        num_pairs=num_pairs,
-        beta=beta,
-        divergence=div,
-        gamma=gamma,
-        label_smoothing=eps,
-        err_sum=_choice("err_reduction", err_reduction, ERR_REDUCTIONS) == "sum",
-        logratio_clip=clip,
-        reduction=_choice("reduction", reduction, tuple(REDUCTIONS)),
-        interleaved=layout == "interleaved",
-        implicit_acc_ties=_choice("implicit_acc_ties", implicit_acc_ties, ACC_TIE_RULES),
-    )
+
+def validate(
+    model_pred,
+    ref_pred,
+    target,
+    *,
+    ref_err,
+    beta,
+    divergence,
+    alpha,
+    gamma,
+    label_smoothing,
+    pair_weight,
+    err_reduction,
+    mask,
+    layout,
+    beta_convention,
+    logratio_clip,
+    reduction,
+    implicit_acc_ties,
+) -> FDPOProblem:
+    """Config and tensor checks of one call (the reference's entry point; the fused loss caches the config)."""
+    config = make_config(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout, beta_convention,
+                         logratio_clip, reduction, implicit_acc_ties)
+    num_pairs = check_inputs(config, model_pred, ref_pred, target, ref_err, mask, pair_weight)
+    return FDPOProblem(config, model_pred, ref_pred, target, ref_err, mask, pair_weight, num_pairs)

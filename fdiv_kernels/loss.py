@@ -5,18 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
-from ._validation import REDUCTIONS, validate
-from .backends import resolve_backend
-from .backends.torch_backend import accumulate_dtype
+from ._validation import FDPOConfig, check_inputs, config_for, make_config
+from .backends import BACKENDS, resolve_backend
+from .ops import forward_op
 from .stats import FDPOStats
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _rows(x: torch.Tensor | None) -> torch.Tensor | None:
-    """[N, *S] -> contiguous [N, D] (a copy only for non-contiguous input)."""
-    return None if x is None else x.reshape(x.shape[0], -1).contiguous()
 
 
 def fused_fdpo_loss(
@@ -68,58 +62,68 @@ def fused_fdpo_loss(
         The loss (fp32; float64 for float64 inputs), and the statistics if ``return_stats``. Gradients flow into
         ``model_pred`` only.
     """
-    p = validate(
-        model_pred, ref_pred, target, ref_err=ref_err, beta=beta, divergence=divergence, alpha=alpha,
-        gamma=gamma, label_smoothing=label_smoothing, pair_weight=pair_weight, err_reduction=err_reduction,
-        mask=mask, layout=layout, beta_convention=beta_convention, logratio_clip=logratio_clip,
-        reduction=reduction, implicit_acc_ties=implicit_acc_ties,
-    )
+    # Scalars: validated once per distinct configuration (a cache hit costs a dict lookup).
+    config = config_for(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout, beta_convention,
+                        logratio_clip, reduction, implicit_acc_ties)
+    return _apply(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight)
+
+
+def _apply(config: FDPOConfig, backend: str, return_stats: bool, model_pred, ref_pred, target, ref_err, mask,
+           pair_weight):
+    """The loss of one call with a validated config: tensor checks, then one op call (statistics included)."""
+    check_inputs(config, model_pred, ref_pred, target, ref_err, mask, pair_weight)
     name = resolve_backend(backend, model_pred.device)
     if model_pred.dtype not in _KERNEL_DTYPES and name not in ("cpu", "torch"):
         raise TypeError(
             f"backend={name!r} supports float32, float16 and bfloat16 inputs; got {model_pred.dtype} "
             "(float64 runs on backend='cpu' or 'torch')"
         )
-    acc = accumulate_dtype(model_pred.dtype)
-    # Compiled graphs call the custom op (traced once); eager calls skip its per-call dispatch cost (ops.py).
-    forward = ops.fdpo_forward if torch.compiler.is_compiling() else ops.fdpo_forward_eager
-    loss, logits, sample_stats, _ = forward(
-        _rows(model_pred),
-        _rows(ref_pred),
-        _rows(target),
-        None if ref_err is None else ref_err.to(acc).contiguous(),
-        _rows(mask),
-        None if pair_weight is None else pair_weight.to(acc).contiguous(),
-        p.beta,
-        p.divergence.id,
-        p.divergence.alpha,
-        p.gamma,
-        p.label_smoothing,
-        p.err_sum,
-        p.logratio_clip or 0.0,
-        REDUCTIONS[p.reduction],
-        p.interleaved,
-        name,
-    )
+    op = forward_op(name, model_pred.device.type)
+    loss, logits, sample_stats, summary, _ = op(model_pred, ref_pred, target, ref_err, mask, pair_weight,
+                                                *config.op_scalars())
     if not return_stats:
         return loss
-    model_err, ref_err_, logratio, reward = sample_stats.unbind(0)
-    return loss, FDPOStats.from_tensors(logits, model_err, ref_err_, logratio, reward, p.implicit_acc_ties)
+    return loss, FDPOStats.from_kernel(logits, sample_stats, summary)
 
 
 class FDPOLoss(nn.Module):
-    """Module form of :func:`fused_fdpo_loss`; the constructor takes its keyword arguments."""
+    """Module form of :func:`fused_fdpo_loss`: the configuration is validated once, at construction.
 
-    def __init__(self, **kwargs):
+    Takes the scalar keyword arguments of :func:`fused_fdpo_loss` (plus ``return_stats`` and ``backend``); the
+    call takes the tensors: ``loss_fn(model_pred, ref_pred, target, ref_err=..., mask=..., pair_weight=...)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 5000.0,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        gamma: float = 1.0,
+        label_smoothing: float = 0.0,
+        err_reduction: str = "mean",
+        layout: str = "halves",
+        beta_convention: str = "half",
+        logratio_clip: float | None = None,
+        reduction: str = "mean",
+        implicit_acc_ties: str = "half",
+        return_stats: bool = False,
+        backend: str = "auto",
+    ):
         super().__init__()
-        # Validate the configuration now rather than at the first step.
-        from .divergences import get_divergence
+        self.config = make_config(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout,
+                                  beta_convention, logratio_clip, reduction, implicit_acc_ties)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend={backend!r}; expected one of {list(BACKENDS)}")
+        self.backend = backend
+        self.return_stats = bool(return_stats)
+        self._repr = (f"divergence={divergence!r}, beta={beta!r}, beta_convention={beta_convention!r}"
+                      + (f", alpha={alpha!r}" if self.config.divergence.name == "alpha" else "")
+                      + f", gamma={gamma!r}, backend={backend!r}")
 
-        get_divergence(kwargs.get("divergence", "reverse_kl"), kwargs.get("alpha", 0.5))
-        self.kwargs = kwargs
-
-    def forward(self, model_pred, ref_pred=None, target=None, **overrides):
-        return fused_fdpo_loss(model_pred, ref_pred, target, **{**self.kwargs, **overrides})
+    def forward(self, model_pred, ref_pred=None, target=None, *, ref_err=None, mask=None, pair_weight=None):
+        return _apply(self.config, self.backend, self.return_stats, model_pred, ref_pred, target, ref_err, mask,
+                      pair_weight)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return self._repr

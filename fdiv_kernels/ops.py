@@ -1,33 +1,94 @@
-"""The torch.library custom ops: one forward op, one backward op, one set of autograd rules for every backend.
+"""The op layer: which op a call runs, and the Python ops for the backends the dispatcher cannot choose.
 
-``fdiv_kernels::fdpo_forward`` and ``fdiv_kernels::fdpo_backward`` take the 2-D contiguous views of the
-kernel contract (docs/architecture.md) and a concrete backend name, and dispatch to that backend's
-``forward``/``backward``. Fake kernels give torch.compile the output shapes, so a compiled graph calls the ops
-without a graph break; nothing here syncs with the host, so CUDA graphs can capture them.
+The fast path is native: ``fdiv_kernels::fdpo_forward`` / ``fdpo_backward`` are defined in C++ (csrc/ops.cpp) with
+their autograd and meta kernels, and the dispatcher picks the kernel from the tensors' device: the C++ CPU kernel,
+the CUDA C++ kernel, or, in a build without the CUDA kernels, the Triton kernels, registered below as the CUDA
+implementation. An eager call is then one dispatcher call forward and one backward, like a native op.
 
-Eager calls take ``fdpo_forward_eager``: a plain ``autograd.Function`` with the same autograd rules
-(``_setup_context`` / ``_backward_rule``) that calls the backend directly. torch.library's Python dispatch of a
-custom op (argument normalization, redispatch, the autograd wrapper) costs ~0.1-0.4 ms of host time per
-forward+backward, which at diffusion-sized inputs is longer than the kernels themselves; under torch.compile
-the ops are traced once, so the compiled path keeps them.
+Backends named explicitly that the device's native kernel is not (``backend="torch"`` anywhere, ``"triton"``
+where the CUDA C++ kernels are built or on CPU tensors under ``TRITON_INTERPRET=1``) run through
+``fdiv_kernels_py::fdpo_forward`` / ``fdpo_backward``: ``torch.library`` custom ops with the same schema plus the
+backend's name, the same autograd rules and fake kernels. Both families compile with ``torch.compile(fullgraph=
+True)``, pass ``opcheck``, never synchronize with the host, and refuse double backward with a clear error.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .backends import get_implementation
+from .backends import HAS_TRITON, cpp, get_implementation
 from .backends.common import KernelParams
 
+_FORWARD_ARGS = 16  # tensors and scalars of fdpo_forward, before the Python ops' backend name
 
-def _params(beta, divergence, alpha, gamma, label_smoothing, err_sum, logratio_clip, reduction, interleaved):
-    return KernelParams(beta, divergence, alpha, gamma, label_smoothing, err_sum, logratio_clip, reduction, interleaved)
+# ---------------------------------------------------------------------------------------------------------------
+# Native ops (csrc/ops.cpp), present when the C++ extension loaded.
+# ---------------------------------------------------------------------------------------------------------------
+
+NATIVE = cpp.why_unavailable("cpu") is None
 
 
-def _forward(
+def _native_cuda_kernel() -> Optional[str]:
+    """The backend behind the native op on CUDA tensors: "cuda", "triton" (registered here) or None."""
+    if not NATIVE:
+        return None
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "CUDA"):
+        return "cuda"
+    if HAS_TRITON and torch.cuda.is_available():
+        _register_triton_as_cuda_kernel()
+        return "triton"
+    return None
+
+
+def _rows(x: Optional[Tensor]) -> Optional[Tensor]:
+    """[N, *S] -> contiguous [N, D] (a copy only for non-contiguous input): the Python backends' contract."""
+    return None if x is None else x.reshape(x.shape[0], -1).contiguous()
+
+
+def _small(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """A [2B] / [B] vector (ref_err, pair_weight) in the accumulate dtype of ``like``."""
+    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return None if x is None else x.to(acc).contiguous()
+
+
+def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair_weight, *scalars):
+    """One backend's forward on the op's arguments (N-D tensors in, the op's five outputs out)."""
+    params = KernelParams(*scalars[:9], strict_ties=scalars[9])
+    return tuple(
+        get_implementation(backend).forward(
+            _rows(model_pred), _rows(ref_pred), _rows(target), _small(ref_err, model_pred), _rows(mask),
+            _small(pair_weight, model_pred), params,
+        )
+    )
+
+
+def _run_backward(backend: str, grad_loss, model_pred, target, mask, grad_coef, interleaved):
+    grad = get_implementation(backend).backward(
+        grad_loss.contiguous(), _rows(model_pred), _rows(target), _rows(mask), grad_coef, interleaved
+    )
+    return grad.view(model_pred.shape)
+
+
+def _register_triton_as_cuda_kernel() -> None:
+    lib = torch.library.Library("fdiv_kernels", "IMPL")
+    lib.impl("fdpo_forward", lambda *args: _run_forward("triton", *args), "CUDA")
+    lib.impl("fdpo_backward", lambda *args: _run_backward("triton", *args), "CUDA")
+    _libraries.append(lib)  # a Library deregisters its kernels when collected
+
+
+_libraries: list = []
+NATIVE_KERNEL = {"cpu": "cpu" if NATIVE else None, "cuda": _native_cuda_kernel()}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Python ops for explicitly named backends.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fdiv_kernels_py::fdpo_forward", mutates_args=())
+def fdpo_forward_py(
     model_pred: Tensor,
     ref_pred: Optional[Tensor],
     target: Tensor,
@@ -43,28 +104,26 @@ def _forward(
     logratio_clip: float,
     reduction: int,
     interleaved: bool,
+    strict_ties: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, logits [B], sample_stats [4, 2B], grad_coef [2B]) in float32 (float64 for float64 inputs)."""
-    params = _params(beta, divergence, alpha, gamma, label_smoothing, err_sum, logratio_clip, reduction, interleaved)
-    return tuple(get_implementation(backend).forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params))
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """fdiv_kernels::fdpo_forward on the named backend (same outputs)."""
+    return _run_forward(backend, model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha,
+                        gamma, label_smoothing, err_sum, logratio_clip, reduction, interleaved, strict_ties)
 
 
-fdpo_forward = torch.library.custom_op("fdiv_kernels::fdpo_forward", _forward, mutates_args=())
-
-
-@fdpo_forward.register_fake
+@fdpo_forward_py.register_fake
 def _(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma, label_smoothing,
-      err_sum, logratio_clip, reduction, interleaved, backend):
+      err_sum, logratio_clip, reduction, interleaved, strict_ties, backend):
     rows = model_pred.shape[0]
     pairs = rows // 2
     acc = dict(dtype=torch.float64 if model_pred.dtype == torch.float64 else torch.float32, device=model_pred.device)
     loss = torch.empty((pairs,) if reduction == 0 else (), **acc)
-    return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(rows, **acc)
+    return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(3, **acc), torch.empty(rows, **acc)
 
 
-@torch.library.custom_op("fdiv_kernels::fdpo_backward", mutates_args=())
-def fdpo_backward(
+@torch.library.custom_op("fdiv_kernels_py::fdpo_backward", mutates_args=())
+def fdpo_backward_py(
     grad_loss: Tensor,
     model_pred: Tensor,
     target: Tensor,
@@ -73,59 +132,67 @@ def fdpo_backward(
     interleaved: bool,
     backend: str,
 ) -> Tensor:
-    """d loss / d model_pred, in model_pred's dtype: grad_coef[i] * grad_loss[pair] * mask * (pred - target)."""
-    return get_implementation(backend).backward(grad_loss, model_pred, target, mask, grad_coef, interleaved)
+    """d loss / d model_pred in model_pred's dtype: grad_coef[i] * grad_loss[pair] * mask * (pred - target)."""
+    return _run_backward(backend, grad_loss, model_pred, target, mask, grad_coef, interleaved)
 
 
-@fdpo_backward.register_fake
+@fdpo_backward_py.register_fake
 def _(grad_loss, model_pred, target, mask, grad_coef, interleaved, backend):
-    return torch.empty_like(model_pred)
+    return torch.empty(model_pred.shape, dtype=model_pred.dtype, device=model_pred.device)
 
 
 def _setup_context(ctx, inputs, output):
-    model_pred, _, target, _, mask, *_ = inputs
-    interleaved, backend = inputs[14], inputs[15]
-    ctx.save_for_backward(model_pred, target, mask, output[3])  # inputs and O(B) scalars only
-    ctx.interleaved, ctx.backend = interleaved, backend
+    ctx.save_for_backward(inputs[0], inputs[2], inputs[4], output[4])  # inputs and O(B) coefficients only
+    ctx.interleaved, ctx.backend = inputs[14], inputs[16]
     ctx.mark_non_differentiable(*output[1:])
-    # The statistics are not differentiable: no zero-filled gradients for them (3 kernel launches on CUDA).
-    ctx.set_materialize_grads(False)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
 
-def _backward_rule(backward_call):
-    """The backward of fdpo_forward, computing d loss / d model_pred with ``backward_call`` (op or backend)."""
-
-    def backward(ctx, grad_loss, *_unused_stat_grads):
-        model_pred, target, mask, grad_coef = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0] and grad_loss is not None:
-            grad = backward_call(grad_loss.contiguous(), model_pred, target, mask, grad_coef, ctx.interleaved,
-                                 ctx.backend)
-        return (grad,) + (None,) * 15
-
-    return backward
+def _backward(ctx, grad_loss, *_stat_grads):
+    model_pred, target, mask, grad_coef = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        grad = fdpo_backward_py(grad_loss, model_pred, target, mask, grad_coef, ctx.interleaved, ctx.backend)
+    return (grad,) + (None,) * _FORWARD_ARGS
 
 
-torch.library.register_autograd("fdiv_kernels::fdpo_forward", _backward_rule(fdpo_backward),
-                                setup_context=_setup_context)
+DOUBLE_BACKWARD_ERROR = (
+    "fdiv_kernels: double backward through fused_fdpo_loss is not supported (the fused kernels compute first "
+    "derivatives only). For a loss on the gradient (create_graph=True), use fdiv_kernels.fdpo_loss_reference, "
+    "whose gradient is differentiable."
+)
 
 
-def _backend_backward(grad_loss, model_pred, target, mask, grad_coef, interleaved, backend):
-    return get_implementation(backend).backward(grad_loss, model_pred, target, mask, grad_coef, interleaved)
+def _no_double_backward(ctx, grad):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-class _FDPOEager(torch.autograd.Function):
-    """fdpo_forward for eager mode: the op's implementation and autograd rules, without custom-op dispatch."""
+fdpo_forward_py.register_autograd(_backward, setup_context=_setup_context)
+fdpo_backward_py.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _forward(*inputs)
-        _setup_context(ctx, inputs, outputs)
-        return outputs
+# ---------------------------------------------------------------------------------------------------------------
+# Which op a call runs.
+# ---------------------------------------------------------------------------------------------------------------
 
-    backward = staticmethod(_backward_rule(_backend_backward))
+def _python_op(backend: str) -> Callable:
+    def op(*args):
+        return fdpo_forward_py(*args, backend)
+
+    return op
 
 
-def fdpo_forward_eager(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same arguments, results and gradients as ``fdpo_forward``; for eager calls (see the module docstring)."""
-    return _FDPOEager.apply(*inputs)
+# Built once here (not on first use) so that the lookup is a plain dict read under torch.compile.
+_OPS: dict[tuple[str, str], Callable] = {
+    (backend, device_type): (
+        torch.ops.fdiv_kernels.fdpo_forward.default if NATIVE_KERNEL[device_type] == backend else _python_op(backend)
+    )
+    for backend in ("cpu", "cuda", "triton", "torch")
+    for device_type in ("cpu", "cuda")
+}
+
+
+def forward_op(backend: str, device_type: str) -> Callable:
+    """The forward op for a concrete backend on a device type: the native op where the dispatcher's kernel for
+    that device is that backend, else the Python op bound to the backend's name. Same arguments and outputs."""
+    op = _OPS.get((backend, device_type))
+    return op if op is not None else _python_op(backend)

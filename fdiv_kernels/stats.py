@@ -42,5 +42,12 @@ class FDPOStats:
             raw_ref_loss=ref_err.detach().mean(),
         )
 
+    @classmethod
+    def from_kernel(cls, logits, sample_stats, summary):
+        """From the kernels' outputs (already non-differentiable): views only, no kernel launch."""
+        model_err, ref_err, logratio, reward = sample_stats.unbind(0)
+        implicit_acc, raw_model_loss, raw_ref_loss = summary.unbind(0)
+        return cls(logits, model_err, ref_err, logratio, reward, implicit_acc, raw_model_loss, raw_ref_loss)
+
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -275,7 +275,7 @@ def test_backward_op_is_exact(dtype, shared, masked, interleaved, D, stream, isa
     t_rows = torch.arange(2 * B) // 2 if interleaved else torch.arange(2 * B) % B
     pair_of_row = t_rows
     for grad_loss in (torch.tensor(0.7, dtype=acc), torch.rand(B, generator=g).to(acc) + 0.5):
-        out = torch.ops.fdiv_kernels_C.backward(grad_loss, pred, target, mask, coef, interleaved)
+        out = torch.ops.fdiv_kernels.fdpo_backward(grad_loss, pred, target, mask, coef, interleaved)
         G = grad_loss[pair_of_row] if grad_loss.dim() == 1 else grad_loss
         tg = target.to(acc)[t_rows] if shared else target.to(acc)
         expected = (coef * G)[:, None] * (pred.to(acc) - tg)
@@ -298,11 +298,11 @@ def test_half_conversions_are_exact(dtype, D, isa):
     rows = x[:n].reshape(-1, D)
     target = torch.zeros_like(rows)
     pairs = rows.shape[0] // 2
-    loss, logits, stats, coef = torch.ops.fdiv_kernels_C.forward(
-        rows, None, target, torch.zeros(2 * pairs), None, None, 1.0, 0, 0.5, 1.0, 0.0, True, 0.0, 1, False)
+    loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(
+        rows, None, target, torch.zeros(2 * pairs), None, None, 1.0, 0, 0.5, 1.0, 0.0, True, 0.0, 1, False, False)
     expected = (rows.double() ** 2).sum(dim=1)
     torch.testing.assert_close(stats[0].double(), expected, rtol=1e-6, atol=1e-30)
-    grad = torch.ops.fdiv_kernels_C.backward(torch.tensor(1.0), rows, target, None, torch.ones(2 * pairs), False)
+    grad = torch.ops.fdiv_kernels.fdpo_backward(torch.tensor(1.0), rows, target, None, torch.ones(2 * pairs), False)
     assert torch.equal(grad.view(torch.int16), rows.view(torch.int16))
 
 
@@ -310,16 +310,17 @@ def test_forward_op_outputs_follow_the_contract():
     inputs = make_inputs(B=3, shape=(4, 5, 6), dtype=torch.bfloat16, seed=2)
     p, r, t = (_flat(inputs[k]) for k in ("model_pred", "ref_pred", "target"))
     for reduction, loss_shape in ((0, (3,)), (1, ()), (2, ())):
-        loss, logits, stats, coef = torch.ops.fdiv_kernels_C.forward(
-            p, r, t, None, None, None, BETA, 2, 0.5, 1.0, 0.0, False, 0.0, reduction, False)
+        loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(
+            p, r, t, None, None, None, BETA, 2, 0.5, 1.0, 0.0, False, 0.0, reduction, False, False)
         assert loss.shape == loss_shape and logits.shape == (3,) and stats.shape == (4, 6) and coef.shape == (6,)
-        assert {loss.dtype, logits.dtype, stats.dtype, coef.dtype} == {torch.float32}
+        assert summary.shape == (3,)
+        assert {loss.dtype, logits.dtype, stats.dtype, summary.dtype, coef.dtype} == {torch.float32}
     with pytest.raises(RuntimeError, match="exactly one of ref_pred and ref_err"):
-        torch.ops.fdiv_kernels_C.forward(p, r, t, torch.zeros(6), None, None, BETA, 0, 0.5, 1.0, 0.0, False, 0.0, 1,
-                                         False)
-    with pytest.raises(RuntimeError, match="target must be"):
-        torch.ops.fdiv_kernels_C.forward(p, r, t[:, :-1], None, None, None, BETA, 0, 0.5, 1.0, 0.0, False, 0.0, 1,
-                                         False)
+        torch.ops.fdiv_kernels.fdpo_forward(p, r, t, torch.zeros(6), None, None, BETA, 0, 0.5, 1.0, 0.0, False, 0.0,
+                                            1, False, False)
+    with pytest.raises(RuntimeError, match="target must have model_pred's shape"):
+        torch.ops.fdiv_kernels.fdpo_forward(p, r, t[:, :-1], None, None, None, BETA, 0, 0.5, 1.0, 0.0, False, 0.0,
+                                            1, False, False)
 
 
 def test_non_contiguous_inputs():

@@ -20,7 +20,7 @@ AUTO_CUDA_ORDER = ("cuda", "triton")
 
 
 # Looked up once at import, so that resolving a backend under torch.compile is plain Python Dynamo can trace.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreted() -> bool:
@@ -44,7 +44,7 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
 
         return cpp.why_unavailable("cuda")
     if name == "triton":
-        if not _HAS_TRITON:
+        if not HAS_TRITON:
             return "backend='triton' needs the triton package (pip install triton)"
         if device.type == "cpu" and not triton_interpreted():
             return "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
@@ -54,8 +54,21 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend={name!r}; expected one of {list(BACKENDS)}")
 
 
+_resolved: dict[tuple[str, str], str] = {}
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn a user's backend choice into a concrete, runnable one (or raise with the reason)."""
+    """Turn a user's backend choice into a concrete, runnable one (or raise with the reason); cached per device
+    type, since what is built and installed does not change while the process runs."""
+    concrete = _resolved.get((name, device.type))
+    if concrete is None:
+        concrete = _resolve(name, device)
+        if not torch.compiler.is_compiling():
+            _resolved[(name, device.type)] = concrete
+    return concrete
+
+
+def _resolve(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend={name!r}; expected one of {list(BACKENDS)}")
     if name != "auto":
@@ -88,7 +101,8 @@ def _warn_fallback(device: torch.device, reasons: list[str]) -> None:
         )
 
 
-_MODULES = {"torch": "torch_backend", "triton": "triton_kernels", "cpu": "cpp", "cuda": "cpp"}
+# The Python implementations of the kernel contract (cpu and cuda are the C++ extension's native kernels).
+_MODULES = {"torch": "torch_backend", "triton": "triton_kernels"}
 _implementations: dict[str, ModuleType] = {}
 
 

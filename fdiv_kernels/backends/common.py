@@ -19,6 +19,7 @@ class KernelParams(NamedTuple):
     logratio_clip: float  # <= 0: off
     reduction: int  # 0 none, 1 mean, 2 sum
     interleaved: bool
+    strict_ties: bool = False  # implicit_acc counts ties (z == 0) as 0 instead of 1/2
 
 
 def pair_rows(num_pairs: int, interleaved: bool, device) -> tuple[torch.Tensor, torch.Tensor]:

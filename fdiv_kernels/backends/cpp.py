@@ -1,16 +1,15 @@
 """backend="cpu" and backend="cuda": the compiled extension ``fdiv_kernels._C`` (csrc/).
 
-``import fdiv_kernels._C`` registers the C++ ops ``fdiv_kernels_C::forward`` / ``fdiv_kernels_C::backward``
-(schemas in csrc/ops.cpp) with their CPU implementation (csrc/fdpo_cpu.cpp) and, when built with CUDA, their CUDA
-implementation (csrc/fdpo_cuda.cu). This module loads it once and calls the ops with the kernel contract's
-arguments (docs/architecture.md); validation, autograd and fake kernels live in ``fdiv_kernels.ops``.
+Loading it defines the native ops ``fdiv_kernels::fdpo_forward`` / ``fdpo_backward`` (csrc/ops.cpp: schemas,
+autograd, meta kernels) with their CPU kernels (csrc/fdpo_cpu.cpp) and, when built with CUDA, their CUDA kernels
+(csrc/fdpo_cuda.cu). This module loads it once and says which of its kernels can run; fdiv_kernels.ops calls them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import KernelParams
+from .. import _build
 
 _BUILD_HINT = "run `pip install -e . --no-build-isolation` in the repository root"
 _load_error: str | None = None
@@ -18,21 +17,16 @@ _loaded = False
 
 
 def _load() -> str | None:
-    """Import fdiv_kernels._C once; None on success, else why it failed."""
+    """Load fdiv_kernels._C once (prebuilt, or compiled on first use: fdiv_kernels/_build.py); None on success,
+    else why it is unavailable."""
     global _loaded, _load_error
     if not _loaded:
         _loaded = True
         try:
-            import fdiv_kernels._C  # noqa: F401  (registers the ops)
-        except ImportError as err:
-            if getattr(err, "name", None) == "fdiv_kernels._C" or "No module named" in str(err):
-                _load_error = f"the C++ extension fdiv_kernels._C is not built: {_BUILD_HINT}"
-            else:  # built, but against another torch/python (undefined symbol, wrong ABI...)
-                _load_error = (
-                    f"the C++ extension fdiv_kernels._C failed to load ({err}); it was probably built against "
-                    f"another torch than {torch.__version__}: rebuild it ({_BUILD_HINT})"
-                )
-        except OSError as err:
+            _build.load()  # imports fdiv_kernels._C, which registers the ops
+        except _build.BuildError as err:
+            _load_error = str(err)
+        except (ImportError, OSError) as err:  # built, but against another torch/python (undefined symbol, ABI...)
             _load_error = f"the C++ extension fdiv_kernels._C failed to load ({err}): rebuild it ({_BUILD_HINT})"
     return _load_error
 
@@ -42,14 +36,14 @@ def _probe(kind: str) -> str | None:
     if err is not None:
         return err
     if kind == "cuda":
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels_C::forward", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "CUDA"):
             return (
                 "fdiv_kernels._C was built without CUDA kernels (FDIV_KERNELS_BUILD_CUDA=0, or no nvcc / CPU-only "
                 "torch at build time): rebuild with `FDIV_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation`"
             )
         if not torch.cuda.is_available():
             return "no CUDA device is available"
-    elif not torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels_C::forward", "CPU"):
+    elif not torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "CPU"):
         return f"fdiv_kernels._C has no CPU kernel registered (a broken build?): {_BUILD_HINT}"
     return None
 
@@ -65,30 +59,3 @@ def why_unavailable(kind: str) -> str | None:
         raise ValueError(f"kind must be 'cpu' or 'cuda'; got {kind!r}")
     return _STATUS[kind]
 
-
-def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: KernelParams):
-    """(loss, logits [B], sample_stats [4, 2B], grad_coef [2B]); see docs/architecture.md."""
-    return tuple(
-        torch.ops.fdiv_kernels_C.forward(
-            model_pred,
-            ref_pred,
-            target,
-            ref_err,
-            mask,
-            pair_weight,
-            float(params.beta),
-            int(params.divergence),
-            float(params.alpha),
-            float(params.gamma),
-            float(params.label_smoothing),
-            bool(params.err_sum),
-            float(params.logratio_clip),
-            int(params.reduction),
-            bool(params.interleaved),
-        )
-    )
-
-
-def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
-    """grad_coef[row] * grad_loss[pair] * mask * (model_pred - target), in model_pred's dtype."""
-    return torch.ops.fdiv_kernels_C.backward(grad_loss, model_pred, target, mask, grad_coef, bool(interleaved))

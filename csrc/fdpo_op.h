@@ -1,0 +1,108 @@
+// What the op layer (ops.cpp) and every compiled kernel (fdpo_cpu.cpp, fdpo_cuda.cu) share about the ops
+// fdiv_kernels::fdpo_forward / fdpo_backward: their outputs, and one set of input checks and row views, so the
+// CPU and CUDA kernels accept and reject the same inputs. User-facing validation (messages naming the argument)
+// happens before, in fdiv_kernels/_validation.py; these checks guard direct callers of torch.ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+namespace fdpo {
+
+// loss ([] or [B]), logits [B], sample_stats [4, 2B] (e, e_ref, d, psi(d)), summary [kSummaryLen], grad_coef [2B]
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// summary = implicit_acc, raw_model_loss (mean e), raw_ref_loss (mean e_ref): the scalars trainers log, reduced
+// in the kernels' pair head so that statistics cost no extra launch.
+constexpr int64_t kSummaryLen = 3;
+
+// The forward's outputs, allocated once per call in the accumulate dtype (fp64 for fp64 inputs, else fp32).
+inline ForwardOutputs empty_forward_outputs(const at::Tensor& model_pred, int64_t reduction) {
+  const int64_t rows = model_pred.size(0), B = rows / 2;
+  const auto opts =
+      model_pred.options().dtype(model_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return {reduction == 0 ? at::empty({B}, opts) : at::empty({}, opts), at::empty({B}, opts),
+          at::empty({4, rows}, opts), at::empty({kSummaryLen}, opts), at::empty({rows}, opts)};
+}
+
+inline bool is_kernel_dtype(at::ScalarType t, bool allow_double) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble);
+}
+
+// Inputs of one call as contiguous [rows, D] views (a copy only for non-contiguous input).
+struct RowViews {
+  at::Tensor pred, ref, target, mask;  // ref, mask: undefined when absent
+  int64_t B = 0, D = 0;
+  bool target_shared = false, mask_shared = false;
+};
+
+inline at::Tensor rows_of(const at::Tensor& t, const at::Tensor& pred, const char* backend, const char* name,
+                          bool allow_shared, bool allow_double) {
+  const int64_t rows = pred.size(0);
+  TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels (", backend, "): ", name, " is on ", t.device(),
+              " but model_pred is on ", pred.device());
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type(), allow_double), "fdiv_kernels (", backend, "): ", name,
+              " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "", "; got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() >= 1 && (t.size(0) == rows || (allow_shared && 2 * t.size(0) == rows)) &&
+                  t.numel() / std::max<int64_t>(t.size(0), 1) * rows == pred.numel(),
+              "fdiv_kernels (", backend, "): ", name, " must have model_pred's shape ", pred.sizes(),
+              allow_shared ? " or be shared by each pair ([B, ...])" : "", "; got ", t.sizes());
+  return t.reshape({t.size(0), -1}).contiguous();
+}
+
+inline RowViews row_views(const char* backend, bool allow_double, const at::Tensor& model_pred,
+                          const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
+                          const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(model_pred.dim() >= 2 && model_pred.size(0) > 0 && model_pred.size(0) % 2 == 0 &&
+                  model_pred.numel() > 0,
+              "fdiv_kernels (", backend, "): model_pred must be [2B, ...] with B > 0 and a non-empty sample; got ",
+              model_pred.sizes());
+  TORCH_CHECK(is_kernel_dtype(model_pred.scalar_type(), allow_double), "fdiv_kernels (", backend,
+              "): model_pred must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "", "; got ",
+              model_pred.scalar_type());
+  RowViews v;
+  v.pred = model_pred.reshape({model_pred.size(0), -1}).contiguous();
+  v.B = v.pred.size(0) / 2;
+  v.D = v.pred.size(1);
+  if (ref_pred.has_value()) v.ref = rows_of(*ref_pred, model_pred, backend, "ref_pred", false, allow_double);
+  v.target = rows_of(target, model_pred, backend, "target", true, allow_double);
+  v.target_shared = v.target.size(0) == v.B;
+  if (mask.has_value()) {
+    v.mask = rows_of(*mask, model_pred, backend, "mask", true, allow_double);
+    v.mask_shared = v.mask.size(0) == v.B;
+  }
+  return v;
+}
+
+// Until the kernels read each input in its own dtype, every input must share model_pred's.
+inline void require_one_dtype(const RowViews& v, const char* backend) {
+  for (const at::Tensor* t : {&v.ref, &v.target, &v.mask}) {
+    TORCH_CHECK(!t->defined() || t->scalar_type() == v.pred.scalar_type(), "fdiv_kernels (", backend,
+                "): every input must have model_pred's dtype ", v.pred.scalar_type(), "; got ", t->scalar_type());
+  }
+}
+
+// A small per-row or per-pair vector (ref_err, pair_weight, grad_coef, grad_loss) in dtype `acc` on model_pred's
+// device (a device-side cast when needed: no host sync).
+inline at::Tensor small_vector(const at::Tensor& t, const at::Tensor& pred, at::ScalarType acc, int64_t numel,
+                               const char* backend, const char* name) {
+  TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels (", backend, "): ", name, " is on ", t.device(),
+              " but model_pred is on ", pred.device());
+  TORCH_CHECK(t.numel() == numel, "fdiv_kernels (", backend, "): ", name, " must have ", numel,
+              " elements; got ", t.sizes());
+  return t.to(acc).contiguous().reshape({numel});
+}
+
+inline void check_forward_ids(const char* backend, bool has_ref_pred, bool has_ref_err, int64_t divergence,
+                              int64_t reduction) {
+  TORCH_CHECK(has_ref_pred != has_ref_err, "fdiv_kernels (", backend,
+              "): pass exactly one of ref_pred and ref_err");
+  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels (", backend, "): unknown divergence id ",
+              divergence);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fdiv_kernels (", backend, "): unknown reduction id ", reduction);
+}
+
+}  // namespace fdpo
