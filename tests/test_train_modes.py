@@ -104,3 +104,75 @@ def test_lora_on_a_model_without_attention_names_the_pipeline(tmp_path):
 
     with pytest.raises(ValueError, match=r"--lora-rank: pipe's denoiser has no attention projections"):
         add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, where="pipe's denoiser")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config files and trackers
+
+
+def _cli_data(assets) -> list[str]:
+    return ["--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]), "--batch-size", "4",
+            "--cpu", "--no-progress", "--log-every", "1"]
+
+
+def test_a_runs_train_config_json_repeats_the_run(assets, tmp_path):
+    first = tmp_path / "first"
+    assert main(["train", *_cli_data(assets), "--output", str(first), "--max-steps", "2", "--divergence", "js",
+                 "--beta", "800", "--learning-rate", "1e-3", "--lora-rank", "2"]) == 0
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "train_config.json"), "--output", str(again)]) == 0
+    a, b = (json.loads((run / "train_config.json").read_text()) for run in (first, again))
+    assert b == {**a, "output": str(again)}
+    assert _log(again) == _log(first)
+
+
+def test_command_line_flags_override_the_config_file(assets, tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text(f"pipeline: {assets['pipeline']}\ndataset: {assets['dataset']}\nmax-steps: 3\nbatch_size: 4\n"
+                    "divergence: alpha\nalpha: 0.3\ncpu: true\nprogress: false\nlearning_rate: 0.001\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(file), "--output", str(run), "--max-steps", "1", "--alpha", "0.7"]) == 0
+    written = json.loads((run / "train_config.json").read_text())
+    assert (written["max_steps"], written["alpha"], written["divergence"], written["batch_size"]) == (1, 0.7, "alpha", 4)
+    assert [r["step"] for r in _log(run)] == [1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_stepz: 3\n", r"unknown setting 'max_stepz' \(did you mean 'max_steps'\?\)"),
+    ("max_steps: ten\n", r"max_steps \(flag --max-steps\) must be int; got 'ten'"),
+    ("mixed_precision: fp8\n", r"mixed_precision \(flag --mixed-precision\) must be one of \['no', 'fp16', 'bf16'\]"),
+    ("cpu: 1\n", r"cpu \(flag --cpu\) must be true or false; got 1"),
+    ("- a list\n", r"expected a mapping of flag names to values, got list"),
+    ("a: [unclosed\n", r"is not valid YAML \(line 2, column 1: expected ',' or ']', but got '<stream end>'\)"),
+])
+def test_bad_config_files_are_named_in_one_line(assets, tmp_path, capsys, text, message):
+    file = tmp_path / "bad.yaml"
+    file.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(file), *_cli_data(assets), "--output", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fdpo-train train: error: --config {file}") and len(err.splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_tracker_logs_what_log_jsonl_logs(assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(config(assets, tmp_path / "run", max_steps=2, report_to="tensorboard"))
+    events = EventAccumulator(str(tmp_path / "run" / "fdpo")).Reload()
+    for key in ("loss", "implicit_acc", "raw_ref_loss"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in result.records], key
+
+
+def test_report_to_needs_a_known_installed_tracker(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"--report-to 'mlflow2': expected one of \['none', 'tensorboard', 'wandb'\]"):
+        config(assets, tmp_path / "run", report_to="mlflow2")
+    from accelerate.utils import is_wandb_available
+
+    if not is_wandb_available():
+        with pytest.raises(ImportError, match=r"--report-to wandb needs the wandb package"):
+            config(assets, tmp_path / "run", report_to="wandb")

@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="f-DPO fine-tuning of a pipeline's UNet (accelerate launch for several processes)")
     _add_data_flags(p)
     p.add_argument("--output", type=Path, required=True, help="run folder: log.jsonl, checkpoint-N/, unet/")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML or JSON file of settings (flag names as keys; a run's train_config.json repeats it); "
+                        "flags on the command line override it")
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also log to these Accelerate trackers (log.jsonl is always written)")
     p.add_argument("--divergence", default="reverse_kl", help=f"one of {', '.join(DIVERGENCES)}")
     p.add_argument("--alpha", type=float, default=0.5, help="alpha of --divergence alpha, in (0, 1)")
     p.add_argument("--beta", type=float, default=5000.0,
@@ -97,16 +102,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_args(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k != "command"}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        _apply_config(parser, argv)
     args = parser.parse_args(argv)
     try:
         return _run(args)
     except _USER_ERRORS as err:
         parser.exit(2, f"fdpo-train {args.command}: error: {err}\n")
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``train --config FILE``: the file's settings become the train flags' defaults before the real parse."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    path = pre.parse_known_args(argv[1:])[0].config
+    if path is None:
+        return
+    from .config import apply_config_file
+
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    try:
+        apply_config_file(train_parser, path)
+    except _USER_ERRORS as err:
+        parser.exit(2, f"fdpo-train train: error: {err}\n")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ class TrainConfig:
     progress: bool = True
     lora_rank: int | None = None  # None: full fine-tuning; else LoRA adapters, the reference is adapters-off
     lora_alpha: float | None = None  # default: lora_rank (scale 1), as diffusers' DPO scripts
+    report_to: str = "none"  # Accelerate tracker: "tensorboard", "wandb" or "none" (log.jsonl is always written)
 
     def __post_init__(self):
         for name in ("pipeline", "dataset", "output", "ref_errors"):
@@ -92,6 +93,7 @@ class TrainConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
         check_lora_flags(self.lora_rank, self.lora_alpha)
+        _check_tracker(self.report_to)
 
     @property
     def stream_length(self) -> int:
@@ -169,8 +171,25 @@ def noised_batch(setup: Setup, batch: dict, seed: int, device: torch.device):
     return noisy, timesteps, target, cond.repeat(2, 1, 1)
 
 
+def _check_tracker(report_to: str) -> None:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if report_to not in available:
+        raise ValueError(f"--report-to {report_to!r}: expected one of {list(available)}")
+    if not available[report_to]:
+        raise ImportError(f"--report-to {report_to} needs the {report_to} package (pip install {report_to})")
+
+
+def _tracker_config(run: dict) -> dict:
+    """The run's settings as tracker hyperparameters (scalars and strings only, as TensorBoard's hparams need)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in run.items()}
+
+
 def _accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output if cfg.report_to != "none" else None,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cfg.cpu,
@@ -296,7 +315,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     ref_unet = None
     if cfg.lora_rank is not None:
         # Frozen base weights in the compute dtype, adapters in fp32; the reference is the adapters-off model.
-        add_lora(place(unet, device, dtype), cfg.lora_rank, cfg.lora_alpha, where=f"{cfg.pipeline}'s denoiser")
+        add_lora(place(unet, device, dtype), cfg.lora_rank, cfg.lora_alpha, where=f"{cfg.pipeline}'s denoiser",
+                 seed=derived_seed(cfg.seed, "lora", 0))
     elif ref_errors is None:
         ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), device, dtype)
     if cfg.xformers:
@@ -316,6 +336,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         run = {**asdict(cfg), "num_processes": accelerator.num_processes, "distributed_backend": backend}
         (cfg.output / "train_config.json").write_text(json.dumps(run, indent=1, default=str))
+    if cfg.report_to != "none":
+        accelerator.init_trackers("fdpo", config=_tracker_config(run) if accelerator.is_main_process else None)
     grad_weights = _grad_weights_fn(cfg, accelerator)
 
     result = TrainResult(cfg.output)
@@ -372,12 +394,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             if accelerator.is_main_process:
                 with (cfg.output / "log.jsonl").open("a") as log:
                     log.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             _save_checkpoint(accelerator, cfg.output, step)
     bar.close()
     if cfg.checkpoint_every:
         _save_checkpoint(accelerator, cfg.output, step)
     _save_unet(accelerator, unet, cfg.output)
+    accelerator.end_training()
     return result
 
 

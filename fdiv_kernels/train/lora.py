@@ -41,8 +41,12 @@ def check_lora_flags(rank: int | None, alpha: float | None) -> None:
     _peft()
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float | None = None, where: str = "the model") -> nn.Module:
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, where: str = "the model",
+             seed: int = 0) -> nn.Module:
     """Freeze ``model`` and add trainable LoRA adapters (``lora_alpha`` defaults to ``rank``, as diffusers' scripts).
+
+    The random initialisation of the ``A`` matrices is drawn from ``seed`` (not the global generator), so a run
+    is repeatable and every process starts from the same adapters.
 
     Raises a ``ValueError`` naming ``where`` if the model has none of the target modules.
     """
@@ -54,7 +58,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, where: str
     model.requires_grad_(False)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                              target_modules=TARGET_MODULES)
-    model.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(config)
     # The adapters train in fp32 whatever the frozen weights' dtype (diffusers' cast_training_params).
     for param in model.parameters():
         if param.requires_grad:
