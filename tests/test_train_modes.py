@@ -176,3 +176,137 @@ def test_report_to_needs_a_known_installed_tracker(assets, tmp_path):
     if not is_wandb_available():
         with pytest.raises(ImportError, match=r"--report-to wandb needs the wandb package"):
             config(assets, tmp_path / "run", report_to="wandb")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flow-matching transformers (SD3 layout)
+
+
+def _char_clip_tokenizer(folder: Path, max_length: int = 12):
+    """A CLIPTokenizer with one token per letter (no merges), written to ``folder``: no download."""
+    transformers = pytest.importorskip("transformers")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
+             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                           model_max_length=max_length, pad_token="<|endoftext|>")
+    return tokenizer, len(vocab)
+
+
+def make_sd3_pipeline(folder: Path) -> Path:
+    """A tiny StableDiffusion3Pipeline folder: 1-layer SD3 transformer, tiny VAE (16 px -> 4x8x8), two tiny CLIP text
+    encoders with projection, no T5 (as diffusers allows)."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    parts = {}
+    for suffix in ("", "_2"):
+        tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
+        text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
+                                                  projection_dim=8, num_hidden_layers=1, num_attention_heads=2,
+                                                  max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
+                                                  pad_token_id=1)
+        parts[f"text_encoder{suffix}"] = transformers.CLIPTextModelWithProjection(text_config)
+        parts[f"tokenizer{suffix}"] = tokenizer
+    StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                          caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.1,
+                          scaling_factor=1.5),
+        text_encoder_3=None, tokenizer_3=None, **parts,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd3(assets):
+    return make_sd3_pipeline(assets["root"] / "sd3")
+
+
+def test_sd3_pipeline_conditioning_is_diffusers_own(sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = load_pipeline(sd3)
+    assert type(pipe.unet).__name__ == "SD3Transformer2DModel" and pipe.size_multiple == 2 * 2
+    cond = pipe.text(["a red cat", "a dog"], torch.device("cpu"))
+    # The same states and pooled projections diffusers' SD3 pipeline computes: CLIP (8 + 8, padded to the 16 of
+    # joint_attention_dim; 12 tokens) then the 77 zero rows that stand in for the absent T5.
+    absent = dict.fromkeys(["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"])
+    states, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(sd3, **absent).encode_prompt(
+        ["a red cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=77)
+    assert cond["encoder_hidden_states"].shape == (2, 12 + 77, 16) and cond["pooled_projections"].shape == (2, 16)
+    assert torch.equal(cond["encoder_hidden_states"], states) and torch.equal(cond["pooled_projections"], pooled)
+
+
+def test_sd3_trains_on_the_flow_target_and_saves_the_transformer(assets, sd3, tmp_path):
+    result = train(config(assets, tmp_path / "run", pipeline=sd3, max_steps=2, weighting_scheme="logit_normal"))
+    assert result.records[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # starts at the reference
+    assert result.records[1]["loss"] != pytest.approx(0.693147, abs=1e-5)
+    tuned = load_pipeline(sd3, unet=tmp_path / "run" / "transformer")
+    base = load_pipeline(sd3)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), base.unet.parameters()))
+    # One step's reference error, by hand: the flow target noise - latents at the drawn timestep.
+    setup = loop.prepare_run(config(assets, tmp_path / "x", pipeline=sd3, weighting_scheme="logit_normal"))
+    stream = loop.PairStream(setup.pairs, 0, 4)
+    batch = torch.utils.data.default_collate([stream[i] for i in range(4)])
+    noisy, timesteps, target, cond = loop.noised_batch(setup, batch, 0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(loop.derived_seed(0, "noise", 0))
+    u = torch.sigmoid(torch.randn(1, generator=g))  # logit-normal(0, 1), as diffusers' SD3 script draws it
+    index = int(u * 1000)
+    noise = torch.randn(4, 8, 8, generator=g)
+    latents = setup.pipe.encode(batch["pixels"][:1, 0], [g])
+    sigma = setup.process.scheduler.sigmas[index]
+    assert timesteps[0] == setup.process.scheduler.timesteps[index]
+    torch.testing.assert_close(noisy[0], (1 - sigma) * latents[0] + sigma * noise)
+    torch.testing.assert_close(target[0], noise - latents[0])
+    with torch.no_grad():
+        pred = loop.denoise(setup.pipe.unet, noisy, timesteps, cond)
+    ref_err = (pred - target).square().flatten(1).mean(1)
+    assert result.records[0]["raw_ref_loss"] == pytest.approx(ref_err.mean().item(), rel=1e-5)
+
+
+def test_sd3_with_lora_adapts_the_joint_attention(assets, sd3, tmp_path):
+    from fdiv_kernels.train.lora import WEIGHT_NAME, load_lora
+
+    result = train(config(assets, tmp_path / "run", pipeline=sd3, max_steps=2, lora_rank=2, learning_rate=1e-2))
+    assert result.records[0]["raw_model_loss"] == pytest.approx(result.records[0]["raw_ref_loss"], rel=1e-6)
+    saved = load_file(tmp_path / "run" / "lora" / WEIGHT_NAME)
+    assert all(k.startswith("transformer.") for k in saved)
+    assert any(".attn.add_q_proj." in k for k in saved) and any(".attn.to_q." in k for k in saved)
+    model = load_lora(load_pipeline(sd3).unet, tmp_path / "run" / "lora", "transformer")
+    loaded = dict(model.named_modules())["transformer_blocks.0.attn.to_q"].lora_B["default_0"].weight
+    assert torch.equal(loaded, saved["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"])
+    assert loaded.abs().max() > 0  # trained: peft starts B at zero
+
+
+def test_flow_transformer_refuses_other_targets_and_sd3_needs_its_parts(assets, sd3, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--prediction-type epsilon: .*SD3Transformer2DModel is a flow-matching "
+                                         r"model and trains on the flow target"):
+        train(config(assets, out, pipeline=sd3, prediction_type="epsilon"))
+    with pytest.raises(ValueError, match=r"--snr-gamma \(Min-SNR\) needs an epsilon or v_prediction target"):
+        train(config(assets, out, pipeline=sd3, snr_gamma=5.0))
+    with pytest.raises(ValueError, match=r"--weighting-scheme cosmap is for flow-matching targets; this run's "
+                                         r"target is epsilon"):
+        train(config(assets, out, weighting_scheme="cosmap"))
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(sd3, broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"an SD3 pipeline needs .*; it lacks \['text_encoder_2'\]"):
+        train(config(assets, out, pipeline=broken))
+    config_file = json.loads((broken / "transformer" / "config.json").read_text())
+    (broken / "transformer" / "config.json").write_text(json.dumps({**config_file, "_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(ValueError, match=r"the denoiser is 'FluxTransformer2DModel'.*Flux and other transformers"):
+        train(config(assets, out, pipeline=broken))
+    assert not out.exists()

@@ -22,6 +22,12 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the UNet's native size)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "flow"], default=None,
                    help="training target (default: the pipeline scheduler's)")
+    p.add_argument("--weighting-scheme", choices=["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"],
+                   default="none", help="flow targets, as diffusers' SD3 scripts: logit_normal/mode draw timesteps "
+                                        "from that density, cosmap/sigma_sqrt weight them (pair_weight); none: uniform")
+    p.add_argument("--logit-mean", type=float, default=0.0, help="mean of --weighting-scheme logit_normal")
+    p.add_argument("--logit-std", type=float, default=1.0, help="std of --weighting-scheme logit_normal")
+    p.add_argument("--mode-scale", type=float, default=1.29, help="scale of --weighting-scheme mode")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0, help="fixes data order, noise and timesteps")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is available")
@@ -88,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="train LoRA adapters of this rank (peft; to_q/to_k/to_v/to_out.0) instead of the whole model; "
                         "the reference is the model with adapters disabled, the output lora/ (diffusers' LoRA format)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: --lora-rank, scale 1)")
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR timestep weighting (epsilon/v targets): pair weight min(SNR, gamma)/SNR; e.g. 5")
 
     p = sub.add_parser("study", help="the divergence study on the embedded task (alignment vs diversity)")
     p.add_argument("--output", type=Path, default=None,

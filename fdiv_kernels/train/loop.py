@@ -35,7 +35,8 @@ from .. import fused_fdpo_loss, get_divergence
 from .data import PreferenceDataset
 from .io import atomic_folder
 from .lora import adapters_disabled, add_lora, check_lora_flags, has_lora, save_lora
-from .model import NoiseProcess, Pipeline, PipelineError, load_pipeline, place
+from .model import NoiseProcess, Pipeline, PipelineError, denoise, denoiser_name, load_pipeline, place
+from .timesteps import TimestepSampler, check_timestep_flags
 
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -79,6 +80,11 @@ class TrainConfig:
     lora_rank: int | None = None  # None: full fine-tuning; else LoRA adapters, the reference is adapters-off
     lora_alpha: float | None = None  # default: lora_rank (scale 1), as diffusers' DPO scripts
     report_to: str = "none"  # Accelerate tracker: "tensorboard", "wandb" or "none" (log.jsonl is always written)
+    weighting_scheme: str = "none"  # flow targets: timestep density or weight, as diffusers' SD3 scripts
+    logit_mean: float = 0.0  # logit_normal density
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode density
+    snr_gamma: float | None = None  # epsilon / v targets: Min-SNR weighting, min(SNR, gamma) / SNR
 
     def __post_init__(self):
         for name in ("pipeline", "dataset", "output", "ref_errors"):
@@ -94,6 +100,7 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
         check_lora_flags(self.lora_rank, self.lora_alpha)
         _check_tracker(self.report_to)
+        check_timestep_flags(self.weighting_scheme, self.snr_gamma, self.logit_std)
 
     @property
     def stream_length(self) -> int:
@@ -138,6 +145,7 @@ class Setup:
     pairs: PreferenceDataset
     process: NoiseProcess
     resolution: int
+    timesteps: TimestepSampler | None = None  # None: uniform, unweighted
 
 
 def prepare_run(cfg: TrainConfig) -> Setup:
@@ -150,8 +158,15 @@ def prepare_run(cfg: TrainConfig) -> Setup:
             f"multiples of {pipe.size_multiple} (native size {pipe.resolution})"
         )
     process = NoiseProcess(pipe.scheduler_config, cfg.prediction_type)
+    if denoiser_name(pipe.unet) == "transformer" and process.prediction_type != "flow":
+        raise PipelineError(
+            f"--prediction-type {process.prediction_type}: {cfg.pipeline}'s {type(pipe.unet).__name__} is a "
+            "flow-matching model and trains on the flow target (omit --prediction-type, or pass flow)"
+        )
+    timesteps = TimestepSampler(process, cfg.weighting_scheme, cfg.snr_gamma, cfg.logit_mean, cfg.logit_std,
+                                cfg.mode_scale)
     pairs = PreferenceDataset(cfg.dataset, resolution, check_images=cfg.check_images)
-    return Setup(pipe, pairs, process, resolution)
+    return Setup(pipe, pairs, process, resolution, timesteps)
 
 
 def noised_batch(setup: Setup, batch: dict, seed: int, device: torch.device):
@@ -160,7 +175,7 @@ def noised_batch(setup: Setup, batch: dict, seed: int, device: torch.device):
     generators = [torch.Generator().manual_seed(derived_seed(seed, "noise", int(k))) for k in batch["position"]]
     channels = pipe.unet.config.in_channels
     side = setup.resolution // pipe.vae_scale
-    index = torch.cat([torch.randint(process.num_timesteps, (1,), generator=g) for g in generators])
+    index = torch.cat([(setup.timesteps or TimestepSampler(process)).index(g) for g in generators])
     noise = torch.stack([torch.randn(channels, side, side, generator=g) for g in generators])
     pixels = batch["pixels"].to(device)
     with torch.no_grad():
@@ -168,7 +183,14 @@ def noised_batch(setup: Setup, batch: dict, seed: int, device: torch.device):
         latents = pipe.encode(torch.cat([pixels[:, 0], pixels[:, 1]]), generators + generators)
         cond = pipe.text(batch["caption"], device)
     noisy, timesteps, target = process.prepare(latents, noise.repeat(2, 1, 1, 1).to(device), index.repeat(2).to(device))
-    return noisy, timesteps, target, cond.repeat(2, 1, 1)
+    return noisy, timesteps, target, _twice(cond)
+
+
+def _twice(cond):
+    """Conditioning of the pairs for ``[winners; losers]`` (a tensor, or a dict of them for transformers)."""
+    if isinstance(cond, dict):
+        return {k: _twice(v) for k, v in cond.items()}
+    return cond.repeat(2, *[1] * (cond.dim() - 1))
 
 
 def _check_tracker(report_to: str) -> None:
@@ -221,6 +243,7 @@ def _ref_cache_metadata(cfg: TrainConfig, setup: Setup) -> dict[str, str]:
         "seed": str(cfg.seed),
         "resolution": str(setup.resolution),
         "prediction_type": setup.process.prediction_type,
+        "timestep_sampling": (setup.timesteps or TimestepSampler(setup.process)).describe(),
         "mixed_precision": cfg.mixed_precision,
     }
 
@@ -263,7 +286,7 @@ def cache_reference_errors(cfg: TrainConfig, path: Path) -> Path:
     for batch in tqdm(loader, desc="reference errors", disable=not (cfg.progress and accelerator.is_main_process)):
         noisy, timesteps, target, cond = noised_batch(setup, batch, cfg.seed, accelerator.device)
         with torch.no_grad(), accelerator.autocast():
-            pred = ref(noisy.to(dtype), timesteps, cond).sample
+            pred = denoise(ref, noisy.to(dtype), timesteps, cond)
         err = (pred.float() - target.float()).square().flatten(1).mean(1)
         errors.append(accelerator.gather(torch.stack(err.chunk(2), 1)))
     if accelerator.is_main_process:
@@ -349,7 +372,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     for batch in loader:
         with accelerator.accumulate(unet):
             noisy, timesteps, target, cond = noised_batch(setup, batch, cfg.seed, device)
-            model_pred = unet(noisy, timesteps, cond).sample
+            model_pred = denoise(unet, noisy, timesteps, cond)
             pairs = model_pred.shape[0] // 2
             # Mixed precision: the fused kernel reads half-precision inputs and accumulates in fp32, so the
             # target is cast to the prediction's dtype rather than the predictions upcast to fp32.
@@ -357,13 +380,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             reference = {}
             if ref_errors is None:
                 with torch.no_grad(), accelerator.autocast(), _reference(ref_unet, unet, accelerator) as ref:
-                    reference["ref_pred"] = ref(noisy.to(dtype), timesteps, cond).sample.to(model_pred.dtype)
+                    reference["ref_pred"] = denoise(ref, noisy.to(dtype), timesteps, cond).to(model_pred.dtype)
             else:
                 errors = ref_errors[batch["position"].cpu()].to(device)
                 reference["ref_err"] = torch.cat([errors[:, 0], errors[:, 1]])
             loss, stats = fused_fdpo_loss(
                 model_pred, target=target, **reference, beta=cfg.beta, divergence=cfg.divergence, alpha=cfg.alpha,
                 gamma=cfg.gamma, label_smoothing=cfg.label_smoothing, return_stats=True,
+                pair_weight=setup.timesteps.pair_weight(timesteps[:pairs]),
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -440,9 +464,9 @@ def _save_unet(accelerator: Accelerator, unet, output: Path) -> None:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         lora = has_lora(model)
-        with atomic_folder(output / ("lora" if lora else "unet"), overwrite=True) as tmp:
+        with atomic_folder(output / ("lora" if lora else denoiser_name(model)), overwrite=True) as tmp:
             if lora:
-                save_lora(model, tmp, "unet")
+                save_lora(model, tmp, denoiser_name(model))
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# diffusers' train_diffusion_dpo*.py and train_dreambooth_lora_sd3.py adapt these modules.
+# diffusers' train_diffusion_dpo*.py adapt these UNet modules; train_dreambooth_lora_sd3.py adds the SD3
+# transformer's text-stream projections.
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TRANSFORMER_TARGET_MODULES = TARGET_MODULES + ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -50,14 +52,17 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, where: str
 
     Raises a ``ValueError`` naming ``where`` if the model has none of the target modules.
     """
+    from .model import denoiser_name
+
     peft = _peft()
+    targets = TARGET_MODULES if denoiser_name(model) == "unet" else TRANSFORMER_TARGET_MODULES
     # peft's own matching rule: a module name equal to a target or ending in "." + target.
     names = [name for name, _ in model.named_modules()]
-    if not any(n == t or n.endswith("." + t) for n in names for t in TARGET_MODULES):
-        raise ValueError(f"--lora-rank: {where} has no attention projections {TARGET_MODULES} to adapt")
+    if not any(n == t or n.endswith("." + t) for n in names for t in targets):
+        raise ValueError(f"--lora-rank: {where} has no attention projections {targets} to adapt")
     model.requires_grad_(False)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                             target_modules=TARGET_MODULES)
+                             target_modules=targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(config)
@@ -88,7 +93,9 @@ def save_lora(model: nn.Module, folder: Path, prefix: str) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
 
     peft = _peft()
-    layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(model))
+    layers = peft.get_peft_model_state_dict(model)
+    if prefix == "unet":  # the UNet DPO scripts write diffusers' own key names; the SD3 scripts keep peft's
+        layers = convert_state_dict_to_diffusers(layers)
     layers = {k: v.detach().float().contiguous() for k, v in layers.items()}
     metadata = model.peft_config["default"].to_dict()
     if prefix == "unet":

@@ -159,7 +159,9 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this for the UNet's down/up-sampling to line up."""
+        """Image sides must be multiples of this for the UNet's down/up-sampling (a transformer's patches) to line up."""
+        if "patch_size" in self.unet.config:
+            return self.vae_scale * self.unet.config.patch_size
         return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def frozen_parts_to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -198,6 +200,10 @@ def load_pipeline(path: str | Path, unet: str | Path | None = None) -> Pipeline:
     if not path.is_dir():
         raise PipelineError(f"pipeline folder {path} does not exist")
     index = _read_json(path / "model_index.json", "a diffusers pipeline folder has a model_index.json")
+    if index.get("transformer") and index["transformer"][0] is not None:
+        from .flow import load_sd3_pipeline
+
+        return load_sd3_pipeline(path, index, transformer=unet)
     if "text_encoder_2" in index:
         raise PipelineError(f"{path}: pipelines with two text encoders (SDXL) are not supported by this trainer yet")
     for component in ("unet", "scheduler", "text_encoder", "tokenizer"):
@@ -225,6 +231,18 @@ def load_pipeline(path: str | Path, unet: str | Path | None = None) -> Pipeline:
         text=_load_text(path, index),
         vae=vae,
     )
+
+
+def denoise(model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+    """One denoiser call: ``cond`` is a UNet's text states, or a dict of the model's conditioning keywords."""
+    if isinstance(cond, dict):
+        return model(noisy, timestep=timesteps, **cond).sample
+    return model(noisy, timesteps, cond).sample
+
+
+def denoiser_name(model: nn.Module) -> str:
+    """The pipeline component a denoiser is saved as (and the prefix of its LoRA keys)."""
+    return "unet" if isinstance(model, UNet2DConditionModel) else "transformer"
 
 
 def _load_text(path: Path, index: dict) -> TextConditioner:
