@@ -310,3 +310,102 @@ def test_flow_transformer_refuses_other_targets_and_sd3_needs_its_parts(assets, 
     with pytest.raises(ValueError, match=r"the denoiser is 'FluxTransformer2DModel'.*Flux and other transformers"):
         train(config(assets, out, pipeline=broken))
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory and speed switches, timestep weighting
+
+
+def _capture_pair_weights(monkeypatch) -> list:
+    seen = []
+    loss = loop.fused_fdpo_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("pair_weight"))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "fused_fdpo_loss", spy)
+    return seen
+
+
+def _first_batch(assets, cfg: TrainConfig):
+    setup = loop.prepare_run(cfg)
+    stream = loop.PairStream(setup.pairs, cfg.seed, cfg.batch_size)
+    batch = torch.utils.data.default_collate([stream[i] for i in range(cfg.batch_size)])
+    return setup, loop.noised_batch(setup, batch, cfg.seed, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_reach_the_loss(assets, tmp_path, monkeypatch, prediction_type):
+    seen = _capture_pair_weights(monkeypatch)
+    cfg = config(assets, tmp_path / "run", max_steps=1, snr_gamma=5.0, prediction_type=prediction_type)
+    train(cfg)
+    setup, (_, timesteps, _, _) = _first_batch(assets, cfg)
+    # By hand: SNR = alpha_bar / (1 - alpha_bar) at each pair's timestep (the test pipeline: 100 DDPM steps).
+    alpha_bar = setup.process.scheduler.alphas_cumprod[timesteps[:4]]
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert expected.min() < 0.9  # the draw includes timesteps the weighting changes
+    torch.testing.assert_close(seen[-1], expected)  # the step's call (flag checks may call the loss too)
+    assert loop.TimestepSampler(setup.process).pair_weight(timesteps[:4]) is None  # unweighted by default
+
+
+def test_huge_snr_gamma_changes_nothing_small_changes_the_run(assets, tmp_path):
+    plain = train(config(assets, tmp_path / "plain", max_steps=2))
+    huge = train(config(assets, tmp_path / "huge", max_steps=2, snr_gamma=1e30))  # weights min(snr, g)/snr = 1
+    assert huge.records == plain.records
+    small = train(config(assets, tmp_path / "small", max_steps=2, snr_gamma=0.01))
+    assert small.records[1]["loss"] != pytest.approx(plain.records[1]["loss"], rel=1e-4)
+
+
+def test_flow_cosmap_weights_and_sigma_sqrt_reach_the_loss(assets, sd3, tmp_path, monkeypatch):
+    seen = _capture_pair_weights(monkeypatch)
+    for scheme in ("cosmap", "sigma_sqrt"):
+        cfg = config(assets, tmp_path / scheme, pipeline=sd3, max_steps=1, weighting_scheme=scheme)
+        train(cfg)
+        setup, (_, timesteps, _, _) = _first_batch(assets, cfg)
+        sigma = timesteps[:4] / 1000  # flow-matching timesteps are sigma * num_train_timesteps
+        expected = 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2)) if scheme == "cosmap" else sigma**-2.0
+        torch.testing.assert_close(seen[-1], expected.float())
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_run(assets, tmp_path):
+    from fdiv_kernels.train.model import speed_switches
+
+    calls = {"n": 0}
+    unet = load_pipeline(assets["pipeline"]).unet.train()
+    resnet = unet.down_blocks[0].resnets[0]  # diffusers checkpoints each resnet and transformer block
+    forward = resnet.forward
+
+    def counted(*args, **kwargs):  # (torch's recomputation does not fire forward hooks: count the calls)
+        calls["n"] += 1
+        return forward(*args, **kwargs)
+
+    resnet.forward = counted
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([3, 50]), torch.randn(2, 6, 16)
+    unet(x, t, cond).sample.square().mean().backward()
+    assert calls["n"] == 1
+    speed_switches(unet, gradient_checkpointing=True)
+    calls["n"] = 0
+    unet(x, t, cond).sample.square().mean().backward()
+    assert calls["n"] == 2  # forward, then again in the backward pass
+    plain = train(config(assets, tmp_path / "plain", max_steps=2))
+    checkpointed = train(config(assets, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
+    for a, b in zip(plain.records, checkpointed.records):
+        for key in ("loss", "raw_model_loss", "raw_ref_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_compile_compiles_the_model_and_gives_the_same_run(assets, tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plain = train(config(assets, tmp_path / "plain", max_steps=1, lora_rank=2))
+    compiled = train(config(assets, tmp_path / "compiled", max_steps=1, lora_rank=2, compile=True,
+                            compile_backend="eager"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert compiled.records[0]["raw_model_loss"] == pytest.approx(plain.records[0]["raw_model_loss"], rel=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=r"--compile-backend 'nope': torch.compile knows"):
+        config(assets, tmp_path / "x", compile=True, compile_backend="nope")

@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: --lora-rank, scale 1)")
     p.add_argument("--snr-gamma", type=float, default=None,
                    help="Min-SNR timestep weighting (epsilon/v targets): pair weight min(SNR, gamma)/SNR; e.g. 5")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, about a third more compute")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (and the reference copy)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
 
     p = sub.add_parser("study", help="the divergence study on the embedded task (alignment vs diversity)")
     p.add_argument("--output", type=Path, default=None,

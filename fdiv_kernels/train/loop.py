@@ -35,7 +35,17 @@ from .. import fused_fdpo_loss, get_divergence
 from .data import PreferenceDataset
 from .io import atomic_folder
 from .lora import adapters_disabled, add_lora, check_lora_flags, has_lora, save_lora
-from .model import NoiseProcess, Pipeline, PipelineError, denoise, denoiser_name, load_pipeline, place
+from .model import (
+    NoiseProcess,
+    Pipeline,
+    PipelineError,
+    check_compile_backend,
+    denoise,
+    denoiser_name,
+    load_pipeline,
+    place,
+    speed_switches,
+)
 from .timesteps import TimestepSampler, check_timestep_flags
 
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,6 +95,9 @@ class TrainConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29  # mode density
     snr_gamma: float | None = None  # epsilon / v targets: Min-SNR weighting, min(SNR, gamma) / SNR
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the trained model and the reference copy
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         for name in ("pipeline", "dataset", "output", "ref_errors"):
@@ -101,6 +114,8 @@ class TrainConfig:
         check_lora_flags(self.lora_rank, self.lora_alpha)
         _check_tracker(self.report_to)
         check_timestep_flags(self.weighting_scheme, self.snr_gamma, self.logit_std)
+        if self.compile:
+            check_compile_backend(self.compile_backend)
 
     @property
     def stream_length(self) -> int:
@@ -344,6 +359,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), device, dtype)
     if cfg.xformers:
         _enable_xformers(device, [m for m in (unet, ref_unet) if m is not None])
+    speed_switches(unet, cfg.gradient_checkpointing, cfg.compile, cfg.compile_backend)
+    if ref_unet is not None:
+        speed_switches(ref_unet, compile=cfg.compile, compile_backend=cfg.compile_backend)
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
