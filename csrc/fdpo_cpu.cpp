@@ -93,7 +93,8 @@ constexpr int64_t kStreamMinBytes = int64_t(1) << 20;
 constexpr int64_t kStreamMinBytes16 = int64_t(8) << 20;
 
 struct FwdArgs {
-  Dtype dtype;
+  Dtype dtype;  // model_pred's; the other inputs may each have their own (mixed precision, see forward_mixed)
+  Dtype ref_dtype, target_dtype, mask_dtype;
   const void* pred;
   const void* ref;     // nullptr: ref_err path
   const void* target;
@@ -101,10 +102,14 @@ struct FwdArgs {
   int64_t D, B, chunks;
   bool target_shared, mask_shared, interleaved;
   double* ws;          // [B * chunks * kSlots]
+  bool mixed() const {
+    return target_dtype != dtype || (ref != nullptr && ref_dtype != dtype) || (mask != nullptr && mask_dtype != dtype);
+  }
 };
 
 struct BwdArgs {
-  Dtype dtype;
+  Dtype dtype;  // model_pred's and the gradient's
+  Dtype target_dtype, mask_dtype;
   const void* pred;
   const void* target;
   const void* mask;
@@ -113,6 +118,7 @@ struct BwdArgs {
   bool target_shared, mask_shared, interleaved;
   bool stream_stores;   // non-temporal stores of the gradient (rows aligned to the vector width, large output)
   const double* scale;  // [2B]: grad_coef[row] * G[pair(row)]
+  bool mixed() const { return target_dtype != dtype || (mask != nullptr && mask_dtype != dtype); }
 };
 
 // Rows of pair p and the rows of a [2B] or shared [B] target/mask they read.
@@ -192,8 +198,12 @@ inline void run_forward_items(const FwdArgs& a) {
 
 inline void run_backward_items(const BwdArgs& a, bool overflow_safe) {
 #if FDPO_CPU_HAVE_AVX2_COPY
-  if (use_avx2()) return overflow_safe ? avx2::backward_items_safe(a) : avx2::backward_items(a);
+  if (use_avx2()) {
+    if (a.mixed()) return avx2::backward_items_mixed(a);
+    return overflow_safe ? avx2::backward_items_safe(a) : avx2::backward_items(a);
+  }
 #endif
+  if (a.mixed()) return generic::backward_items_mixed(a);
   overflow_safe ? generic::backward_items_safe(a) : generic::backward_items(a);
 }
 
@@ -271,7 +281,6 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   TORCH_CHECK(model_pred.device().is_cpu(), "fdiv_kernels (cpu): model_pred must be a CPU tensor");
   fdpo::check_forward_ids("cpu", ref_pred.has_value(), ref_err.has_value(), divergence, reduction);
   const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, ref_pred, target, mask);
-  fdpo::require_one_dtype(v, "cpu");
   const int64_t B = v.B, D = v.D, rows = 2 * B;
   const Dtype dt = dtype_of(v.pred);
   const at::ScalarType acc = dt == Dtype::kF64 ? at::kDouble : at::kFloat;
@@ -284,6 +293,9 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   std::vector<double> ws(static_cast<size_t>(B * chunks * kSlots), 0.0);
   FwdArgs a;
   a.dtype = dt;
+  a.ref_dtype = ref.defined() ? dtype_of(ref) : dt;
+  a.target_dtype = dtype_of(tgt);
+  a.mask_dtype = msk.defined() ? dtype_of(msk) : dt;
   a.pred = pred.data_ptr();
   a.ref = ref.defined() ? ref.data_ptr() : nullptr;
   a.target = tgt.data_ptr();
@@ -340,7 +352,6 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   TORCH_CHECK(model_pred.device().is_cpu(), "fdiv_kernels (cpu): model_pred must be a CPU tensor");
   const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, std::nullopt, target, mask);
   const int64_t B = v.B, D = v.D, rows = 2 * B;
-  fdpo::require_one_dtype(v, "cpu");
   const at::Tensor &pred = v.pred, &tgt = v.target, &msk = v.mask;
   const Dtype dt = dtype_of(pred);
   TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == B,
@@ -368,6 +379,8 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   advise_huge_pages(grad.data_ptr(), grad.numel() * pred.element_size());
   BwdArgs a;
   a.dtype = dt;
+  a.target_dtype = dtype_of(tgt);
+  a.mask_dtype = msk.defined() ? dtype_of(msk) : dt;
   a.pred = pred.data_ptr();
   a.target = tgt.data_ptr();
   a.mask = msk.defined() ? msk.data_ptr() : nullptr;
@@ -740,7 +753,84 @@ void forward_tag(const FwdArgs& a) {
   });
 }
 
+// ---- mixed input dtypes (e.g. Accelerate: fp32 model_pred holding bf16 values, bf16 target and reference).
+// The arithmetic type A is float (double for fp64 model_pred). Each (pair, chunk) item converts the rows of the
+// inputs not stored as A into per-thread scratch (a chunk is kChunk elements: the scratch stays in L1/L2) and runs
+// A's kernel on it. Every input is read once from memory in its own dtype and no tensor-sized copy is made; since
+// the conversions are exact and the item's summation order is that of A's own kernel, the results are bitwise
+// those of casting every input to A first.
+template <typename A>
+using ComputeTag = std::conditional_t<std::is_same<A, double>::value, F64, F32>;
+
+template <typename A>
+constexpr Dtype compute_dtype() {
+  return std::is_same<A, double>::value ? Dtype::kF64 : Dtype::kF32;
+}
+
+// Row `row`, elements [lo, lo + n), of a [rows, D] input of dtype `dt`, as A: a pointer into the input when it is
+// stored as A, else into `scratch` after converting.
+template <typename A>
+const A* chunk_as(Dtype dt, const void* base, int64_t D, int64_t row, int64_t lo, int64_t n, A* scratch) {
+  if (dt == compute_dtype<A>()) return static_cast<const A*>(base) + row * D + lo;
+  dtype_dispatch(dt, [&](auto tag) {
+    using Tag = decltype(tag);
+    const typename Tag::S* src = static_cast<const typename Tag::S*>(base) + row * D + lo;
+    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<A>(Cvt<Tag>::load1(src + i));
+  });
+  return scratch;
+}
+
+// Per-thread scratch for up to 8 converted input rows of one chunk.
+template <typename A>
+A* scratch_rows() {
+  thread_local std::vector<A> buffer(8 * kChunk);
+  return buffer.data();
+}
+
+template <typename A, bool REF, bool MASK, bool SHARED_T, bool SHARED_M>
+void forward_mixed_typed(const FwdArgs& a) {
+  using Item = FwdItem<ComputeTag<A>, REF, MASK, SHARED_T, SHARED_M>;
+  const int64_t D = a.D;
+  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
+    A* scratch = scratch_rows<A>();
+    const int64_t n = w.hi - w.lo;
+    auto rows = [&](Dtype dt, const void* base, const int64_t (&r)[2], bool shared, int slot, const A* (&out)[2]) {
+      out[0] = chunk_as<A>(dt, base, D, r[0], w.lo, n, scratch + slot * kChunk);
+      out[1] = shared ? out[0] : chunk_as<A>(dt, base, D, r[1], w.lo, n, scratch + (slot + 1) * kChunk);
+    };
+    const A *pp[2], *rr[2] = {nullptr, nullptr}, *tt[2], *mm[2] = {nullptr, nullptr};
+    rows(a.dtype, a.pred, w.rows, false, 0, pp);
+    if (REF) rows(a.ref_dtype, a.ref, w.rows, false, 2, rr);
+    rows(a.target_dtype, a.target, w.target_rows, SHARED_T, 4, tt);
+    if (MASK) rows(a.mask_dtype, a.mask, w.mask_rows, SHARED_M, 6, mm);
+    const A* const cp[2] = {pp[0], pp[1]};
+    const A* const cr[2] = {rr[0], rr[1]};
+    const A* const ct[2] = {tt[0], tt[1]};
+    const A* const cm[2] = {mm[0], mm[1]};
+    Item::run(cp, cr, ct, cm, 0, n, a.ws + w.index * kSlots);
+  }, [] {});
+}
+
+template <typename A>
+void forward_mixed(const FwdArgs& a) {
+  bool_dispatch(a.ref != nullptr, [&](auto ref) {
+    bool_dispatch(a.target_shared, [&](auto shared_t) {
+      if (a.mask == nullptr) {
+        forward_mixed_typed<A, decltype(ref)::value, false, decltype(shared_t)::value, false>(a);
+      } else {
+        bool_dispatch(a.mask_shared, [&](auto shared_m) {
+          forward_mixed_typed<A, decltype(ref)::value, true, decltype(shared_t)::value, decltype(shared_m)::value>(a);
+        });
+      }
+    });
+  });
+}
+
 inline void forward_items(const FwdArgs& a) {
+  if (a.mixed()) {
+    if (a.dtype == Dtype::kF64) return forward_mixed<double>(a);
+    return forward_mixed<float>(a);
+  }
   dtype_dispatch(a.dtype, [&](auto tag) { forward_tag<decltype(tag)>(a); });
 }
 
@@ -842,6 +932,60 @@ void backward_safe_typed(const BwdArgs& a) {
 
 inline void backward_items_safe(const BwdArgs& a) {
   dtype_dispatch(a.dtype, [&](auto tag) { backward_safe_typed<decltype(tag)>(a); });
+}
+
+// Mixed input dtypes: grad = mul0(mul0(s, pred - target), m) in A over converted chunks (see forward_mixed), rounded
+// once to model_pred's dtype. mul0 throughout, so this path also serves overflowed (+-inf) scales.
+template <typename A, typename PredTag, bool MASK, bool SHARED_T, bool SHARED_M>
+void backward_mixed_typed(const BwdArgs& a) {
+  using S = typename PredTag::S;
+  const int64_t D = a.D;
+  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
+    A* scratch = scratch_rows<A>();
+    const int64_t n = w.hi - w.lo;
+    A* out = scratch + 6 * kChunk;  // the gradient of one row before rounding to model_pred's dtype
+    const A* t0 = chunk_as<A>(a.target_dtype, a.target, D, w.target_rows[0], w.lo, n, scratch + 2 * kChunk);
+    const A* tv[2] = {t0, SHARED_T ? t0
+                                   : chunk_as<A>(a.target_dtype, a.target, D, w.target_rows[1], w.lo, n,
+                                                 scratch + 3 * kChunk)};
+    const A* mv[2] = {nullptr, nullptr};
+    if (MASK) {
+      mv[0] = chunk_as<A>(a.mask_dtype, a.mask, D, w.mask_rows[0], w.lo, n, scratch + 4 * kChunk);
+      mv[1] = SHARED_M ? mv[0] : chunk_as<A>(a.mask_dtype, a.mask, D, w.mask_rows[1], w.lo, n, scratch + 5 * kChunk);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const A* pv = chunk_as<A>(a.dtype, a.pred, D, w.rows[h], w.lo, n, scratch + h * kChunk);
+      const A s = static_cast<A>(a.scale[w.rows[h]]);
+      for (int64_t i = 0; i < n; ++i) {
+        A g = fdpo::mul0(s, pv[i] - tv[h][i]);
+        if (MASK) g = fdpo::mul0(g, mv[h][i]);
+        out[i] = g;
+      }
+      S* dst = static_cast<S*>(a.grad) + w.rows[h] * D + w.lo;
+      for (int64_t i = 0; i < n; ++i) Cvt<PredTag>::store1(dst + i, static_cast<typename Cvt<PredTag>::A>(out[i]));
+    }
+  }, [] {});
+}
+
+template <typename A, typename PredTag>
+void backward_mixed(const BwdArgs& a) {
+  bool_dispatch(a.target_shared, [&](auto shared_t) {
+    if (a.mask == nullptr) {
+      backward_mixed_typed<A, PredTag, false, decltype(shared_t)::value, false>(a);
+    } else {
+      bool_dispatch(a.mask_shared, [&](auto shared_m) {
+        backward_mixed_typed<A, PredTag, true, decltype(shared_t)::value, decltype(shared_m)::value>(a);
+      });
+    }
+  });
+}
+
+inline void backward_items_mixed(const BwdArgs& a) {
+  dtype_dispatch(a.dtype, [&](auto tag) {
+    using PredTag = decltype(tag);
+    if (a.dtype == Dtype::kF64) backward_mixed<double, PredTag>(a);
+    else backward_mixed<float, PredTag>(a);
+  });
 }
 
 #endif  // FDPO_CPU_KERNEL_BODY

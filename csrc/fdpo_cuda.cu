@@ -108,6 +108,7 @@ struct FwdArgs {
   int64_t D, B;
   int64_t chunks, chunk_len;
   bool interleaved, target_shared, mask_shared, err_sum;
+  int pred_dtype, ref_dtype, target_dtype, mask_dtype;  // fdpo::InputDtype, read by the mixed-dtype kernels
   float inv_d;  // 1/D (0 if D == 0)
   fdpo::HeadParams hp;
   float* loss;       // [] or [B]
@@ -211,10 +212,62 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
   }
 }
 
+// One element of a pair's two rows into the partial sums S, R, Q, M (winner in acc[0..3], loser in acc[4..7]).
+template <bool HAS_REF, bool HAS_MASK>
+__device__ __forceinline__ void accumulate_element(float (&acc)[kNQ], float pw_, float pl_, float tw_, float tl_,
+                                                   float qw_, float ql_, float mw_, float ml_) {
+  const float rw_ = pw_ - tw_, rl_ = pl_ - tl_;
+  acc[0] += mw_ * (rw_ * rw_);
+  acc[4] += ml_ * (rl_ * rl_);
+  if (HAS_REF) {
+    const float sw = qw_ - tw_, sl = ql_ - tl_;
+    acc[1] += mw_ * (sw * sw);
+    acc[5] += ml_ * (sl * sl);
+    // e_ref - e accumulated directly: (ref - pred) * (ref + pred - 2 t), no cancellation of two sums.
+    acc[2] += mw_ * ((qw_ - pw_) * (qw_ + pw_ - 2.0f * tw_));
+    acc[6] += ml_ * ((ql_ - pl_) * (ql_ + pl_ - 2.0f * tl_));
+  }
+  if (HAS_MASK) {
+    acc[3] += mw_;
+    acc[7] += ml_;
+  }
+}
+
+// The block's partials to the workspace; the last block to finish runs the tail (last-block-done, see the top).
+template <bool HAS_REF, bool HAS_MASK>
+__device__ __forceinline__ void finish_forward_block(const FwdArgs& a, float (&acc)[kNQ], float* smem) {
+  __shared__ bool is_last;
+  block_sum<kNQ>(acc, smem);
+  if (threadIdx.x == 0) {
+    float* dst = a.partials + static_cast<int64_t>(blockIdx.x) * kNQ;
+#pragma unroll
+    for (int k = 0; k < kNQ; ++k) dst[k] = acc[k];
+    if (a.counter == nullptr) {
+      is_last = true;
+    } else {
+      __threadfence();  // publish the partials before counting this block as done
+      const unsigned int done = atomicAdd(a.counter, 1u);
+      is_last = (done == gridDim.x - 1);
+    }
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();  // acquire: every other block's partials are visible (read with __ldcg, bypassing L1)
+  forward_tail<HAS_REF, HAS_MASK>(a, smem);
+}
+
+// Element i of an input stored as `dtype` (fdpo::InputDtype), as float.
+__device__ __forceinline__ float load_as_float(const void* base, int dtype, int64_t i) {
+  switch (dtype) {
+    case fdpo::kInF32: return static_cast<const float*>(base)[i];
+    case fdpo::kInF16: return static_cast<float>(static_cast<const at::Half*>(base)[i]);
+    default: return static_cast<float>(static_cast<const at::BFloat16*>(base)[i]);
+  }
+}
+
 template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_kernel(const FwdArgs a) {
   __shared__ float smem[kNQ * kWarps];
-  __shared__ bool is_last;
   const int64_t bid = blockIdx.x;
   const int64_t pair = bid / a.chunks, chunk = bid - pair * a.chunks;
   const int64_t D = a.D;
@@ -259,46 +312,47 @@ __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_kernel(const FwdArgs
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float pw_ = static_cast<float>(xw.v[k]), pl_ = static_cast<float>(xl.v[k]);
-      const float tw_ = static_cast<float>(zw.v[k]), tl_ = static_cast<float>(zl.v[k]);
-      const float rw_ = pw_ - tw_, rl_ = pl_ - tl_;
-      const float mw_ = HAS_MASK ? static_cast<float>(uw.v[k]) : 1.0f;
-      const float ml_ = HAS_MASK ? static_cast<float>(ul.v[k]) : 1.0f;
-      acc[0] += mw_ * (rw_ * rw_);
-      acc[4] += ml_ * (rl_ * rl_);
-      if (HAS_REF) {
-        const float qw_ = static_cast<float>(yw.v[k]), ql_ = static_cast<float>(yl.v[k]);
-        const float sw = qw_ - tw_, sl = ql_ - tl_;
-        acc[1] += mw_ * (sw * sw);
-        acc[5] += ml_ * (sl * sl);
-        // e_ref - e accumulated directly: (ref - pred) * (ref + pred - 2 t), no cancellation of two sums.
-        acc[2] += mw_ * ((qw_ - pw_) * (qw_ + pw_ - 2.0f * tw_));
-        acc[6] += ml_ * ((ql_ - pl_) * (ql_ + pl_ - 2.0f * tl_));
-      }
-      if (HAS_MASK) {
-        acc[3] += mw_;
-        acc[7] += ml_;
-      }
+      accumulate_element<HAS_REF, HAS_MASK>(
+          acc, static_cast<float>(xw.v[k]), static_cast<float>(xl.v[k]), static_cast<float>(zw.v[k]),
+          static_cast<float>(zl.v[k]), HAS_REF ? static_cast<float>(yw.v[k]) : 0.0f,
+          HAS_REF ? static_cast<float>(yl.v[k]) : 0.0f, HAS_MASK ? static_cast<float>(uw.v[k]) : 1.0f,
+          HAS_MASK ? static_cast<float>(ul.v[k]) : 1.0f);
     }
   }
+  finish_forward_block<HAS_REF, HAS_MASK>(a, acc, smem);
+}
 
-  block_sum<kNQ>(acc, smem);
-  if (threadIdx.x == 0) {
-    float* dst = a.partials + bid * kNQ;
+// Mixed input dtypes (e.g. Accelerate: fp32 model_pred holding bf16 values beside a bf16 target and reference):
+// each element read in its own dtype (a uniform switch per load), fp32 arithmetic as above, no cast copies. One
+// element per thread per step: a simpler loop than the vectorized one, for the call pattern that needs it.
+template <bool HAS_REF, bool HAS_MASK>
+__global__ void __launch_bounds__(kThreads, 3) fdpo_forward_mixed_kernel(const FwdArgs a) {
+  __shared__ float smem[kNQ * kWarps];
+  const int64_t bid = blockIdx.x;
+  const int64_t pair = bid / a.chunks, chunk = bid - pair * a.chunks;
+  const int64_t D = a.D;
+  const int64_t rw = a.interleaved ? 2 * pair : pair;
+  const int64_t rl = a.interleaved ? 2 * pair + 1 : pair + a.B;
+  const int64_t ow = rw * D, ol = rl * D;
+  const int64_t tw = (a.target_shared ? pair : rw) * D, tl = (a.target_shared ? pair : rl) * D;
+  const int64_t mw = (a.mask_shared ? pair : rw) * D, ml = (a.mask_shared ? pair : rl) * D;
+  float acc[kNQ];
 #pragma unroll
-    for (int k = 0; k < kNQ; ++k) dst[k] = acc[k];
-    if (a.counter == nullptr) {
-      is_last = true;
-    } else {
-      __threadfence();  // publish the partials before counting this block as done
-      const unsigned int done = atomicAdd(a.counter, 1u);
-      is_last = (done == gridDim.x - 1);
-    }
+  for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
+  const int64_t start = chunk * a.chunk_len;
+  const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
+#pragma unroll 1
+  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
+    const float t_w = load_as_float(a.target, a.target_dtype, tw + j);
+    accumulate_element<HAS_REF, HAS_MASK>(
+        acc, load_as_float(a.pred, a.pred_dtype, ow + j), load_as_float(a.pred, a.pred_dtype, ol + j), t_w,
+        a.target_shared ? t_w : load_as_float(a.target, a.target_dtype, tl + j),
+        HAS_REF ? load_as_float(a.ref, a.ref_dtype, ow + j) : 0.0f,
+        HAS_REF ? load_as_float(a.ref, a.ref_dtype, ol + j) : 0.0f,
+        HAS_MASK ? load_as_float(a.mask, a.mask_dtype, mw + j) : 1.0f,
+        HAS_MASK ? load_as_float(a.mask, a.mask_dtype, ml + j) : 1.0f);
   }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();  // acquire: every other block's partials are visible (read with __ldcg, bypassing L1)
-  forward_tail<HAS_REF, HAS_MASK>(a, smem);
+  finish_forward_block<HAS_REF, HAS_MASK>(a, acc, smem);
 }
 
 struct BwdArgs {
@@ -311,6 +365,7 @@ struct BwdArgs {
   int64_t D, B;
   int64_t chunks, chunk_len;
   bool g_per_pair, interleaved, target_shared, mask_shared;
+  int target_dtype, mask_dtype;  // fdpo::InputDtype, read by the mixed-dtype kernel
 };
 
 template <typename T, int VEC, bool HAS_MASK>
@@ -356,6 +411,26 @@ __global__ void __launch_bounds__(kThreads) fdpo_backward_kernel(const BwdArgs a
   }
 }
 
+// Mixed input dtypes: target and mask read in their own dtypes, fp32 arithmetic, the gradient in model_pred's T.
+template <typename T, bool HAS_MASK>
+__global__ void __launch_bounds__(kThreads) fdpo_backward_mixed_kernel(const BwdArgs a) {
+  const int64_t bid = blockIdx.x;
+  const int64_t row = bid / a.chunks, chunk = bid - row * a.chunks;
+  const int64_t D = a.D;
+  const int64_t pair = a.interleaved ? row / 2 : (row < a.B ? row : row - a.B);
+  const T* __restrict__ pr = static_cast<const T*>(a.pred) + row * D;
+  const int64_t t_off = (a.target_shared ? pair : row) * D, m_off = (a.mask_shared ? pair : row) * D;
+  T* __restrict__ out = static_cast<T*>(a.grad) + row * D;
+  const float c = fdpo::mul0(a.coef[row], a.g[a.g_per_pair ? pair : 0]);
+  const int64_t start = chunk * a.chunk_len;
+  const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
+  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
+    float v = fdpo::mul0(c, static_cast<float>(pr[j]) - load_as_float(a.target, a.target_dtype, t_off + j));
+    if (HAS_MASK) v = fdpo::mul0(v, load_as_float(a.mask, a.mask_dtype, m_off + j));
+    out[j] = static_cast<T>(v);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------- host
 
 // Resident blocks per SM of a kernel on a device, cached (cudaOccupancy... is a host-side query, no sync).
@@ -375,9 +450,10 @@ int blocks_per_sm(const void* kernel, int device) {
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
+// MIXED: the mixed-dtype kernel (then T = float, VEC = 1).
+template <typename T, int VEC, bool HAS_REF, bool HAS_MASK, bool MIXED>
 void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaStream_t stream) {
-  auto kernel = fdpo_forward_kernel<T, VEC, HAS_REF, HAS_MASK>;
+  auto kernel = MIXED ? fdpo_forward_mixed_kernel<HAS_REF, HAS_MASK> : fdpo_forward_kernel<T, VEC, HAS_REF, HAS_MASK>;
   const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const int64_t wave = sms * blocks_per_sm(reinterpret_cast<const void*>(kernel), device);
   const int64_t unit = static_cast<int64_t>(kThreads) * VEC;
@@ -407,19 +483,20 @@ void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool MIXED = false>
 void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
                       cudaStream_t stream) {
   if (has_ref) {
-    if (has_mask) launch_forward<T, VEC, true, true>(a, opts, device, stream);
-    else launch_forward<T, VEC, true, false>(a, opts, device, stream);
+    if (has_mask) launch_forward<T, VEC, true, true, MIXED>(a, opts, device, stream);
+    else launch_forward<T, VEC, true, false, MIXED>(a, opts, device, stream);
   } else {
-    if (has_mask) launch_forward<T, VEC, false, true>(a, opts, device, stream);
-    else launch_forward<T, VEC, false, false>(a, opts, device, stream);
+    if (has_mask) launch_forward<T, VEC, false, true, MIXED>(a, opts, device, stream);
+    else launch_forward<T, VEC, false, false, MIXED>(a, opts, device, stream);
   }
 }
 
-template <typename T, int VEC, bool HAS_MASK>
+// MIXED: the mixed-dtype kernel (then VEC = 1).
+template <typename T, int VEC, bool HAS_MASK, bool MIXED>
 void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
   const int64_t chunk_len = static_cast<int64_t>(kThreads) * VEC * kBwdIters;
   a.chunk_len = chunk_len;
@@ -427,7 +504,8 @@ void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
   const int64_t nblocks = rows * a.chunks;
   if (nblocks == 0) return;
   TORCH_CHECK(nblocks <= INT32_MAX, "fdiv_kernels cuda backward: tensor too large (", nblocks, " blocks)");
-  fdpo_backward_kernel<T, VEC, HAS_MASK><<<static_cast<unsigned int>(nblocks), kThreads, 0, stream>>>(a);
+  auto kernel = MIXED ? fdpo_backward_mixed_kernel<T, HAS_MASK> : fdpo_backward_kernel<T, VEC, HAS_MASK>;
+  kernel<<<static_cast<unsigned int>(nblocks), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -440,7 +518,6 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
   TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
   fdpo::check_forward_ids("cuda", ref_pred.has_value(), ref_err.has_value(), divergence, reduction);
   const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, ref_pred, target, mask);
-  fdpo::require_one_dtype(v, "cuda");
   const int64_t rows = 2 * v.B, D = v.D, B = v.B;
 
   const c10::cuda::CUDAGuard guard(model_pred.device());
@@ -485,6 +562,14 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
   a.coef = coef.data_ptr<float>();
 
   const bool has_ref = ref_pred.has_value(), has_mask = mask.has_value();
+  a.pred_dtype = fdpo::input_dtype(v.pred);
+  a.ref_dtype = has_ref ? fdpo::input_dtype(v.ref) : a.pred_dtype;
+  a.target_dtype = fdpo::input_dtype(v.target);
+  a.mask_dtype = has_mask ? fdpo::input_dtype(v.mask) : a.pred_dtype;
+  if (a.ref_dtype != a.pred_dtype || a.target_dtype != a.pred_dtype || a.mask_dtype != a.pred_dtype) {
+    dispatch_forward<float, 1, /*MIXED=*/true>(a, has_ref, has_mask, fopts, device, stream);
+    return out;
+  }
   const int64_t elem = model_pred.element_size();
   const int64_t vec = 16 / elem;
   const bool vectorized = D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) &&
@@ -508,17 +593,16 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
   return out;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool MIXED = false>
 void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
-  if (has_mask) launch_backward<T, VEC, true>(a, rows, stream);
-  else launch_backward<T, VEC, false>(a, rows, stream);
+  if (has_mask) launch_backward<T, VEC, true, MIXED>(a, rows, stream);
+  else launch_backward<T, VEC, false, MIXED>(a, rows, stream);
 }
 
 at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
                               const std::optional<at::Tensor>& mask, const at::Tensor& grad_coef, bool interleaved) {
   TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
   const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, std::nullopt, target, mask);
-  fdpo::require_one_dtype(v, "cuda");
   const int64_t rows = 2 * v.B, D = v.D, B = v.B;
   TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == B),
               "fdiv_kernels (cuda): grad_loss must be 0-dim (mean/sum) or [B] (none); got ", grad_loss.sizes());
@@ -545,20 +629,27 @@ at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& mod
   a.mask_shared = v.mask_shared;
 
   const bool has_mask = mask.has_value();
+  const int pred_dtype = fdpo::input_dtype(v.pred);
+  a.target_dtype = fdpo::input_dtype(v.target);
+  a.mask_dtype = has_mask ? fdpo::input_dtype(v.mask) : pred_dtype;
+  const bool mixed = a.target_dtype != pred_dtype || a.mask_dtype != pred_dtype;
   const int64_t vec = 16 / model_pred.element_size();
   const bool vectorized =
       D % vec == 0 && aligned16(a.pred) && aligned16(a.target) && aligned16(a.mask) && aligned16(a.grad);
   switch (model_pred.scalar_type()) {
     case at::kFloat:
-      if (vectorized) dispatch_backward<float, 4>(a, has_mask, rows, stream);
+      if (mixed) dispatch_backward<float, 1, true>(a, has_mask, rows, stream);
+      else if (vectorized) dispatch_backward<float, 4>(a, has_mask, rows, stream);
       else dispatch_backward<float, 1>(a, has_mask, rows, stream);
       break;
     case at::kHalf:
-      if (vectorized) dispatch_backward<at::Half, 8>(a, has_mask, rows, stream);
+      if (mixed) dispatch_backward<at::Half, 1, true>(a, has_mask, rows, stream);
+      else if (vectorized) dispatch_backward<at::Half, 8>(a, has_mask, rows, stream);
       else dispatch_backward<at::Half, 1>(a, has_mask, rows, stream);
       break;
     case at::kBFloat16:
-      if (vectorized) dispatch_backward<at::BFloat16, 8>(a, has_mask, rows, stream);
+      if (mixed) dispatch_backward<at::BFloat16, 1, true>(a, has_mask, rows, stream);
+      else if (vectorized) dispatch_backward<at::BFloat16, 8>(a, has_mask, rows, stream);
       else dispatch_backward<at::BFloat16, 1>(a, has_mask, rows, stream);
       break;
     default:

@@ -27,6 +27,13 @@ inline ForwardOutputs empty_forward_outputs(const at::Tensor& model_pred, int64_
           at::empty({4, rows}, opts), at::empty({kSummaryLen}, opts), at::empty({rows}, opts)};
 }
 
+// Storage dtypes of the inputs, as the CUDA mixed-dtype kernels read them (a plain int: usable in device code).
+enum InputDtype : int { kInF32 = 0, kInF16 = 1, kInBF16 = 2 };
+
+inline int input_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf ? kInF16 : t.scalar_type() == at::kBFloat16 ? kInBF16 : kInF32;
+}
+
 inline bool is_kernel_dtype(at::ScalarType t, bool allow_double) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || (allow_double && t == at::kDouble);
 }
@@ -75,14 +82,6 @@ inline RowViews row_views(const char* backend, bool allow_double, const at::Tens
     v.mask_shared = v.mask.size(0) == v.B;
   }
   return v;
-}
-
-// Until the kernels read each input in its own dtype, every input must share model_pred's.
-inline void require_one_dtype(const RowViews& v, const char* backend) {
-  for (const at::Tensor* t : {&v.ref, &v.target, &v.mask}) {
-    TORCH_CHECK(!t->defined() || t->scalar_type() == v.pred.scalar_type(), "fdiv_kernels (", backend,
-                "): every input must have model_pred's dtype ", v.pred.scalar_type(), "; got ", t->scalar_type());
-  }
 }
 
 // A small per-row or per-pair vector (ref_err, pair_weight, grad_coef, grad_loss) in dtype `acc` on model_pred's

@@ -169,7 +169,10 @@ def _choice(name: str, value, choices) -> str:
     return value
 
 
-def _check_tensor(name: str, t, ref: torch.Tensor, *, same_dtype: bool = True) -> None:
+def _check_tensor(name: str, t, ref: torch.Tensor, *, elementwise: bool = True) -> None:
+    """An input beside model_pred. Elementwise inputs (ref_pred, target, mask) may each have their own dtype
+    (mixed precision: the kernels read each in its own dtype and compute in model_pred's accumulate dtype), but
+    float64 only beside a float64 model_pred: the kernels would otherwise round it to float32."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.device != ref.device:
@@ -177,9 +180,12 @@ def _check_tensor(name: str, t, ref: torch.Tensor, *, same_dtype: bool = True) -
     if not t.dtype.is_floating_point:
         cast = f": pass {name}.to(model_pred.dtype)" if t.dtype == torch.bool else ""
         raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}{cast}")
-    if same_dtype and t.dtype != ref.dtype:
+    if elementwise and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64; got {t.dtype}")
+    if elementwise and t.dtype == torch.float64 and ref.dtype != torch.float64:
         raise TypeError(
-            f"{name} has dtype {t.dtype} but model_pred has {ref.dtype}; cast it with .to(model_pred.dtype)"
+            f"{name} is float64 but model_pred is {ref.dtype}: the loss computes in float32 for {ref.dtype} "
+            f"inputs; pass {name}.to(model_pred.dtype), or a float64 model_pred for float64 arithmetic"
         )
     if t.requires_grad:
         raise ValueError(
@@ -224,7 +230,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
                 "they must match"
             )
     if ref_err is not None:
-        _check_tensor("ref_err", ref_err, model_pred, same_dtype=False)
+        _check_tensor("ref_err", ref_err, model_pred, elementwise=False)
         if ref_err.shape != (rows,):
             order = "winners first, then losers" if layout == "halves" else "[w0, l0, w1, l1, ...]"
             raise ValueError(
@@ -248,7 +254,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
                 f"{(num_pairs, *sample_shape)} ({layout} layout)"
             )
     if pair_weight is not None:
-        _check_tensor("pair_weight", pair_weight, model_pred, same_dtype=False)
+        _check_tensor("pair_weight", pair_weight, model_pred, elementwise=False)
         if pair_weight.shape != (num_pairs,):
             raise ValueError(f"pair_weight must have shape [B] = ({num_pairs},), one weight per pair; got {tuple(pair_weight.shape)}")
     return num_pairs
