@@ -409,3 +409,44 @@ def test_compile_compiles_the_model_and_gives_the_same_run(assets, tmp_path):
     torch._dynamo.reset()
     with pytest.raises(ValueError, match=r"--compile-backend 'nope': torch.compile knows"):
         config(assets, tmp_path / "x", compile=True, compile_backend="nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes (gloo on CPU), as tests/test_train.py checks full fine-tuning
+
+
+@pytest.mark.parametrize("mode", ["lora", "sd3"])
+def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
+    import sys
+
+    from test_train import _run_cli
+
+    pipeline = sd3 if mode == "sd3" else assets["pipeline"]
+    common = ["train", *_cli_data(assets), "--pipeline", str(pipeline), "--max-steps", "2",
+              "--learning-rate", "1e-2" if mode == "lora" else "1e-3"]
+    if mode == "lora":
+        common += ["--lora-rank", "2"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2"]
+    two = _run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, accelerate)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _run_cli([*common, "--output", str(tmp_path / "one")], tmp_path, [sys.executable])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["distributed_backend"] == "gloo"
+    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
+        for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    # The trained weights (the adapters, or the transformer): equal up to what Adam's sign-like first steps make
+    # of all-reduce rounding, relative to the update.
+    if mode == "lora":
+        one, two = (load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
+        base = {k: torch.zeros_like(v) if ".lora.up." in k else v for k, v in one.items()}  # B starts at zero
+        keys = [k for k in one if ".lora.up." in k]
+    else:
+        one, two = (load_file(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors")
+                    for run in ("one", "two"))
+        base = load_file(sd3 / "transformer" / "diffusion_pytorch_model.safetensors")
+        keys = list(base)
+    update = torch.cat([(one[k] - base[k]).flatten() for k in keys])
+    gap = torch.cat([(two[k] - one[k]).flatten() for k in keys])
+    assert update.norm() > 0 and gap.norm() < 1e-2 * update.norm()
