@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -238,7 +238,7 @@ def load() -> ModuleType:
         problem = prebuilt_problem(prebuilt)
         if problem is None:
             try:
-                module = importlib.import_module(MODULE)
+                module = _import_library(prebuilt)
                 record = _read_json(prebuilt + RECORD_SUFFIX) or {}
                 _info.update(kind="prebuilt", path=prebuilt, cuda=record.get("cuda"),
                              why_no_cuda=None if record.get("cuda") else "built ahead of time without CUDA")
@@ -251,12 +251,15 @@ def load() -> ModuleType:
 
 
 def _prebuilt_library() -> str | None:
-    """Path of an ahead-of-time fdiv_kernels/_C*.so for this Python, or None."""
-    try:
-        spec = importlib.util.find_spec(MODULE)
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
+    """Path of an ahead-of-time _C library for this Python next to this file (fdiv_kernels/_C.<abi>.so), or None.
+
+    Looked up in this package's folder only, not through the import system: an editable install's finder could
+    otherwise hand over another checkout's library."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(PKG_DIR, "_C" + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def prebuilt_problem(library: str) -> str | None:
@@ -482,10 +485,13 @@ def _ensure_ninja_on_path() -> None:
 
 
 def _first_error(text: str) -> str:
+    """The first compiler diagnostic of a failed build (`file:line:col: error: ...`), else its first error line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if re.search(r"\berror\b", ln, re.IGNORECASE) and not ln.startswith(("FAILED", "ninja: build stopped")):
-            return ln[:300]
+    for pattern in (r"(fatal )?error( [A-Z]+\d+)?:", r"\berror\b"):
+        for ln in lines:
+            if re.search(pattern, ln, re.IGNORECASE) and not ln.startswith(("FAILED", "ninja: build stopped",
+                                                                            "Error building extension")):
+                return ln[:300]
     return (lines[0] if lines else "no output")[:300]
 
 
