@@ -182,7 +182,7 @@ def test_report_to_needs_a_known_installed_tracker(assets, tmp_path):
 # Flow-matching transformers (SD3 layout)
 
 
-def _char_clip_tokenizer(folder: Path, max_length: int = 12):
+def _char_clip_tokenizer(folder: Path, max_length: int = 24):
     """A CLIPTokenizer with one token per letter (no merges), written to ``folder``: no download."""
     transformers = pytest.importorskip("transformers")
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -208,7 +208,7 @@ def make_sd3_pipeline(folder: Path) -> Path:
         tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
         text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
                                                   projection_dim=8, num_hidden_layers=1, num_attention_heads=2,
-                                                  max_position_embeddings=12, bos_token_id=0, eos_token_id=1,
+                                                  max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
                                                   pad_token_id=1)
         parts[f"text_encoder{suffix}"] = transformers.CLIPTextModelWithProjection(text_config)
         parts[f"tokenizer{suffix}"] = tokenizer
@@ -238,11 +238,11 @@ def test_sd3_pipeline_conditioning_is_diffusers_own(sd3):
     assert type(pipe.unet).__name__ == "SD3Transformer2DModel" and pipe.size_multiple == 2 * 2
     cond = pipe.text(["a red cat", "a dog"], torch.device("cpu"))
     # The same states and pooled projections diffusers' SD3 pipeline computes: CLIP (8 + 8, padded to the 16 of
-    # joint_attention_dim; 12 tokens) then the 77 zero rows that stand in for the absent T5.
+    # joint_attention_dim; 24 tokens) then the 77 zero rows that stand in for the absent T5.
     absent = dict.fromkeys(["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"])
     states, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(sd3, **absent).encode_prompt(
         ["a red cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=77)
-    assert cond["encoder_hidden_states"].shape == (2, 12 + 77, 16) and cond["pooled_projections"].shape == (2, 16)
+    assert cond["encoder_hidden_states"].shape == (2, 24 + 77, 16) and cond["pooled_projections"].shape == (2, 16)
     assert torch.equal(cond["encoder_hidden_states"], states) and torch.equal(cond["pooled_projections"], pooled)
 
 
@@ -450,3 +450,88 @@ def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
     update = torch.cat([(one[k] - base[k]).flatten() for k in keys])
     gap = torch.cat([(two[k] - one[k]).flatten() for k in keys])
     assert update.norm() > 0 and gap.norm() < 1e-2 * update.norm()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL: two text encoders, pooled embeddings, micro-conditioning
+
+
+def make_sdxl_pipeline(folder: Path) -> Path:
+    """A tiny StableDiffusionXLPipeline folder: text_time UNet, tiny VAE (16 px -> 4x8x8), two tiny CLIP encoders."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    parts = {}
+    for suffix, cls in (("", transformers.CLIPTextModel), ("_2", transformers.CLIPTextModelWithProjection)):
+        tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
+        text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
+                                                  projection_dim=8, num_hidden_layers=1, num_attention_heads=2,
+                                                  max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
+                                                  pad_token_id=1)
+        parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = cls(text_config), tokenizer
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=(2, 4), norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+    )
+    StableDiffusionXLPipeline(
+        unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          layers_per_block=1, norm_num_groups=8, sample_size=16),
+        **parts,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl(assets):
+    return make_sdxl_pipeline(assets["root"] / "sdxl")
+
+
+def test_sdxl_conditioning_is_diffusers_own_with_micro_conditioning(sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = load_pipeline(sdxl)
+    cond = pipe.text(["a red cat", "a dog"], torch.device("cpu"))
+    absent = dict.fromkeys(["image_encoder", "feature_extractor"])
+    states, _, pooled, _ = StableDiffusionXLPipeline.from_pretrained(sdxl, **absent).encode_prompt(
+        ["a red cat", "a dog"], do_classifier_free_guidance=False)
+    assert states.shape == (2, 24, 16) and pooled.shape == (2, 8)  # both encoders' states; the second's projection
+    assert torch.equal(cond["encoder_hidden_states"], states)
+    assert torch.equal(cond["added_cond_kwargs"]["text_embeds"], pooled)
+    # (original size, crop top-left, target size) of the 16 px training images.
+    assert cond["added_cond_kwargs"]["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+
+
+def test_sdxl_trains_full_and_lora(assets, sdxl, tmp_path):
+    full = train(config(assets, tmp_path / "full", pipeline=sdxl, max_steps=2))
+    # At the reference, up to float rounding: the frozen copy runs without autograd, which may pick other kernels.
+    assert full.records[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    tuned = load_pipeline(sdxl, unet=tmp_path / "full" / "unet")
+    base = load_pipeline(sdxl)
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), base.unet.parameters()))
+    lora = train(config(assets, tmp_path / "lora", pipeline=sdxl, max_steps=2, lora_rank=2))
+    for a, b in zip(full.records, lora.records):  # the same reference: the base SDXL UNet
+        assert b["raw_ref_loss"] == pytest.approx(a["raw_ref_loss"], rel=1e-6)
+    assert all(k.startswith("unet.") for k in load_file(tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_sdxl_without_its_parts_is_refused_before_anything_is_written(assets, sdxl, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sdxl, broken)
+    unet_config = json.loads((broken / "unet" / "config.json").read_text())
+    (broken / "unet" / "config.json").write_text(json.dumps({**unet_config, "addition_embed_type": None}))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"two text encoders \(SDXL\) needs a UNet2DConditionModel with "
+                                         r"addition_embed_type 'text_time'"):
+        train(config(assets, out, pipeline=broken))
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "tokenizer_2": [None, None]}))
+    with pytest.raises(ValueError, match=r"an SDXL pipeline needs .*; it lacks \['tokenizer_2'\]"):
+        train(config(assets, out, pipeline=broken))
+    assert not out.exists()

@@ -180,6 +180,8 @@ def prepare_run(cfg: TrainConfig) -> Setup:
         )
     timesteps = TimestepSampler(process, cfg.weighting_scheme, cfg.snr_gamma, cfg.logit_mean, cfg.logit_std,
                                 cfg.mode_scale)
+    if hasattr(pipe.text, "resolution"):  # SDXL's micro-conditioning names the training image size
+        pipe.text.resolution = resolution
     pairs = PreferenceDataset(cfg.dataset, resolution, check_images=cfg.check_images)
     return Setup(pipe, pairs, process, resolution, timesteps)
 

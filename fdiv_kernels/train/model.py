@@ -204,8 +204,10 @@ def load_pipeline(path: str | Path, unet: str | Path | None = None) -> Pipeline:
         from .flow import load_sd3_pipeline
 
         return load_sd3_pipeline(path, index, transformer=unet)
-    if "text_encoder_2" in index:
-        raise PipelineError(f"{path}: pipelines with two text encoders (SDXL) are not supported by this trainer yet")
+    if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
+        from .sdxl import load_sdxl_pipeline
+
+        return load_sdxl_pipeline(path, index, unet=unet)
     for component in ("unet", "scheduler", "text_encoder", "tokenizer"):
         if not index.get(component) or index[component][0] is None:
             found = sorted(k for k, v in index.items() if not k.startswith("_") and v and v[0] is not None)
