@@ -58,6 +58,27 @@ def test_lora_reference_is_the_base_model_with_adapters_off(assets, tmp_path, mo
     assert not (tmp_path / "lora" / "unet").exists()
 
 
+def test_lora_resumes_bit_for_bit_and_takes_cached_reference_errors(assets, tmp_path):
+    import shutil
+
+    full = train(config(assets, tmp_path / "full", max_steps=4, checkpoint_every=2, lora_rank=2, learning_rate=1e-2))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for name in ("checkpoint-4", "lora", "log.jsonl"):
+        shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
+    resumed = train(config(assets, cut, max_steps=4, checkpoint_every=2, lora_rank=2, learning_rate=1e-2,
+                           resume="latest"))
+    assert resumed.records == full.records[2:]
+    weights = [load_file(run / "lora" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "full", cut)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # Cached reference errors stand in for the adapters-off pass: the same reference numbers.
+    cache = loop.cache_reference_errors(config(assets, tmp_path / "unused", max_steps=2), tmp_path / "ref.safetensors")
+    cached = train(config(assets, tmp_path / "cached", max_steps=2, lora_rank=2, learning_rate=1e-2,
+                          ref_errors=cache))
+    for a, b in zip(full.records, cached.records):
+        assert b["raw_ref_loss"] == pytest.approx(a["raw_ref_loss"], rel=1e-5)
+
+
 def test_lora_saves_in_diffusers_format_and_loads_back(assets, tmp_path):
     from fdiv_kernels.train.lora import WEIGHT_NAME, load_lora
 
