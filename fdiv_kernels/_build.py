@@ -316,14 +316,17 @@ def _visible_arch_list() -> str:
     return ";".join(f"{a}.{b}" for a, b in caps) + "+PTX"
 
 
-def plan(csrc: str) -> dict:
-    """What a JIT build here would compile: CUDA or not (and why not), architectures, flags, the cache key."""
+def plan(csrc: str, why_not_cuda: str | None = None) -> dict:
+    """What a JIT build here would compile: CUDA or not (and why not), architectures, flags, the cache key.
+    ``why_not_cuda`` forces a CPU-only build, for that reason."""
     import torch
 
     mode = cuda_mode()
     why_no_cuda = None
     cuda_home = None
-    if mode == "0":
+    if why_not_cuda is not None:
+        why_no_cuda = why_not_cuda
+    elif mode == "0":
         why_no_cuda = "FDIV_KERNELS_BUILD_CUDA=0"
     elif torch.version.cuda is None:
         why_no_cuda = f"torch {torch.__version__} is a CPU-only build"
@@ -436,6 +439,26 @@ def jit_load(csrc: str | None = None) -> ModuleType:
         raise BuildError(f"no C++ sources found (neither {os.path.join(PKG_DIR, '_csrc')} nor a source checkout's "
                          "csrc/): a broken install?")
     p = plan(csrc)
+    failed = os.path.join(p["directory"], "failed.txt")
+    if p["with_cuda"] and cuda_mode() == "auto" and os.path.isfile(failed) and _cached_library(
+            os.path.join(p["directory"], "build.json")) is None:
+        # An earlier process could not compile the CUDA kernels here: do not pay minutes to fail again each run.
+        with open(failed) as f:
+            why = f"the CUDA kernels failed to compile in an earlier run ({f.read().strip()}; delete {failed} to retry)"
+        _warn(f"fdiv_kernels: {why}; using the CPU kernels alone (backend='cuda' is unavailable)")
+        return _jit_load(plan(csrc, why_not_cuda=why))
+    try:
+        return _jit_load(p)
+    except BuildError as err:
+        if not p["with_cuda"] or cuda_mode() == "1":
+            raise
+        # CUDA was only opportunistic (FDIV_KERNELS_BUILD_CUDA=auto): keep the CPU kernels, say why CUDA is missing.
+        why = f"the CUDA kernels failed to compile: {err}"
+        _warn(f"fdiv_kernels: {why}; building the CPU kernels alone (backend='cuda' is unavailable)")
+        return _jit_load(plan(csrc, why_not_cuda=why))
+
+
+def _jit_load(p: dict) -> ModuleType:
     directory = p["directory"]
     record_path = os.path.join(directory, "build.json")
     failed_path = os.path.join(directory, "failed.txt")

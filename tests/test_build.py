@@ -226,3 +226,40 @@ def test_auto_warns_and_uses_torch_when_the_kernels_cannot_be_built(tmp_path, ca
     assert any(why in w for w in warnings_), res.stdout  # the warning names the reason ...
     assert any("torch" in w.split(why)[-1] or "PyTorch" in w for w in warnings_), res.stdout  # ... and the fallback
     assert why in cpu_error[0]
+
+
+def test_cuda_compile_failure_keeps_the_cpu_kernels(tmp_path, monkeypatch):
+    """FDIV_KERNELS_BUILD_CUDA=auto: CUDA is opportunistic, so a .cu that fails to compile costs backend='cuda'
+    (with a warning naming why), not the CPU kernels; a later run does not pay for the failing compile again."""
+    monkeypatch.setenv("FDIV_KERNELS_BUILD_CUDA", "auto")
+    monkeypatch.delenv("FDIV_KERNELS_JIT", raising=False)
+    cuda_dir, cpu_dir = tmp_path / "cuda", tmp_path / "cpu"
+    cuda_dir.mkdir()
+
+    def fake_plan(csrc, why_not_cuda=None):
+        if why_not_cuda is None:
+            return {"with_cuda": True, "why_no_cuda": None, "directory": str(cuda_dir)}
+        return {"with_cuda": False, "why_no_cuda": why_not_cuda, "directory": str(cpu_dir)}
+
+    def fake_jit_load(p):
+        if p["with_cuda"]:
+            (cuda_dir / "failed.txt").write_text("nvcc: error: unsupported GPU architecture\n")
+            raise _build.BuildError("nvcc: error: unsupported GPU architecture")
+        return p["why_no_cuda"]
+
+    monkeypatch.setattr(_build, "plan", fake_plan)
+    monkeypatch.setattr(_build, "_jit_load", fake_jit_load)
+    with pytest.warns(RuntimeWarning, match="CUDA kernels failed to compile.*unsupported GPU architecture"):
+        why = _build.jit_load(str(tmp_path))
+    assert why.startswith("the CUDA kernels failed to compile")
+
+    calls = []
+    monkeypatch.setattr(_build, "_jit_load", lambda p: calls.append(p["with_cuda"]) or p["why_no_cuda"])
+    with pytest.warns(RuntimeWarning, match="earlier run"):
+        why = _build.jit_load(str(tmp_path))
+    assert calls == [False] and "delete" in why  # straight to the CPU build, and how to retry
+
+    monkeypatch.setenv("FDIV_KERNELS_BUILD_CUDA", "1")  # required CUDA: a failure is an error
+    monkeypatch.setattr(_build, "_jit_load", fake_jit_load)
+    with pytest.raises(_build.BuildError, match="unsupported GPU architecture"):
+        _build.jit_load(str(tmp_path))
