@@ -220,7 +220,7 @@ Dtype dtype_of(const at::Tensor& t) {
 }
 
 template <typename T>
-void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, bool err_sum, bool strict_ties,
+void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, int err_reduction, bool strict_ties,
                 const T* ref_err, const T* pair_weight, T* loss, T* logits, T* stats, T* summary, T* coef) {
   const int64_t B = a.B, rows = 2 * B, nc = a.chunks, D = a.D;
   const bool has_mask = a.mask != nullptr;
@@ -234,8 +234,8 @@ void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, bool
     T e[2], eref[2], diff[2], inv[2];
     for (int h = 0; h < 2; ++h) {
       const double* s = sums + 4 * h;
-      const double count = has_mask ? s[3] : static_cast<double>(D);
-      const double inv_d = err_sum ? 1.0 : (count > 0.0 ? 1.0 / count : 0.0);
+      const double count = (has_mask && err_reduction == fdpo::kErrMean) ? s[3] : static_cast<double>(D);
+      const double inv_d = err_reduction == fdpo::kErrSum ? 1.0 : (count > 0.0 ? 1.0 / count : 0.0);
       const int64_t row = h == 0 ? rw : rl;
       e[h] = static_cast<T>(s[0] * inv_d);
       inv[h] = static_cast<T>(inv_d);
@@ -276,10 +276,11 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
                                  const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& pair_weight,
                                  double beta, int64_t divergence, double alpha, double gamma, double label_smoothing,
-                                 bool err_sum, double logratio_clip, int64_t reduction, bool interleaved,
-                                 bool strict_ties) {
+                                 int64_t err_reduction, double logratio_clip, int64_t reduction, int64_t loss_type,
+                                 double ipo_margin, bool interleaved, bool strict_ties) {
   TORCH_CHECK(model_pred.device().is_cpu(), "fdiv_kernels (cpu): model_pred must be a CPU tensor");
-  fdpo::check_forward_ids("cpu", ref_pred.has_value(), ref_err.has_value(), divergence, reduction);
+  fdpo::check_forward_ids("cpu", ref_pred.has_value(), ref_err.has_value(), divergence, reduction, err_reduction,
+                          loss_type);
   const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, ref_pred, target, mask);
   const int64_t B = v.B, D = v.D, rows = 2 * B;
   const Dtype dt = dtype_of(v.pred);
@@ -319,10 +320,12 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   hp.label_smoothing = label_smoothing;
   hp.logratio_clip = logratio_clip;
   hp.reduction = static_cast<int>(reduction);
+  hp.loss_type = static_cast<int>(loss_type);
+  hp.ipo_margin = ipo_margin;
   hp.num_pairs = B;
   const auto heads = [&](auto zero) {
     using T = decltype(zero);
-    pair_heads<T>(hp, a, ref.defined(), err_sum, strict_ties, rerr.defined() ? rerr.data_ptr<T>() : nullptr,
+    pair_heads<T>(hp, a, ref.defined(), static_cast<int>(err_reduction), strict_ties, rerr.defined() ? rerr.data_ptr<T>() : nullptr,
                   pw.defined() ? pw.data_ptr<T>() : nullptr, loss.data_ptr<T>(), logits.data_ptr<T>(),
                   stats.data_ptr<T>(), summary.data_ptr<T>(), coef.data_ptr<T>());
   };

@@ -107,7 +107,8 @@ struct FwdArgs {
   const float* pair_weight;
   int64_t D, B;
   int64_t chunks, chunk_len;
-  bool interleaved, target_shared, mask_shared, err_sum;
+  bool interleaved, target_shared, mask_shared;
+  int err_reduction;  // fdpo::ErrReduction
   int pred_dtype, ref_dtype, target_dtype, mask_dtype;  // fdpo::InputDtype, read by the mixed-dtype kernels
   float inv_d;  // 1/D (0 if D == 0)
   fdpo::HeadParams hp;
@@ -155,9 +156,9 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
     const int64_t rw = a.interleaved ? 2 * p : p;
     const int64_t rl = a.interleaved ? 2 * p + 1 : p + B;
     float inv_w, inv_l;
-    if (a.err_sum) {
+    if (a.err_reduction == fdpo::kErrSum) {
       inv_w = inv_l = 1.0f;
-    } else if (HAS_MASK) {
+    } else if (HAS_MASK && a.err_reduction == fdpo::kErrMean) {
       inv_w = v[3] > 0.0f ? 1.0f / v[3] : 0.0f;
       inv_l = v[7] > 0.0f ? 1.0f / v[7] : 0.0f;
     } else {
@@ -513,10 +514,11 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
     const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence, double alpha, double gamma,
-    double label_smoothing, bool err_sum, double logratio_clip, int64_t reduction, bool interleaved,
-    bool strict_ties) {
+    double label_smoothing, int64_t err_reduction, double logratio_clip, int64_t reduction, int64_t loss_type,
+    double ipo_margin, bool interleaved, bool strict_ties) {
   TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
-  fdpo::check_forward_ids("cuda", ref_pred.has_value(), ref_err.has_value(), divergence, reduction);
+  fdpo::check_forward_ids("cuda", ref_pred.has_value(), ref_err.has_value(), divergence, reduction, err_reduction,
+                          loss_type);
   const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, ref_pred, target, mask);
   const int64_t rows = 2 * v.B, D = v.D, B = v.B;
 
@@ -544,7 +546,7 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
   a.interleaved = interleaved;
   a.target_shared = v.target_shared;
   a.mask_shared = v.mask_shared;
-  a.err_sum = err_sum;
+  a.err_reduction = static_cast<int>(err_reduction);
   a.strict_ties = strict_ties;
   a.inv_d = D > 0 ? static_cast<float>(1.0 / static_cast<double>(D)) : 0.0f;
   a.hp.beta = beta;
@@ -554,6 +556,8 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
   a.hp.label_smoothing = label_smoothing;
   a.hp.logratio_clip = logratio_clip;
   a.hp.reduction = static_cast<int>(reduction);
+  a.hp.loss_type = static_cast<int>(loss_type);
+  a.hp.ipo_margin = ipo_margin;
   a.hp.num_pairs = B;
   a.loss = loss.data_ptr<float>();
   a.logits = logits.data_ptr<float>();

@@ -18,6 +18,10 @@ namespace fdpo {
 
 enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJS = 2, kAlpha = 3, kHellinger = 4 };
 enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
+// Per-sample error: masked mean (sum m r^2 / sum m), sum, or mean over all D elements (sum m r^2 / D).
+enum ErrReduction : int { kErrMean = 0, kErrSum = 1, kErrMeanAll = 2 };
+// The link from the pair logit z to the pair loss (diffusers' --loss_type): -log sigmoid(z), relu(1 - z), (z - m)^2.
+enum LossType : int { kSigmoid = 0, kHinge = 1, kIPO = 2 };
 
 struct HeadParams {
   double beta;             // Diffusion-DPO beta; d = beta/2 * w * (e_ref - e)
@@ -27,6 +31,8 @@ struct HeadParams {
   double label_smoothing;  // eps of conservative DPO
   double logratio_clip;    // c > 0: d -> c*tanh(d/c); <= 0: off
   int reduction;           // Reduction
+  int loss_type;           // LossType
+  double ipo_margin;       // m = 1 / (2 tau) of loss_type kIPO
   int64_t num_pairs;       // B
 };
 
@@ -116,8 +122,15 @@ FDPO_HD T psi_diff(int divergence, T alpha, T d_w, T d_l) {
   }
 }
 
-// d -> c*tanh(d/c) and its slope sech^2(d/c), computed from exp(-2|x|) so the slope stays non-zero
-// as long as fp32 can hold it.
+// Below this |x|, tanh(x) = x to within half an ulp of T (x^2 / 3 < 2^-25 in float, < 2^-54 in double).
+FDPO_HD float tanh_is_x_below(float) { return 2.44140625e-4f; }  // 2^-12
+FDPO_HD double tanh_is_x_below(double) { return 1e-8; }
+
+// d -> c*tanh(d/c) and its slope sech^2(d/c), both accurate to a few ulps for every |x| = |d/c|, tiny to huge.
+// With t = exp(-2|x|) in (0, 1]: tanh|x| = -expm1(-2|x|) / (1 + t), which does not cancel for small |x| (the
+// (1 - t) / (1 + t) form lost everything below c * 6e-8: d = 0 from c ~ 1e9 in float), and sech^2 = 4t / (1 + t)^2
+// (never 1 - tanh^2: non-zero as long as T holds it). Below tanh_is_x_below, d passes unchanged (exact also
+// where d/c would be subnormal). Twins: soft_clip_slope in divergences.py, _soft_clip in triton_kernels.py.
 template <typename T>
 FDPO_HD void soft_clip(T c, T* d, T* slope) {
   if (!(c > T(0))) {
@@ -125,10 +138,17 @@ FDPO_HD void soft_clip(T c, T* d, T* slope) {
     return;
   }
   const T x = *d / c;
-  const T t = fexp(T(-2) * fabs_(x));  // in (0, 1]
-  const T th = (T(1) - t) / (T(1) + t);
-  *d = fcopysign(c * th, x);
+  const T ax = fabs_(x);
+  const T t = fexp(T(-2) * ax);  // in (0, 1]
   *slope = T(4) * t / ((T(1) + t) * (T(1) + t));
+  if (ax < tanh_is_x_below(ax)) return;  // NaN goes on below, and stays NaN
+  *d = fcopysign(c * (-fexpm1(T(-2) * ax) / (T(1) + t)), x);
+}
+
+// One pair's vote in implicit_acc: z > 0 wins; a tie (z == 0, e.g. policy == reference) counts 1/2 unless strict.
+template <typename T>
+FDPO_HD T implicit_win(T z, bool strict_ties) {
+  return z > T(0) ? T(1) : ((z == T(0) && !strict_ties) ? T(0.5) : T(0));
 }
 
 template <typename T>
@@ -156,14 +176,23 @@ FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T in
   h.reward_l = psi(p.divergence, alpha, h.d_l);
   const T z = gamma * psi_diff(p.divergence, alpha, h.d_w, h.d_l);
   h.logit = z;
-  T loss = T(0), g = T(0);  // each label-smoothing term only where its weight is non-zero (0 * inf)
-  if (eps < T(1)) {
-    loss += (T(1) - eps) * softplus(-z);
-    g -= (T(1) - eps) * sigmoid(-z);
-  }
-  if (eps > T(0)) {
-    loss += eps * softplus(z);
-    g += eps * sigmoid(z);
+  T loss = T(0), g = T(0);  // g = d loss / d z
+  if (p.loss_type == kHinge) {
+    loss = z < T(1) ? T(1) - z : T(0);
+    g = z < T(1) ? T(-1) : T(0);
+  } else if (p.loss_type == kIPO) {
+    const T gap = z - static_cast<T>(p.ipo_margin);
+    loss = gap * gap;
+    g = T(2) * gap;
+  } else {  // sigmoid: each label-smoothing term only where its weight is non-zero (0 * inf)
+    if (eps < T(1)) {
+      loss += (T(1) - eps) * softplus(-z);
+      g -= (T(1) - eps) * sigmoid(-z);
+    }
+    if (eps > T(0)) {
+      loss += eps * softplus(z);
+      g += eps * sigmoid(z);
+    }
   }
   h.loss = loss;
   const T red = (p.reduction == kMean) ? T(1) / static_cast<T>(p.num_pairs) : T(1);

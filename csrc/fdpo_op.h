@@ -96,7 +96,10 @@ inline at::Tensor small_vector(const at::Tensor& t, const at::Tensor& pred, at::
 }
 
 inline void check_forward_ids(const char* backend, bool has_ref_pred, bool has_ref_err, int64_t divergence,
-                              int64_t reduction) {
+                              int64_t reduction, int64_t err_reduction, int64_t loss_type) {
+  TORCH_CHECK(err_reduction >= 0 && err_reduction <= 2, "fdiv_kernels (", backend, "): unknown err_reduction id ",
+              err_reduction);
+  TORCH_CHECK(loss_type >= 0 && loss_type <= 2, "fdiv_kernels (", backend, "): unknown loss_type id ", loss_type);
   TORCH_CHECK(has_ref_pred != has_ref_err, "fdiv_kernels (", backend,
               "): pass exactly one of ref_pred and ref_err");
   TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels (", backend, "): unknown divergence id ",

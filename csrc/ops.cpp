@@ -22,7 +22,8 @@ using torch::autograd::variable_list;
 fdpo::ForwardOutputs forward_meta(const at::Tensor& model_pred, const std::optional<at::Tensor>&,
                                   const at::Tensor&, const std::optional<at::Tensor>&,
                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-                                  int64_t, double, double, double, bool, double, int64_t reduction, bool, bool) {
+                                  int64_t, double, double, double, int64_t, double, int64_t reduction, int64_t,
+                                  double, bool, bool) {
   return fdpo::empty_forward_outputs(model_pred, reduction);
 }
 
@@ -46,7 +47,7 @@ const auto& backward_op() {
   return op;
 }
 
-constexpr int kForwardArgs = 16;
+constexpr int kForwardArgs = 18;
 
 class FdpoForward : public torch::autograd::Function<FdpoForward> {
  public:
@@ -54,12 +55,14 @@ class FdpoForward : public torch::autograd::Function<FdpoForward> {
                                const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
                                const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& mask,
                                const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence,
-                               double alpha, double gamma, double label_smoothing, bool err_sum,
-                               double logratio_clip, int64_t reduction, bool interleaved, bool strict_ties) {
+                               double alpha, double gamma, double label_smoothing, int64_t err_reduction,
+                               double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
+                               bool interleaved, bool strict_ties) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, logits, stats, summary, coef] =
         forward_op().call(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma,
-                          label_smoothing, err_sum, logratio_clip, reduction, interleaved, strict_ties);
+                          label_smoothing, err_reduction, logratio_clip, reduction, loss_type, ipo_margin,
+                          interleaved, strict_ties);
     // The backward needs the inputs it reads and O(B) coefficients: no activation-sized buffer is kept.
     ctx->save_for_backward({model_pred, target, mask.value_or(at::Tensor()), coef});
     ctx->saved_data["interleaved"] = interleaved;
@@ -85,11 +88,12 @@ fdpo::ForwardOutputs forward_autograd(const at::Tensor& model_pred, const std::o
                                       const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
                                       const std::optional<at::Tensor>& mask,
                                       const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence,
-                                      double alpha, double gamma, double label_smoothing, bool err_sum,
-                                      double logratio_clip, int64_t reduction, bool interleaved, bool strict_ties) {
-  const variable_list r =
-      FdpoForward::apply(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma,
-                         label_smoothing, err_sum, logratio_clip, reduction, interleaved, strict_ties);
+                                      double alpha, double gamma, double label_smoothing, int64_t err_reduction,
+                                      double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
+                                      bool interleaved, bool strict_ties) {
+  const variable_list r = FdpoForward::apply(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta,
+                                             divergence, alpha, gamma, label_smoothing, err_reduction, logratio_clip,
+                                             reduction, loss_type, ipo_margin, interleaved, strict_ties);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
@@ -125,7 +129,8 @@ TORCH_LIBRARY(fdiv_kernels, m) {
   m.def(
       "fdpo_forward(Tensor model_pred, Tensor? ref_pred, Tensor target, Tensor? ref_err, Tensor? mask, "
       "Tensor? pair_weight, float beta, int divergence, float alpha, float gamma, float label_smoothing, "
-      "bool err_sum, float logratio_clip, int reduction, bool interleaved, bool strict_ties) "
+      "int err_reduction, float logratio_clip, int reduction, int loss_type, float ipo_margin, bool interleaved, "
+      "bool strict_ties) "
       "-> (Tensor loss, Tensor logits, Tensor sample_stats, Tensor summary, Tensor grad_coef)");
   m.def(
       "fdpo_backward(Tensor grad_loss, Tensor model_pred, Tensor target, Tensor? mask, Tensor grad_coef, "

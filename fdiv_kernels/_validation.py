@@ -11,7 +11,9 @@ import torch
 from .divergences import Divergence, get_divergence
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-ERR_REDUCTIONS = ("mean", "sum")
+# Per-sample error: masked mean, sum, or mean over all elements (sum m r^2 / D, e.g. SimpleTuner's norm_type="mean").
+ERR_REDUCTIONS = {"mean": 0, "sum": 1, "mean_all": 2}
+LOSS_TYPES = {"sigmoid": 0, "hinge": 1, "ipo": 2}  # diffusers' --loss_type
 LAYOUTS = ("halves", "interleaved")
 BETA_CONVENTIONS = ("half", "full")
 ACC_TIE_RULES = ("half", "strict")
@@ -36,11 +38,17 @@ class FDPOConfig:
     divergence: Divergence
     gamma: float
     label_smoothing: float
-    err_sum: bool
+    err_reduction: str
     logratio_clip: float | None
     reduction: str
     layout: str
     implicit_acc_ties: str
+    loss_type: str = "sigmoid"
+    ipo_margin: float = 0.0  # 1 / (2 ipo_tau)
+
+    @property
+    def err_sum(self) -> bool:
+        return self.err_reduction == "sum"
 
     @property
     def interleaved(self) -> bool:
@@ -57,8 +65,9 @@ class FDPOConfig:
     def op_scalars(self) -> tuple:
         """The scalar arguments of fdiv_kernels::fdpo_forward, in schema order."""
         return (
-            self.beta, self.divergence.id, self.divergence.alpha, self.gamma, self.label_smoothing, self.err_sum,
-            self.logratio_clip or 0.0, self.reduction_id, self.interleaved, self.strict_ties,
+            self.beta, self.divergence.id, self.divergence.alpha, self.gamma, self.label_smoothing,
+            ERR_REDUCTIONS[self.err_reduction], self.logratio_clip or 0.0, self.reduction_id,
+            LOSS_TYPES[self.loss_type], self.ipo_margin, self.interleaved, self.strict_ties,
         )
 
 
@@ -74,6 +83,8 @@ def make_config(
     logratio_clip=None,
     reduction="mean",
     implicit_acc_ties="half",
+    loss_type="sigmoid",
+    ipo_tau=None,
 ) -> FDPOConfig:
     """Validate the loss's scalar arguments (errors name the argument) and return the frozen config."""
     div = get_divergence(divergence, alpha)
@@ -90,16 +101,33 @@ def make_config(
     eps = _finite_float("label_smoothing", label_smoothing)
     if not (0.0 <= eps < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
+    loss_type = _choice("loss_type", loss_type, tuple(LOSS_TYPES))
+    if loss_type != "sigmoid" and eps > 0:
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only; got loss_type={loss_type!r} with "
+                         f"label_smoothing={eps}")
+    if loss_type == "ipo":
+        if ipo_tau is None:
+            raise ValueError("loss_type='ipo' needs ipo_tau, its regularization: loss = (z - 1 / (2 ipo_tau))^2 "
+                             "(see docs/dropin.md for diffusers' --loss_type ipo)")
+        ipo_margin = 1.0 / (2.0 * _finite_float("ipo_tau", ipo_tau, positive=True))
+        if ipo_margin > _FLOAT32_MAX:
+            raise ValueError(f"ipo_tau={ipo_tau:g} gives a margin 1/(2 ipo_tau) beyond float32's range")
+    elif ipo_tau is not None:
+        raise ValueError(f"ipo_tau is used by loss_type='ipo' only; got loss_type={loss_type!r}")
+    else:
+        ipo_margin = 0.0
     return FDPOConfig(
         beta=beta,
         divergence=div,
         gamma=_finite_float("gamma", gamma, positive=True, float32=True),
         label_smoothing=eps,
-        err_sum=_choice("err_reduction", err_reduction, ERR_REDUCTIONS) == "sum",
+        err_reduction=_choice("err_reduction", err_reduction, tuple(ERR_REDUCTIONS)),
         logratio_clip=_finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True, float32=True),
         reduction=_choice("reduction", reduction, tuple(REDUCTIONS)),
         layout=_choice("layout", layout, LAYOUTS),
         implicit_acc_ties=_choice("implicit_acc_ties", implicit_acc_ties, ACC_TIE_RULES),
+        loss_type=loss_type,
+        ipo_margin=ipo_margin,
     )
 
 
@@ -279,9 +307,11 @@ def validate(
     logratio_clip,
     reduction,
     implicit_acc_ties,
+    loss_type="sigmoid",
+    ipo_tau=None,
 ) -> FDPOProblem:
     """Config and tensor checks of one call (the reference's entry point; the fused loss caches the config)."""
     config = make_config(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout, beta_convention,
-                         logratio_clip, reduction, implicit_acc_ties)
+                         logratio_clip, reduction, implicit_acc_ties, loss_type, ipo_tau)
     num_pairs = check_inputs(config, model_pred, ref_pred, target, ref_err, mask, pair_weight)
     return FDPOProblem(config, model_pred, ref_pred, target, ref_err, mask, pair_weight, num_pairs)

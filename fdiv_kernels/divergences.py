@@ -22,7 +22,13 @@ __all__ = [
     "psi",
     "psi_slope",
     "psi_diff",
+    "clipped_psi_diff",
+    "clipped_psi_slope",
+    "sech2",
+    "log_psi_slope",
+    "log_sech2",
     "soft_clip",
+    "soft_clip_slope",
     "softplus",
 ]
 
@@ -119,25 +125,178 @@ def psi_slope(div: Divergence, d: torch.Tensor) -> torch.Tensor:
     return (s * k) * torch.exp(-k * d)
 
 
-def psi_diff(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Tensor:
-    """psi(d_w) - psi(d_l), exact near 0 and a correctly signed inf (never inf - inf) at overflow."""
+def _psi_diff_value(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Tensor:
     if div.name == "reverse_kl":
         return d_w - d_l
     if div.name == "js":
         return softplus(-d_l) - softplus(-d_w)
     k, s = _exp_family(div)
-    a, b = -k * d_w, -k * d_l  # psi_w - psi_l = s * (exp(b) - exp(a))
-    # Factor out the larger exponent: s * exp(hi) * expm1(gap), gap <= 0. Branch by where() on the inputs (not
-    # max/min, which split the gradient at ties) so autograd is right at d_w == d_l, the first fine-tuning step.
-    b_ge = b >= a
-    hi = torch.where(b_ge, b, a)
-    gap = torch.where(b_ge, a - b, b - a)
-    value = (s * torch.where(b_ge, -1.0, 1.0).to(hi.dtype)) * torch.exp(hi) * torch.expm1(gap)
-    return torch.where((gap == 0) & torch.isinf(hi.exp()), torch.zeros_like(value), value)  # never inf * 0
+    a, b = -k * d_w, -k * d_l
+    hi = torch.maximum(a, b)
+    gap = -(a - b).abs()  # lo - hi <= 0
+    half = torch.exp(0.5 * hi)
+    magnitude = s * (half * (half * torch.expm1(gap)))  # s * exp(hi) * expm1(lo - hi) <= 0
+    value = torch.where(b >= a, -magnitude, magnitude)
+    return torch.where(a == b, torch.zeros_like(value), value)  # also for a == b == +-inf: never inf - inf
+
+
+def _soft_clip_value(d: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = d / clip
+    ax = x.abs()
+    t = torch.exp(-2.0 * ax)
+    clipped = torch.copysign(clip * (-torch.expm1(-2.0 * ax) / (1.0 + t)), x)
+    tiny = ax < math.sqrt(torch.finfo(d.dtype).eps / 2)
+    return torch.where(tiny, d, clipped), 4.0 * t / ((1.0 + t) * (1.0 + t))
+
+
+def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, but 0 where one factor is 0 and the other +-inf or NaN (the kernels' mul0: a saturated sigmoid times
+    an overflowed exp is 0, not NaN). Differentiable, with the plain product's gradient wherever both are finite."""
+    bad = ((a == 0) & ~torch.isfinite(b)) | ((b == 0) & ~torch.isfinite(a))
+    return torch.where(bad, 0.0, torch.where(bad, 1.0, a) * torch.where(bad, 1.0, b))
+
+
+def _mul_exp(g: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """g * exp(log_b), exact also where exp(log_b) over- or underflows but the product does not; 0 where g = 0
+    (mul0). Differentiable in g and log_b (no inf or NaN in the branch not taken, so none in its gradient)."""
+    b = torch.exp(log_b)
+    ok = torch.isfinite(b) & (b != 0)
+    plain = g * torch.exp(torch.where(ok, log_b, 0.0))
+    far = ~ok & (g != 0) & (log_b != float("-inf"))  # an exactly-0 slope times any g is 0 (mul0)
+    g_far = torch.where(far, g, 1.0)
+    scaled = torch.sign(g_far) * torch.exp(torch.log(g_far.abs()) + torch.where(far, log_b, 0.0))
+    return torch.where(ok, plain, torch.where(far, scaled, 0.0 * g))
+
+
+def _log_clipped_slope(div: Divergence, r: torch.Tensor, clip: float | None) -> torch.Tensor | None:
+    """log of d psi(soft_clip(r)) / dr (finite wherever r is), or None where that slope is identically 1."""
+    if clip is None:
+        return None if div.name == "reverse_kl" else log_psi_slope(div, r)
+    x = r / clip
+    if div.name == "reverse_kl":
+        return log_sech2(x)
+    return log_psi_slope(div, soft_clip(r, clip)) + log_sech2(x)
+
+
+def _wants_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _SoftClip(torch.autograd.Function):
+    """c * tanh(d / c) whose backward is sech^2(d / c) itself (autograd of tanh forms 1 - tanh^2, which is 0
+    beyond |d / c| ~ 19 in float64); the backward is differentiable again (double backward)."""
+
+    @staticmethod
+    def forward(ctx, d, clip):
+        ctx.clip = clip
+        ctx.save_for_backward(d)
+        return _soft_clip_value(d, clip)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return _mul0(grad, sech2(d / ctx.clip)), None
+
+
+class _ClippedPsiDiff(torch.autograd.Function):
+    """psi(clip(scale * x_w)) - psi(clip(scale * x_l)). Its backward is the upstream gradient times
+    +-scale * d psi(clip(r)) / dr evaluated directly (psi' and sech^2, never autograd of the stable forms, which
+    cancels), formed as one product in log space: exact also where psi' alone overflows but the product fits,
+    and 0 (mul0) where the upstream gradient is 0. Differentiable again (double backward)."""
+
+    @staticmethod
+    def forward(ctx, x_w, x_l, scale, div, clip):
+        ctx.div, ctx.clip = div, clip
+        scale = torch.as_tensor(scale, dtype=x_w.dtype, device=x_w.device)
+        ctx.save_for_backward(x_w, x_l, scale)
+        r_w, r_l = scale * x_w, scale * x_l
+        if clip is not None:
+            r_w, r_l = _soft_clip_value(r_w, clip)[0], _soft_clip_value(r_l, clip)[0]
+        return _psi_diff_value(div, r_w, r_l)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_w, x_l, scale = ctx.saved_tensors
+        log_scale = torch.log(scale.abs())
+        grad_scaled = grad * torch.sign(scale)
+        out = []
+        for x, sign in ((x_w, 1.0), (x_l, -1.0)):
+            log_slope = _log_clipped_slope(ctx.div, scale * x, ctx.clip)
+            log_b = log_scale if log_slope is None else log_slope + log_scale
+            out.append(sign * _mul_exp(grad_scaled, log_b.expand_as(x)))
+        return out[0], out[1], None, None, None
+
+
+def psi_diff(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Tensor:
+    """psi(d_w) - psi(d_l), exact near 0 and a correctly signed inf (never inf - inf) at overflow.
+
+    Exponential family: psi_w - psi_l = s * (exp(b) - exp(a)) with a = -k d_w, b = -k d_l, evaluated as
+    -+ s * exp(hi) * expm1(lo - hi), with exp(hi) formed as exp(hi/2)^2 so that the product stays finite wherever
+    it is representable (exp(hi) alone overflows first when |lo - hi| is tiny). Equal arguments give exactly 0.
+    Differentiated (autograd), its gradient is (psi'(d_w), -psi'(d_l)) evaluated directly: exact also where
+    autograd of the stable form cancels (expm1's backward at |k (d_w - d_l)| > ~37) or gives inf * 0.
+    """
+    return clipped_psi_diff(div, d_w, d_l, None)
+
+
+def clipped_psi_diff(div: Divergence, x_w: torch.Tensor, x_l: torch.Tensor, clip: float | None,
+                     scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """psi(soft_clip(scale * x_w)) - psi(soft_clip(scale * x_l)); under autograd its gradient is
+    +-scale * psi'(soft_clip(r)) * sech^2(r / clip) evaluated directly (see _ClippedPsiDiff)."""
+    if _wants_grad(x_w, x_l):
+        return _ClippedPsiDiff.apply(x_w, x_l, scale, div, clip)
+    r_w, r_l = scale * x_w, scale * x_l
+    if clip is not None:
+        r_w, r_l = _soft_clip_value(r_w, clip)[0], _soft_clip_value(r_l, clip)[0]
+    return _psi_diff_value(div, r_w, r_l)
+
+
+def soft_clip_slope(d: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c * tanh(d / c), sech^2(d / c)), both accurate to a few ulps for every |x| = |d / c|, tiny to huge.
+
+    With t = exp(-2|x|) in (0, 1]: tanh|x| = -expm1(-2|x|) / (1 + t), which does not cancel for small |x| (the
+    (1 - t) / (1 + t) form lost everything below c * 6e-8: d = 0 from c ~ 1e9 in fp32), and sech^2 x =
+    4t / (1 + t)^2 (never 1 - tanh^2: non-zero as long as the dtype holds it). Below |x| = sqrt(eps / 2),
+    tanh x = x to within half an ulp, so d passes unchanged (exact even where d / c would be subnormal).
+    The twins: soft_clip in csrc/fdpo_math.h and _soft_clip in backends/triton_kernels.py. Forward only.
+    """
+    return _soft_clip_value(d, clip)
 
 
 def soft_clip(d: torch.Tensor, clip: float | None) -> torch.Tensor:
-    """d -> c * tanh(d / c): bounded log-ratios with a non-zero gradient (SPEC section 2)."""
+    """d -> c * tanh(d / c): bounded log-ratios with a non-zero gradient sech^2(d / c) (SPEC section 2)."""
     if clip is None:
         return d
-    return clip * torch.tanh(d / clip)
+    if _wants_grad(d):
+        return _SoftClip.apply(d, clip)
+    return _soft_clip_value(d, clip)[0]
+
+
+def sech2(x: torch.Tensor) -> torch.Tensor:
+    """sech^2(x) = 4t / (1 + t)^2 with t = exp(-2|x|): no 1 - tanh^2 cancellation."""
+    t = torch.exp(-2.0 * x.abs())
+    return 4.0 * t / ((1.0 + t) * (1.0 + t))
+
+
+def log_psi_slope(div: Divergence, d: torch.Tensor) -> torch.Tensor:
+    """log psi'(d), finite wherever d is (psi' itself over- or underflows beyond |k d| ~ 709 in float64)."""
+    if div.name == "reverse_kl":
+        return torch.zeros_like(d)
+    if div.name == "js":
+        return -softplus(d)  # log sigmoid(-d)
+    k, s = _exp_family(div)
+    return math.log(s * k) - k * d
+
+
+def log_sech2(x: torch.Tensor) -> torch.Tensor:
+    """log sech^2(x) = log 4 - 2|x| - 2 log1p(exp(-2|x|)), finite wherever x is."""
+    ax = x.abs()
+    return math.log(4.0) - 2.0 * ax - 2.0 * torch.log1p(torch.exp(-2.0 * ax))
+
+
+def clipped_psi_slope(div: Divergence, r: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """d psi(soft_clip(r)) / dr = psi'(c tanh(r/c)) * sech^2(r/c) (psi'(r) without a clip), formed as
+    exp(log psi' + log sech^2): exact also where one factor over- and the other underflows, and with gradual
+    underflow (psi_slope's sigmoid and s * k * exp(-k d) flush or overflow a little early). Differentiable."""
+    log_slope = _log_clipped_slope(div, r, clip)
+    return torch.ones_like(r) if log_slope is None else torch.exp(log_slope)

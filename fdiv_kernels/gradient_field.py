@@ -110,9 +110,11 @@ def gradient_weights(
         alpha=div.alpha,
         gamma=gamma,
         label_smoothing=eps,
-        err_sum=True,
+        err_reduction=1,  # sum
         logratio_clip=clip or 0.0,
         reduction=0,  # "none": loss_p per pair, no 1/B
+        loss_type=0,  # sigmoid
+        ipo_margin=0.0,
         interleaved=False,
     )
     _, _, _, _, coef = pair_head(params, err_gap, inv, None)

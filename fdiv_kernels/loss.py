@@ -32,6 +32,8 @@ def fused_fdpo_loss(
     logratio_clip: float | None = None,
     reduction: str = "mean",
     implicit_acc_ties: str = "half",
+    loss_type: str = "sigmoid",
+    ipo_tau: float | None = None,
     return_stats: bool = False,
     backend: str = "auto",
 ):
@@ -49,12 +51,17 @@ def fused_fdpo_loss(
         gamma: outer scale of the logit ``z = gamma * (psi(d_w) - psi(d_l))``.
         label_smoothing: conservative-DPO eps in [0, 0.5).
         pair_weight: per-pair weight ``[B]`` (e.g. timestep weighting), default 1.
-        err_reduction: per-sample error as the ``mean`` (default) or ``sum`` over elements.
+        err_reduction: per-sample error as the ``mean`` over elements (default; with a mask, the masked mean),
+            their ``sum``, or ``mean_all``: the masked sum over all elements divided by their count (trainers that
+            average ``err * mask`` over every element, e.g. SimpleTuner's ``norm_type="mean"``).
         mask: per-element weights ``[2B or B, *S]``: errors become masked means (or masked sums).
         layout: ``halves`` (rows ``[w; l]``) or ``interleaved`` (rows ``[w0, l0, w1, l1, ...]``).
         logratio_clip: ``c`` > 0 soft-clamps ``d -> c * tanh(d / c)``.
         reduction: ``mean`` (default), ``sum`` or ``none`` (per-pair ``[B]``).
         implicit_acc_ties: ``half`` (ties count 1/2, diffusers SDXL) or ``strict`` (original code).
+        loss_type: the pair loss of the logit z, as diffusers' ``--loss_type``: ``sigmoid`` (default,
+            ``-log sigmoid(z)``), ``hinge`` (``relu(1 - z)``) or ``ipo`` (``(z - 1 / (2 ipo_tau))^2``).
+        ipo_tau: the regularization of ``loss_type="ipo"``.
         return_stats: also return :class:`FDPOStats`.
         backend: ``auto``, ``triton``, ``cuda``, ``cpu`` or ``torch``.
 
@@ -64,7 +71,7 @@ def fused_fdpo_loss(
     """
     # Scalars: validated once per distinct configuration (a cache hit costs a dict lookup).
     config = config_for(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout, beta_convention,
-                        logratio_clip, reduction, implicit_acc_ties)
+                        logratio_clip, reduction, implicit_acc_ties, loss_type, ipo_tau)
     return _apply(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight)
 
 
@@ -107,12 +114,14 @@ class FDPOLoss(nn.Module):
         logratio_clip: float | None = None,
         reduction: str = "mean",
         implicit_acc_ties: str = "half",
+        loss_type: str = "sigmoid",
+        ipo_tau: float | None = None,
         return_stats: bool = False,
         backend: str = "auto",
     ):
         super().__init__()
         self.config = make_config(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout,
-                                  beta_convention, logratio_clip, reduction, implicit_acc_ties)
+                                  beta_convention, logratio_clip, reduction, implicit_acc_ties, loss_type, ipo_tau)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend={backend!r}; expected one of {list(BACKENDS)}")
         self.backend = backend

@@ -22,7 +22,7 @@ from torch import Tensor
 from .backends import HAS_TRITON, cpp, get_implementation
 from .backends.common import KernelParams
 
-_FORWARD_ARGS = 16  # tensors and scalars of fdpo_forward, before the Python ops' backend name
+_FORWARD_ARGS = 18  # tensors and scalars of fdpo_forward, before the Python ops' backend name
 
 # ---------------------------------------------------------------------------------------------------------------
 # Native ops (csrc/ops.cpp), present when the C++ extension loaded.
@@ -56,7 +56,7 @@ def _small(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
 
 def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair_weight, *scalars):
     """One backend's forward on the op's arguments (N-D tensors in, the op's five outputs out)."""
-    params = KernelParams(*scalars[:9], strict_ties=scalars[9])
+    params = KernelParams(*scalars)
     return tuple(
         get_implementation(backend).forward(
             _rows(model_pred), _rows(ref_pred), _rows(target), _small(ref_err, model_pred), _rows(mask),
@@ -100,21 +100,24 @@ def fdpo_forward_py(
     alpha: float,
     gamma: float,
     label_smoothing: float,
-    err_sum: bool,
+    err_reduction: int,
     logratio_clip: float,
     reduction: int,
+    loss_type: int,
+    ipo_margin: float,
     interleaved: bool,
     strict_ties: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fdiv_kernels::fdpo_forward on the named backend (same outputs)."""
     return _run_forward(backend, model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha,
-                        gamma, label_smoothing, err_sum, logratio_clip, reduction, interleaved, strict_ties)
+                        gamma, label_smoothing, err_reduction, logratio_clip, reduction, loss_type, ipo_margin,
+                        interleaved, strict_ties)
 
 
 @fdpo_forward_py.register_fake
 def _(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma, label_smoothing,
-      err_sum, logratio_clip, reduction, interleaved, strict_ties, backend):
+      err_reduction, logratio_clip, reduction, loss_type, ipo_margin, interleaved, strict_ties, backend):
     rows = model_pred.shape[0]
     pairs = rows // 2
     acc = dict(dtype=torch.float64 if model_pred.dtype == torch.float64 else torch.float32, device=model_pred.device)
@@ -143,7 +146,7 @@ def _(grad_loss, model_pred, target, mask, grad_coef, interleaved, backend):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[2], inputs[4], output[4])  # inputs and O(B) coefficients only
-    ctx.interleaved, ctx.backend = inputs[14], inputs[16]
+    ctx.interleaved, ctx.backend = inputs[16], inputs[18]
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 

@@ -1,7 +1,12 @@
 """fdpo_loss_reference: the pure-PyTorch f-DPO loss, eager and readable. It defines what is right.
 
-It computes in float64 when given float64 inputs (that is how the tests use it) and in float32 otherwise,
-and its gradient comes from autograd, independently of the kernels' hand-written backward.
+It computes in float64 when given float64 inputs (that is how the tests use it) and in float32 otherwise.
+Its gradient comes from autograd, independently of the kernels' hand-written backward, with three pieces
+differentiated by hand where autograd of the stable forward would lose the answer: the per-sample errors
+(mul0 at overflow), the soft clip (sech^2, not 1 - tanh^2) and psi(d_w) - psi(d_l) (psi' itself, not the backward
+of expm1, which is 0 once k |d_w - d_l| > ~37). In float64 it is exact to a few ulps times the problem's
+condition number for |d| up to 1e4 and beyond, with +inf loss and +-inf gradients where float64 overflows
+(tests/test_numerics.py checks it against mpmath). Its backward is differentiable (double backward, gradgradcheck).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import FDPOProblem, validate
-from .divergences import psi, psi_diff, soft_clip
+from .divergences import _mul0, clipped_psi_diff, psi, soft_clip
 from .stats import FDPOStats
 
 
@@ -31,34 +36,59 @@ def _join_pairs(w: torch.Tensor, l: torch.Tensor, p: FDPOProblem) -> torch.Tenso
     return torch.stack([w, l], dim=1).flatten() if p.interleaved else torch.cat([w, l])
 
 
+class _RowErrors(torch.autograd.Function):
+    """Per-sample (e, e_ref, e_ref - e) from [rows, D] tensors; differentiable in model_pred only (validation
+    refuses ref_pred, target, ref_err and mask that require grad).
+
+    d e / d pred = -d (e_ref - e) / d pred = 2 (pred - t) m inv, applied with mul0 semantics: an overflowed
+    (+-inf) row coefficient times a zero residual or mask weight is 0, as in every kernel (autograd of the
+    direct form (ref - pred)(ref + pred - 2t) would give inf - inf = NaN there, and inf * 0 = NaN at m = 0).
+    The backward is itself differentiable (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, pred, ref, target, mask, ref_err, err_reduction: str):
+        if mask is None or err_reduction == "mean_all":  # mean_all: masked sum over all D elements / D
+            count = torch.full((pred.shape[0],), pred.shape[1], dtype=pred.dtype, device=pred.device)
+        else:
+            count = mask.sum(dim=1)
+        # inv = 1/count, 0 for an empty mask (e := 0); total * inv keeps a NaN total NaN (as the kernels do).
+        inv = (torch.ones_like(count) if err_reduction == "sum"
+               else torch.where(count > 0, 1.0 / count.clamp_min(1e-30), 0.0))
+
+        def reduce(x):
+            return (x if mask is None else x * mask).sum(dim=1) * inv
+
+        model_err = reduce((pred - target) ** 2)
+        if ref is not None:
+            ref_err_ = reduce((ref - target) ** 2)
+            err_gap = reduce((ref - pred) * (ref + pred - 2 * target))  # e_ref - e without cancellation
+        else:
+            ref_err_ = ref_err
+            err_gap = ref_err - model_err
+        ctx.save_for_backward(pred, target, mask, inv)
+        return model_err, ref_err_, err_gap
+
+    @staticmethod
+    def backward(ctx, grad_err, _grad_ref_err, grad_gap):
+        pred, target, mask, inv = ctx.saved_tensors
+        row = _mul0(grad_err - grad_gap, 2.0 * inv)
+        grad = _mul0(row[:, None], pred - target)
+        if mask is not None:
+            grad = _mul0(grad, mask)
+        return grad, None, None, None, None, None
+
+
 def denoising_errors(problem: FDPOProblem, dtype: torch.dtype):
     """Per-sample errors e, e_ref and e_ref - e (accumulated directly, SPEC section 2), in ``dtype``."""
     p = problem
     rows = 2 * p.num_pairs
     pred = p.model_pred.to(dtype).reshape(rows, -1)
     target = _per_sample(p.target, p).to(dtype).reshape(rows, -1)
-    if p.mask is not None:
-        mask = _per_sample(p.mask, p).to(dtype).reshape(rows, -1)
-        count = mask.sum(dim=1)
-    else:
-        mask = None
-        count = torch.full((rows,), pred.shape[1], dtype=dtype, device=pred.device)
-
-    def reduce(x: torch.Tensor) -> torch.Tensor:
-        total = (x if mask is None else x * mask).sum(dim=1)
-        if p.err_sum:
-            return total
-        return torch.where(count > 0, total / count.clamp_min(1e-30), torch.zeros_like(total))
-
-    model_err = reduce((pred - target) ** 2)
-    if p.ref_pred is not None:
-        ref = p.ref_pred.to(dtype).reshape(rows, -1)
-        ref_err = reduce((ref - target) ** 2)
-        err_gap = reduce((ref - pred) * (ref + pred - 2 * target))  # e_ref - e without cancellation
-    else:
-        ref_err = p.ref_err.to(dtype)
-        err_gap = ref_err - model_err
-    return model_err, ref_err, err_gap
+    mask = None if p.mask is None else _per_sample(p.mask, p).to(dtype).reshape(rows, -1)
+    ref = None if p.ref_pred is None else p.ref_pred.to(dtype).reshape(rows, -1)
+    ref_err = None if p.ref_err is None else p.ref_err.to(dtype)
+    return _RowErrors.apply(pred, ref, target, mask, ref_err, p.err_reduction)
 
 
 def fdpo_loss_reference(
@@ -80,32 +110,40 @@ def fdpo_loss_reference(
     logratio_clip: float | None = None,
     reduction: str = "mean",
     implicit_acc_ties: str = "half",
+    loss_type: str = "sigmoid",
+    ipo_tau: float | None = None,
     return_stats: bool = False,
 ):
-    """The f-DPO loss of SPEC section 2 in plain PyTorch. Same arguments as :func:`fused_fdpo_loss`."""
+    """The f-DPO loss of docs/spec.md in plain PyTorch. Same arguments as :func:`fused_fdpo_loss`."""
     p = validate(
         model_pred, ref_pred, target, ref_err=ref_err, beta=beta, divergence=divergence, alpha=alpha,
         gamma=gamma, label_smoothing=label_smoothing, pair_weight=pair_weight, err_reduction=err_reduction,
         mask=mask, layout=layout, beta_convention=beta_convention, logratio_clip=logratio_clip,
-        reduction=reduction, implicit_acc_ties=implicit_acc_ties,
+        reduction=reduction, implicit_acc_ties=implicit_acc_ties, loss_type=loss_type, ipo_tau=ipo_tau,
     )
     dtype = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
     model_err, ref_err_, err_gap = denoising_errors(p, dtype)
 
     gap_w, gap_l = _split_pairs(err_gap, p)
     weight = 1.0 if p.pair_weight is None else p.pair_weight.to(dtype)
-    d_w = soft_clip(0.5 * p.beta * weight * gap_w, p.logratio_clip)
-    d_l = soft_clip(0.5 * p.beta * weight * gap_l, p.logratio_clip)
-
-    logits = p.gamma * psi_diff(p.divergence, d_w, d_l)
-    eps = p.label_smoothing
-    losses = -(1.0 - eps) * F.logsigmoid(logits)
-    if eps > 0:
-        losses = losses - eps * F.logsigmoid(-logits)
+    scale = 0.5 * p.beta * weight  # d = scale * (e_ref - e), then the soft clip
+    # psi(clip(d_w)) - psi(clip(d_l)), differentiated through psi' and sech^2 evaluated directly (divergences.py),
+    # times the scale in one log-space product: autograd of the stable forms would cancel (expm1's backward,
+    # 1 - tanh^2) or give inf * 0 at overflow, and psi' alone may overflow where dloss/d(e_ref - e) does not.
+    logits = p.gamma * clipped_psi_diff(p.divergence, gap_w, gap_l, p.logratio_clip, scale=scale)
+    if p.loss_type == "hinge":  # diffusers' --loss_type hinge
+        losses = torch.relu(1.0 - logits)
+    elif p.loss_type == "ipo":  # (z - 1 / (2 tau))^2
+        losses = (logits - p.ipo_margin) ** 2
+    else:
+        eps = p.label_smoothing
+        losses = -(1.0 - eps) * F.logsigmoid(logits)
+        if eps > 0:
+            losses = losses - eps * F.logsigmoid(-logits)
     loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[p.reduction]()
     if not return_stats:
         return loss
-    logratio = _join_pairs(d_w, d_l, p)
+    logratio = soft_clip(_join_pairs(scale * gap_w, scale * gap_l, p).detach(), p.logratio_clip)
     stats = FDPOStats.from_tensors(
         logits, model_err, ref_err_, logratio, psi(p.divergence, logratio), p.implicit_acc_ties
     )

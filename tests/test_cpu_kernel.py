@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss
+from fdiv_kernels._validation import make_config
 from fdiv_kernels.backends import cpp
 
 _WHY = cpp.why_unavailable("cpu")
@@ -299,7 +300,7 @@ def test_half_conversions_are_exact(dtype, D, isa):
     target = torch.zeros_like(rows)
     pairs = rows.shape[0] // 2
     loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(
-        rows, None, target, torch.zeros(2 * pairs), None, None, 1.0, 0, 0.5, 1.0, 0.0, True, 0.0, 1, False, False)
+        rows, None, target, torch.zeros(2 * pairs), None, None, *make_config(beta=1.0, err_reduction="sum").op_scalars())
     expected = (rows.double() ** 2).sum(dim=1)
     torch.testing.assert_close(stats[0].double(), expected, rtol=1e-6, atol=1e-30)
     grad = torch.ops.fdiv_kernels.fdpo_backward(torch.tensor(1.0), rows, target, None, torch.ones(2 * pairs), False)
@@ -310,17 +311,15 @@ def test_forward_op_outputs_follow_the_contract():
     inputs = make_inputs(B=3, shape=(4, 5, 6), dtype=torch.bfloat16, seed=2)
     p, r, t = (_flat(inputs[k]) for k in ("model_pred", "ref_pred", "target"))
     for reduction, loss_shape in ((0, (3,)), (1, ()), (2, ())):
-        loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(
-            p, r, t, None, None, None, BETA, 2, 0.5, 1.0, 0.0, False, 0.0, reduction, False, False)
+        scalars = make_config(beta=BETA, divergence="js", reduction=["none", "mean", "sum"][reduction]).op_scalars()
+        loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(p, r, t, None, None, None, *scalars)
         assert loss.shape == loss_shape and logits.shape == (3,) and stats.shape == (4, 6) and coef.shape == (6,)
         assert summary.shape == (3,)
         assert {loss.dtype, logits.dtype, stats.dtype, summary.dtype, coef.dtype} == {torch.float32}
     with pytest.raises(RuntimeError, match="exactly one of ref_pred and ref_err"):
-        torch.ops.fdiv_kernels.fdpo_forward(p, r, t, torch.zeros(6), None, None, BETA, 0, 0.5, 1.0, 0.0, False, 0.0,
-                                            1, False, False)
+        torch.ops.fdiv_kernels.fdpo_forward(p, r, t, torch.zeros(6), None, None, *scalars)
     with pytest.raises(RuntimeError, match="target must have model_pred's shape"):
-        torch.ops.fdiv_kernels.fdpo_forward(p, r, t[:, :-1], None, None, None, BETA, 0, 0.5, 1.0, 0.0, False, 0.0,
-                                            1, False, False)
+        torch.ops.fdiv_kernels.fdpo_forward(p, r, t[:, :-1], None, None, None, *scalars)
 
 
 def test_non_contiguous_inputs():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fdiv_kernels import FDPOLoss, FDPOStats, fdpo_loss_reference, fused_fdpo_loss, ops
+from fdiv_kernels._validation import make_config
 from fdiv_kernels.backends import _why_unavailable
 
 
@@ -31,8 +32,11 @@ def _op_and_args(backend, reduction=1, mask=False, ref_err=False, strict_ties=Fa
     rows = pred.shape[0]
     m = torch.rand(rows, *pred.shape[1:]) if mask else None
     ref_e = torch.rand(rows) if ref_err else None
+    config = make_config(beta=400.0, divergence="js", label_smoothing=0.1,
+                         reduction={0: "none", 1: "mean", 2: "sum"}[reduction],
+                         implicit_acc_ties="strict" if strict_ties else "half")
     args = (pred.requires_grad_(), None if ref_err else ref, target, ref_e, m, torch.rand(rows // 2) + 0.5,
-            400.0, 2, 0.5, 1.0, 0.1, False, 0.0, reduction, False, strict_ties)
+            *config.op_scalars())
     if ops.NATIVE_KERNEL["cpu"] == backend:
         return torch.ops.fdiv_kernels.fdpo_forward.default, args
     return torch.ops.fdiv_kernels_py.fdpo_forward.default, args + (backend,)

@@ -223,7 +223,7 @@ def test_int64_indexing():
     model_pred = torch.randn(2 * num_pairs, row_len, device="cuda", dtype=torch.bfloat16, generator=gen)
     ref_pred = model_pred + 0.05 * torch.randn(model_pred.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     target = torch.randn(num_pairs, row_len, device="cuda", dtype=torch.bfloat16, generator=gen)  # shared
-    params = KernelParams(BETA, 0, 0.5, 1.0, 0.0, False, 0.0, 1, False)
+    params = KernelParams(BETA, 0, 0.5, 1.0, 0.0, 0, 0.0, 1, 0, 0.0, False)
     _, _, stats, coef = triton_kernels.forward(model_pred, ref_pred, target, None, None, None, params)
     grad = triton_kernels.backward(torch.ones((), device="cuda"), model_pred, target, None, coef, False)
     for row in range(2 * num_pairs):

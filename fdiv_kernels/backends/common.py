@@ -8,16 +8,19 @@ import torch
 
 
 class KernelParams(NamedTuple):
-    """Scalars of the kernel contract (docs/architecture.md); ids match csrc/fdpo_math.h."""
+    """Scalars of the kernel contract, in the order of fdiv_kernels::fdpo_forward's schema (docs/spec.md); ids
+    match csrc/fdpo_math.h."""
 
     beta: float
     divergence: int
     alpha: float
     gamma: float
     label_smoothing: float
-    err_sum: bool
+    err_reduction: int  # 0 masked mean, 1 sum, 2 mean over all elements
     logratio_clip: float  # <= 0: off
     reduction: int  # 0 none, 1 mean, 2 sum
+    loss_type: int  # 0 sigmoid, 1 hinge, 2 ipo
+    ipo_margin: float  # m = 1 / (2 tau) of ipo
     interleaved: bool
     strict_ties: bool = False  # implicit_acc counts ties (z == 0) as 0 instead of 1/2
 

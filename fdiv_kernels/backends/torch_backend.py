@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, softplus
+from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, soft_clip_slope, softplus
 from .common import KernelParams, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
@@ -25,18 +25,10 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     d[w_rows] = half_beta_w * err_gap[w_rows]
     d[l_rows] = half_beta_w * err_gap[l_rows]
     clip_slope = torch.ones_like(d)
-    if params.logratio_clip > 0:
-        x = d / params.logratio_clip
-        t = torch.exp(-2 * x.abs())
-        d = params.logratio_clip * torch.tanh(x)
-        clip_slope = 4 * t / (1 + t) ** 2  # sech^2 without 1 - tanh^2 cancellation
+    if params.logratio_clip > 0:  # c * tanh(d/c) and sech^2(d/c), both to a few ulps for every |d/c|
+        d, clip_slope = soft_clip_slope(d, params.logratio_clip)
     z = params.gamma * psi_diff(div, d[w_rows], d[l_rows])
-    eps = params.label_smoothing
-    loss = (1 - eps) * softplus(-z)
-    g = -(1 - eps) * torch.sigmoid(-z)
-    if eps > 0:
-        loss = loss + eps * softplus(z)
-        g = g + eps * torch.sigmoid(z)
+    loss, g = link_loss(params, z)
     reduced = {0: lambda: loss, 1: loss.mean, 2: loss.sum}[params.reduction]()
     red = 1.0 / num_pairs if params.reduction == 1 else 1.0
     slope = _mul0(psi_slope(div, d), clip_slope)
@@ -50,6 +42,23 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     hbw_rows[l_rows] = half_beta_w
     coef = _mul0(_mul0(g_rows, sign * params.gamma * slope), hbw_rows * red * 2 * inv)
     return reduced, z, d, psi(div, d), coef
+
+
+def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pair loss of the logit z for params.loss_type, and its derivative d loss / d z."""
+    if params.loss_type == 1:  # hinge
+        below = z < 1
+        return torch.where(below, 1 - z, torch.zeros_like(z)), torch.where(below, -1.0, 0.0).to(z.dtype)
+    if params.loss_type == 2:  # ipo
+        gap = z - params.ipo_margin
+        return gap * gap, 2 * gap
+    eps = params.label_smoothing
+    loss = (1 - eps) * softplus(-z)
+    g = -(1 - eps) * torch.sigmoid(-z)
+    if eps > 0:
+        loss = loss + eps * softplus(z)
+        g = g + eps * torch.sigmoid(z)
+    return loss, g
 
 
 def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -73,8 +82,11 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     def row_sum(x):
         return (x if m is None else x * m).sum(dim=1)
 
-    count = torch.full((rows,), float(pred.shape[1]), dtype=acc, device=pred.device) if m is None else m.sum(dim=1)
-    if params.err_sum:
+    if m is None or params.err_reduction == 2:  # mean over all D elements
+        count = torch.full((rows,), float(pred.shape[1]), dtype=acc, device=pred.device)
+    else:
+        count = m.sum(dim=1)
+    if params.err_reduction == 1:
         inv = torch.ones_like(count)
     else:
         inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
@@ -87,7 +99,11 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
         ref_err_ = ref_err.to(acc)
         err_gap = ref_err_ - model_err
     loss, logits, logratio, reward, coef = pair_head(params, err_gap, inv, pair_weight)
-    return loss, logits, torch.stack([model_err, ref_err_, logratio, reward]), coef
+    wins = (logits > 0).to(acc)
+    if not params.strict_ties:
+        wins = wins + 0.5 * (logits == 0).to(acc)
+    summary = torch.stack([wins.mean(), model_err.mean(), ref_err_.mean()])
+    return loss, logits, torch.stack([model_err, ref_err_, logratio, reward]), summary, coef
 
 
 def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):

@@ -36,6 +36,10 @@ _ALPHA = tl.constexpr(3)
 _HELLINGER = tl.constexpr(4)
 _NONE = tl.constexpr(0)
 _MEAN = tl.constexpr(1)
+_ERR_MEAN = tl.constexpr(0)  # ErrReduction ids (csrc/fdpo_math.h)
+_ERR_SUM = tl.constexpr(1)
+_HINGE = tl.constexpr(1)  # LossType ids (csrc/fdpo_math.h); sigmoid is 0
+_IPO = tl.constexpr(2)
 
 # Launch shapes. GPU: 8 contiguous elements per thread (16-byte accesses for fp16/bf16), at least
 # _WAVES programs per SM so that few long rows still fill the machine. Interpreter: every program instance
@@ -88,8 +92,10 @@ def _sigmoid(x):
 @triton.jit
 def _mul0(a, b):
     """a * b, but 0 whenever either factor is 0: a saturated sigmoid times an overflowed exp is 0, not NaN."""
-    zero = (a == 0.0) | (b == 0.0)
-    return tl.where(zero, 0.0, tl.where(zero, 1.0, a) * tl.where(zero, 1.0, b))
+    a_zero = a == 0.0
+    b_zero = b == 0.0  # no `|` of the two: the interpreter cannot or a scalar with a block
+    product = tl.where(b_zero, 1.0, a) * tl.where(a_zero, 1.0, b)  # never computes 0 * inf
+    return tl.where(a_zero, 0.0, tl.where(b_zero, 0.0, product))
 
 
 @triton.jit
@@ -150,11 +156,18 @@ def _psi_diff(d_w, d_l, alpha, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _soft_clip(d, clip):
-    """d -> c*tanh(d/c) and its slope sech^2(d/c), both from exp(-2|x|) so the slope stays non-zero."""
+    """d -> c*tanh(d/c) and its slope sech^2(d/c), both accurate to a few ulps for every |x| = |d/c|.
+
+    Twin of soft_clip in csrc/fdpo_math.h: with t = exp(-2|x|), tanh|x| = -expm1(-2|x|) / (1 + t) (no
+    cancellation for small |x|) and sech^2 = 4t / (1 + t)^2; below |x| = 2^-12, tanh x = x to within half an ulp
+    and d passes unchanged.
+    """
     x = d / clip
-    t = tl.exp(-2.0 * tl.abs(x))  # in (0, 1]
-    clipped = clip * (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -clipped, clipped), 4.0 * t / ((1.0 + t) * (1.0 + t))
+    ax = tl.abs(x)
+    t = tl.exp(-2.0 * ax)  # in (0, 1]
+    clipped = clip * (-_expm1(-2.0 * ax) / (1.0 + t))
+    clipped = tl.where(ax < 2.44140625e-4, d, tl.where(x < 0, -clipped, clipped))
+    return clipped, 4.0 * t / ((1.0 + t) * (1.0 + t))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,7 +278,7 @@ def _partials_kernel(
 
 @triton.jit
 def _row_errors(ws_ptr, ref_err_ptr, rows_idx, valid, num_chunks, rows, row_count,
-                HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ERR_SUM: tl.constexpr, BLOCK_C: tl.constexpr):
+                HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ERR_REDUCTION: tl.constexpr, BLOCK_C: tl.constexpr):
     """Chunk partials -> (e, e_ref, e_ref - e, inv) of the given rows, summing chunks in a fixed order.
 
     Chunks are read as [rows, BLOCK_C] tiles (contiguous per row): a few wide loads rather than one dependent
@@ -287,10 +300,10 @@ def _row_errors(ws_ptr, ref_err_ptr, rows_idx, valid, num_chunks, rows, row_coun
             q += tl.load(tile + 2 * stat_stride, mask=in_tile, other=0.0)
         if HAS_MASK:
             m += tl.load(tile + 3 * stat_stride, mask=in_tile, other=0.0)
-    if ERR_SUM:
+    if ERR_REDUCTION == _ERR_SUM:
         inv = tl.full(rows_idx.shape, 1.0, tl.float32)
     else:
-        if HAS_MASK:
+        if HAS_MASK and ERR_REDUCTION == _ERR_MEAN:
             count = tl.sum(m, axis=1)
         else:
             count = tl.full(rows_idx.shape, 1.0, tl.float32) * row_count
@@ -307,28 +320,32 @@ def _row_errors(ws_ptr, ref_err_ptr, rows_idx, valid, num_chunks, rows, row_coun
 
 @triton.jit
 def _head_kernel(
-    ws_ptr, ref_err_ptr, pair_weight_ptr, loss_ptr, logits_ptr, stats_ptr, coef_ptr,
+    ws_ptr, ref_err_ptr, pair_weight_ptr, loss_ptr, logits_ptr, stats_ptr, summary_ptr, coef_ptr,
     num_pairs, num_chunks, row_count,
     beta, alpha, gamma, label_smoothing, logratio_clip,
     DIVERGENCE: tl.constexpr, REDUCTION: tl.constexpr, HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, ERR_SUM: tl.constexpr, HAS_CLIP: tl.constexpr, SMOOTHING: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ERR_REDUCTION: tl.constexpr, HAS_CLIP: tl.constexpr, SMOOTHING: tl.constexpr,
+    LOSS_TYPE: tl.constexpr, ipo_margin,
+    INTERLEAVED: tl.constexpr, STRICT_TIES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The per-pair head (twin of fdpo_pair_head), the stats and the loss, in one program (fixed order)."""
+    """The per-pair head (twin of fdpo_pair_head), the stats, the summary and the loss, in one program."""
     rows = 2 * num_pairs
     if REDUCTION == _MEAN:
         red = 1.0 / num_pairs
     else:
         red = 1.0
     loss_total = tl.zeros([BLOCK_B], tl.float32)
+    wins_total = tl.zeros([BLOCK_B], tl.float32)
+    err_total = tl.zeros([BLOCK_B], tl.float32)
+    ref_err_total = tl.zeros([BLOCK_B], tl.float32)
     for first in range(0, num_pairs, BLOCK_B):
         pairs = first + tl.arange(0, BLOCK_B)
         valid = pairs < num_pairs
         w_rows, l_rows = _pair_rows(pairs, num_pairs, INTERLEAVED)
         e_w, eref_w, gap_w, inv_w = _row_errors(ws_ptr, ref_err_ptr, w_rows, valid, num_chunks, rows, row_count,
-                                                HAS_REF, HAS_MASK, ERR_SUM, BLOCK_C)
+                                                HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C)
         e_l, eref_l, gap_l, inv_l = _row_errors(ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count,
-                                                HAS_REF, HAS_MASK, ERR_SUM, BLOCK_C)
+                                                HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C)
         if HAS_WEIGHT:
             weight = tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0)
         else:
@@ -340,12 +357,19 @@ def _head_kernel(
             d_w, clip_w = _soft_clip(d_w, logratio_clip)
             d_l, clip_l = _soft_clip(d_l, logratio_clip)
         z = gamma * _psi_diff(d_w, d_l, alpha, DIVERGENCE)
-        # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
-        loss = (1.0 - label_smoothing) * _softplus(-z)
-        g = -(1.0 - label_smoothing) * _sigmoid(-z)
-        if SMOOTHING:
-            loss += label_smoothing * _softplus(z)
-            g += label_smoothing * _sigmoid(z)
+        if LOSS_TYPE == _HINGE:
+            loss = tl.where(z < 1.0, 1.0 - z, 0.0)
+            g = tl.where(z < 1.0, -1.0, 0.0)
+        elif LOSS_TYPE == _IPO:
+            loss = (z - ipo_margin) * (z - ipo_margin)
+            g = 2.0 * (z - ipo_margin)
+        else:
+            # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
+            loss = (1.0 - label_smoothing) * _softplus(-z)
+            g = -(1.0 - label_smoothing) * _sigmoid(-z)
+            if SMOOTHING:
+                loss += label_smoothing * _softplus(z)
+                g += label_smoothing * _sigmoid(z)
         outer = half_beta_w * red * 2.0
         slope_w = _psi_slope(d_w, alpha, DIVERGENCE)
         slope_l = _psi_slope(d_l, alpha, DIVERGENCE)
@@ -370,8 +394,18 @@ def _head_kernel(
             tl.store(loss_ptr + pairs, loss, mask=valid)
         else:
             loss_total += tl.where(valid, loss, 0.0)
+        if STRICT_TIES:
+            win = tl.where(z > 0.0, 1.0, 0.0)
+        else:
+            win = tl.where(z > 0.0, 1.0, tl.where(z == 0.0, 0.5, 0.0))
+        wins_total += tl.where(valid, win, 0.0)
+        err_total += tl.where(valid, e_w + e_l, 0.0)
+        ref_err_total += tl.where(valid, eref_w + eref_l, 0.0)
     if REDUCTION != _NONE:
         tl.store(loss_ptr, tl.sum(loss_total, axis=0) * red)
+    tl.store(summary_ptr, tl.sum(wins_total, axis=0) / num_pairs)
+    tl.store(summary_ptr + 1, tl.sum(err_total, axis=0) / rows)
+    tl.store(summary_ptr + 2, tl.sum(ref_err_total, axis=0) / rows)
 
 
 @triton.jit
@@ -392,7 +426,9 @@ def _backward_kernel(
         upstream = tl.load(grad_loss_ptr + pair)
     else:
         upstream = tl.load(grad_loss_ptr)
-    scale = tl.where(upstream == 0.0, 0.0, tl.load(coef_ptr + row) * upstream)  # inf coef * (G = 0) is 0, not NaN
+    # mul0 semantics (csrc/fdpo_math.h) throughout: 0 whenever a factor is 0, also times +-inf or NaN (an
+    # overflowed coefficient times G = 0, a zero coefficient times G = inf, a zero scale times an infinite residual).
+    scale = _mul0(tl.load(coef_ptr + row), upstream)
     row_off = row * row_len
     if SHARED_TARGET:
         t_off = pair * row_len
@@ -408,12 +444,10 @@ def _backward_kernel(
         valid = cols < row_len
         pred = tl.load(pred_ptr + row_off + cols, mask=valid, other=0.0).to(tl.float32)
         target = tl.load(target_ptr + t_off + cols, mask=valid, other=0.0).to(tl.float32)
-        # mul0 semantics: an overflowed (+-inf) scale times a zero residual or mask is 0, not NaN.
-        diff = pred - target
-        grad = tl.where(diff == 0.0, 0.0, scale * diff)
+        grad = _mul0(scale, pred - target)
         if HAS_MASK:
             m = tl.load(mask_ptr + m_off + cols, mask=valid, other=0.0).to(tl.float32)
-            grad = tl.where(m == 0.0, 0.0, grad * m)
+            grad = _mul0(grad, m)
         tl.store(grad_ptr + row_off + cols, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
@@ -454,7 +488,8 @@ def _check_row_length(row_len: int) -> None:
 
 
 def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: KernelParams):
-    """Returns (loss, logits [B], sample_stats [4, 2B], grad_coef [2B]), all fp32; 2 launches, no host sync."""
+    """Returns (loss, logits [B], sample_stats [4, 2B], summary [3], grad_coef [2B]), all fp32; 2 launches, no host
+    sync."""
     rows, row_len = model_pred.shape
     num_pairs = rows // 2
     device = model_pred.device
@@ -463,6 +498,7 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     loss = torch.empty((num_pairs,) if params.reduction == 0 else (), **f32)
     logits = torch.empty(num_pairs, **f32)
     sample_stats = torch.empty(4, rows, **f32)
+    summary = torch.empty(3, **f32)
     grad_coef = torch.empty(rows, **f32)
     block, chunk_len, num_chunks = _split_rows(device, row_len, num_pairs, _FWD_BLOCK)
     workspace = torch.empty(4, rows, num_chunks, **f32)
@@ -479,17 +515,18 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
         )
         _head_kernel[(1,)](
             workspace, workspace if has_ref else ref_err, workspace if pair_weight is None else pair_weight,
-            loss, logits, sample_stats, grad_coef,
+            loss, logits, sample_stats, summary, grad_coef,
             num_pairs, num_chunks, float(row_len),
             float(params.beta), float(params.alpha), float(params.gamma), float(params.label_smoothing),
             float(params.logratio_clip),
             DIVERGENCE=params.divergence, REDUCTION=params.reduction, HAS_REF=has_ref, HAS_MASK=has_mask,
-            HAS_WEIGHT=pair_weight is not None, ERR_SUM=bool(params.err_sum), HAS_CLIP=params.logratio_clip > 0,
-            SMOOTHING=params.label_smoothing > 0, INTERLEAVED=params.interleaved,
+            HAS_WEIGHT=pair_weight is not None, ERR_REDUCTION=params.err_reduction, HAS_CLIP=params.logratio_clip > 0,
+            SMOOTHING=params.label_smoothing > 0, LOSS_TYPE=params.loss_type, ipo_margin=float(params.ipo_margin),
+            INTERLEAVED=params.interleaved, STRICT_TIES=params.strict_ties,
             BLOCK_B=block_pairs, BLOCK_C=min(triton.next_power_of_2(num_chunks), _HEAD_TILE // block_pairs),
             num_warps=4,
         )
-    return loss, logits, sample_stats, grad_coef
+    return loss, logits, sample_stats, summary, grad_coef
 
 
 def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
