@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU validation in one call, for a GPU machine with torch, Triton and nvcc installed and no network:
-# build the CUDA extension in place, run the GPU tests, run the GPU benchmarks; logs and results go to OUTDIR.
+# build the CUDA extension in place, run the GPU tests, the GPU benchmarks (wall and kernel-only time) and the host-
+# overhead benchmark; every log and result goes to OUTDIR.
 #
-#   benchmarks/gpu_check.sh OUTDIR                      # full check: ~6 min on an H100 (build ~1.5, tests ~2,
-#                                                       # benchmarks <= 3 by their time budget)
+#   benchmarks/gpu_check.sh OUTDIR                      # full check, <= 6 min on an H100/H200 (build ~1.5, tests ~1.5,
+#                                                       # benchmarks <= 2.5 by their time budget, host ~0.5)
 #   GPU_CHECK_ORDER="bench tests" GPU_CHECK_BENCH_ARGS="--shapes large,sd15 --dtypes bf16 --time-budget-s 60" \
 #       benchmarks/gpu_check.sh OUTDIR                  # a short check when device time is scarce
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default: the visible GPU's own architecture, so the build compiles once),
-# GPU_CHECK_ORDER (default "tests bench"), GPU_CHECK_TEST_ARGS (pytest arguments), GPU_CHECK_BENCH_ARGS (extra
+# GPU_CHECK_ORDER (default "tests bench host"), GPU_CHECK_TEST_ARGS (pytest arguments), GPU_CHECK_BENCH_ARGS (extra
 # arguments of benchmarks.run). Every step runs even if an earlier one failed (except after a failed build); the
 # exit status is non-zero if any failed. Results are written as they are produced, so a killed run keeps them.
 set -uo pipefail
@@ -32,7 +33,7 @@ stamp "environment"
 stamp "build (setup.py build_ext --inplace)"
 arch=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
 t0=$(date +%s)
-if ! TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(nproc)} FDIV_KERNELS_BUILD_CUDA=1 \
+if ! TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(nproc)} FDIV_KERNELS_BUILD=aot FDIV_KERNELS_BUILD_CUDA=1 \
     python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   stamp "BUILD FAILED (see build.log)"
@@ -53,16 +54,26 @@ run_tests() {
 run_bench() {
   stamp "benchmarks"
   # shellcheck disable=SC2086
-  python3 -m benchmarks.run --device cuda --out "$OUT" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  python3 -m benchmarks.run --device cuda --out "$OUT" --time-budget-s ${GPU_CHECK_BENCH_BUDGET_S:-150} \
+    ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   local rc=${PIPESTATUS[0]}
   stamp "benchmarks exit $rc"
   [ "$rc" -eq 0 ] || status=1
 }
 
-for step in ${GPU_CHECK_ORDER:-tests bench}; do
+run_host() {
+  stamp "host overhead per call (tiny shape)"
+  python3 -m benchmarks.host --device cuda --out "$OUT" --rounds 10 --calls 300 2>&1 | tee "$OUT/host.log"
+  local rc=${PIPESTATUS[0]}
+  stamp "host exit $rc"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+for step in ${GPU_CHECK_ORDER:-tests bench host}; do
   case $step in
     tests) run_tests ;;
     bench) run_bench ;;
+    host) run_host ;;
     *) stamp "unknown step $step"; status=1 ;;
   esac
 done

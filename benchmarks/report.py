@@ -120,6 +120,9 @@ def summary_table(meta: dict, rows: list[dict], mode: str = "fwd+bwd") -> str:
     fdiv = _featured_fdiv(rows, dev)
     cols = ["shape", "dtype", "variant"] + [f"{p} ms" for p in baselines + fdiv]
     cols += ["best fdiv", "× eager", f"× {peer}", "% copy", "peak extra MB (eager / peer / best)"]
+    kernel_cols = dev == "cuda" and any(r.get("kernel_ms") is not None for r in rows)
+    if kernel_cols:  # device time alone (profiler sums), beside the wall time above: host cost = the difference
+        cols += ["kernel ms (eager / peer / best)", "kernel % copy (best)"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for shape, dims, dtype, variant in _cases(rows):
         get = lambda p: idx.get((shape, dtype, variant, p, mode))  # noqa: E731
@@ -130,11 +133,15 @@ def summary_table(meta: dict, rows: list[dict], mode: str = "fwd+bwd") -> str:
         ran = [get(p) for p in fdiv if _ok(get(p))]
         best = min(ran, key=lambda r: r["median_ms"]) if ran else None
         if best is None:
-            cells += ["—"] * 5
+            cells += ["—"] * (7 if kernel_cols else 5)
         else:
             mem = [get(p).get("peak_extra_mb") if _ok(get(p)) else None for p in ("eager", peer)]
             cells += [best["provider"], _num(best.get("x_eager")), _num(best.get(PEER_COL[peer])),
                       _num(best["pct_copy"]), " / ".join(_num(m) for m in mem + [best.get("peak_extra_mb")])]
+            if kernel_cols:
+                kern = [get(p).get("kernel_ms") if _ok(get(p)) else None for p in ("eager", peer)]
+                cells += [" / ".join(_num(k) for k in kern + [best.get("kernel_ms")]),
+                          _num(best.get("kernel_pct_copy"))]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -184,8 +191,9 @@ def targets_table(meta: dict, rows: list[dict]) -> str:
 
 def detail_table(meta: dict, rows: list[dict]) -> str:
     peer = PEER[meta["device_type"]]
-    cols = ["shape", "dtype", "variant", "provider", "mode", "median ms [q20, q80]", "GB/s", "% copy", "× eager",
-            f"× {peer}", "peak extra MB (× tensor)", "launches", "first call ms", "compile s"]
+    cols = ["shape", "dtype", "variant", "provider", "mode", "median ms [q20, q80]", "GB/s", "% copy",
+            "kernel ms", "kernel % copy", "host ms", "× eager", f"× {peer}", "peak extra MB (× tensor)", "launches",
+            "first call ms", "compile s"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if not _ok(r):
@@ -193,7 +201,8 @@ def detail_table(meta: dict, rows: list[dict]) -> str:
         mem = r.get("peak_extra_mb")
         cells = [r["shape"], r["dtype"], r["variant"], r["provider"], r["mode"],
                  f"{_num(r['median_ms'])} [{_num(r['q20_ms'])}, {_num(r['q80_ms'])}]", _num(r["gbps"]),
-                 _num(r["pct_copy"]), _num(r.get("x_eager")), _num(r.get(PEER_COL[peer])),
+                 _num(r["pct_copy"]), _num(r.get("kernel_ms")), _num(r.get("kernel_pct_copy")),
+                 _num(r.get("host_ms")), _num(r.get("x_eager")), _num(r.get(PEER_COL[peer])),
                  "—" if mem is None else f"{_num(mem)} ({_num(r.get('peak_extra_tensors'))})",
                  _num(r.get("launches")), _num(r.get("first_call_ms")), _num(r.get("compile_s"))]
         out.append("| " + " | ".join(cells) + " |")
@@ -278,6 +287,9 @@ def plot(meta: dict, rows: list[dict], png: Path, mode: str = "fwd+bwd") -> Path
         if p != "eager":  # eager is the unit of the speedup panel
             ax1.bar(pos, speed, width, label=p, color=color)
         ax2.bar(pos, pct, width, label=p, color=color)
+        kernel_pct = [r.get("kernel_pct_copy") or np.nan if _ok(r) else np.nan for r in rs]
+        if not np.all(np.isnan(kernel_pct)):  # GPU: device time alone, as a marker over the wall-time bar
+            ax2.plot(pos, kernel_pct, "_", color="k", markersize=8, label="kernel time only" if k == 0 else None)
     dev = meta["device_type"]
     ax1.set_yscale("log")
     ax1.axhline(1.0, color="k", lw=0.8)

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 CSV_FIELDS = [
     "shape", "dims", "dtype", "variant", "provider", "mode", "status", "median_ms", "q20_ms", "q80_ms", "min_ms",
     "reps",
-    "bytes", "gbps", "pct_copy", "x_eager", "x_compile_diffusers", "x_compile_ref", "peak_extra_mb",
+    "bytes", "gbps", "pct_copy", "kernel_ms", "kernel_pct_copy", "host_ms", "x_eager", "x_compile_diffusers", "x_compile_ref", "peak_extra_mb",
     "peak_extra_tensors", "launches", "launches_fwd", "launches_bwd", "first_call_ms", "compile_s",
     "rotation_sets", "loss", "reason",
 ]
@@ -82,6 +82,9 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def flush_l2(self):
+        self._l2.zero_()
+
     def once(self, call) -> float:
         """Seconds for one call, synchronized."""
         self.sync()
@@ -104,7 +107,7 @@ class Timer:
                       for _ in range(reps)]
             for start, end in events:
                 state = setup(0) if setup else None
-                self._l2.zero_()
+                self.flush_l2()
                 start.record()
                 call(0, state)
                 end.record()
@@ -223,6 +226,28 @@ def count_launches(call) -> tuple[int, list[str]]:
     del keep
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return len(names), names
+
+
+def kernel_ms(call, flush, reps: int = 10) -> float:
+    """Device time per call of what call() launches (kernels, memcpy, memset: torch.profiler's GPU activity),
+    with L2 flushed before each call like the wall-time measurement. The flush's own device time is measured
+    alone and subtracted. Host time is excluded: this is what the call costs inside a CUDA graph, or where the host
+    runs ahead of the GPU in a busy training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def device_us(fn) -> float:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        return sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    call()  # warm
+    flush_us = device_us(flush)
+    both_us = device_us(lambda: (flush(), call()))
+    return max(both_us - flush_us, 0.0) / reps / 1e3
 
 
 # ----------------------------------------------------------------------------------------------------- metadata
@@ -381,10 +406,24 @@ def run_provider(provider: Provider, sets: list[Inputs], shape: Shape, dtype, va
                 nbytes = ideal_bytes(shape, dtype, variant, mode)
                 gbps = nbytes / (row["median_ms"] / 1e3) / 1e9
                 row.update(status="ok", bytes=nbytes, gbps=gbps, pct_copy=100 * gbps / copy_gbps)
+                if device.type == "cuda" and mode in ("fwd", "fwd+bwd"):
+                    try:
+                        call = (lambda: fn(sets[0])) if mode == "fwd" else (lambda: fwd_bwd(0))
+                        k_ms = kernel_ms(call, timer.flush_l2)
+                        row.update(kernel_ms=k_ms, kernel_pct_copy=100 * nbytes / (k_ms / 1e3) / 1e9 / copy_gbps,
+                                   host_ms=max(row["median_ms"] - k_ms, 0.0))
+                    except Exception as err:
+                        row["kernel_error"] = _err(err)
             except Exception as err:
                 row.update(_error_row(err))
                 _free(device)
             rows.append(row)
+        by_mode = {r["mode"]: r for r in rows if r.get("kernel_ms") is not None}
+        bwd = next((r for r in rows if r["mode"] == "bwd" and r.get("status") == "ok"), None)
+        if bwd is not None and "fwd" in by_mode and "fwd+bwd" in by_mode:  # the backward's kernels alone
+            k_ms = max(by_mode["fwd+bwd"]["kernel_ms"] - by_mode["fwd"]["kernel_ms"], 1e-6)
+            bwd.update(kernel_ms=k_ms, kernel_pct_copy=100 * bwd["bytes"] / (k_ms / 1e3) / 1e9 / copy_gbps,
+                       host_ms=max(bwd["median_ms"] - k_ms, 0.0))
     except Exception as err:
         error = _error_row(err)
         rows = [{**base, "mode": m, **error} for m in modes]

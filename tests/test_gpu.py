@@ -503,3 +503,74 @@ def test_cuda_backend_rejects_float64():
     with pytest.raises(TypeError, match="float64"):
         fused_fdpo_loss(fused["model_pred"].double(), fused["ref_pred"].double(), fused["target"].double(),
                         backend="cuda")
+
+
+# ------------------------------------------------------------------------------ mixed dtypes, loss types, host sync
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.float32, torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.float32, torch.float16, None),
+     (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16, torch.float32,
+                                                                       torch.float16)],
+    ids=lambda d: "-".join(str(x).split(".")[-1] for x in d),
+)
+@pytest.mark.parametrize("shape", [(8, 4, 32, 32), (6, 3, 17, 13)], ids=["vector", "odd"])
+def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shape):
+    """Accelerate's mixed precision: each input in its own dtype, read without copies, as if cast to fp32 first."""
+    _backend(backend)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    pred64 = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64)
+    values = [pred64, pred64 + 0.05 * torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64),
+              torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64),
+              torch.rand(shape, generator=gen, device="cuda", dtype=torch.float64)]
+    pred, ref, target, mask = [None if t is None else v.to(t) for v, t in zip(values, dtypes)]
+
+    def call(p, r, t, m):
+        p = p.detach().clone().requires_grad_()
+        loss, stats = fused_fdpo_loss(p, r, t, mask=m, beta=400.0, divergence="js", return_stats=True,
+                                      backend=backend)
+        loss.backward()
+        return loss, stats, p.grad
+
+    mixed = call(pred, ref, target, mask)
+    cast = call(pred.float(), ref.float(), target.float(), None if mask is None else mask.float())
+    torch.testing.assert_close(mixed[0], cast[0], rtol=1e-6, atol=1e-7)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(getattr(mixed[1], name), getattr(cast[1], name), rtol=1e-6, atol=1e-7)
+    assert mixed[2].dtype == pred.dtype
+    torch.testing.assert_close(mixed[2].float(), cast[2].to(pred.dtype).float(), rtol=torch.finfo(pred.dtype).eps,
+                               atol=1e-30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [dict(loss_type="hinge"), dict(loss_type="ipo", ipo_tau=0.05),
+                                  dict(err_reduction="mean_all")], ids=["hinge", "ipo", "mean_all"])
+def test_loss_types_vs_reference(backend, case):
+    _backend(backend)
+    kwargs, ref_kwargs = make_case((8, 4, 16, 16), torch.float32, beta=400.0, mask="full")
+    loss = fused_fdpo_loss(**kwargs, divergence="hellinger", backend=backend, **case)
+    loss.backward()
+    exact = fdpo_loss_reference(**ref_kwargs, divergence="hellinger", **case)
+    exact.backward()
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+    g, e = kwargs["model_pred"].grad.double(), ref_kwargs["model_pred"].grad
+    torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_host_sync_and_double_backward_refused(backend):
+    """Forward, statistics and backward never synchronize with the host; a second derivative is refused."""
+    _backend(backend)
+    kwargs, _ = make_case((8, 4, 16, 16), torch.bfloat16, beta=400.0, shared_target=True)
+    fused_fdpo_loss(**kwargs, backend=backend).backward()  # warm-up: first-call allocations, compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = fused_fdpo_loss(**kwargs, divergence="js", return_stats=True, backend=backend)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    p = kwargs["model_pred"]
+    (grad,) = torch.autograd.grad(fused_fdpo_loss(**kwargs, backend=backend), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through fused_fdpo_loss is not supported"):
+        grad.float().square().sum().backward()
