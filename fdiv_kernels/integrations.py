@@ -27,9 +27,12 @@ TRAINER_CONVENTIONS: dict[str, dict] = {
     "diffusers_sd15": dict(beta_convention="full", err_reduction="mean", implicit_acc_ties="half"),
     # The original Diffusion-DPO code (Wallace et al.): as SDXL, implicit_acc = (inside_term > 0).mean().
     "diffusion_dpo": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="strict"),
-    # Flow-matching trainers in the SimpleTuner style (SPEC section 7): 0.5 * beta, per-sample error summed
+    # Flow-matching trainers in the SimpleTuner style (spec §7 (docs/spec.md)): 0.5 * beta, per-sample error summed
     # over the elements by default (pass err_reduction="mean" if yours averages), target = noise - latents.
     "simpletuner_flow": dict(beta_convention="half", err_reduction="sum", implicit_acc_ties="half"),
+    # The same with norm_type="mean": (err * mask).mean() over every element, masked or not (with a mask that is
+    # not the masked mean); without a mask the plain mean. Pass the mask as mask=.
+    "simpletuner_flow_mean": dict(beta_convention="half", err_reduction="mean_all", implicit_acc_ties="half"),
 }
 
 

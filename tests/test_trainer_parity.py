@@ -2,7 +2,7 @@
 
 The trainer formulas below are re-implemented from the loss lines of the diffusers Diffusion-DPO scripts and the
 original Diffusion-DPO code (docs/dropin.md), and evaluated in float64 on the very values the fused loss sees:
-fdiv_kernels accumulates e_ref - e directly (SPEC section 2), so against the formulas evaluated in float32
+fdiv_kernels accumulates e_ref - e directly (spec §2 (docs/spec.md)), so against the formulas evaluated in float32
 agreement would be bounded by those formulas' own cancellation, not by fdiv_kernels.
 """
 
@@ -45,6 +45,19 @@ BACKENDS = [
     ),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _all_backends():
+    """torch, cpu and triton (Triton's interpreter on a CPU-only machine), each skipped with the reason."""
+    from fdiv_kernels.backends import _why_unavailable
+
+    device = torch.device("cpu")  # the tests' tensors live on the CPU
+    for name in ("torch", "cpu", "triton"):
+        why = _why_unavailable(name, device)
+        yield pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"backend={name!r}: {why}"))
+
+
+ALL_BACKENDS = list(_all_backends())
 
 
 # ---- the trainers' loss lines, evaluated in float64 ----------------------------------------------------------
@@ -140,8 +153,9 @@ TRAINERS = {
 # ---- inputs ---------------------------------------------------------------------------------------------------
 
 
-def make_batch(dtype, num_pairs=6, shape=(4, 16, 16), delta=0.01, seed=2, tie_pair=True):
-    """Predictions near the reference (as in fine-tuning), shared epsilon target as the scripts build it.
+def make_batch(dtype, num_pairs=6, shape=(4, 16, 16), delta=0.01, seed=2, tie_pair=True, distinct_targets=False):
+    """Predictions near the reference (as in fine-tuning), shared epsilon target as the scripts build it, or
+    (``distinct_targets``) a different target for every sample, as v-prediction and flow matching have.
 
     Pair 0 is a tie when ``tie_pair``: the policy equals the reference on both its samples, so the trainer's
     inside_term is exactly 0 there (the case where the implicit_acc tie rules differ).
@@ -151,6 +165,8 @@ def make_batch(dtype, num_pairs=6, shape=(4, 16, 16), delta=0.01, seed=2, tie_pa
     model = torch.randn(rows, *shape, generator=g)
     ref = model + delta * torch.randn(rows, *shape, generator=g)
     noise = torch.randn(num_pairs, *shape, generator=g).repeat(2, *([1] * len(shape)))  # chunk(2)[0].repeat(2)
+    if distinct_targets:
+        noise = torch.randn(rows, *shape, generator=g)
     model, ref, noise = model.to(dtype), ref.to(dtype), noise.to(dtype)
     if tie_pair:
         ref[0] = model[0]
@@ -173,10 +189,12 @@ def _fused(model, ref, target, backend, **kwargs):
 
 
 def _assert_grad_close(grad, expected, dtype):
-    """Gradient in model_pred's dtype against the float64 formula: the dtype's rounding, relative to the scale."""
-    scale = expected.abs().max().item()
+    """Gradient in model_pred's dtype against the float64 formula: the dtype's rounding, each row against its own
+    scale (a row with small gradients is held to its own size, not to the largest row's)."""
     rtol = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-    torch.testing.assert_close(grad.to(F64), expected, rtol=rtol, atol=rtol * scale * 1e-2)
+    scale = expected.abs().amax(dim=tuple(range(1, expected.dim())), keepdim=True)
+    assert (scale > 0).all()
+    torch.testing.assert_close(grad.to(F64) / scale, expected / scale, rtol=0, atol=rtol)
 
 
 def _assert_stats_match(loss, stats, expected, num_pairs):
@@ -197,13 +215,30 @@ def _assert_stats_match(loss, stats, expected, num_pairs):
 # ---- (a), (b), (c): the three epsilon-prediction trainers ------------------------------------------------------
 
 
+def assert_each_target_half_counts(formula, model, ref, target, beta, backend, **kwargs):
+    """Issue 16, degenerate targets: giving the winners the losers' targets (or the reverse) changes the trainer's
+    loss, and the fused loss follows the formula, so a kernel reading one half for both would fail."""
+    num_pairs = model.shape[0] // 2
+    assert not torch.equal(target[:num_pairs], target[num_pairs:])
+    base = formula(model, ref, target, beta)["loss"].item()
+    for half in (slice(0, num_pairs), slice(num_pairs, None)):
+        degenerate = target.clone()
+        degenerate[half] = target.roll(num_pairs, 0)[half]  # each sample gets its partner's target
+        moved = formula(model, ref, degenerate, beta)["loss"].item()
+        assert abs(moved - base) > 1e-3 * abs(base), "this half of the target does not change the loss"
+        fused = fused_fdpo_loss(model, ref, degenerate, beta=beta, backend=backend, **kwargs).item()
+        assert fused == pytest.approx(moved, rel=2e-6, abs=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("trainer", list(TRAINERS))
-@pytest.mark.parametrize("shared_target", [False, True], ids=["target2B", "sharedB"])
-def test_trainer_parity(trainer, dtype, backend, shared_target):
+@pytest.mark.parametrize("targets", ["distinct2B", "repeated2B", "sharedB"])
+def test_trainer_parity(trainer, dtype, backend, targets):
+    """``repeated2B``/``sharedB``: the scripts' shared epsilon noise as [2B] rows or [B]; ``distinct2B``: a target
+    per sample (v-prediction), where each half must be read."""
     formula, conventions, beta = TRAINERS[trainer]
-    model, ref, noise = make_batch(dtype)
+    model, ref, noise = make_batch(dtype, distinct_targets=targets == "distinct2B")
     num_pairs = model.shape[0] // 2
     expected, expected_grad = _grad_of_formula(formula, model, ref, noise, beta)
     # Sanity of the setup: one exact tie, and logits of order 1 on both sides of 0.
@@ -211,15 +246,17 @@ def test_trainer_parity(trainer, dtype, backend, shared_target):
     assert (expected["logits"] > 0).any() and (expected["logits"] < 0).any()
     assert expected["logits"].abs().max() < 20
 
-    target = noise[:num_pairs] if shared_target else noise  # the documented shared-noise form
+    target = noise[:num_pairs] if targets == "sharedB" else noise  # the documented shared-noise form
     loss, stats, grad = _fused(model, ref, target, backend, beta=beta, **trainer_conventions(conventions))
     assert grad.dtype == dtype
     _assert_stats_match(loss, stats, expected, num_pairs)
     _assert_grad_close(grad, expected_grad, dtype)
+    if targets == "distinct2B":
+        assert_each_target_half_counts(formula, model, ref, noise, beta, backend, **trainer_conventions(conventions))
 
 
 def test_closer_to_float64_than_the_scripts_float32_formula():
-    """SPEC section 2: the script's e_ref - e, a difference of two rounded fp32 means, cancels; the fused loss
+    """spec §2 (docs/spec.md): the script's e_ref - e, a difference of two rounded fp32 means, cancels; the fused loss
     accumulates it directly. Near the reference (fine-tuning) its logits are orders of magnitude closer to the
     float64 truth than the script's own fp32 evaluation, which is why parity is checked against float64."""
     model, ref, noise = make_batch(torch.float32, delta=1e-3, tie_pair=False)
@@ -304,6 +341,115 @@ def test_masked_mean_parity(backend, shared_mask):
     loss, stats, grad = _fused(model, ref, noise, backend, beta=5000.0, mask=mask)
     _assert_stats_match(loss, stats, expected, num_pairs)
     _assert_grad_close(grad, expected_grad, torch.float32)
+
+
+def flow_mean_all_loss(mask_rows):
+    """A flow-matching trainer with norm_type="mean" and a mask: (err * mask).mean() over all elements."""
+
+    def formula(model_pred, ref_pred, target, beta_dpo):
+        dims = list(range(1, model_pred.dim()))
+        m = mask_rows.to(F64)
+        model_losses = ((model_pred.to(F64) - target.to(F64)).pow(2) * m).mean(dim=dims)
+        with torch.no_grad():
+            ref_losses = ((ref_pred.to(F64) - target.to(F64)).pow(2) * m).mean(dim=dims)
+        (mw, ml), (rw, rl) = model_losses.chunk(2), ref_losses.chunk(2)
+        inside_term = -0.5 * beta_dpo * ((mw - ml) - (rw - rl))
+        return dict(loss=-F.logsigmoid(inside_term).mean(), raw_model_loss=model_losses.mean(),
+                    ref_loss=ref_losses.mean(), logits=inside_term, model_err=model_losses, ref_err=ref_losses,
+                    implicit_acc=(inside_term > 0).to(F64).mean() + 0.5 * (inside_term == 0).to(F64).mean())
+
+    return formula
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shared_mask", [False, True], ids=["mask2B", "sharedB"])
+def test_flow_matching_masked_mean_over_all_elements(dtype, backend, shared_mask):
+    """trainer_conventions("simpletuner_flow_mean"): err_reduction="mean_all", the mask's zeros still counted in the
+    denominator; distinct targets (noise - latents), a float32 mask beside 16-bit predictions."""
+    g = torch.Generator().manual_seed(5)
+    num_pairs, shape = 4, (4, 8, 8)
+    latents = torch.randn(2 * num_pairs, *shape, generator=g)
+    target = (torch.randn(2 * num_pairs, *shape, generator=g) - latents).to(dtype)
+    model = (target.float() + 0.3 * torch.randn(target.shape, generator=g)).to(dtype)
+    ref = (model.float() + 0.01 * torch.randn(target.shape, generator=g)).to(dtype)
+    mask = (torch.rand(num_pairs if shared_mask else 2 * num_pairs, *shape, generator=g) > 0.4).float()
+    mask_rows = mask.repeat(2, 1, 1, 1) if shared_mask else mask
+    formula, beta = flow_mean_all_loss(mask_rows), 20000.0
+    expected, expected_grad = _grad_of_formula(formula, model, ref, target, beta)
+    assert 0.5 < expected["logits"].abs().max() < 20
+    conventions = trainer_conventions("simpletuner_flow_mean")
+    loss, stats, grad = _fused(model, ref, target, backend, beta=beta, mask=mask, **conventions)
+    _assert_stats_match(loss, stats, expected, num_pairs)
+    _assert_grad_close(grad, expected_grad, dtype)
+    assert_each_target_half_counts(formula, model, ref, target, beta, backend, mask=mask, **conventions)
+    # Without a mask "mean_all" is the plain mean; with one it is not the masked mean.
+    masked_mean = fused_fdpo_loss(model, ref, target, beta=beta, mask=mask, backend=backend)
+    assert abs(masked_mean.item() - loss.item()) > 1e-3 * loss.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("base_beta", [1.0, 5000.0])
+def test_auto_beta_through_pair_weight(dtype, backend, base_beta):
+    """docs/dropin.md's "auto beta": a beta computed from the batch, as a tensor, enters as pair_weight (no .item()):
+    d = beta/2 * w * (e_ref - e), so beta=base_beta, pair_weight=(auto_beta / base_beta).expand(B)."""
+    model, ref, noise = make_batch(dtype, distinct_targets=True)
+    num_pairs = model.shape[0] // 2
+    with torch.no_grad():  # e.g. a beta that puts the batch's mean |margin| at a fixed logit scale (a 0-dim tensor)
+        gap = (ref.float() - noise.float()).pow(2).mean(dim=(1, 2, 3)) - (model.float() - noise.float()).pow(2).mean(
+            dim=(1, 2, 3))
+        auto_beta = 2.0 / (gap[:num_pairs] - gap[num_pairs:]).abs().mean()
+    expected, expected_grad = _grad_of_formula(diffusers_sdxl_loss, model, ref, noise, auto_beta.to(F64))
+    assert 0.5 < expected["logits"].abs().max() < 20
+    pair_weight = (auto_beta / base_beta).detach().expand(num_pairs)
+    loss, stats, grad = _fused(model, ref, noise, backend, beta=base_beta, pair_weight=pair_weight,
+                               **trainer_conventions("diffusers_sdxl"))
+    _assert_stats_match(loss, stats, expected, num_pairs)
+    _assert_grad_close(grad, expected_grad, dtype)
+
+
+def _ties_batch(dtype, pattern, seed=3):
+    """Pairs by pattern: "tie" (policy == reference on both samples: d_w = d_l = 0), "dup" (winner and loser
+    identical: d_w = d_l != 0), "win" / "lose" (z > 0 / z < 0 under reverse_kl, beta > 0)."""
+    num_pairs = len(pattern)
+    model, ref, noise = make_batch(torch.float32, num_pairs=num_pairs, shape=(2, 4, 4), tie_pair=False,
+                                   distinct_targets=True, seed=seed)
+    model, ref, noise = model.to(dtype), ref.to(dtype), noise.to(dtype)
+    z = diffusers_sdxl_loss(model, ref, noise, 5000.0)["logits"]
+    for p, kind in enumerate(pattern):
+        w, l = p, p + num_pairs
+        if kind == "tie":
+            ref[w], ref[l] = model[w], model[l]
+        elif kind == "dup":
+            model[l], ref[l], noise[l] = model[w], ref[w], noise[w]
+        elif (kind == "win") != (z[p] > 0):  # swapping policy and reference negates both log-ratios
+            model[[w, l]], ref[[w, l]] = ref[[w, l]].clone(), model[[w, l]].clone()
+    return model, ref, noise
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js", "alpha"])
+@pytest.mark.parametrize(
+    "pattern, half, strict",
+    [(("tie",), 0.5, 0.0), (("dup",), 0.5, 0.0), (("win",), 1.0, 1.0), (("lose",), 0.0, 0.0),
+     (("tie", "win", "dup", "lose"), 0.5, 0.25), (("tie", "dup", "tie"), 0.5, 0.0)],
+    ids=["B1-tie", "B1-dup", "B1-win", "B1-lose", "B4-mixed", "B3-all-ties"],
+)
+def test_implicit_acc_exact_ties(backend, dtype, divergence, pattern, half, strict):
+    """Issue 16: exact ties, both tie rules, B = 1 (where a 1/B tolerance would accept anything): exact values."""
+    model, ref, noise = _ties_batch(dtype, pattern)
+    for rule, value in (("half", half), ("strict", strict)):
+        loss, stats = fused_fdpo_loss(model, ref, noise, beta=5000.0, divergence=divergence, implicit_acc_ties=rule,
+                                      return_stats=True, backend=backend)
+        ties = [p for p, kind in enumerate(pattern) if kind in ("tie", "dup")]
+        assert (stats.logits[ties] == 0).all(), stats.logits
+        assert stats.implicit_acc.item() == value, (rule, stats.logits)
+        # and the trainers' own expressions give the same on these logits
+        z = stats.logits.to(F64)
+        trainer = (z > 0).sum() / z.numel() + (0.5 * (z == 0).sum() / z.numel() if rule == "half" else 0)
+        assert trainer.item() == value
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
