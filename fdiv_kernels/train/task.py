@@ -133,16 +133,17 @@ def _shape_area(shape: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     return torch.tensor([math.pi, 4.0, 2.0])[shape] * radius**2
 
 
-def reward(images: torch.Tensor, specs: list[Spec]) -> dict[str, torch.Tensor]:
-    """The programmatic preference of images [N, 3, H, W] in [0, 1] for their prompts.
+def detect(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reward's object detector on images [N, 3, H, W] in [0, 1] (no prompt needed).
 
-    Returns per-image tensors: ``reward`` and its parts ``fidelity``, ``style``, ``colour``, ``shape``,
-    ``size``, ``position``. Object detection: the background colour is the median of the border pixels; a
-    pixel is foreground in proportion to its RGB distance from it (0 below 0.1, 1 above 0.3).
+    The background colour is the median of the border pixels; a pixel is foreground in proportion to its RGB
+    distance from it (0 below 0.1, 1 above 0.3). Returns per-image ``background`` [N, 3], ``weight`` (foreground
+    map) [N, H, W], ``found`` [N] (foreground area >= MIN_OBJECT_AREA pixels), ``area`` [N] (pixels, at least
+    MIN_OBJECT_AREA), ``centroid`` [N, 2] (x, y in pixels), ``colour`` [N, 3] (mean object colour) and ``ious``
+    [N, 3] (soft IoU with an ideal circle, square and triangle of the same centroid and area).
     """
     images = images.float().clamp(0, 1)
     n, _, res, _ = images.shape
-    colour_t, shape_t, size_t, position_t = _spec_tensors(specs)
     border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=2)
     background = border.median(dim=2).values
     weight = (((images - background[:, :, None, None]).norm(dim=1) - 0.1) / 0.2).clamp(0, 1)
@@ -153,6 +154,26 @@ def reward(images: torch.Tensor, specs: list[Spec]) -> dict[str, torch.Tensor]:
     centroid = torch.stack([(weight * grid[None, None, :]).sum((1, 2)), (weight * grid[None, :, None]).sum((1, 2))], 1)
     centroid = centroid / safe_area[:, None]
     mean_colour = (weight[:, None] * images).sum((2, 3)) / safe_area[:, None]
+    ious = []
+    for s in range(len(SHAPES)):
+        ids = torch.full((n,), s)
+        template = shape_coverage(ids, centroid, torch.sqrt(safe_area / _shape_area(ids, torch.ones(n))), res)
+        ious.append(torch.minimum(weight, template).sum((1, 2)) / torch.maximum(weight, template).sum((1, 2)))
+    return {"background": background, "weight": weight, "found": found, "area": safe_area, "centroid": centroid,
+            "colour": mean_colour, "ious": torch.stack(ious, 1)}
+
+
+def reward(images: torch.Tensor, specs: list[Spec]) -> dict[str, torch.Tensor]:
+    """The programmatic preference of images [N, 3, H, W] in [0, 1] for their prompts.
+
+    Returns per-image tensors: ``reward`` and its parts ``fidelity``, ``style``, ``colour``, ``shape``,
+    ``size``, ``position``. The object is found by :func:`detect`.
+    """
+    res = images.shape[-1]
+    colour_t, shape_t, size_t, position_t = _spec_tensors(specs)
+    found_ = detect(images)
+    background, found, safe_area = found_["background"], found_["found"], found_["area"]
+    centroid, mean_colour = found_["centroid"], found_["colour"]
 
     colour = torch.exp(-((mean_colour - colour_t).norm(dim=1) ** 2) / (2 * COLOUR_TOLERANCE**2))
     position = torch.exp(-((centroid / res - position_t).norm(dim=1) ** 2) / (2 * POSITION_TOLERANCE**2))
@@ -160,12 +181,7 @@ def reward(images: torch.Tensor, specs: list[Spec]) -> dict[str, torch.Tensor]:
     size = torch.exp(-(torch.log(safe_area / nominal_area) ** 2) / (2 * SIZE_TOLERANCE**2))
     # Shape: soft IoU with an ideal template of each shape (same centroid and area); the target shape must beat
     # the best other one.
-    ious = []
-    for s in range(len(SHAPES)):
-        ids = torch.full((n,), s)
-        template = shape_coverage(ids, centroid, torch.sqrt(safe_area / _shape_area(ids, torch.ones(n))), res)
-        ious.append(torch.minimum(weight, template).sum((1, 2)) / torch.maximum(weight, template).sum((1, 2)))
-    ious = torch.stack(ious, 1)
+    ious = found_["ious"]
     target_iou = ious.gather(1, shape_t[:, None])[:, 0]
     best_other = ious.scatter(1, shape_t[:, None], -1.0).max(1).values
     shape = torch.sigmoid((target_iou - best_other) / SHAPE_MARGIN)
@@ -197,3 +213,38 @@ def vendi_score(samples: torch.Tensor, bandwidth: float = VENDI_BANDWIDTH) -> to
     eig = torch.linalg.eigvalsh(kernel / flat.shape[1]).clamp_min(0)
     entropy = -torch.special.xlogy(eig, eig).sum(1)
     return entropy.exp().float()
+
+
+ATTRIBUTES = ("colour", "position", "size", "shape", "background")
+
+
+def attribute_spread(samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spread of each detected attribute over the samples of each prompt: [P, n, 3, H, W] -> {name: [P]}.
+
+    From :func:`detect` (the reward's own detector), the mean over a prompt's pairs of samples of: ``colour``,
+    the RGB distance of the object colours; ``position``, the distance of the centroids (fraction of the side);
+    ``size``, |log area ratio|; ``shape``, half the L1 distance of the soft-IoU vectors (circle, square,
+    triangle), and ``background``, the RGB distance of the background colours (the style term's variation).
+    The object attributes average over the pairs in which both samples have an object (0 if no such pair);
+    ``found`` is the fraction of samples with one.
+    """
+    p, n = samples.shape[:2]
+    if n < 2:
+        raise ValueError(f"attribute_spread needs at least 2 samples per prompt; got {n}")
+    det = detect(samples.flatten(0, 1))
+    res = samples.shape[-1]
+    per = {
+        "colour": det["colour"], "position": det["centroid"] / res, "size": det["area"].log()[:, None],
+        "shape": det["ious"], "background": det["background"],
+    }
+    found = det["found"].view(p, n).float()
+    both = (found[:, :, None] * found[:, None, :]) * (1 - torch.eye(n))
+    off_diagonal = (1 - torch.eye(n)).expand(p, n, n)
+    out = {}
+    for name, values in per.items():
+        values = values.view(p, n, -1).double()
+        dist = (torch.cdist(values, values, p=1) / 2) if name == "shape" else torch.cdist(values, values)
+        weights = off_diagonal if name == "background" else both
+        out[name] = ((dist * weights).sum((1, 2)) / weights.sum((1, 2)).clamp_min(1)).float()
+    out["found"] = found.mean(1)
+    return out

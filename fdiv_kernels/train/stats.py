@@ -1,0 +1,211 @@
+"""Statistics of the divergence study: bootstrap over seeds x prompts, Pareto flags that respect it, frontier gaps.
+
+The study's values come as arrays ``[S, P]`` (seeds x evaluation prompts; one model per seed). Seeds are the
+run-to-run variation (other preference pairs, data order, training noise and evaluation noise), prompts the
+evaluation variation. :func:`bootstrap` resamples both at once (seeds with replacement, then prompts with
+replacement, the same prompt draw for every seed), so a ± here covers both; with one seed it is over prompts only.
+Models compared at the same seed share pairs and noise, so differences are taken paired (same draws).
+
+Nothing here knows about models or files: numpy arrays in, numbers out (tested on synthetic values).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_BOOT = 2000
+DEFAULT_SEED = 20240915
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its bootstrap standard error and percentile confidence interval."""
+
+    mean: float
+    se: float
+    low: float
+    high: float
+    seeds: int
+    prompts: int
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "se": self.se, "ci": [self.low, self.high], "seeds": self.seeds,
+                "prompts": self.prompts}
+
+    @property
+    def significant(self) -> int:
+        """+1 if the interval lies above 0, -1 if below, 0 if it contains 0 (a tie)."""
+        return 1 if self.low > 0 else -1 if self.high < 0 else 0
+
+
+def _as_2d(values) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"values must be [seeds, prompts] with at least one of each; got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("values must be finite")
+    return array
+
+
+def draws(seeds: int, prompts: int, n_boot: int = DEFAULT_BOOT, rng_seed: int = DEFAULT_SEED):
+    """The bootstrap index draws ``([n_boot, seeds], [n_boot, prompts])``; share them to pair statistics."""
+    rng = np.random.default_rng(rng_seed)
+    return rng.integers(seeds, size=(n_boot, seeds)), rng.integers(prompts, size=(n_boot, prompts))
+
+
+def resampled_means(values, seed_idx: np.ndarray, prompt_idx: np.ndarray) -> np.ndarray:
+    """Bootstrap replicates ``[n_boot]`` of the mean of ``values [S, P]`` under the given draws."""
+    values = _as_2d(values)
+    # Mean over the drawn prompts for each seed, then over the drawn seeds: two gathers, no [n_boot, S, P] copy.
+    per_seed = np.stack([values[:, idx].mean(1) for idx in prompt_idx])  # [n_boot, S]
+    return np.take_along_axis(per_seed, seed_idx, 1).mean(1)
+
+
+def bootstrap(values, n_boot: int = DEFAULT_BOOT, level: float = 0.95, rng_seed: int = DEFAULT_SEED) -> Estimate:
+    """Mean of ``values [S, P]`` (or ``[P]``: one seed) with a bootstrap over seeds x prompts."""
+    values = _as_2d(values)
+    seed_idx, prompt_idx = draws(*values.shape, n_boot, rng_seed)
+    reps = resampled_means(values, seed_idx, prompt_idx)
+    tail = (1 - level) / 2
+    low, high = np.quantile(reps, [tail, 1 - tail])
+    return Estimate(float(values.mean()), float(reps.std(ddof=1)), float(low), float(high), *values.shape)
+
+
+def paired(a, b, **kwargs) -> Estimate:
+    """``a - b`` for two models on the same seeds and prompts (paired bootstrap)."""
+    a, b = _as_2d(a), _as_2d(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values must have the same [seeds, prompts] shape; got {a.shape} and {b.shape}")
+    return bootstrap(a - b, **kwargs)
+
+
+def pareto_flags(rewards: list, diversities: list, **kwargs) -> list[str]:
+    """Pareto flag of each model from its ``[S, P]`` reward and diversity (same seeds and prompts for all).
+
+    ``"yes"``: no other model is at least as good in both means (the classic front). ``"no"``: another model is
+    at least as good in both means and significantly better (paired 95% bootstrap interval above 0) in at least
+    one. ``"tie"``: dominated only within noise (no dominating model is significantly better in either).
+    """
+    if len(rewards) != len(diversities):
+        raise ValueError("one reward and one diversity array per model")
+    means = [(_as_2d(r).mean(), _as_2d(d).mean()) for r, d in zip(rewards, diversities)]
+    flags = []
+    for i, (r_i, d_i) in enumerate(means):
+        dominators = [j for j, (r_j, d_j) in enumerate(means)
+                      if j != i and r_j >= r_i and d_j >= d_i and (r_j, d_j) != (r_i, d_i)]
+        if not dominators:
+            flags.append("yes")
+            continue
+        significant = any(paired(rewards[j], rewards[i], **kwargs).significant > 0
+                          or paired(diversities[j], diversities[i], **kwargs).significant > 0 for j in dominators)
+        flags.append("no" if significant else "tie")
+    return flags
+
+
+def curve_at(rewards: np.ndarray, diversities: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Diversity at the given reward ``levels`` on the piecewise-linear curve through the points sorted by reward.
+
+    ``rewards``, ``diversities``: ``[..., G]`` (one point per regularisation strength); flat beyond the ends.
+    """
+    rewards, diversities = np.asarray(rewards, float), np.asarray(diversities, float)
+    flat_r, flat_d = rewards.reshape(-1, rewards.shape[-1]), diversities.reshape(-1, rewards.shape[-1])
+    out = np.empty((flat_r.shape[0], len(levels)))
+    for k, (r, d) in enumerate(zip(flat_r, flat_d)):
+        order = np.argsort(r, kind="stable")
+        out[k] = np.interp(levels, r[order], d[order])
+    return out.reshape(*rewards.shape[:-1], len(levels))
+
+
+def common_levels(reward_a: np.ndarray, reward_b: np.ndarray, count: int = 5) -> np.ndarray | None:
+    """``count`` reward levels inside the reward range that every seed's curve of both divergences covers.
+
+    ``reward_*``: ``[S, G]`` per-seed curve points. None when the ranges do not overlap.
+    """
+    low = max(np.min(reward_a, 1).max(), np.min(reward_b, 1).max())
+    high = min(np.max(reward_a, 1).min(), np.max(reward_b, 1).min())
+    if not high > low:
+        return None
+    # Interior points: the ends are where a curve is read at its last point, with the least support.
+    return low + (high - low) * (np.arange(count) + 0.5) / count
+
+
+def sign_flip_p(values) -> float:
+    """Exact two-sided sign-flip (paired permutation) p-value of mean(values) = 0 over the seeds."""
+    values = np.asarray(values, float)
+    observed = abs(values.mean())
+    flips = np.array(list(itertools.product((1.0, -1.0), repeat=len(values))))
+    return float(np.mean(np.abs((flips * values).mean(1)) >= observed - 1e-12))
+
+
+def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, n_boot: int = DEFAULT_BOOT,
+                 level: float = 0.95, rng_seed: int = DEFAULT_SEED) -> dict:
+    """Does divergence b's reward-diversity curve lie above a's? Values ``[S, G, P]`` (seeds x strengths x prompts).
+
+    Per seed, each divergence's curve runs through its G points (means over prompts); both are read at common
+    reward levels (inside the range every seed's curves cover) and the gap is b's diversity minus a's. The
+    estimate is the gap averaged over levels and seeds; its interval comes from resampling seeds and prompts
+    (paired: the same draws for both divergences, the levels held fixed). Verdict: ``"b dominates"`` if the
+    interval of the mean gap lies above 0 and no level's interval lies below 0, ``"a dominates"`` the mirror,
+    otherwise ``"tie"`` (including mixed signs across levels: curves that cross).
+    """
+    arrays = [np.asarray(x, float) for x in (reward_a, diversity_a, reward_b, diversity_b)]
+    shape = arrays[0].shape
+    if len(shape) != 3 or any(x.shape != shape for x in arrays):
+        raise ValueError(f"frontier values must all be [seeds, strengths, prompts] of one shape; got "
+                         f"{[x.shape for x in arrays]}")
+    if shape[1] < 2:
+        raise ValueError("a frontier needs at least 2 regularisation strengths")
+    if not all(np.isfinite(x).all() for x in arrays):
+        raise ValueError("frontier values must be finite")
+    r_a, d_a, r_b, d_b = arrays
+    seeds, _, prompts = shape
+    levels_at = common_levels(r_a.mean(2), r_b.mean(2), levels)
+    if levels_at is None:
+        return {"verdict": "no overlap", "levels": [], "seeds": seeds, "prompts": prompts,
+                "note": "the divergences' reward ranges do not overlap in every seed: no comparison at equal reward"}
+
+    def gaps(idx_p):
+        mean = lambda x: x[:, :, idx_p].mean(2)  # noqa: E731  [S, G]
+        return curve_at(mean(r_b), mean(d_b), levels_at) - curve_at(mean(r_a), mean(d_a), levels_at)  # [S, L]
+
+    point = gaps(np.arange(prompts))
+    seed_idx, prompt_idx = draws(seeds, prompts, n_boot, rng_seed)
+    reps = np.stack([gaps(p)[s] for s, p in zip(seed_idx, prompt_idx)])  # [n_boot, S, L]
+    per_level = reps.mean(1)  # [n_boot, L]
+    overall = per_level.mean(1)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(overall, [tail, 1 - tail])
+    level_lo, level_hi = np.quantile(per_level, [tail, 1 - tail], axis=0)
+    if lo > 0 and not (level_hi < 0).any():
+        verdict = "b dominates"
+    elif hi < 0 and not (level_lo > 0).any():
+        verdict = "a dominates"
+    else:
+        verdict = "tie"
+    per_seed = point.mean(1)
+    return {
+        "verdict": verdict,
+        "mean_gap": float(point.mean()), "se": float(overall.std(ddof=1)), "ci": [float(lo), float(hi)],
+        "levels": levels_at.tolist(),
+        "gap_at_level": point.mean(0).tolist(),
+        "ci_at_level": [[float(a), float(b)] for a, b in zip(level_lo, level_hi)],
+        "gap_per_seed": per_seed.tolist(),
+        "seeds_positive": int((per_seed > 0).sum()),
+        "sign_flip_p": sign_flip_p(per_seed),
+        "seeds": seeds, "prompts": prompts, "n_boot": n_boot, "confidence": level,
+    }
+
+
+def fmt(estimate: dict | Estimate, digits: int = 3, signed: bool = False) -> str:
+    """``mean ± se`` of an estimate (its dict form too)."""
+    e = estimate.as_dict() if isinstance(estimate, Estimate) else estimate
+    sign = "+" if signed else ""
+    if not math.isfinite(e["mean"]):
+        return "-"
+    return f"{e['mean']:{sign}.{digits}f} ± {e['se']:.{digits}f}"
