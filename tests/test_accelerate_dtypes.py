@@ -35,6 +35,7 @@ from test_trainer_parity import (  # noqa: E402  (the trainers' formulas, evalua
     _assert_stats_match,
     diffusers_sd15_loss,
     diffusers_sdxl_loss,
+    flow_sum_loss,
     original_diffusion_dpo_loss,
 )
 
@@ -49,20 +50,20 @@ def weight_dtype_of(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def doc_snippet(heading: str) -> str:
-    """The replacement code block (the one calling fused_fdpo_loss) of a ``## `` section of docs/dropin.md."""
+def doc_snippet(heading: str, call: str = "fused_fdpo_loss(") -> str:
+    """The code block of a ``## `` section of docs/dropin.md that makes ``call`` (its replacement code)."""
     text = DOC.read_text()
     start = text.index(f"\n## {heading}")
     end = text.find("\n## ", start + 1)
     section = text[start:end if end >= 0 else None]
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "fused_fdpo_loss(" in b]
-    assert len(blocks) == 1, f"docs/dropin.md, section {heading!r}: expected one block calling fused_fdpo_loss"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if call in b]
+    assert len(blocks) == 1, f"docs/dropin.md, section {heading!r}: expected one block calling {call}"
     return textwrap.dedent(blocks[0])
 
 
-def run_snippet(heading: str, namespace: dict) -> dict:
+def run_snippet(heading: str, namespace: dict, call: str = "fused_fdpo_loss(") -> dict:
     namespace = dict(namespace, torch=torch, F=F, fused_fdpo_loss=fused_fdpo_loss)
-    exec(compile(doc_snippet(heading), f"docs/dropin.md ({heading})", "exec"), namespace)  # noqa: S102
+    exec(compile(doc_snippet(heading, call), f"docs/dropin.md ({heading})", "exec"), namespace)  # noqa: S102
     return namespace
 
 
@@ -76,9 +77,9 @@ def make_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
     made = []
 
-    def make(mixed_precision):
+    def make(mixed_precision, cpu=False):
         try:
-            accelerator = accelerate.Accelerator(mixed_precision=mixed_precision)
+            accelerator = accelerate.Accelerator(mixed_precision=mixed_precision, cpu=cpu)
         except (ValueError, RuntimeError, NotImplementedError) as err:  # probed: say why, never assume
             pytest.skip(f"Accelerate refuses mixed_precision={mixed_precision!r} here: {err}")
         made.append(accelerator)
@@ -358,8 +359,8 @@ def run_original_script(accelerator, prediction_type, ref_prepared):
                       model_pred=model_pred)
 
 
-@pytest.mark.parametrize("ref_prepared", [False, True], ids=["ref_unprepared", "ref_prepared"])
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type, ref_prepared", [("epsilon", False), ("epsilon", True), ("v_prediction", False)],
+                         ids=["epsilon-ref_unprepared", "epsilon-ref_prepared", "v_prediction-ref_unprepared"])
 @pytest.mark.parametrize("mixed_precision", MIXED_PRECISION)
 def test_original_code_under_accelerate(make_accelerator, mixed_precision, prediction_type, ref_prepared):
     accelerator = make_accelerator(mixed_precision)
@@ -380,3 +381,111 @@ def test_original_code_under_accelerate(make_accelerator, mixed_precision, predi
                                                                             weight_dtype), probes
     print(f"\n[dtypes] original {mixed_precision} {prediction_type} ref_prepared={ref_prepared} on "
           f"{accelerator.device}: {probes}")
+
+
+# ---- the other snippets (flow trainer, auto beta, separate tensors) on the same real tensors ---------------------
+
+
+@pytest.mark.parametrize("mixed_precision", MIXED_PRECISION)
+@pytest.mark.parametrize("source", ["lora", "original"])
+def test_other_snippets_under_accelerate(make_accelerator, source, mixed_precision):
+    """The flow-matching, auto-beta and separate-tensors snippets, verbatim, on the v-prediction tensors (distinct
+    targets) of a LoRA UNet or of train.py's UNet pair (float32 policy, bf16 reference) under Accelerate."""
+    accelerator = make_accelerator(mixed_precision)
+    if source == "lora":
+        unet, ns = run_diffusers_script(accelerator, False, "v_prediction")
+        accelerator.unwrap_model(unet).disable_adapters()
+        with torch.no_grad():
+            ref_pred = unet(ns["noisy_model_input"], ns["timesteps"], ns["encoder_hidden_states"]).sample
+        accelerator.unwrap_model(unet).enable_adapters()
+    else:
+        unet, ns = run_original_script(accelerator, "v_prediction", ref_prepared=False)
+        with torch.no_grad():
+            ref_pred = ns["ref_unet"](*ns["model_batch_args"]).sample
+    model_pred, target = ns["model_pred"], ns["target"]
+    print(f"\n[dtypes] {source} {mixed_precision}: {model_pred.dtype}, {ref_pred.dtype}, {target.dtype}")
+
+    # Flow-matching trainer: summed errors, 0.5 * beta.
+    beta = pick_beta(flow_sum_loss, model_pred, ref_pred, target)
+    out = run_snippet("Drop into a flow-matching trainer", dict(model_pred=model_pred, ref_pred=ref_pred,
+                                                                 target=target, beta=beta, divergence="reverse_kl"))
+    expected = flow_sum_loss(model_pred.detach(), ref_pred, target, beta)
+    assert expected["logits"].abs().max().item() > 0.5
+    _assert_stats_match(out["loss"], out["stats"], expected, NUM_PAIRS)
+    (grad,) = torch.autograd.grad(out["loss"], model_pred, retain_graph=True)
+    leaf = model_pred.detach().to(F64).requires_grad_(True)
+    (expected_grad,) = torch.autograd.grad(flow_sum_loss(leaf, ref_pred, target, beta)["loss"], leaf)
+    scale = expected_grad.abs().amax(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(grad.double() / scale, expected_grad / scale, rtol=0, atol=GRAD_RTOL[grad.dtype])
+
+    # Auto beta: the SDXL/original formula with beta = the snippet's tensor.
+    out = run_snippet("Auto beta", dict(model_pred=model_pred, ref_pred=ref_pred, target=target))
+    auto_beta = out["auto_beta"]
+    assert auto_beta.dim() == 0 and not auto_beta.requires_grad
+    expected = diffusers_sdxl_loss(model_pred.detach(), ref_pred, target, auto_beta.to(F64))
+    assert expected["logits"].abs().mean().item() == pytest.approx(1.0, rel=1e-3)  # the example rule's intent
+    _assert_stats_match(out["loss"], out["stats"], expected, NUM_PAIRS)
+
+    # Separate winner and loser tensors: the same numbers as the [2B] call.
+    halves = [t.chunk(2) for t in (model_pred, ref_pred, target)]
+    (model_w, model_l), (ref_w, ref_l), (target_w, target_l) = halves
+    from fdiv_kernels.integrations import fdpo_loss_from_pairs
+
+    out = run_snippet("Separate winner and loser tensors", dict(
+        model_w=model_w, model_l=model_l, ref_w=ref_w, ref_l=ref_l, target_w=target_w, target_l=target_l,
+        beta=beta, fdpo_loss_from_pairs=fdpo_loss_from_pairs), call="fdpo_loss_from_pairs(")
+    direct, direct_stats = fused_fdpo_loss(model_pred, ref_pred, target, beta=beta, divergence="js",
+                                           return_stats=True)
+    torch.testing.assert_close(out["loss"], direct, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["stats"].logits, direct_stats.logits, rtol=1e-6, atol=1e-7)
+
+
+# ---- the original code's own bf16 arithmetic, measured (docs/dropin.md, "Mixed precision") --------------------
+
+
+def original_script_as_written(model_pred, ref_pred, target, beta_dpo):
+    """train.py's loss lines verbatim: no .float(), so under bf16 the reference errors are computed in bf16."""
+    model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    model_diff = model_losses_w - model_losses_l
+    with torch.no_grad():
+        ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
+        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+        ref_diff = ref_losses_w - ref_losses_l
+    scale_term = -0.5 * beta_dpo
+    inside_term = scale_term * (model_diff - ref_diff)
+    return dict(logits=inside_term, ref_err=ref_losses, loss=-1 * F.logsigmoid(inside_term).mean())
+
+
+def test_original_bf16_arithmetic_quantizes_its_logits(make_accelerator):
+    """The numbers quoted in docs/dropin.md ("Mixed precision"): run with ``-s`` to print them (on the CPU, so
+    a GPU machine measures the same tensors)."""
+    accelerator = make_accelerator("bf16", cpu=True)
+    unet, ns = run_original_script(accelerator, "epsilon", ref_prepared=False)
+    model_pred, target = ns["model_pred"].detach(), ns["target"]
+    with torch.no_grad():
+        ref_pred = ns["ref_unet"](*ns["model_batch_args"]).sample
+    assert (model_pred.dtype, ref_pred.dtype, target.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+    beta = pick_beta(original_diffusion_dpo_loss, model_pred, ref_pred, target)
+    exact = original_diffusion_dpo_loss(model_pred, ref_pred, target, beta)
+    script = original_script_as_written(model_pred, ref_pred, target, beta)
+    fused_loss, stats = fused_fdpo_loss(model_pred, ref_pred, target, beta=beta, return_stats=True,
+                               **trainer_conventions("diffusion_dpo"))
+    assert script["ref_err"].dtype == torch.bfloat16 and script["logits"].dtype == torch.float32
+    e_ref_err = (script["ref_err"].double() - exact["ref_err"]).abs().max().item()
+    script_err = (script["logits"].double() - exact["logits"]).abs().max().item()
+    fused_err = (stats.logits.double() - exact["logits"]).abs().max().item()
+    step = 0.5 * beta * torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(exact["ref_err"])).max().item()
+    loss_gap = abs(script["loss"].item() - exact["loss"].item())
+    print(f"\n[bf16 original] B={NUM_PAIRS} beta_dpo={beta:g} e_ref in [{exact['ref_err'].min():.4f}, "
+          f"{exact['ref_err'].max():.4f}], |logits| <= {exact['logits'].abs().max():.3f}; bf16 e_ref off by up to "
+          f"{e_ref_err:.3g}; one bf16 step of e_ref moves the logit by {step:.3g}; logits off by up to: script "
+          f"{script_err:.3g}, fused {fused_err:.3g}; loss: float64 {exact['loss'].item():.6f}, script "
+          f"{script['loss'].item():.6f}, fused {fused_loss.item():.6f}")
+    # The script's reference errors are its float64 values rounded to bf16 (half an ulp at most, not zero) ...
+    assert 0 < e_ref_err <= torch.finfo(torch.bfloat16).eps / 2 * exact["ref_err"].max().item() * 1.01
+    # ... which moves its logits by a sizeable fraction of their range; the fused logits are the formula's.
+    assert script_err > 0.01 * exact["logits"].abs().max().item()
+    assert fused_err < 1e-5 * exact["logits"].abs().max().item()
+    assert script_err > 1000 * fused_err
+    assert loss_gap > 1e-4
