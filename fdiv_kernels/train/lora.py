@@ -88,7 +88,8 @@ def adapters_disabled(model: nn.Module):
 
 
 def save_lora(model: nn.Module, folder: Path, prefix: str) -> None:
-    """``folder/pytorch_lora_weights.safetensors`` in diffusers' format (keys ``{prefix}.…``, peft config metadata)."""
+    """``folder/pytorch_lora_weights.safetensors`` in diffusers' format (keys ``{prefix}.…``; peft config in the
+    metadata)."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 

@@ -46,7 +46,8 @@ def load_sdxl_pipeline(path: Path, index: dict, unet: str | Path | None = None) 
         )
     unet_dir = Path(unet) if unet is not None else path / "unet"
     unet_config = _read_json(unet_dir / "config.json", "the UNet's config")
-    if unet_config.get("_class_name") != "UNet2DConditionModel" or unet_config.get("addition_embed_type") != "text_time":
+    kind = (unet_config.get("_class_name"), unet_config.get("addition_embed_type"))
+    if kind != ("UNet2DConditionModel", "text_time"):
         raise PipelineError(
             f"{unet_dir / 'config.json'}: a pipeline with two text encoders (SDXL) needs a UNet2DConditionModel with "
             f"addition_embed_type 'text_time'; found {unet_config.get('_class_name')!r} with "
