@@ -2,8 +2,8 @@
 
 - ``eager``: the loss as diffusers' ``train_diffusion_dpo_sdxl.py`` writes it (``.float()`` casts, per-sample
   ``mse_loss(...).mean(dims)``, reference branch under ``no_grad``), i.e. what users run today.
-- ``compile-diffusers``: ``torch.compile`` of that same function (default mode, ``dynamic=False``): SPEC's CPU peer.
-- ``compile-ref``: ``torch.compile`` of ``fdpo_loss_reference`` (default mode, ``dynamic=False``): SPEC's GPU peer.
+- ``compile-diffusers``: ``torch.compile`` of that same function (default mode, ``dynamic=False``): the CPU peer of spec §5.
+- ``compile-ref``: ``torch.compile`` of ``fdpo_loss_reference`` (default mode, ``dynamic=False``): the GPU peer of spec §5.
 - ``fdiv-<backend>``: ``fused_fdpo_loss(..., backend=<backend>)`` for cpu (C++), triton, cuda, and torch (the
   eager fallback backend, recorded for completeness).
 
@@ -111,7 +111,7 @@ PROVIDERS = {
     ]
 }
 
-# The peers SPEC section 5 names: on CPU torch.compile of the diffusers-style loss, on GPU of the reference.
+# The peers spec §5 (docs/spec.md) names: on CPU torch.compile of the diffusers-style loss, on GPU of the reference.
 # Both compile variants are selectable everywhere (--providers); by default each device compiles only its peer,
 # since every torch.compile costs seconds per shape and dtype (the GPU run must fit in 4 minutes).
 QUICK_EXTRA = {"cpu": ["fdiv-torch"], "cuda": []}

@@ -5,7 +5,7 @@
                                                 # README.md between <!-- bench:begin --> and <!-- bench:end -->
                                                 # (--no-splice: README_table.md only)
 
-SPEC section 5 targets are shown next to the numbers (a check mark or a cross); nothing asserts them.
+spec §5 (docs/spec.md) targets are shown next to the numbers (a check mark or a cross); nothing asserts them.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def summary_table(meta: dict, rows: list[dict], mode: str = "fwd+bwd") -> str:
 
 
 def _targets(dev: str) -> list[tuple]:
-    """(label, column, threshold, shapes or None for all) for the fused kernels, SPEC section 5 and issue 3."""
+    """(label, column, threshold, shapes or None for all) for the fused kernels, spec §5 (docs/spec.md) and issue 3."""
     if dev == "cpu":
         return [("× eager ≥ 3", "x_eager", 3.0, None),
                 ("× compile-diffusers ≥ 1.3", "x_compile_diffusers", 1.3, None),
@@ -248,11 +248,11 @@ def device_markdown(meta: dict, rows: list[dict], source: str) -> str:
         header(meta, source),
         "Method: " + "; ".join(f"{k}: {v}" for k, v in method.items())
         + (f"; compile cache: {meta['compile_cache']}" if meta.get("compile_cache") else "") + ".",
-        "Bytes (SPEC §5, per pass of one `[2B, D]` tensor): fwd+bwd 6, 5.5 with a shared target, 5 with ref_err "
+        "Bytes (spec §5, per pass of one `[2B, D]` tensor): fwd+bwd 6, 5.5 with a shared target, 5 with ref_err "
         "(4 with ref_err and a shared target); fwd 3 / 2.5 / 2; bwd 3 / 2.5 / 3. Ratios × = baseline time / this "
         "time, same case and mode.",
         f"## fwd+bwd summary\n\n{summary_table(meta, rows)}\n\n{loss_agreement(rows)}",
-        f"## Targets (SPEC §5 and issue 3; shown, not asserted)\n\n{targets_table(meta, rows)}",
+        f"## Targets (spec §5 and issue 3; shown, not asserted)\n\n{targets_table(meta, rows)}",
         f"![speedup and bandwidth]({Path(source).with_suffix('.png').name})",
         f"## All measurements\n\n{detail_table(meta, rows)}",
         f"## Not measured\n\n{not_measured(rows)}",
@@ -353,7 +353,7 @@ def readme_block(results_dir: Path = RESULTS) -> str:
         parts.append(f"#### {title}: {meta['device_name']}, {_where(meta)}, {meta['date'][:10]} "
                      f"(source: `{_rel(path)}`)")
         parts.append(f"fwd+bwd, median ms; × = speedup of the fastest fdiv backend; % copy = its effective "
-                     f"bandwidth (SPEC §5 bytes) over a copy measured in the same run "
+                     f"bandwidth (spec §5 bytes) over a copy measured in the same run "
                      f"({meta['copy']['gbps']:.1f} GB/s). Details and plot: `{_rel(path.with_suffix('.md'))}`."
                      + (" **Smoke run only.**" if meta.get("quick") else "")
                      + (" **Measured while other processes shared the cores: noisy.**"

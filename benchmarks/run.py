@@ -13,7 +13,7 @@ Method (also written into each JSON's "method"):
   bwd alone: a fresh, untimed forward before each timed backward (no retained graph).
 - First call: the first fwd+bwd call of a provider on a shape (no warm-up); for torch.compile it is the compile
   time, reported separately as compile_s.
-- Effective bandwidth: the bytes of SPEC section 5 (benchmarks/shapes.py:ideal_bytes) over the median time, and
+- Effective bandwidth: the bytes of spec §5 (docs/spec.md) (benchmarks/shapes.py:ideal_bytes) over the median time, and
   that as a percentage of a device-to-device copy (read + write bytes) measured at the start of the same run.
 - Peak extra memory during one fwd+bwd, above the inputs, the gradient included. CUDA: max_memory_allocated.
   CPU: the torch CPU allocator's running total as torch.profiler(profile_memory=True) tracks it (allocations
@@ -320,7 +320,7 @@ def collect_meta(device: torch.device, args) -> dict:
                if device.type == "cuda"
                else f"perf_counter per call, inputs rotated through {rotation_bytes() / 2**20:.0f} MB of copies"),
             "first_call": "first fwd+bwd call of a provider on a shape, no warm-up (torch.compile: compile time)",
-            "bandwidth": "SPEC section 5 bytes (benchmarks/shapes.py:ideal_bytes) / median time",
+            "bandwidth": "spec §5 (docs/spec.md) bytes (benchmarks/shapes.py:ideal_bytes) / median time",
             "memory": "torch.cuda.max_memory_allocated above the inputs, gradient included" if device.type == "cuda"
             else "torch CPU allocator running total via torch.profiler(profile_memory=True), above the inputs, "
             "gradient included; allocations outside the torch allocator are not seen",

@@ -1,4 +1,4 @@
-"""Benchmark shapes, dtypes and input variants of SPEC section 5, the byte model, and input generation."""
+"""Benchmark shapes, dtypes and input variants of spec §5 (docs/spec.md), the byte model, and input generation."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Shape:
         return f"{self.rows}x" + "x".join(map(str, self.sample))
 
 
-# SPEC section 5. Latent shapes are those the trainers feed the loss (batch of 2B = winners + losers).
+# spec §5 (docs/spec.md). Latent shapes are those the trainers feed the loss (batch of 2B = winners + losers).
 _COMMON = [
     Shape("sd15", 16, (4, 64, 64), "SD1.5 latents 64x64 (launch-bound on GPU)"),
     Shape("sdxl", 16, (4, 128, 128), "SDXL latents 128x128"),
@@ -32,7 +32,7 @@ _COMMON = [
     Shape("video", 4, (16, 21, 60, 104), "video latents C,T,H,W (Wan-style 480p, 81 frames)"),
     Shape("pixel", 16, (3, 256, 256), "pixel-space 256x256 RGB"),
 ]
-# The bandwidth-bound shape: on GPU >= 256 MB per bf16 tensor (SPEC). On CPU a quarter of that (64 MB bf16,
+# The bandwidth-bound shape: on GPU >= 256 MB per bf16 tensor (spec §5). On CPU a quarter of that (64 MB bf16,
 # 128 MB fp32 per tensor): already far beyond the caches, and it keeps eager's fp32 temporaries and the run time
 # of a full CPU sweep (2 threads, shared machine) reasonable.
 _LARGE = {
@@ -68,11 +68,11 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def ideal_bytes(shape: Shape, dtype: torch.dtype, variant: str, mode: str) -> int:
-    """Bytes a perfect implementation must move (SPEC section 5), counted exactly.
+    """Bytes a perfect implementation must move (spec §5 (docs/spec.md)), counted exactly.
 
     In units of one full [2B, D] tensor: forward reads pred (1), ref_pred (1, or 2B fp32 errors with ref_err)
     and target (1, or 0.5 shared); backward reads pred (1) and target (1 or 0.5) and writes the gradient (1).
-    So fwd+bwd = 6 passes, 5.5 with a shared target, 5 with ref_err (SPEC's "4 with ref_err" holds only with
+    So fwd+bwd = 6 passes, 5.5 with a shared target, 5 with ref_err (spec §5's "4 with ref_err" holds only with
     ref_err *and* a shared target: 1.5 + 2.5). The O(B) outputs (loss, stats, coefficients) are left out.
     """
     shared, ref_err = VARIANTS[variant]

@@ -36,6 +36,14 @@ struct HeadParams {
   int64_t num_pairs;       // B
 };
 
+// The rows of pair p (spec §1): halves [w_0..w_{B-1}; l_0..l_{B-1}] or interleaved [w0, l0, w1, l1, ...]; and
+// the pair of a row, which also indexes a target or mask shared by the pair ([B, D]).
+FDPO_HD int64_t winner_row(int64_t p, int64_t B, bool interleaved) { return interleaved ? 2 * p : p; }
+FDPO_HD int64_t loser_row(int64_t p, int64_t B, bool interleaved) { return interleaved ? 2 * p + 1 : B + p; }
+FDPO_HD int64_t pair_of_row(int64_t row, int64_t B, bool interleaved) {
+  return interleaved ? row / 2 : (row < B ? row : row - B);
+}
+
 // Overloads that pick the float or double libm function on host and device alike.
 FDPO_HD float fexp(float x) { return expf(x); }
 FDPO_HD double fexp(double x) { return exp(x); }
@@ -79,7 +87,7 @@ FDPO_HD void exp_family(int divergence, T alpha, T* k, T* s) {
   }
 }
 
-// psi(d): the implicit reward f'(exp(d)), in the stable forms of SPEC section 2.
+// psi(d): the implicit reward f'(exp(d)), in the stable forms of spec §2 (docs/spec.md).
 template <typename T>
 FDPO_HD T psi(int divergence, T alpha, T d) {
   switch (divergence) {

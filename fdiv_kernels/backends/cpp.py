@@ -11,7 +11,8 @@ import torch
 
 from .. import _build
 
-_BUILD_HINT = "run `pip install -e . --no-build-isolation` in the repository root"
+_BUILD_HINT = ("delete it to compile on first use, or rebuild ahead of time with "
+               "`FDIV_KERNELS_BUILD=aot pip install -e . --no-build-isolation`")
 _load_error: str | None = None
 _loaded = False
 
@@ -37,9 +38,10 @@ def _probe(kind: str) -> str | None:
         return err
     if kind == "cuda":
         if not torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "CUDA"):
+            why = _build.info().get("why_no_cuda") or "built without CUDA kernels"
             return (
-                "fdiv_kernels._C was built without CUDA kernels (FDIV_KERNELS_BUILD_CUDA=0, or no nvcc / CPU-only "
-                "torch at build time): rebuild with `FDIV_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation`"
+                f"fdiv_kernels._C has no CUDA kernels ({why}); a CUDA build of torch with nvcc compiles them on first "
+                "use, or ahead of time with `FDIV_KERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation`"
             )
         if not torch.cuda.is_available():
             return "no CUDA device is available"
