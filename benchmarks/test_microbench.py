@@ -5,7 +5,7 @@
 
 Cases, providers, inputs and the byte model come from benchmarks.run / shapes.py / providers.py, so the numbers are
 comparable with `python -m benchmarks.run` (which also measures first-call, memory and launch counts and writes
-the roofline tables). extra_info per benchmark: bytes moved (SPEC section 5), GB/s and % of a copy at the median,
+the roofline tables). extra_info per benchmark: bytes moved (spec §5 (docs/spec.md)), GB/s and % of a copy at the median,
 the copy bandwidth itself, threads, and the loss value (every provider should agree with eager).
 """
 
