@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=1024)
     p.add_argument("--sampling-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-temperature", type=float, default=0.0,
+                   help="Bradley-Terry label noise (0: the higher reward wins); see docs/training.md")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("ref-errors", help="cache the reference model's errors over a run's data stream")
@@ -108,9 +110,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta", type=float, default=None, help="inner beta (default 500; see docs/training.md)")
     p.add_argument("--gamma", type=float, default=None, help="outer scale of the logit (default 10)")
+    p.add_argument("--label-temperature", type=float, default=None,
+                   help="Bradley-Terry label noise: image 0 wins with probability sigmoid((r0 - r1) / T); "
+                        "0 (default): the higher reward wins")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--frontier", action="store_true",
+                   help="reward-diversity frontiers: each divergence at each --gammas, for each --seeds; resumable "
+                        "(default output fdpo-frontier[-quick]; see docs/training.md, Frontiers)")
+    p.add_argument("--divergences", type=_names, default=None,
+                   help="--frontier: comma-separated divergences (default reverse_kl,js)")
+    p.add_argument("--gammas", type=_floats, default=None,
+                   help="--frontier: comma-separated regularisation strengths gamma (default 1,3,10,30,100)")
+    p.add_argument("--seeds", type=_ints, default=None, help="--frontier: comma-separated seeds (default 0,1,2,3,4)")
+    p.add_argument("--report-only", action="store_true",
+                   help="--frontier: summarise the finished results in --output, train nothing")
+    p.add_argument("--keep-runs", action="store_true", help="--frontier: keep each fine-tuned UNet")
+
+    p = sub.add_parser("study-report", help="regenerate the study tables in README.md and docs/training.md "
+                                            "from results/study/*.json")
+    p.add_argument("--results", type=Path, default=None, help="folder of the study JSON (default results/study)")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
     return parser
+
+
+def _csv(text: str, kind, what: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}; got {text!r}") from None
+    if not values or any(v == "" for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}; got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple:
+    return _csv(text, str.strip, "names")
+
+
+def _floats(text: str) -> tuple:
+    return _csv(text, float, "numbers")
+
+
+def _ints(text: str) -> tuple:
+    return _csv(text, int, "integers")
 
 
 def _config_args(args: argparse.Namespace) -> dict:
@@ -157,7 +200,8 @@ def _run(args: argparse.Namespace) -> int:
         from .study import BASE_PIPELINE, make_pairs
 
         pipe = load_pipeline(args.pipeline or BASE_PIPELINE)
-        make_pairs(pipe, args.output, args.pairs, args.seed, args.sampling_steps, overwrite=args.overwrite)
+        make_pairs(pipe, args.output, args.pairs, args.seed, args.sampling_steps, overwrite=args.overwrite,
+                   label_temperature=args.label_temperature)
         print(f"wrote {args.pairs} labelled pairs to {args.output} (pairs.parquet + images/)")
     elif args.command == "ref-errors":
         from .loop import TrainConfig, cache_reference_errors
@@ -168,16 +212,61 @@ def _run(args: argparse.Namespace) -> int:
         from .loop import TrainConfig, train
 
         train(TrainConfig(**_config_args(args)))
+    elif args.command == "study" and args.frontier:
+        return _frontier(args)
+    elif args.command == "study-report":
+        from .report import RESULTS, regenerate
+
+        changed = regenerate(args.results or RESULTS, check=args.check)
+        for path in changed:
+            print(("out of date: " if args.check else "wrote ") + path)
+        return 1 if args.check and changed else 0
     elif args.command == "study":
         from .study import QUICK, StudyConfig, run_study
 
+        only = [f for f in ("divergences", "gammas", "seeds") if getattr(args, f) is not None]
+        only += [f for f in ("report_only", "keep_runs") if getattr(args, f)]
+        if only:
+            raise ValueError(f"--{only[0].replace('_', '-')} needs --frontier")
+
         output = args.output or Path("fdpo-study-quick" if args.quick else "fdpo-study")
-        loss = {k: getattr(args, k) for k in ("beta", "gamma") if getattr(args, k) is not None}
+        loss = {k: getattr(args, k) for k in ("beta", "gamma", "label_temperature") if getattr(args, k) is not None}
         cfg = StudyConfig(output=output, seed=args.seed, progress=args.progress, **loss,
                           **(QUICK if args.quick else {}))
         results = run_study(cfg, overwrite=args.overwrite)
         print((output / "study.md").read_text())
         print(f"wrote {output}/study.md, study.json, study.png in {results['timings_s']['total']:.0f} s")
+    return 0
+
+
+def _frontier(args: argparse.Namespace) -> int:
+    """``study --frontier``: the settings of the study (``--quick`` sizes too), swept over gamma and seeds."""
+    from .frontier import FrontierConfig, estimate_seconds, run_frontier, summarise
+    from .study import QUICK
+
+    if args.gamma is not None:
+        raise ValueError("--gamma is the swept strength under --frontier: pass --gammas")
+    if args.overwrite:
+        raise ValueError("--frontier resumes into --output and never overwrites: remove the folder to start afresh")
+    if args.seed != 0:
+        raise ValueError("--frontier takes --seeds (a list), not --seed")
+    sizes = {k: v for k, v in QUICK.items()} if args.quick else {}
+    settings = {k: getattr(args, k) for k in ("divergences", "gammas", "seeds", "beta", "label_temperature")
+                if getattr(args, k) is not None}
+    output = args.output or Path("fdpo-frontier-quick" if args.quick else "fdpo-frontier")
+    cfg = FrontierConfig(output=output, progress=args.progress, keep_runs=args.keep_runs, **settings, **sizes)
+    if args.report_only:
+        if not (output / "frontier_config.json").is_file():
+            raise FileNotFoundError(f"{output} holds no frontier (no frontier_config.json)")
+        summary = summarise(cfg)
+    else:
+        if args.progress:
+            print(f"frontier of {len(cfg.divergences)} divergences x {len(cfg.gammas)} gammas x {len(cfg.seeds)} seeds: "
+                  f"about {estimate_seconds(cfg) / 60:.0f} min from scratch on 2 quiet CPU cores", flush=True)
+        summary = run_frontier(cfg)
+    print((output / "frontier.md").read_text())
+    complete = len(summary["complete_seeds"])
+    print(f"wrote {output}/frontier.md, frontier.json, frontier.png ({complete} complete seeds)")
     return 0
 
 

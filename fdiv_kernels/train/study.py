@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import task
+from . import stats, task
 from .data import write_pairs
 from .io import atomic_folder
 from .loop import TrainConfig, cache_reference_errors, derived_seed, train
@@ -49,6 +49,7 @@ class StudyConfig:
     eval_prompts: int = 36  # the held-out prompts, in their fixed order
     eval_samples: int = 12  # per prompt
     progress: bool = True
+    label_temperature: float = 0.0  # 0: hard labels from the reward; > 0: Bradley-Terry sampled (see make_pairs)
 
 
 QUICK = {"pairs": 64, "steps": 6, "batch_size": 16, "eval_prompts": 8, "eval_samples": 4}
@@ -59,8 +60,14 @@ def run_name(divergence: str, alpha: float | None) -> str:
 
 
 def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_steps: int,
-               overwrite: bool = False, progress: bool = True) -> Path:
-    """Sample two images per training prompt from ``pipe``, label them with the task reward, save Pick-a-Pic."""
+               overwrite: bool = False, progress: bool = True, label_temperature: float = 0.0) -> Path:
+    """Sample two images per training prompt from ``pipe``, label them with the task reward, save Pick-a-Pic.
+
+    ``label_temperature`` 0: the higher reward wins (hard labels; equal rewards are a tie). T > 0: Bradley-Terry
+    sampling, image 0 wins with probability sigmoid((r0 - r1) / T), from its own seeded generator, so that the
+    labels are as noisy as human ones (the programmatic reward stays the gold standard for evaluation).
+    """
+    check_label_temperature(label_temperature)
     if Path(folder).exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; choose another output folder or pass --overwrite")
     train_specs, _ = task.split_specs()
@@ -74,9 +81,29 @@ def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_ste
     images = (images * 255).round() / 255  # score exactly what is saved (8-bit PNG)
     scores = task.reward(images, specs + specs)["reward"]
     r0, r1 = scores[:pairs], scores[pairs:]
-    label_0 = torch.where(r0 > r1, 1.0, torch.where(r0 < r1, 0.0, 0.5)).tolist()
-    return write_pairs(folder, captions, images[:pairs], images[pairs:], label_0,
-                       extra={"reward_0": r0.tolist(), "reward_1": r1.tolist()}, overwrite=overwrite)
+    hard = torch.where(r0 > r1, 1.0, torch.where(r0 < r1, 0.0, 0.5))
+    label_0, p_0 = hard, hard
+    if label_temperature > 0:
+        p_0 = torch.sigmoid((r0 - r1).double() / label_temperature).float()
+        labels = torch.Generator().manual_seed(derived_seed(seed, "labels", 0))
+        label_0 = torch.bernoulli(p_0, generator=labels)
+    extra = {"reward_0": r0.tolist(), "reward_1": r1.tolist(), "p_label_0": p_0.tolist(),
+             "label_temperature": [float(label_temperature)] * pairs}
+    return write_pairs(folder, captions, images[:pairs], images[pairs:], label_0.tolist(), extra=extra,
+                       overwrite=overwrite)
+
+
+def check_label_temperature(value) -> None:
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"--label-temperature must be a finite number >= 0 (0: hard labels); got {value!r}")
+
+
+# Normalisation of the object-attribute spreads: each in units of the reward's tolerance for that attribute.
+_SPREAD_UNITS = {"colour": task.COLOUR_TOLERANCE, "position": task.POSITION_TOLERANCE, "size": task.SIZE_TOLERANCE,
+                 "shape": task.SHAPE_MARGIN}
 
 
 def evaluate(pipe: Pipeline, specs: list[task.Spec], samples: int, seed: int, sampling_steps: int,
@@ -100,6 +127,12 @@ def evaluate(pipe: Pipeline, specs: list[task.Spec], samples: int, seed: int, sa
         "pairwise_distance": task.pairwise_distance(grouped),
         "vendi": task.vendi_score(grouped),
     }
+    # Diversity by what varies, from the reward's own detector: the object's attributes (what the prompt pins
+    # down up to jitter) apart from the background (what the prompt leaves free and the style term collapses).
+    spread = task.attribute_spread(grouped)
+    for name in ("colour", "position", "size", "shape", "background"):
+        per_prompt[f"{name}_spread"] = spread[name]
+    per_prompt["object_spread"] = sum(spread[k] / unit for k, unit in _SPREAD_UNITS.items()) / len(_SPREAD_UNITS)
     # Means over prompts with their standard errors (prompts are the independent units); the per-prompt values
     # are kept for paired comparisons between models (all models share prompts and initial noise).
     metrics = {k: {"mean": v.mean().item(), "se": _standard_error(v), "per_prompt": v.tolist()}
@@ -121,7 +154,8 @@ def paired_differences(rows: list[dict], baseline: str = "reverse_kl") -> list[d
         diff = {}
         for key in ("reward", "pairwise_distance"):
             d = torch.tensor(row[key]["per_prompt"]) - torch.tensor(base[key]["per_prompt"])
-            diff[key] = {"mean": d.mean().item(), "se": _standard_error(d)}
+            ci = stats.paired([row[key]["per_prompt"]], [base[key]["per_prompt"]]).as_dict()["ci"]
+            diff[key] = {"mean": d.mean().item(), "se": _standard_error(d), "ci": ci}
         out.append({"model": row["model"], **diff})
     return out
 
@@ -135,13 +169,15 @@ def pareto_front(rows: list[dict]) -> list[bool]:
 def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
     """Run the whole study into ``cfg.output`` (written aside, renamed into place at the end); returns the results."""
     started = time.perf_counter()
+    check_label_temperature(cfg.label_temperature)
     timings: dict[str, float] = {}
     _, held_out = task.split_specs()
     eval_specs = held_out[: cfg.eval_prompts]
     with atomic_folder(cfg.output, overwrite=overwrite) as out:
         base = load_pipeline(cfg.base)
         tick = time.perf_counter()
-        make_pairs(base, out / "pairs", cfg.pairs, cfg.seed, cfg.sampling_steps, progress=cfg.progress)
+        make_pairs(base, out / "pairs", cfg.pairs, cfg.seed, cfg.sampling_steps, progress=cfg.progress,
+                   label_temperature=cfg.label_temperature)
         timings["make_pairs"] = time.perf_counter() - tick
 
         train_cfg = TrainConfig(
@@ -173,8 +209,12 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
             last = result.records[-1]
             rows.append({"model": name, "divergence": divergence, "alpha": alpha, **metrics,
                          "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")}})
-        for row, optimal in zip(rows, pareto_front(rows)):
+        # One seed: the flags and intervals are over prompts only (stats.bootstrap with S = 1).
+        flags = stats.pareto_flags([[r["reward"]["per_prompt"]] for r in rows],
+                                   [[r["pairwise_distance"]["per_prompt"]] for r in rows])
+        for row, optimal, flag in zip(rows, pareto_front(rows), flags):
             row["pareto_optimal"] = optimal
+            row["pareto"] = flag
         differences = paired_differences(rows)
         timings["total"] = time.perf_counter() - started
         results = {
@@ -193,31 +233,64 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    """The study table: one row per model, means over held-out prompts ± standard error."""
+    """The study table: one row per model, means over held-out prompts ± standard error over prompts (one seed)."""
     def cell(metric: dict, digits: int = 3) -> str:
         return f"{metric['mean']:.{digits}f} ± {metric['se']:.{digits}f}"
 
+    def flag(row: dict) -> str:
+        return row.get("pareto") or ("yes" if row["pareto_optimal"] else "no")
+
+    pareto_note = (
+        "Pareto: yes = on the front; no = dominated, significantly (paired 95% bootstrap over prompts); tie =\n"
+        "dominated within noise." if any("pareto" in r for r in results["rows"]) else
+        "Pareto: point estimates only (this file predates per-prompt values): yes = no other row is at least as\n"
+        "good in both reward and pairwise distance.")
     lines = [
-        "| model | reward (alignment) | fidelity | style | pairwise distance | Vendi score | Pareto-optimal | final implicit_acc |",
+        "| model | reward (alignment) | fidelity | style | pairwise distance | Vendi score | Pareto | final implicit_acc |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         acc = f"{row['final_train']['implicit_acc']:.2f}" if "final_train" in row else "-"
         lines.append(
             f"| {row['model']} | {cell(row['reward'])} | {cell(row['fidelity'])} | {cell(row['style'])} | "
-            f"{cell(row['pairwise_distance'])} | {cell(row['vendi'], 2)} | {'yes' if row['pareto_optimal'] else 'no'} "
-            f"| {acc} |"
+            f"{cell(row['pairwise_distance'])} | {cell(row['vendi'], 2)} | {flag(row)} | {acc} |"
         )
     lines += [
         "",
-        "Paired differences from reverse_kl (Diffusion-DPO), mean ± standard error over the same prompts and noise:",
+        "One seed: every ± is the standard error over the held-out prompts (evaluation noise of one trained model),",
+        "not run-to-run variation; `study --frontier` gives intervals over seeds x prompts.",
+        pareto_note,
+    ]
+    if "object_spread" in results["rows"][0]:
+        lines += [
+            "",
+            "Diversity by what varies (the reward's detector; object spread: mean of colour, position, size and shape",
+            "spreads, each in units of the reward's tolerance for it; background: RGB distance):",
+            "",
+            "| model | object spread | colour | position | size | shape | background spread |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in results["rows"]:
+            lines.append(f"| {row['model']} | {cell(row['object_spread'])} | "
+                         + " | ".join(cell(row[f"{k}_spread"]) for k in ("colour", "position", "size", "shape"))
+                         + f" | {cell(row['background_spread'])} |")
+    lines += [
+        "",
+        "Paired differences from reverse_kl (Diffusion-DPO), mean ± standard error over the same prompts and noise",
+        "(one seed), with the 95% bootstrap interval over prompts:",
         "",
         "| model | Δ reward | Δ pairwise distance |",
         "|---|---|---|",
     ]
+
+    def diff_cell(d: dict) -> str:
+        if d["se"] != d["se"]:  # NaN: a file without per-prompt values, only the means differ
+            return f"{d['mean']:+.3f} (of the means)"
+        ci = f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if "ci" in d else ""
+        return f"{d['mean']:+.3f} ± {d['se']:.3f}{ci}"
+
     for diff in results["paired_vs_reverse_kl"]:
-        lines.append(f"| {diff['model']} | {diff['reward']['mean']:+.3f} ± {diff['reward']['se']:.3f} | "
-                     f"{diff['pairwise_distance']['mean']:+.3f} ± {diff['pairwise_distance']['se']:.3f} |")
+        lines.append(f"| {diff['model']} | {diff_cell(diff['reward'])} | {diff_cell(diff['pairwise_distance'])} |")
     cfg = results["config"]
     lines.append("")
     lines.append(

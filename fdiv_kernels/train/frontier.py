@@ -1,0 +1,406 @@
+"""``study --frontier``: reward-diversity frontiers over the regularisation strength, several seeds per point.
+
+For each seed: sample and label the preference pairs, cache the reference errors, evaluate the base model; then
+for each divergence and each regularisation strength, fine-tune and evaluate (the same protocol as the study).
+Each finished model is written at once, atomically, to ``results/<divergence>_g<gamma>_s<seed>.json``; a run
+that is killed continues where it stopped when started again with the same ``--output`` (finished models are
+read back, a half-trained one is trained again). At the end (and with ``--report-only``) the results are
+summarised in ``frontier.json``, ``frontier.md`` and ``frontier.png``.
+
+The regularisation strength is ``gamma``, the outer scale of the pair logit ``z = gamma * (psi(d_w) - psi(d_l))``,
+with the log-ratio scale ``beta`` (inside psi) held at the study's 500. In the f-divergence-regularised objective
+``E[r] - gamma * D_f(pi || pi_ref)`` this is the coefficient of the divergence (Sun et al.'s beta); for reverse KL
+it is Diffusion-DPO's beta = ``beta * gamma`` (the study's gamma 10 is Diffusion-DPO's 5000). Small gamma:
+the logit never saturates and training pushes as far as the steps allow (over-optimisation); large gamma: it
+saturates early and the model stays near the reference (under-optimisation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import DIVERGENCES
+from . import stats, task
+from .loop import TrainConfig, cache_reference_errors, train
+from .model import load_pipeline
+from .study import BASE_PIPELINE, evaluate, make_pairs
+
+# Chosen from a pilot (seed 0, reverse KL and JS at gamma 0.3 ... 300; see docs/training.md "Frontiers").
+DEFAULT_GAMMAS = (1.0, 3.0, 10.0, 30.0, 100.0)
+DEFAULT_DIVERGENCES = ("reverse_kl", "js")
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+# Measured per-item times on 2 quiet CPU cores (torch 2.14, 2 threads; results/study/study.json): one fine-tune
+# plus its evaluation ~31 s; per seed, the pairs, reference errors and base evaluation ~43 s.
+SECONDS_PER_MODEL = 31.0
+SECONDS_PER_SEED = 43.0
+# The diversity measures the frontier can be drawn against (per-prompt metrics of the evaluation).
+DIVERSITY = ("pairwise_distance", "vendi", "object_spread", "background_spread")
+
+
+@dataclass
+class FrontierConfig:
+    output: Path
+    divergences: tuple[str, ...] = DEFAULT_DIVERGENCES
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    base: Path = BASE_PIPELINE
+    pairs: int = 1024
+    sampling_steps: int = 10
+    steps: int = 80
+    batch_size: int = 32
+    learning_rate: float = 4e-5
+    beta: float = 500.0
+    alpha: float = 0.5
+    label_temperature: float = 0.0
+    eval_prompts: int = 36
+    eval_samples: int = 12
+    progress: bool = True
+    keep_runs: bool = False  # keep each fine-tuned UNet (else removed once evaluated)
+
+    def __post_init__(self):
+        self.output, self.base = Path(self.output), Path(self.base)
+        self.divergences = tuple(self.divergences)
+        self.gammas = tuple(float(g) if isinstance(g, numbers.Real) and not isinstance(g, bool) else g
+                            for g in self.gammas)
+        self.seeds = tuple(self.seeds)
+        unknown = [d for d in self.divergences if d not in DIVERGENCES]
+        if not self.divergences or unknown:
+            raise ValueError(f"--divergences must name at least one of {', '.join(DIVERGENCES)}; got "
+                             f"{', '.join(map(str, unknown)) or 'none'}")
+        _unique("--divergences", self.divergences)
+        if len(self.gammas) < 2:
+            raise ValueError(f"--gammas needs at least 2 regularisation strengths for a curve; got {self.gammas}")
+        for g in self.gammas:
+            if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g <= 0:
+                raise ValueError(f"--gammas must be finite numbers > 0; got {g!r}")
+        _unique("--gammas", [f"{g:g}" for g in self.gammas])
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        for s in self.seeds:
+            _check_int("--seeds", s, 0)
+        _unique("--seeds", self.seeds)
+        for name in ("pairs", "sampling_steps", "steps", "batch_size", "eval_prompts"):
+            _check_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        _check_int("--eval-samples", self.eval_samples, 2)
+        held_out = len(task.split_specs()[1])
+        if self.eval_prompts > held_out:
+            raise ValueError(f"--eval-prompts must be at most {held_out} (the held-out prompts); got {self.eval_prompts}")
+        for name in ("learning_rate", "beta"):
+            _check_real(f"--{name.replace('_', '-')}", getattr(self, name), positive=True)
+        _check_real("--label-temperature", self.label_temperature, positive=False)
+        _check_real("--alpha", self.alpha, positive=True)
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"--alpha must be in (0, 1); got {self.alpha!r}")
+        if self.output.exists() and not self.output.is_dir():
+            raise FileExistsError(f"--output {self.output} is a file; the frontier is written as a folder")
+        if not (self.base / "model_index.json").is_file():
+            raise FileNotFoundError(f"base pipeline {self.base} has no model_index.json")
+
+    def shared(self) -> dict:
+        """The settings every result of one output folder must share (the lists may grow between runs)."""
+        skip = {"output", "divergences", "gammas", "seeds", "progress", "keep_runs"}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k not in skip}
+
+
+def _unique(flag: str, values) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag} has repeated values: {', '.join(map(str, values))}")
+
+
+def _check_int(flag: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{flag} must be integers >= {low}; got {value!r}")
+
+
+def _check_real(flag: str, value, positive: bool) -> None:
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+    if bad or value < 0 or (positive and value == 0):
+        raise ValueError(f"{flag} must be a finite number {'>' if positive else '>='} 0; got {value!r}")
+
+
+def result_name(divergence: str, gamma: float, seed: int) -> str:
+    return f"{divergence}_g{gamma:g}_s{seed}"
+
+
+def estimate_seconds(cfg: FrontierConfig, done: int = 0, seeds_done: int = 0) -> float:
+    """Wall-time estimate on 2 quiet CPU cores, scaled by the training and evaluation sizes."""
+    size = (cfg.steps * cfg.batch_size) / (80 * 32) * 0.8 + (cfg.eval_prompts * cfg.eval_samples) / (36 * 12) * 0.2
+    per_seed = SECONDS_PER_SEED * (cfg.pairs / 1024 * 0.75 + 0.25)
+    models = len(cfg.divergences) * len(cfg.gammas) * len(cfg.seeds) - done
+    return models * SECONDS_PER_MODEL * size + (len(cfg.seeds) - seeds_done) * per_seed
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_result(path: Path, shared: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("settings") != shared:
+        raise ValueError(f"{path} was made with other settings than this run's; use another --output "
+                         f"(differing: {', '.join(sorted(_differing(data.get('settings') or {}, shared)))})")
+    return data
+
+
+def _differing(a: dict, b: dict) -> set:
+    return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def _check_folder(cfg: FrontierConfig) -> None:
+    """Start or resume ``cfg.output``: it must be empty, new, or a frontier made with the same shared settings."""
+    marker = cfg.output / "frontier_config.json"
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if recorded != cfg.shared():
+            raise ValueError(f"{cfg.output} holds a frontier made with other settings (differing: "
+                             f"{', '.join(sorted(_differing(recorded, cfg.shared())))}); use another --output")
+    elif cfg.output.exists() and any(cfg.output.iterdir()):
+        raise FileExistsError(f"{cfg.output} exists and is not a frontier folder; choose another --output")
+
+
+def _metrics_record(metrics: dict) -> dict:
+    return {k: {"mean": v["mean"], "per_prompt": v["per_prompt"]} for k, v in metrics.items()}
+
+
+def run_frontier(cfg: FrontierConfig) -> dict:
+    """Train and evaluate every (divergence, gamma, seed) not yet in ``cfg.output/results``; then summarise."""
+    _check_folder(cfg)
+    shared = cfg.shared()
+    out = cfg.output
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "frontier_config.json", shared)
+    # The pairs, reference errors and half-trained models are rebuilt from the seeds; only results are kept.
+    (out / ".gitignore").write_text("cache/\nwork/\n")
+    eval_specs = task.split_specs()[1][: cfg.eval_prompts]
+    todo = [(s, d, g) for s in cfg.seeds for d in cfg.divergences for g in cfg.gammas
+            if _read_result(out / "results" / f"{result_name(d, g, s)}.json", shared) is None]
+    seeds_done = sum(_read_result(out / "results" / f"base_s{s}.json", shared) is not None for s in cfg.seeds)
+    total = len(cfg.divergences) * len(cfg.gammas) * len(cfg.seeds)
+    estimate = estimate_seconds(cfg, total - len(todo), seeds_done)
+    if cfg.progress:
+        print(f"frontier: {total - len(todo)} of {total} models done; about {estimate / 60:.0f} min to go "
+              f"(2 quiet CPU cores)", flush=True)
+    base = None
+    for seed in cfg.seeds:
+        jobs = [(d, g) for s, d, g in todo if s == seed]
+        base_path = out / "results" / f"base_s{seed}.json"
+        if not jobs and base_path.is_file():
+            continue
+        base = load_pipeline(cfg.base) if base is None else base
+        seed_dir = out / "cache" / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        tick = time.perf_counter()
+        if not (seed_dir / "pairs").is_dir():  # written atomically: present means complete
+            make_pairs(base, seed_dir / "pairs", cfg.pairs, seed, cfg.sampling_steps, progress=cfg.progress,
+                       label_temperature=cfg.label_temperature)
+        train_cfg = TrainConfig(
+            pipeline=cfg.base, dataset=seed_dir / "pairs", output=out / "work", max_steps=cfg.steps,
+            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta, seed=seed,
+            log_every=max(1, cfg.steps // 10), cpu=True, progress=False, alpha=cfg.alpha,
+        )
+        ref = seed_dir / "ref_errors.safetensors"
+        if not ref.is_file():  # written atomically too
+            cache_reference_errors(train_cfg, ref)
+        prepare_s = time.perf_counter() - tick
+        if _read_result(base_path, shared) is None:
+            tick = time.perf_counter()
+            metrics, _ = evaluate(base, eval_specs, cfg.eval_samples, seed, cfg.sampling_steps, "evaluate base",
+                                  cfg.progress)
+            _write_json(base_path, {"model": "base", "seed": seed, "settings": shared,
+                                    "metrics": _metrics_record(metrics),
+                                    "timings_s": {"prepare": prepare_s, "evaluate": time.perf_counter() - tick},
+                                    "machine": _machine()})
+        for divergence, gamma in tqdm(jobs, desc=f"frontier seed {seed}", disable=not cfg.progress,
+                                      dynamic_ncols=True):
+            name = result_name(divergence, gamma, seed)
+            work = out / "work" / name
+            shutil.rmtree(work, ignore_errors=True)  # a killed run's half-trained model
+            tick = time.perf_counter()
+            result = train(replace(train_cfg, divergence=divergence, gamma=gamma, output=work, ref_errors=ref))
+            train_s = time.perf_counter() - tick
+            tick = time.perf_counter()
+            tuned = load_pipeline(cfg.base, unet=work / "unet")
+            metrics, _ = evaluate(tuned, eval_specs, cfg.eval_samples, seed, cfg.sampling_steps, f"evaluate {name}",
+                                  cfg.progress)
+            last = result.records[-1]
+            _write_json(out / "results" / f"{name}.json", {
+                "model": name, "divergence": divergence, "gamma": gamma, "seed": seed, "settings": shared,
+                "metrics": _metrics_record(metrics),
+                "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")},
+                "timings_s": {"train": train_s, "evaluate": time.perf_counter() - tick}, "machine": _machine(),
+            })
+            if not cfg.keep_runs:
+                shutil.rmtree(work, ignore_errors=True)
+    if not cfg.keep_runs:
+        shutil.rmtree(out / "work", ignore_errors=True)
+    return summarise(cfg)
+
+
+def _machine() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def load_results(cfg: FrontierConfig) -> tuple[dict, dict]:
+    """The finished results of ``cfg``'s grid: ``{(divergence, gamma, seed): record}`` and ``{seed: base record}``."""
+    shared = cfg.shared()
+    models, bases = {}, {}
+    for seed in cfg.seeds:
+        base = _read_result(cfg.output / "results" / f"base_s{seed}.json", shared)
+        if base is not None:
+            bases[seed] = base
+        for d in cfg.divergences:
+            for g in cfg.gammas:
+                found = _read_result(cfg.output / "results" / f"{result_name(d, g, seed)}.json", shared)
+                if found is not None:
+                    models[(d, g, seed)] = found
+    return models, bases
+
+
+def _array(records: list[dict], key: str) -> np.ndarray:
+    return np.array([r["metrics"][key]["per_prompt"] for r in records])  # [S, P]
+
+
+def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
+    """Statistics over the seeds that are complete (every divergence and gamma finished); writes the summary."""
+    models, bases = load_results(cfg)
+    complete = [s for s in cfg.seeds if s in bases and all((d, g, s) in models for d in cfg.divergences
+                                                           for g in cfg.gammas)]
+    summary = {"config": {**cfg.shared(), "divergences": list(cfg.divergences), "gammas": list(cfg.gammas),
+                          "seeds": list(cfg.seeds)},
+               "complete_seeds": complete, "finished_models": len(models), "rows": [], "frontiers": {}}
+    timings = [m["timings_s"]["train"] + m["timings_s"]["evaluate"] for m in models.values()]
+    seed_prep = [b["timings_s"]["prepare"] + b["timings_s"]["evaluate"] for b in bases.values()]
+    summary["timings_s"] = {"per_model_mean": float(np.mean(timings)) if timings else None,
+                            "per_seed_prepare_mean": float(np.mean(seed_prep)) if seed_prep else None,
+                            "total_measured": float(np.sum(timings) + np.sum(seed_prep))}
+    summary["machine"] = next(iter(models.values()))["machine"] if models else _machine()
+    if not complete:
+        _write_summary(cfg, summary)
+        return summary
+    keys = list(next(iter(bases.values()))["metrics"])
+    rows = [("base", None, None, [bases[s] for s in complete])]
+    rows += [(d, d, g, [models[(d, g, s)] for s in complete]) for d in cfg.divergences for g in cfg.gammas]
+    for label, divergence, gamma, records in rows:
+        row = {"model": label if gamma is None else f"{label} gamma {gamma:g}", "divergence": divergence,
+               "gamma": gamma}
+        for key in keys:
+            row[key] = stats.bootstrap(_array(records, key), n_boot=n_boot).as_dict()
+        if gamma is not None:
+            row["final_implicit_acc"] = float(np.mean([r["final_train"]["implicit_acc"] for r in records]))
+        summary["rows"].append(row)
+    arrays = {(label, gamma): records for label, _, gamma, records in rows}
+    flags = stats.pareto_flags([_array(r, "reward") for r in arrays.values()],
+                               [_array(r, "pairwise_distance") for r in arrays.values()], n_boot=n_boot)
+    for row, flag in zip(summary["rows"], flags):
+        row["pareto"] = flag
+    # Frontier gaps of every divergence against reverse KL (or the first one), for each diversity measure.
+    baseline = "reverse_kl" if "reverse_kl" in cfg.divergences else cfg.divergences[0]
+    for other in cfg.divergences:
+        if other == baseline:
+            continue
+        for key in DIVERSITY:
+            if key not in keys:
+                continue
+            cube = lambda d, k: np.stack([_array(arrays[(d, g)], k) for g in cfg.gammas], 1)  # noqa: E731 [S,G,P]
+            summary["frontiers"][f"{other} vs {baseline}: {key}"] = stats.frontier_gap(
+                cube(baseline, "reward"), cube(baseline, key), cube(other, "reward"), cube(other, key), n_boot=n_boot)
+    _write_summary(cfg, summary)
+    return summary
+
+
+def _write_summary(cfg: FrontierConfig, summary: dict) -> None:
+    _write_json(cfg.output / "frontier.json", summary)
+    (cfg.output / "frontier.md").write_text(frontier_markdown(summary))
+    if summary["rows"]:
+        plot_frontier(cfg, summary, cfg.output / "frontier.png")
+
+
+def frontier_markdown(summary: dict) -> str:
+    """The frontier table and the verdicts."""
+    from .report import frontier_tables
+
+    return frontier_tables(summary)
+
+
+def seed_band(rewards: np.ndarray, values: np.ndarray, count: int = 30, n_boot: int = 1000,
+              rng_seed: int = stats.DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A divergence's curve with its seed-level 95% band: per-seed curves ``[S, G]`` read at ``count`` reward levels
+    inside the range every seed covers; returns (levels, mean, low, high), or None without a common range."""
+    low, high = rewards.min(1).max(), rewards.max(1).min()
+    if not high > low:
+        return None
+    levels = np.linspace(low, high, count)
+    curves = stats.curve_at(rewards, values, levels)  # [S, L]
+    idx = np.random.default_rng(rng_seed).integers(len(curves), size=(n_boot, len(curves)))
+    reps = curves[idx].mean(1)
+    return levels, curves.mean(0), np.quantile(reps, 0.025, axis=0), np.quantile(reps, 0.975, axis=0)
+
+
+def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
+    """Reward vs diversity, one curve per divergence through its gammas (labels): mean over seeds (points), each
+    seed's curve (faint) and the seed-level 95% band of the curve read at equal reward (shaded: bootstrap over
+    seeds; the prompts and their noise are shared by all models, so prompt difficulty is common to every curve);
+    the base model as black squares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models, bases = load_results(cfg)
+    seeds = summary["complete_seeds"]
+    panels = [(k, label) for k, label in (("pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
+                                          ("object_spread", "object-attribute spread (tolerance units)"),
+                                          ("background_spread", "background spread (RGB)"))
+              if k in bases[seeds[0]]["metrics"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, divergence in enumerate(cfg.divergences):
+            colour = f"C{i}"
+            get = lambda k: np.array([[models[(divergence, g, s)]["metrics"][k]["mean"]  # noqa: E731
+                                       for g in cfg.gammas] for s in seeds])  # [S, G]
+            r, v = get("reward"), get(key)
+            for s in range(len(seeds)):
+                order = np.argsort(r[s])
+                ax.plot(r[s][order], v[s][order], "-", color=colour, alpha=0.15, lw=1)
+            band = seed_band(r, v)
+            if band is not None:
+                levels, mean, lo, hi = band
+                ax.fill_between(levels, lo, hi, color=colour, alpha=0.25, lw=0)
+                ax.plot(levels, mean, "-", color=colour, lw=1.5)
+            order = np.argsort(r.mean(0))
+            ax.plot(r.mean(0)[order], v.mean(0)[order], "o--", color=colour, ms=4, lw=0.8, label=divergence)
+            for g, xi, yi in zip(cfg.gammas, r.mean(0), v.mean(0)):
+                ax.annotate(f"{g:g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7, color=colour)
+        base_r = [bases[s]["metrics"]["reward"]["mean"] for s in seeds]
+        base_v = [bases[s]["metrics"][key]["mean"] for s in seeds]
+        ax.plot(base_r, base_v, "ks", ms=4, label="base (per seed)")
+        ax.set_xlabel("mean reward on held-out prompts (alignment)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Reward-diversity frontiers over gamma (point labels), {len(seeds)} seeds: mean, single seeds "
+                 "(faint), 95% band over seeds at equal reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,254 @@
+"""The divergence study v2: statistics on synthetic numbers with known answers, the attribute spreads, noisy labels,
+a tiny resumable frontier and the generated doc tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fdiv_kernels.train import frontier as frontier_mod
+from fdiv_kernels.train import report, stats, task
+from fdiv_kernels.train.cli import main as cli_main
+from fdiv_kernels.train.frontier import FrontierConfig, run_frontier, summarise
+from fdiv_kernels.train.study import BASE_PIPELINE, check_label_temperature, make_pairs
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_bootstrap_constant_and_mean():
+    e = stats.bootstrap(np.full((3, 5), 0.25), n_boot=200)
+    assert (e.mean, e.se, e.low, e.high) == (0.25, 0.0, 0.25, 0.25)
+    values = np.arange(12.0).reshape(3, 4)
+    e = stats.bootstrap(values, n_boot=500)
+    assert e.mean == pytest.approx(5.5) and e.low < 5.5 < e.high and e.se > 0
+    assert (e.seeds, e.prompts) == (3, 4)
+    one_seed = stats.bootstrap(np.arange(4.0), n_boot=200)  # [P]: one seed, over prompts only
+    assert one_seed.seeds == 1 and one_seed.mean == pytest.approx(1.5)
+
+
+def test_bootstrap_covers_seed_variance():
+    # Seeds differ by a lot, prompts not at all: the interval must reflect the seeds.
+    values = np.array([[0.0] * 6, [1.0] * 6, [2.0] * 6, [3.0] * 6])
+    e = stats.bootstrap(values, n_boot=2000)
+    assert e.se == pytest.approx(np.std([0, 1, 2, 3]) / 2, rel=0.1)  # std of the mean of 4 draws
+    prompts_only = stats.bootstrap(values.T, n_boot=500)  # the same numbers as prompts of 6 seeds
+    assert prompts_only.mean == e.mean
+
+
+def test_paired_difference_and_errors():
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=(5, 10))
+    e = stats.paired(b + 0.1, b, n_boot=300)
+    assert e.mean == pytest.approx(0.1) and e.low == pytest.approx(0.1) and e.significant == 1
+    assert stats.paired(b, b + 0.1, n_boot=300).significant == -1
+    with pytest.raises(ValueError, match="same"):
+        stats.paired(b, b[:, :3])
+    with pytest.raises(ValueError, match="finite"):
+        stats.bootstrap([[1.0, float("nan")]])
+
+
+def test_pareto_flags_respect_noise():
+    rng = np.random.default_rng(1)
+    noise = lambda: rng.normal(0, 0.05, size=(5, 30))  # noqa: E731
+    rewards = [0.8 + 0 * noise(), 0.5 + 0 * noise(), 0.6 + 0 * noise(), 0.8 + noise()]
+    diversity = [0.2 + 0 * noise(), 0.4 + 0 * noise(), 0.1 + 0 * noise(), 0.2 - 0.001 + noise()]
+    rewards[3] = rewards[3] - rewards[3].mean() + 0.8 - 0.001  # below model 0 by 0.001 in both: within noise
+    diversity[3] = diversity[3] - diversity[3].mean() + 0.2 - 0.001
+    assert stats.pareto_flags(rewards, diversity, n_boot=300) == ["yes", "yes", "no", "tie"]
+
+
+def test_curve_and_levels():
+    r = np.array([0.3, 0.1, 0.2])  # unsorted: read sorted by reward
+    d = np.array([0.1, 0.3, 0.2])
+    assert stats.curve_at(r, d, np.array([0.15, 0.25])) == pytest.approx([[0.25, 0.15]][0])
+    assert stats.common_levels(np.array([[0.0, 1.0]]), np.array([[2.0, 3.0]])) is None
+    levels = stats.common_levels(np.array([[0.0, 1.0], [0.2, 0.8]]), np.array([[0.1, 0.9]]), count=3)
+    assert levels == pytest.approx([0.3, 0.5, 0.7])
+
+
+def test_sign_flip_p():
+    assert stats.sign_flip_p([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
+    assert stats.sign_flip_p([1, -1]) == 1.0
+
+
+def _curves(gap: float, noise: float = 0.0, seeds: int = 5, prompts: int = 20, slope: float = -0.5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    gammas = np.linspace(0.5, 0.7, 5)
+    reward = np.broadcast_to(gammas[None, :, None], (seeds, 5, prompts)) + rng.normal(0, noise, (seeds, 5, prompts))
+    diversity_a = 0.6 + slope * reward + rng.normal(0, noise, (seeds, 5, prompts))
+    reward_b = reward + rng.normal(0, noise, (seeds, 5, prompts))
+    diversity_b = 0.6 + slope * reward_b + gap + rng.normal(0, noise, (seeds, 5, prompts))
+    return reward, diversity_a, reward_b, diversity_b
+
+
+def test_frontier_gap_known_answers():
+    out = stats.frontier_gap(*_curves(0.05), n_boot=200)
+    assert out["verdict"] == "b dominates" and out["mean_gap"] == pytest.approx(0.05)
+    assert out["seeds_positive"] == 5 and out["sign_flip_p"] == pytest.approx(2 / 32)
+    r_a, d_a, r_b, d_b = _curves(0.05)
+    assert stats.frontier_gap(r_b, d_b, r_a, d_a, n_boot=200)["verdict"] == "a dominates"
+    tie = stats.frontier_gap(*_curves(0.0, noise=0.02, seed=3), n_boot=300)
+    assert tie["verdict"] == "tie" and tie["ci"][0] < 0 < tie["ci"][1]
+    # Curves that cross: b above at low reward, below at high reward.
+    r_a, d_a, _, _ = _curves(0.0)
+    crossing = stats.frontier_gap(r_a, d_a, r_a, 0.6 - 1.5 * r_a + 0.6, n_boot=200)
+    assert crossing["verdict"] == "tie"
+    far = stats.frontier_gap(r_a, d_a, r_a + 1.0, d_a, n_boot=50)
+    assert far["verdict"] == "no overlap"
+    with pytest.raises(ValueError, match="2 regularisation"):
+        stats.frontier_gap(r_a[:, :1], d_a[:, :1], r_a[:, :1], d_a[:, :1])
+
+
+# ---------------------------------------------------------------- task: attribute spread, labels
+
+
+def test_attribute_spread_separates_object_and_background():
+    spec = task.Spec("red", "circle", "small", "center")
+    g = torch.Generator().manual_seed(0)
+    one = task.render([spec], g)
+    same = one.repeat(4, 1, 1, 1)[None]
+    spread = task.attribute_spread(same)
+    assert all(spread[k].item() == pytest.approx(0.0, abs=1e-6) for k in task.ATTRIBUTES)
+    # Only the background changes: the object's attributes do not spread, the background does.
+    cover = (one - one[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05
+    backgrounds = torch.stack([torch.where(cover, one, torch.full_like(one, v))[0] for v in (0.05, 0.2, 0.35, 0.5)])
+    spread = task.attribute_spread(backgrounds[None])
+    assert spread["background"].item() > 0.2
+    # (the detector's soft weight of anti-aliased edge pixels moves a little with the contrast to the background)
+    assert spread["position"].item() < 0.02 and spread["size"].item() < 0.15 and spread["colour"].item() < 0.1
+    # Only the position changes: position spreads, the background does not.
+    moved = torch.stack([torch.roll(one[0], s, dims=2) for s in (-3, -1, 1, 3)])
+    spread = task.attribute_spread(moved[None])
+    assert spread["position"].item() > 0.1 and spread["background"].item() < 1e-6
+    with pytest.raises(ValueError, match="at least 2"):
+        task.attribute_spread(one[None])
+
+
+def test_reward_uses_the_detector():
+    g = torch.Generator().manual_seed(1)
+    specs = list(task.ALL_SPECS[:8])
+    images = task.render(specs, g)
+    det = task.detect(images)
+    scores = task.reward(images, specs)
+    assert torch.equal(scores["style"], (1 - det["background"].mean(1) / task.STYLE_DARKEST_PREFERRED).clamp(0, 1))
+    assert det["found"].all() and scores["reward"].min() > 0.5  # rendered ground truth scores well
+
+
+def test_label_temperature(tmp_path):
+    from fdiv_kernels.train.data import PreferenceDataset  # noqa: F401  (the reader real datasets use)
+    from fdiv_kernels.train.model import load_pipeline
+    import pyarrow.parquet as pq
+
+    pipe = load_pipeline(BASE_PIPELINE)
+    tables = {}
+    for name, t in (("hard", 0.0), ("cold", 1e-9), ("hot", 1e6), ("mid", 0.05), ("mid2", 0.05)):
+        make_pairs(pipe, tmp_path / name, 24, 0, 2, progress=False, label_temperature=t)
+        tables[name] = pq.read_table(tmp_path / name / "pairs.parquet").to_pydict()
+    hard = np.array(tables["hard"]["label_0"])
+    r0, r1 = np.array(tables["hard"]["reward_0"]), np.array(tables["hard"]["reward_1"])
+    assert (hard == np.where(r0 > r1, 1.0, np.where(r0 < r1, 0.0, 0.5))).all()
+    assert tables["cold"]["label_0"] == tables["hard"]["label_0"]  # same images, temperature -> 0
+    assert tables["mid"]["label_0"] == tables["mid2"]["label_0"]  # seeded
+    assert set(tables["hot"]["label_0"]) <= {0.0, 1.0} and tables["hot"]["p_label_0"] == pytest.approx([0.5] * 24)
+    p = np.array(tables["mid"]["p_label_0"])
+    assert p == pytest.approx(1 / (1 + np.exp(-(r0 - r1) / 0.05)), rel=1e-5)
+    for bad in (-1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="--label-temperature"):
+            check_label_temperature(bad)
+
+
+# ---------------------------------------------------------------- the frontier
+
+
+TINY = dict(pairs=8, sampling_steps=2, steps=2, batch_size=4, eval_prompts=3, eval_samples=2, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"divergences": ("reverse_kl", "chi2")}, "--divergences"),
+    ({"divergences": ("js", "js")}, "repeated"),
+    ({"gammas": (1.0,)}, "at least 2"),
+    ({"gammas": (1.0, -2.0)}, "--gammas"),
+    ({"gammas": (1.0, 1.0)}, "repeated"),
+    ({"seeds": ()}, "at least one"),
+    ({"seeds": (0, -1)}, "--seeds"),
+    ({"eval_samples": 1}, "--eval-samples"),
+    ({"eval_prompts": 37}, "--eval-prompts"),
+    ({"label_temperature": -0.1}, "--label-temperature"),
+    ({"beta": 0.0}, "--beta"),
+])
+def test_frontier_config_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FrontierConfig(output=tmp_path / "f", **kwargs)
+    assert not (tmp_path / "f").exists()
+
+
+def test_frontier_cli_errors(tmp_path, capsys):
+    for argv, match in ((["study", "--gammas", "1,3"], "--gammas needs --frontier"),
+                        (["study", "--frontier", "--gammas", "1,x", "--output", str(tmp_path / "f")], "--gammas"),
+                        (["study", "--frontier", "--gamma", "3", "--output", str(tmp_path / "f")], "--gammas"),
+                        (["study", "--frontier", "--divergences", "js,tv", "--output", str(tmp_path / "f")], "tv"),
+                        (["study", "--label-temperature", "-1", "--output", str(tmp_path / "s")],
+                         "--label-temperature")):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2 and match in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_tiny_frontier_resumes(tmp_path, monkeypatch):
+    cfg = FrontierConfig(output=tmp_path / "f", divergences=("reverse_kl", "js"), gammas=(1.0, 30.0), seeds=(0, 1),
+                         **TINY)
+    summary = run_frontier(cfg)
+    results = sorted(p.name for p in (tmp_path / "f" / "results").glob("*.json"))
+    assert len(results) == 2 + 2 * 2 * 2 and "js_g30_s1.json" in results
+    assert summary["complete_seeds"] == [0, 1] and len(summary["rows"]) == 1 + 2 * 2
+    row = summary["rows"][1]
+    assert {"reward", "pairwise_distance", "vendi", "object_spread", "background_spread"} <= set(row)
+    assert row["reward"]["seeds"] == 2 and row["reward"]["prompts"] == 3
+    assert {r["pareto"] for r in summary["rows"]} <= {"yes", "no", "tie"}
+    assert set(summary["frontiers"]) >= {"js vs reverse_kl: pairwise_distance"}
+    assert (tmp_path / "f" / "frontier.png").is_file() and "| model |" in (tmp_path / "f" / "frontier.md").read_text()
+    assert not (tmp_path / "f" / "work").exists()
+    # A killed run: one result missing and a half-trained model left behind. Only that model is trained again.
+    kept = json.loads((tmp_path / "f" / "results" / "reverse_kl_g1_s0.json").read_text())
+    (tmp_path / "f" / "results" / "js_g1_s1.json").unlink()
+    (tmp_path / "f" / "work" / "js_g1_s1").mkdir(parents=True)
+    (tmp_path / "f" / "work" / "js_g1_s1" / "partial").write_text("x")
+    calls = []
+    real_train = frontier_mod.train
+    monkeypatch.setattr(frontier_mod, "train", lambda c: calls.append(c.output.name) or real_train(c))
+    run_frontier(cfg)
+    assert calls == ["js_g1_s1"]
+    assert json.loads((tmp_path / "f" / "results" / "reverse_kl_g1_s0.json").read_text()) == kept
+    # Other settings into the same folder are refused before anything runs.
+    with pytest.raises(ValueError, match="steps"):
+        run_frontier(FrontierConfig(output=tmp_path / "f", gammas=(1.0, 30.0), seeds=(0, 1), **{**TINY, "steps": 3}))
+    # The report from the same results, without training.
+    again = summarise(cfg, n_boot=100)
+    assert again["complete_seeds"] == [0, 1]
+    assert "tie" in report.frontier_tables(again) or "dominates" in report.frontier_tables(again)
+
+
+# ---------------------------------------------------------------- generated docs
+
+
+def test_splice_and_blocks(tmp_path):
+    text = "a\n<!-- study:x:begin -->\nold 1.23\n<!-- study:x:end -->\nb\n"
+    out = report.splice(text, "x", "new")
+    assert out.startswith("a\n<!-- study:x:begin -->\n") and "new" in out and "old" not in out and out.endswith("b\n")
+    assert report.splice(out, "x", "new") == out
+    with pytest.raises(ValueError, match="study:y"):
+        report.splice(text, "y", "z")
+    blocks = report.blocks()
+    study = json.loads((report.RESULTS / "study.json").read_text())
+    js = next(r for r in study["rows"] if r["model"] == "js")
+    assert f"{js['reward']['mean']:.3f}" in blocks["readme"]
+    assert "bit-for-bit" in blocks["findings"] and "not bit-for-bit" in blocks["findings"]
+
+
+def test_committed_docs_are_generated():
+    assert report.regenerate(check=True) == []
