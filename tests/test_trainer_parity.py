@@ -429,8 +429,8 @@ def _ties_batch(dtype, pattern, seed=3):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("divergence", ["reverse_kl", "js", "alpha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
 @pytest.mark.parametrize(
     "pattern, half, strict",
     [(("tie",), 0.5, 0.0), (("dup",), 0.5, 0.0), (("win",), 1.0, 1.0), (("lose",), 0.0, 0.0),
@@ -441,8 +441,8 @@ def test_implicit_acc_exact_ties(backend, dtype, divergence, pattern, half, stri
     """Issue 16: exact ties, both tie rules, B = 1 (where a 1/B tolerance would accept anything): exact values."""
     model, ref, noise = _ties_batch(dtype, pattern)
     for rule, value in (("half", half), ("strict", strict)):
-        loss, stats = fused_fdpo_loss(model, ref, noise, beta=5000.0, divergence=divergence, implicit_acc_ties=rule,
-                                      return_stats=True, backend=backend)
+        _, stats = fused_fdpo_loss(model, ref, noise, beta=5000.0, divergence=divergence, implicit_acc_ties=rule,
+                                   return_stats=True, backend=backend)
         ties = [p for p, kind in enumerate(pattern) if kind in ("tie", "dup")]
         assert (stats.logits[ties] == 0).all(), stats.logits
         assert stats.implicit_acc.item() == value, (rule, stats.logits)
