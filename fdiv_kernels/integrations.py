@@ -23,7 +23,8 @@ TRAINER_CONVENTIONS: dict[str, dict] = {
     # inside_term = -0.5 * beta_dpo * (model_diff - ref_diff); implicit_acc counts ties 1/2.
     "diffusers_sdxl": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="half"),
     # diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (SD1.5), --loss_type sigmoid:
-    # -logsigmoid(beta_dpo * (ref_diff - model_diff)): no 1/2. (Its hinge and ipo loss types are not f-DPO.)
+    # -logsigmoid(beta_dpo * (ref_diff - model_diff)): no 1/2. Its --loss_type hinge: add loss_type="hinge"; ipo:
+    # loss_type="ipo", beta=1, ipo_tau=tau (its logits are not scaled by beta_dpo; docs/dropin.md, "Loss types").
     "diffusers_sd15": dict(beta_convention="full", err_reduction="mean", implicit_acc_ties="half"),
     # The original Diffusion-DPO code (Wallace et al.): as SDXL, implicit_acc = (inside_term > 0).mean().
     "diffusion_dpo": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="strict"),
