@@ -202,7 +202,10 @@ def check_against_formula(accelerator, unet, ns, formula, probes):
     norm = sum(p.grad.double().norm() ** 2 for _, p in trainable(unet)).sqrt().item()
     assert norm > 0
     diff = sum((fused_grads[n].double() - p.grad.double()).norm() ** 2 for n, p in trainable(unet)).sqrt().item()
-    weight_rtol = 1e-4 if all(p.dtype == torch.float32 for _, p in trainable(unet)) else 2e-2
+    # float32 end to end: rounding only; a 16-bit model_pred or weights: the incoming gradient itself is rounded
+    # to 16 bits on each side, then propagated through 16-bit arithmetic.
+    all_fp32 = model_pred.dtype == torch.float32 and all(p.dtype == torch.float32 for _, p in trainable(unet))
+    weight_rtol = 1e-4 if all_fp32 else 2e-2
     assert diff <= weight_rtol * norm, (diff, norm)
     unet.zero_grad(set_to_none=True)
     return expected
