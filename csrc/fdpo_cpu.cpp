@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -408,6 +409,10 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
 }
 
 }  // namespace fdpo_cpu
+
+// Which ISA copy the CPU kernels run right now ("avx2" or "generic"), for tests and benchmark records:
+// fdiv_kernels::cpu_isa (defined in ops.cpp).
+std::string fdpo_cpu_isa() { return fdpo_cpu::use_avx2() ? "avx2" : "generic"; }
 
 TORCH_LIBRARY_IMPL(fdiv_kernels, CPU, m) {
   m.impl("fdpo_forward", &fdpo_cpu::forward_cpu);

@@ -12,6 +12,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "fdpo_op.h"
 
 namespace {
@@ -125,6 +127,8 @@ at::Tensor backward_autograd(const at::Tensor& grad_loss, const at::Tensor& mode
 
 }  // namespace
 
+std::string fdpo_cpu_isa();  // fdpo_cpu.cpp
+
 TORCH_LIBRARY(fdiv_kernels, m) {
   m.def(
       "fdpo_forward(Tensor model_pred, Tensor? ref_pred, Tensor target, Tensor? ref_err, Tensor? mask, "
@@ -135,6 +139,8 @@ TORCH_LIBRARY(fdiv_kernels, m) {
   m.def(
       "fdpo_backward(Tensor grad_loss, Tensor model_pred, Tensor target, Tensor? mask, Tensor grad_coef, "
       "bool interleaved) -> Tensor");
+  // The CPU kernels' ISA copy in use ("avx2" or "generic"; FDIV_KERNELS_CPU_ISA=generic forces the latter).
+  m.def("cpu_isa() -> str", &fdpo_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(fdiv_kernels, Meta, m) {
