@@ -7,6 +7,7 @@
 #   make examples   run examples/ with quick settings
 #   make dist       sdist and wheel into dist/
 #   make kernels    compile the C++/CUDA kernels now (otherwise they compile on first use) and say where they are
+#   make lint       ruff (format + lint) and clang-format checks, as CI runs them; make format applies them
 #
 # Variables: PYTHON (python3), VENV (.venv), TORCH_SPEC (torch==2.14.1: the torch pinned here; e.g.
 # TORCH_SPEC=torch==2.13.0 for another), EXTRAS (what `pip install -e .[...]` adds). With FDIV_KERNELS_BUILD=aot or
@@ -27,7 +28,7 @@ BUILD_KIND := $(if $(AOT),aot,jit)
 STAMP := $(VENV)/.fdiv_kernels-installed-$(BUILD_KIND)
 
 .DEFAULT_GOAL := help
-.PHONY: help install kernels study test bench examples dist clean print-%
+.PHONY: help install kernels study test bench examples dist lint format clean print-%
 
 help:
 	@sed -n 's/^#   make /  make /p' Makefile
@@ -58,6 +59,22 @@ examples: kernels
 	$(PY) examples/train_step.py --quick
 	$(PY) examples/diffusers_dropin.py --quick
 	$(PY) examples/microbenchmark.py --quick
+
+LINT_STAMP := $(VENV)/.fdiv_kernels-lint-tools
+$(LINT_STAMP):
+	@test -x $(PY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install $(PIP_FLAGS) ruff clang-format
+	@touch $@
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h
+
+format: $(LINT_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/clang-format -i csrc/*.cpp csrc/*.cu csrc/*.h
 
 dist: $(STAMP)
 	$(PY) -m pip install $(PIP_FLAGS) build
