@@ -59,6 +59,16 @@ def backend_params(names=("cpu", "torch", "triton")):
     return params
 
 
+def cpu_backend_params(names=("cpu", "torch", "triton")):
+    """One-value params (the backend's name) for tests that run on CPU tensors only, with the registry's reason."""
+    out = []
+    for name in names:
+        why = why_unavailable(name, "cpu")
+        marks = [pytest.mark.skip(reason=f"backend={name!r} on cpu: {why}")] if why is not None else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
 def kernel_dtypes(backend: str):
     """The dtypes a backend computes in: fp32/fp16/bf16 everywhere, fp64 on cpu and torch (triton and cuda refuse
     it with a documented TypeError, which tests assert)."""

@@ -3,19 +3,13 @@ over all elements: every backend against the float64 reference, and the referenc
 
 import pytest
 import torch
+from harness import cpu_backend_params
 import torch.nn.functional as F
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss
-from fdiv_kernels.backends import _why_unavailable
 
 
-def _backends():
-    for name in ("cpu", "torch", "triton"):
-        why = _why_unavailable(name, torch.device("cpu"))
-        yield pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why)))
-
-
-BACKENDS = list(_backends())
+BACKENDS = cpu_backend_params()  # tests/harness.py: skip marks with the backend registry's reason
 
 
 def _inputs(B=4, shape=(3, 6, 5), seed=0, spread=0.03):

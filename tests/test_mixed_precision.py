@@ -10,21 +10,15 @@ import itertools
 
 import pytest
 import torch
+from harness import TOL, assert_close, cpu_backend_params
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss
-from fdiv_kernels.backends import _why_unavailable
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 LOW = (F32, F16, BF16)
 
 
-def _backends():
-    for name in ("cpu", "torch", "triton"):
-        why = _why_unavailable(name, torch.device("cpu"))
-        yield pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why)))
-
-
-BACKENDS = list(_backends())
+BACKENDS = cpu_backend_params()  # tests/harness.py: skip marks with the backend registry's reason
 
 
 def _inputs(dtypes, B=3, shape=(3, 5, 7), shared_target=False, seed=0):
@@ -77,8 +71,7 @@ def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shared_target
 
     exact = _call_reference(pred, ref, target, mask)
     torch.testing.assert_close(mixed[0], exact[0].float(), rtol=1e-5, atol=1e-6)
-    grad_tol = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}[pred.dtype]
-    torch.testing.assert_close(mixed[2].double(), exact[2], rtol=grad_tol, atol=grad_tol * exact[2].abs().max().item())
+    assert_close(mixed[2], exact[2], TOL[pred.dtype].grad, "grad", row_scale=True)  # each row by its own scale
 
 
 def _call_reference(pred, ref, target, mask):

@@ -3,19 +3,13 @@ the statistics out of the kernels' pair head, double backward."""
 
 import pytest
 import torch
+from harness import cpu_backend_params
 
 from fdiv_kernels import FDPOLoss, FDPOStats, fdpo_loss_reference, fused_fdpo_loss, ops
 from fdiv_kernels._validation import make_config
-from fdiv_kernels.backends import _why_unavailable
 
 
-def _cpu_backends():
-    for name in ("cpu", "torch", "triton"):
-        why = _why_unavailable(name, torch.device("cpu"))
-        yield pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why)))
-
-
-CPU_BACKENDS = list(_cpu_backends())
+CPU_BACKENDS = cpu_backend_params()  # tests/harness.py: skip marks with the backend registry's reason
 
 
 def _inputs(B=2, shape=(3, 5, 7), dtype=torch.float32, seed=0, shared_target=False):
