@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .backends import HAS_TRITON, cpp, get_implementation
-from .backends.common import KernelParams
+from .backends.common import KernelParams, accumulate_dtype
 
 _FORWARD_ARGS = 18  # tensors and scalars of fdpo_forward, before the Python ops' backend name
 
@@ -50,8 +50,7 @@ def _rows(x: Optional[Tensor]) -> Optional[Tensor]:
 
 def _small(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     """A [2B] / [B] vector (ref_err, pair_weight) in the accumulate dtype of ``like``."""
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return None if x is None else x.to(acc).contiguous()
+    return None if x is None else x.to(accumulate_dtype(like.dtype)).contiguous()
 
 
 def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair_weight, *scalars):
@@ -120,7 +119,7 @@ def _(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence
       err_reduction, logratio_clip, reduction, loss_type, ipo_margin, interleaved, strict_ties, backend):
     rows = model_pred.shape[0]
     pairs = rows // 2
-    acc = dict(dtype=torch.float64 if model_pred.dtype == torch.float64 else torch.float32, device=model_pred.device)
+    acc = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
     loss = torch.empty((pairs,) if reduction == 0 else (), **acc)
     return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(3, **acc), torch.empty(rows, **acc)
 

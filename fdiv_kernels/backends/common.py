@@ -25,6 +25,12 @@ class KernelParams(NamedTuple):
     strict_ties: bool = False  # implicit_acc counts ties (z == 0) as 0 instead of 1/2
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic type for inputs whose model_pred has ``dtype``: float64 stays float64, fp32/fp16/bf16
+    accumulate in float32 (spec §2). The one home of this rule in Python; csrc/fdpo_op.h has the C++ twin."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def pair_rows(num_pairs: int, interleaved: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices of the winners and of the losers, pair by pair."""
     p = torch.arange(num_pairs, device=device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, soft_clip_slope, softplus
-from .common import KernelParams, pair_rows, target_rows
+from .common import KernelParams, accumulate_dtype, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
 
@@ -64,11 +64,6 @@ def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torc
 def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a * b, but 0 where either is 0 (a saturated sigmoid times an overflowed exp is 0, not NaN)."""
     return torch.where((a == 0) | (b == 0), torch.zeros_like(a), a * b)
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for fp32/fp16/bf16 inputs, float64 for float64 inputs (the contract's arithmetic type)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: KernelParams):
