@@ -50,7 +50,7 @@ def backend_param(backend: str, device: str = "cpu", marks=()):
     return pytest.param(backend, device, marks=marks, id=backend if device == "cpu" else f"{backend}-{device}")
 
 
-def backend_params(names=("cpu", "torch", "triton")):
+def backend_params(names=("cpu", "cuda", "torch", "triton")):
     """(backend, device) params: every CPU backend on CPU tensors and, on a CUDA machine, every backend on CUDA
     tensors too (CUDA-only params are not generated on machines without CUDA: tests/test_gpu.py covers those)."""
     params = [backend_param(n, "cpu") for n in names if n != "cuda"]
