@@ -133,7 +133,7 @@ def test_backward_op_is_exact(dtype, shared, masked, interleaved, D, stream, isa
             expected = expected * (mask.to(acc)[t_rows] if shared else mask.to(acc))
         expected = expected.to(dtype)
         assert out.dtype == dtype and out.shape == pred.shape
-        assert torch.equal(out.view(torch.uint8) if dtype != torch.float64 else out, 
+        assert torch.equal(out.view(torch.uint8) if dtype != torch.float64 else out,
                            expected.view(torch.uint8) if dtype != torch.float64 else expected)
 
 
@@ -149,7 +149,8 @@ def test_half_conversions_are_exact(dtype, D, isa):
     target = torch.zeros_like(rows)
     pairs = rows.shape[0] // 2
     loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(
-        rows, None, target, torch.zeros(2 * pairs), None, None, *make_config(beta=1.0, err_reduction="sum").op_scalars())
+        rows, None, target, torch.zeros(2 * pairs), None, None,
+        *make_config(beta=1.0, err_reduction="sum").op_scalars())
     expected = (rows.double() ** 2).sum(dim=1)
     torch.testing.assert_close(stats[0].double(), expected, rtol=1e-6, atol=1e-30)
     grad = torch.ops.fdiv_kernels.fdpo_backward(torch.tensor(1.0), rows, target, None, torch.ones(2 * pairs), False)

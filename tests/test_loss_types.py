@@ -3,11 +3,10 @@ over all elements: every backend against the float64 reference, and the referenc
 
 import pytest
 import torch
-from harness import cpu_backend_params
 import torch.nn.functional as F
+from harness import cpu_backend_params
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss
-
 
 BACKENDS = cpu_backend_params()  # tests/harness.py: skip marks with the backend registry's reason
 

@@ -8,7 +8,6 @@ from harness import cpu_backend_params
 from fdiv_kernels import FDPOLoss, FDPOStats, fdpo_loss_reference, fused_fdpo_loss, ops
 from fdiv_kernels._validation import make_config
 
-
 CPU_BACKENDS = cpu_backend_params()  # tests/harness.py: skip marks with the backend registry's reason
 
 

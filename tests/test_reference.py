@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss, get_divergence
+from fdiv_kernels import fdpo_loss_reference, get_divergence
 from fdiv_kernels.divergences import psi, psi_diff, psi_slope
 
 # f'(u) of each divergence, exactly as spec §2 (docs/spec.md) tabulates it; psi(d) = f'(exp(d)).
