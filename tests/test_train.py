@@ -261,7 +261,7 @@ def test_existing_output_is_not_overwritten(assets, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="not empty; pass --resume latest"):
+    with pytest.raises(FileExistsError, match="is not empty and holds no run of this trainer"):
         train(config(assets, out))
     assert (out / "precious.txt").read_text() == "keep"
 

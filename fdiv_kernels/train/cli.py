@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .. import DIVERGENCES
@@ -166,10 +168,26 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         _apply_config(parser, argv)
     args = parser.parse_args(argv)
+    previous = _exit_on_sigterm()
     try:
         return _run(args)
     except _USER_ERRORS as err:
         parser.exit(2, f"fdpo-train {args.command}: error: {err}\n")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (``kill``, ``timeout``, a job scheduler) exit like Ctrl-C does, through the cleanup that removes
+    half-written temporary folders, instead of ending the process where it stands. Returns the old handler."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -197,8 +215,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote the base pipeline to {args.output}")
     elif args.command == "make-pairs":
         from .model import load_pipeline
-        from .study import BASE_PIPELINE, make_pairs
+        from .study import BASE_PIPELINE, check_make_pairs, make_pairs
 
+        check_make_pairs(args.output, args.pairs, args.sampling_steps, overwrite=args.overwrite)
         pipe = load_pipeline(args.pipeline or BASE_PIPELINE)
         make_pairs(pipe, args.output, args.pairs, args.seed, args.sampling_steps, overwrite=args.overwrite,
                    label_temperature=args.label_temperature)

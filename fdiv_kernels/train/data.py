@@ -8,6 +8,7 @@ bytes (as in the Pick-a-Pic parquet shards) or paths relative to the table's fol
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .io import atomic_folder
@@ -92,51 +93,67 @@ class PreferenceDataset(Dataset):
         self.files = table_files(path)
         self.rows: list[tuple[str, object, object, str]] = []  # caption, winner ref, loser ref, where (for errors)
         self.dropped_ties = 0
+        # The tables' content as read (captions, labels, image bytes or paths), for checks on --resume.
+        self._table_digest = hashlib.sha256()
         for file in self.files:
             self._add_rows(file, _read_jsonl(file) if file.suffix == ".jsonl" else _read_parquet(file))
+        self.table_digest = self._table_digest.hexdigest()
         if not self.rows:
             raise DatasetError(f"{path}: no preference pairs (after dropping {self.dropped_ties} ties)")
         if check_images:
             for _, winner, loser, where in self.rows:
                 for ref in (winner, loser):
-                    self._open(ref, where).verify()
+                    image = self._open(ref, where)
+                    try:
+                        image.verify()
+                    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+                        raise DatasetError(f"{_source(ref, where)}: not a readable image, it fails PIL's "
+                                           f"verification ({type(err).__name__}: {err}); fix or drop that row") from err
 
     def _add_rows(self, file: Path, columns: dict[str, list]) -> None:
         for row, (caption, jpg_0, jpg_1, label) in enumerate(zip(*(columns[c] for c in COLUMNS))):
             where = f"{file} row {row}"
             if not isinstance(caption, str):
                 raise DatasetError(f"{where}: column 'caption' must be a string, got {type(caption).__name__}")
-            if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
-                raise DatasetError(f"{where}: column 'label_0' must be 1, 0 or 0.5 (a number in [0, 1]); got {label!r}")
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
+                soft = isinstance(label, (int, float)) and not isinstance(label, bool) and 0 < label < 1
+                raise DatasetError(
+                    f"{where}: column 'label_0' must be 1, 0 or 0.5; got {label!r}"
+                    + (" (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
+                       "tie to drop it)" if soft else "")
+                )
+            self._table_digest.update(f"{len(caption)}:{caption}\0{float(label)!r}\0".encode())
             if label == 0.5:
                 self.dropped_ties += 1
                 continue
             refs = []
             for column, ref in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
                 if isinstance(ref, str):
+                    self._table_digest.update(b"path:" + ref.encode() + b"\0")
                     ref = file.parent / ref
                     if not ref.is_file():
                         raise DatasetError(f"{where}: column {column!r} names {ref}, which does not exist")
                 elif not isinstance(ref, bytes):
                     raise DatasetError(f"{where}: column {column!r} must hold image bytes or a path, got {type(ref).__name__}")
+                if isinstance(ref, bytes):
+                    self._table_digest.update(b"bytes:" + hashlib.sha256(ref).digest())
                 refs.append(ref)
             winner, loser = refs if label > 0.5 else refs[::-1]
             self.rows.append((caption, winner, loser, where))
 
     @staticmethod
     def _open(ref, where: str) -> Image.Image:
-        source = ref if isinstance(ref, Path) else f"{where} (image bytes)"
         try:
             return Image.open(ref if isinstance(ref, Path) else io.BytesIO(ref))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DatasetError(f"{source}: not a readable image ({err})") from err
+        except Exception as err:  # UnidentifiedImageError, OSError, DecompressionBombError, ...
+            raise DatasetError(f"{_source(ref, where)}: not a readable image ({err})") from err
 
     def _pixels(self, ref, where: str) -> torch.Tensor:
         image = self._open(ref, where)
         try:
             image = image.convert("RGB")
-        except OSError as err:
-            raise DatasetError(f"{ref if isinstance(ref, Path) else where}: image data is corrupt ({err})") from err
+        except Exception as err:  # truncated or corrupt image data (OSError, SyntaxError, ValueError, ...)
+            raise DatasetError(f"{_source(ref, where)}: image data is corrupt ({err}); fix or drop that row") from err
         r = self.resolution
         if image.size != (r, r):
             scale = r / min(image.size)
@@ -150,9 +167,39 @@ class PreferenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def content_digest(self, order) -> str:
+        """sha256 of the pairs drawn in ``order`` (pair indices), in that order: caption, winner and loser image
+        bytes (read from their files for tables that hold paths). Everything a data stream feeds the model."""
+        pair_digests: dict[int, bytes] = {}
+        digest = hashlib.sha256()
+        for index in order:
+            index = int(index)
+            if index not in pair_digests:
+                caption, winner, loser, where = self.rows[index]
+                pair = hashlib.sha256(f"{len(caption)}:{caption}\0".encode())
+                for ref in (winner, loser):
+                    pair.update(hashlib.sha256(self._read_bytes(ref, where)).digest())
+                pair_digests[index] = pair.digest()
+            digest.update(pair_digests[index])
+        return digest.hexdigest()
+
+    @staticmethod
+    def _read_bytes(ref, where: str) -> bytes:
+        if not isinstance(ref, Path):
+            return ref
+        try:
+            return ref.read_bytes()
+        except OSError as err:
+            raise DatasetError(f"{where}: cannot read {ref} ({err})") from err
+
     def __getitem__(self, index: int) -> dict:
         caption, winner, loser, where = self.rows[index]
         return {"pixels": torch.stack([self._pixels(winner, where), self._pixels(loser, where)]), "caption": caption}
+
+
+def _source(ref, where: str) -> str:
+    """Where an image comes from, for messages: its file, or the table row that holds its bytes."""
+    return str(ref) if isinstance(ref, Path) else f"{where} (image bytes)"
 
 
 def to_png_bytes(image: torch.Tensor) -> bytes:

@@ -16,10 +16,12 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 import os
+import re
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -32,8 +34,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import fused_fdpo_loss, get_divergence
-from .data import PreferenceDataset
-from .io import atomic_folder
+from .data import DatasetError, PreferenceDataset
+from .io import (
+    atomic_folder,
+    file_sha256,
+    folder_sha256,
+    lock_folder,
+    remove_stale,
+    unlock_folder,
+    verify_checksums,
+    write_checksums,
+    write_text_atomic,
+)
 from .lora import adapters_disabled, add_lora, check_lora_flags, has_lora, save_lora
 from .model import (
     NoiseProcess,
@@ -111,6 +123,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
+        _check_flags(self)
         check_lora_flags(self.lora_rank, self.lora_alpha)
         _check_tracker(self.report_to)
         check_timestep_flags(self.weighting_scheme, self.snr_gamma, self.logit_std)
@@ -121,6 +134,57 @@ class TrainConfig:
     def stream_length(self) -> int:
         """Pair draws in the whole run."""
         return self.max_steps * self.gradient_accumulation_steps * self.batch_size
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_number(cfg, name: str, low=None, *, strict: bool = False, below=None, integer: bool = False,
+                  optional: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{_flag(name)} must be a finite {'integer' if integer else 'number'}; got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{_flag(name)} must be {'>' if strict else '>='} {low}; got {value!r}")
+    if below is not None and not value < below:
+        raise ValueError(f"{_flag(name)} must be < {below}; got {value!r}")
+
+
+def _check_flags(cfg: TrainConfig) -> None:
+    """Every flag on its own, before anything is loaded or written; each message names its flag."""
+    from .model import PREDICTION_TYPES
+
+    _check_number(cfg, "beta", 0, strict=True)
+    _check_number(cfg, "gamma", 0, strict=True)
+    _check_number(cfg, "label_smoothing", 0, below=0.5)
+    _check_number(cfg, "alpha")
+    _check_number(cfg, "learning_rate", 0)
+    _check_number(cfg, "lr_warmup_steps", 0, integer=True)
+    _check_number(cfg, "adam_beta1", 0, below=1)
+    _check_number(cfg, "adam_beta2", 0, below=1)
+    _check_number(cfg, "adam_weight_decay", 0)
+    _check_number(cfg, "adam_epsilon", 0)
+    _check_number(cfg, "max_grad_norm", 0)
+    _check_number(cfg, "resolution", 1, integer=True, optional=True)  # 0 is not "the default": that is None
+    _check_number(cfg, "log_every", 1, integer=True)
+    _check_number(cfg, "checkpoint_every", 0, integer=True)
+    _check_number(cfg, "dataloader_workers", 0, integer=True)
+    if cfg.prediction_type is not None and cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"--prediction-type {cfg.prediction_type!r}: expected one of {list(PREDICTION_TYPES)}")
+    if cfg.resume is not None and not str(cfg.resume):
+        raise ValueError("--resume needs 'latest' or a checkpoint folder")
+    # Whatever else the loss refuses (its own checks may be stricter than the ones above), refused now.
+    x = torch.zeros(2, 1)
+    try:
+        fused_fdpo_loss(x, x, x, beta=float(cfg.beta), divergence=cfg.divergence, alpha=float(cfg.alpha),
+                        gamma=float(cfg.gamma), label_smoothing=float(cfg.label_smoothing), backend="torch")
+    except (ValueError, TypeError, OverflowError) as err:
+        raise ValueError(f"the loss refuses these flags (--beta, --gamma, --divergence, --alpha, --label-smoothing): "
+                         f"{err}") from None
 
 
 @dataclass
@@ -166,7 +230,7 @@ class Setup:
 def prepare_run(cfg: TrainConfig) -> Setup:
     """Load and check the pipeline, resolution and dataset; every bad input fails here, with its file or flag."""
     pipe = load_pipeline(cfg.pipeline)
-    resolution = cfg.resolution or pipe.resolution
+    resolution = pipe.resolution if cfg.resolution is None else cfg.resolution
     if resolution % pipe.size_multiple:
         raise PipelineError(
             f"--resolution {resolution} does not fit {cfg.pipeline}: its UNet and VAE need image sides that are "
@@ -183,7 +247,26 @@ def prepare_run(cfg: TrainConfig) -> Setup:
     if hasattr(pipe.text, "resolution"):  # SDXL's micro-conditioning names the training image size
         pipe.text.resolution = resolution
     pairs = PreferenceDataset(cfg.dataset, resolution, check_images=cfg.check_images)
+    _check_captions(pipe, pairs)
     return Setup(pipe, pairs, process, resolution, timesteps)
+
+
+def _check_captions(pipe: Pipeline, pairs: PreferenceDataset) -> None:
+    """Captions the pipeline's tokenizer refuses fail here, naming their row. (The embedded word tokenizer refuses
+    long captions and unknown words; transformers' CLIP tokenizers truncate long captions, as diffusers does.)"""
+    from .model import WordTokenizer
+
+    tokenizer = getattr(getattr(pipe, "text", None), "tokenizer", None)
+    if not isinstance(tokenizer, WordTokenizer):
+        return
+    seen = set()
+    for caption, _, _, where in pairs.rows:
+        if caption not in seen:
+            seen.add(caption)
+            try:
+                tokenizer([caption])
+            except ValueError as err:
+                raise DatasetError(f"{where}: {err} (the tokenizer of {pipe.path}); fix or drop that row") from None
 
 
 def noised_batch(setup: Setup, batch: dict, seed: int, device: torch.device):
@@ -251,13 +334,28 @@ def _stream_loader(cfg: TrainConfig, setup: Setup, start: int) -> DataLoader:
                       num_workers=cfg.dataloader_workers)
 
 
+REF_CACHE_FORMAT = "fdiv_kernels.ref_errors/2"
+_REDO = "recompute it with the ref-errors command and this run's flags"
+
+
+def _pipeline_digest(path: Path) -> str:
+    """sha256 of what a run reads from a pipeline folder: model_index.json and every component folder it lists."""
+    path = Path(path)
+    digest = hashlib.sha256(f"model_index.json\0{file_sha256(path / 'model_index.json')}\0".encode())
+    for name in sorted(json.loads((path / "model_index.json").read_text())):
+        if not name.startswith("_") and (path / name).is_dir():
+            digest.update(f"{name}/\0".encode())
+            folder_sha256(path / name, digest)
+    return digest.hexdigest()
+
+
 def _ref_cache_metadata(cfg: TrainConfig, setup: Setup) -> dict[str, str]:
-    """What cached reference errors depend on; a cache is used only if all of it matches the run."""
+    """The settings cached reference errors depend on (their content hashes come on top: :func:`_ref_cache_content`)."""
     return {
-        "pipeline": str(cfg.pipeline.resolve()),
-        "dataset": str(cfg.dataset.resolve()),
-        "pairs": str(len(setup.pairs)),
+        "format": REF_CACHE_FORMAT,
         "seed": str(cfg.seed),
+        "pairs": str(len(setup.pairs)),
+        "batch_size": str(cfg.batch_size),
         "resolution": str(setup.resolution),
         "prediction_type": setup.process.prediction_type,
         "timestep_sampling": (setup.timesteps or TimestepSampler(setup.process)).describe(),
@@ -265,21 +363,49 @@ def _ref_cache_metadata(cfg: TrainConfig, setup: Setup) -> dict[str, str]:
     }
 
 
-def _load_ref_errors(cfg: TrainConfig, setup: Setup) -> torch.Tensor:
+def _ref_cache_content(cfg: TrainConfig, setup: Setup, length: int, pipeline_sha256: str) -> dict[str, str]:
+    """Content hashes of what cached errors over the first ``length`` pair draws depend on: the pipeline's files
+    and the drawn pairs (captions and image bytes, in stream order)."""
+    return {
+        "pipeline_sha256": pipeline_sha256,
+        "data_sha256": setup.pairs.content_digest(PairStream(setup.pairs, cfg.seed, length).order),
+    }
+
+
+def _load_ref_errors(cfg: TrainConfig, setup: Setup, pipeline_sha256: str) -> torch.Tensor:
     path = cfg.ref_errors
     if not path.is_file():
         raise FileNotFoundError(f"--ref-errors {path} does not exist; write it with the ref-errors command")
-    with safe_open(path, "pt") as handle:
-        found = handle.metadata() or {}
-        errors = handle.get_tensor("ref_err")
+    try:
+        with safe_open(path, "pt") as handle:
+            found = handle.metadata() or {}
+            errors = handle.get_tensor("ref_err")
+    except Exception as err:  # safetensors' own error types, a missing tensor, a truncated file
+        raise ValueError(f"--ref-errors {path} is not a readable reference-error cache "
+                         f"({type(err).__name__}: {err}); {_REDO}") from None
+    if found.get("format") != REF_CACHE_FORMAT:
+        raise ValueError(f"--ref-errors {path} records no content hashes (written by an older fdiv_kernels?), so "
+                         f"nothing says it matches this run; {_REDO}")
+    if errors.dim() != 2 or errors.shape[1] != 2 or errors.dtype != torch.float32 or (
+            hashlib.sha256(errors.numpy().tobytes()).hexdigest() != found.get("ref_err_sha256")):
+        raise ValueError(f"--ref-errors {path} is damaged: its errors do not match the checksum recorded with them; "
+                         f"{_REDO}")
     for key, value in _ref_cache_metadata(cfg, setup).items():
         if found.get(key) != value:
-            raise ValueError(f"--ref-errors {path} was computed with {key}={found.get(key)!r}; this run has {value!r}")
+            raise ValueError(f"--ref-errors {path} was computed with {key}={found.get(key)!r}; this run has {value!r}; "
+                             f"{_REDO}")
     if errors.shape[0] < cfg.stream_length:
         raise ValueError(
             f"--ref-errors {path} covers {errors.shape[0]} pair draws; this run needs {cfg.stream_length} "
             "(max_steps x gradient_accumulation_steps x batch_size): recompute it with these settings"
         )
+    content = _ref_cache_content(cfg, setup, errors.shape[0], pipeline_sha256)
+    if found.get("pipeline_sha256") != content["pipeline_sha256"]:
+        raise ValueError(f"--ref-errors {path} was computed with other pipeline weights or configs (from "
+                         f"{found.get('pipeline')}) than --pipeline {cfg.pipeline} has now; {_REDO}")
+    if found.get("data_sha256") != content["data_sha256"]:
+        raise ValueError(f"--ref-errors {path} was computed on other data (from {found.get('dataset')}): the captions "
+                         f"or images of the pairs it covers differ from --dataset {cfg.dataset}'s now; {_REDO}")
     return errors
 
 
@@ -287,12 +413,14 @@ def cache_reference_errors(cfg: TrainConfig, path: Path) -> Path:
     """Run the reference over the run's whole stream and save its per-sample errors ``[K, 2]`` (safetensors).
 
     Training with ``--ref-errors`` then needs no reference UNet; runs that differ only in the loss (divergence,
-    alpha, beta, learning rate) share one cache.
+    alpha, beta, learning rate) share one cache. The file records content hashes of the pipeline and of the
+    drawn pairs, and the settings the errors depend on; a run refuses a cache that differs in any.
     """
-    setup = prepare_run(cfg)
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists")
+        raise FileExistsError(f"{path} already exists" + (" (a folder; --output names the cache file to write)"
+                                                          if path.is_dir() else ""))
+    setup = prepare_run(cfg)
     accelerator = _accelerator(cfg)
     _check_batch(cfg, accelerator)
     dtype = MIXED_PRECISION[cfg.mixed_precision]
@@ -307,26 +435,222 @@ def cache_reference_errors(cfg: TrainConfig, path: Path) -> Path:
         err = (pred.float() - target.float()).square().flatten(1).mean(1)
         errors.append(accelerator.gather(torch.stack(err.chunk(2), 1)))
     if accelerator.is_main_process:
+        errors = torch.cat(errors).cpu().float().contiguous()
+        metadata = {**_ref_cache_metadata(cfg, setup),
+                    **_ref_cache_content(cfg, setup, errors.shape[0], _pipeline_digest(cfg.pipeline)),
+                    "ref_err_sha256": hashlib.sha256(errors.numpy().tobytes()).hexdigest(),
+                    "pipeline": str(cfg.pipeline.resolve()), "dataset": str(cfg.dataset.resolve())}  # for messages
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"ref_err": torch.cat(errors).cpu().contiguous()}, tmp, metadata=_ref_cache_metadata(cfg, setup))
-        os.replace(tmp, path)
+        try:
+            save_file({"ref_err": errors}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     accelerator.wait_for_everyone()
     return path
 
 
 def _checkpoints(output: Path) -> list[Path]:
-    return sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The run's ``checkpoint-N`` folders, by step (other names are not checkpoints of this trainer)."""
+    found = [p for p in output.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _resume_point(cfg: TrainConfig) -> tuple[Path | None, int]:
+# On --resume these flags may differ from the run's, and their new values take effect from the checkpoint on:
+# how long the run goes, what it logs and saves, and how (not what) it computes.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "log_every", "checkpoint_every", "resume", "output", "progress", "check_images",
+    "dataloader_workers", "log_grad_weights", "report_to",
+    "cpu", "xformers", "gradient_checkpointing", "compile", "compile_backend",
+})
+# Compared by what they resolve to: the pipeline's and dataset's content (so moved folders are fine), the
+# resolution and target, cached errors vs a reference model.
+_RESOLVED_FLAGS = frozenset({"pipeline", "dataset", "ref_errors", "resolution", "prediction_type"})
+# Every other flag fixes the run (its data stream, loss, optimizer state or model) and must match the checkpoint's.
+_FINISHED_OUTPUTS = ("unet", "lora", "transformer")
+
+
+def _run_state(cfg: TrainConfig, setup: Setup) -> dict:
+    """What each checkpoint records about its run, for ``--resume`` to compare: the flags and what they resolved to."""
+    return {
+        "config": _flags_record(cfg),
+        "resolved": {
+            "pipeline_sha256": _pipeline_digest(cfg.pipeline),
+            "dataset_sha256": setup.pairs.table_digest,
+            "pairs": len(setup.pairs),
+            "resolution": setup.resolution,
+            "prediction_type": setup.process.prediction_type,
+            "reference": "cached errors (--ref-errors)" if cfg.ref_errors is not None else "the reference model",
+        },
+    }
+
+
+def _flags_record(cfg: TrainConfig) -> dict:
+    return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+
+
+def _check_fresh_output(output: Path) -> None:
+    """A new run's folder: new, empty, or the folder of a run that stopped before its first checkpoint."""
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file; a run writes a folder there: choose another path")
+    # A killed writer's temporary files and folders (removed when the run starts) do not count.
+    if not output.exists() or all(re.fullmatch(r"\..+\.tmp(-.*)?", p.name) for p in output.iterdir()):
+        return
+    if _checkpoints(output):
+        names = ", ".join(p.name for p in _checkpoints(output))
+        raise FileExistsError(f"output folder {output} holds a run with checkpoints ({names}): pass --resume latest "
+                              "to continue it, or choose another output folder")
+    if not (output / "train_config.json").is_file():
+        names = sorted(p.name for p in output.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(f"output folder {output} is not empty and holds no run of this trainer (it has {shown}); "
+                              "choose an empty or new output folder")
+    finished = [name for name in _FINISHED_OUTPUTS if (output / name).exists()]
+    if finished:
+        raise FileExistsError(f"output folder {output} holds a finished run ({finished[0]}/); choose another output "
+                              "folder")
+    # Otherwise the folder holds a run that stopped before its first checkpoint: it is started over there.
+
+
+def _find_checkpoint(cfg: TrainConfig) -> Path:
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint folder; pass 'latest' or a run's "
+                                    "checkpoint-N folder")
+        return path
+    found = _checkpoints(cfg.output) if cfg.output.is_dir() else []
+    if found:
+        return found[-1]
+    if (cfg.output / "train_config.json").is_file():
+        raise FileNotFoundError(f"--resume latest: {cfg.output} holds no checkpoint (its run stopped before the first "
+                                "one, or ran with --checkpoint-every 0); run without --resume to start it over in "
+                                "the same folder")
+    raise FileNotFoundError(f"--resume latest: no checkpoint found in {cfg.output}")
+
+
+def _what_to_do(checkpoint: Path) -> str:
+    """The way out of a damaged checkpoint: an earlier one of the same run, or a new run."""
+    named = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
+    earlier = [p for p in _checkpoints(checkpoint.parent)
+               if p.resolve() != checkpoint.resolve() and (not named or int(p.name.split("-")[1]) < int(named[1]))]
+    if earlier:
+        return (f"resume from an earlier checkpoint (--resume {earlier[-1]}; delete {checkpoint} first if it is "
+                "the latest) or start over in a new output folder")
+    return "start over in a new output folder (no earlier checkpoint of this run to resume from)"
+
+
+def _read_trainer_state(checkpoint: Path, what_to_do: str) -> tuple[int, dict]:
+    file = checkpoint / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{file} is missing; {what_to_do}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); {what_to_do}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"{file}: 'step' must be a positive integer; got {step!r}; {what_to_do}")
+    named = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
+    if named and int(named.group(1)) != step:
+        raise ValueError(f"{file} says step {step} but the folder is {checkpoint.name}; {what_to_do}")
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("resolved"), dict):
+        raise ValueError(f"{file} does not record the run's flags (written by an older fdiv_kernels?), so a resume "
+                         f"cannot be checked against them; {what_to_do}")
+    return step, state
+
+
+def _show(value) -> str:
+    return "(default)" if value is None else str(value)
+
+
+def _run_changes(cfg: TrainConfig, state: dict, recorded: dict) -> list[str]:
+    """The differences between this invocation and the checkpoint's run that would break the run."""
+    defaults = {f.name: None if f.default is MISSING else f.default for f in fields(TrainConfig)}
+    old_flags, old = recorded["config"], recorded["resolved"]
+    changes = [
+        f"{_flag(name)} {_show(value)} (the run has {_show(old_flags.get(name, defaults.get(name)))})"
+        for name, value in state["config"].items()
+        if name not in RESUME_MAY_CHANGE and name not in _RESOLVED_FLAGS
+        and value != old_flags.get(name, defaults.get(name))
+    ]
+    new = state["resolved"]
+    described = {
+        "pipeline_sha256": lambda: f"--pipeline {cfg.pipeline}: its files differ from those the run started from "
+                                   f"({old_flags.get('pipeline')})",
+        "dataset_sha256": lambda: f"--dataset {cfg.dataset}: its table differs from the run's "
+                                  f"({old_flags.get('dataset')}; captions, labels, image bytes or image paths changed)",
+        "pairs": lambda: f"--dataset {cfg.dataset} has {new['pairs']} pairs (the run's had {old['pairs']})",
+        "resolution": lambda: f"--resolution {new['resolution']} (the run has {old['resolution']})",
+        "prediction_type": lambda: f"--prediction-type {new['prediction_type']} (the run has {old['prediction_type']})",
+        "reference": lambda: f"the reference is {new['reference']} (the run used {old['reference']})",
+    }
+    for key, describe in described.items():
+        if key in old and old[key] != new[key]:
+            changes.append(describe())
+    return changes
+
+
+def _resume_point(cfg: TrainConfig, state: dict) -> tuple[Path | None, int]:
+    """The checkpoint to resume from and its step, every check passed (nothing is written here)."""
     if cfg.resume is None:
-        if cfg.output.exists() and any(cfg.output.iterdir()):
-            raise FileExistsError(f"output folder {cfg.output} is not empty; pass --resume latest or choose another")
+        _check_fresh_output(cfg.output)
         return None, 0
-    path = (_checkpoints(cfg.output) or [None])[-1] if cfg.resume == "latest" else Path(cfg.resume)
-    if path is None or not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {cfg.resume}: no checkpoint found (looked in {path or cfg.output})")
-    return path, json.loads((path / "trainer_state.json").read_text())["step"]
+    checkpoint = _find_checkpoint(cfg)
+    what_to_do = _what_to_do(checkpoint)
+    verify_checksums(checkpoint, what_to_do)
+    step, recorded = _read_trainer_state(checkpoint, what_to_do)
+    changes = _run_changes(cfg, state, recorded)
+    if changes:
+        may = ", ".join(_flag(n) for n in sorted(RESUME_MAY_CHANGE - {"resume", "output"}))
+        raise ValueError(
+            f"--resume {checkpoint}: refused, these differ from the run's (recorded in its trainer_state.json) and "
+            f"would change the run it continues: {'; '.join(changes)}. Pass the run's values (or leave the flags out "
+            f"where the run used the default), or start a new run in another output folder. Flags that may change "
+            f"on resume, taking effect from the checkpoint on: {may}"
+        )
+    if cfg.max_steps < step:
+        raise ValueError(f"--max-steps {cfg.max_steps} is below the step of {checkpoint} ({step}): a resumed run "
+                         f"continues from there; pass --max-steps {step} or more")
+    return checkpoint, step
+
+
+def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as err:  # whatever accelerate, torch or safetensors raise on a file they cannot read
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"--resume {checkpoint}: its files pass their checksums but cannot be loaded "
+                         f"({type(err).__name__}: {first}); {_what_to_do(checkpoint)}") from err
+
+
+def _prepare_output(cfg: TrainConfig, accelerator: Accelerator, checkpoint: Path | None, step: int) -> None:
+    """The run folder, once every check passed (main process): a killed run's leftovers removed, ``log.jsonl``
+    cut back to the checkpoint's step on resume, or dropped when a run that stopped before its first checkpoint
+    starts over."""
+    output = cfg.output
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale(output, ".*.tmp*")
+    for leftover in output.glob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
+    log = output / "log.jsonl"
+    if checkpoint is None:
+        if (output / "train_config.json").is_file():
+            accelerator.print(f"{output} holds a run that stopped before its first checkpoint: starting it over there")
+        log.unlink(missing_ok=True)
+    elif log.is_file():
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        write_text_atomic(log, "".join(kept))
 
 
 def _grad_weights_fn(cfg: TrainConfig, accelerator: Accelerator):
@@ -343,8 +667,11 @@ def _grad_weights_fn(cfg: TrainConfig, accelerator: Accelerator):
 def train(cfg: TrainConfig) -> TrainResult:
     """Fine-tune ``cfg.pipeline``'s UNet with f-DPO on ``cfg.dataset``; writes ``cfg.output`` (see the docs)."""
     setup = prepare_run(cfg)
-    checkpoint, start_step = _resume_point(cfg)
-    ref_errors = _load_ref_errors(cfg, setup) if cfg.ref_errors is not None else None
+    state = _run_state(cfg, setup)
+    checkpoint, start_step = _resume_point(cfg, state)
+    ref_errors = None
+    if cfg.ref_errors is not None:
+        ref_errors = _load_ref_errors(cfg, setup, state["resolved"]["pipeline_sha256"])
     accelerator = _accelerator(cfg)
     _check_batch(cfg, accelerator)
     device, dtype = accelerator.device, MIXED_PRECISION[cfg.mixed_precision]
@@ -372,13 +699,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     start = start_step * cfg.gradient_accumulation_steps * cfg.batch_size
     unet, optimizer, loader, schedule = accelerator.prepare(unet, optimizer, _stream_loader(cfg, setup, start), schedule)
     if checkpoint is not None:
-        accelerator.load_state(checkpoint)
+        _load_checkpoint(accelerator, checkpoint)
     accelerator.wait_for_everyone()  # every process checked the output folder before the first one writes to it
     if accelerator.is_main_process:
-        cfg.output.mkdir(parents=True, exist_ok=True)
+        _prepare_output(cfg, accelerator, checkpoint, start_step)
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        run = {**asdict(cfg), "num_processes": accelerator.num_processes, "distributed_backend": backend}
-        (cfg.output / "train_config.json").write_text(json.dumps(run, indent=1, default=str))
+        # On resume every flag recorded here took effect: the others were refused by _resume_point.
+        run = {**state["config"], "num_processes": accelerator.num_processes, "distributed_backend": backend}
+        write_text_atomic(cfg.output / "train_config.json", json.dumps(run, indent=1, default=str))
     if cfg.report_to != "none":
         accelerator.init_trackers("fdpo", config=_tracker_config(run) if accelerator.is_main_process else None)
     grad_weights = _grad_weights_fn(cfg, accelerator)
@@ -440,10 +768,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                     log.write(json.dumps(record) + "\n")
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            _save_checkpoint(accelerator, cfg.output, step)
+            _save_checkpoint(accelerator, cfg.output, step, state)
     bar.close()
     if cfg.checkpoint_every:
-        _save_checkpoint(accelerator, cfg.output, step)
+        _save_checkpoint(accelerator, cfg.output, step, state)
     _save_unet(accelerator, unet, cfg.output)
     accelerator.end_training()
     return result
@@ -457,18 +785,32 @@ def _reduce_log(accelerator: Accelerator, sums: dict, step: int, lr: float) -> d
     return {"step": step, "lr": lr, **{k: (total[i] / total[-1]).item() for i, k in enumerate(keys)}}
 
 
-def _save_checkpoint(accelerator: Accelerator, output: Path, step: int) -> None:
-    """Model (safetensors), optimizer, scheduler and RNG states; written aside, then renamed into place."""
+def _save_checkpoint(accelerator: Accelerator, output: Path, step: int, state: dict) -> None:
+    """Model (safetensors), optimizer, scheduler and RNG states, the run's flags (``trainer_state.json``) and the
+    sha256 of every file (``checksums.json``); written aside under a lock, then renamed into place."""
     final, tmp = output / f"checkpoint-{step}", output / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp, safe_serialization=True)
+    lock = None
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        lock = lock_folder(tmp)  # a later run removes it only once this process is gone
+    try:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp, safe_serialization=True)
+        accelerator.wait_for_everyone()  # every process wrote its part (its RNG state) before the checksums
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+            write_checksums(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        unlock_folder(lock)
     accelerator.wait_for_everyone()
 
 

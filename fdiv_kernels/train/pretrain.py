@@ -7,6 +7,7 @@ is the pipeline folder shipped in ``fdiv_kernels/train/assets/base`` (weights st
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,16 @@ class PretrainConfig:
     seed: int = 0
     resolution: int = task.RESOLUTION
 
+    def __post_init__(self):
+        self.output = Path(self.output)
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("resolution", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}; got {value!r}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"--learning-rate must be a finite number > 0; got {lr!r}")
+
 
 def lr_multiplier(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 0 (the decay stands in for weight averaging at this scale)."""
@@ -42,6 +53,8 @@ def lr_multiplier(step: int, total: int, warmup: int) -> float:
 
 def pretrain(cfg: PretrainConfig, overwrite: bool = False) -> Path:
     """Train the base model and write it as a pipeline folder at ``cfg.output``; returns the folder."""
+    if cfg.output.exists() and not cfg.output.is_dir():
+        raise FileExistsError(f"--output {cfg.output} is a file; a pipeline is a folder: choose another path")
     if cfg.output.exists() and not overwrite:
         raise FileExistsError(f"{cfg.output} already exists; choose another output folder or pass --overwrite")
     torch.manual_seed(cfg.seed)

@@ -9,6 +9,8 @@ each prompt's samples). Writes ``study.md`` (table), ``study.json`` and ``study.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -51,12 +53,42 @@ class StudyConfig:
     progress: bool = True
     label_temperature: float = 0.0  # 0: hard labels from the reward; > 0: Bradley-Terry sampled (see make_pairs)
 
+    def __post_init__(self):
+        self.output, self.base = Path(self.output), Path(self.base)
+        for name in ("pairs", "sampling_steps", "steps", "batch_size"):
+            _check_count(f"--{name.replace('_', '-')}", getattr(self, name))
+        _check_count("eval_prompts", self.eval_prompts)
+        held_out = len(task.split_specs()[1])
+        if self.eval_prompts > held_out:
+            raise ValueError(f"eval_prompts must be at most {held_out} (the held-out prompts); got {self.eval_prompts}")
+        _check_count("eval_samples", self.eval_samples, low=2)  # diversity compares a prompt's samples in pairs
+        for name in ("learning_rate", "beta", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value!r}")
+
+
+def _check_count(flag: str, value, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{flag} must be an integer >= {low}; got {value!r}")
+
 
 QUICK = {"pairs": 64, "steps": 6, "batch_size": 16, "eval_prompts": 8, "eval_samples": 4}
 
 
 def run_name(divergence: str, alpha: float | None) -> str:
     return divergence if alpha is None else f"{divergence}_{alpha:g}"
+
+
+def check_make_pairs(folder: Path, pairs: int, sampling_steps: int, overwrite: bool = False) -> None:
+    """The checks of :func:`make_pairs`'s arguments, before anything is sampled or written."""
+    _check_count("--pairs", pairs)
+    _check_count("--sampling-steps", sampling_steps)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--output {folder} is a file; the pairs are written as a folder: choose another path")
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another output folder or pass --overwrite")
 
 
 def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_steps: int,
@@ -68,8 +100,7 @@ def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_ste
     labels are as noisy as human ones (the programmatic reward stays the gold standard for evaluation).
     """
     check_label_temperature(label_temperature)
-    if Path(folder).exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another output folder or pass --overwrite")
+    check_make_pairs(folder, pairs, sampling_steps, overwrite)
     train_specs, _ = task.split_specs()
     generator = torch.Generator().manual_seed(derived_seed(seed, "pairs", 0))
     specs = [train_specs[i] for i in torch.randint(len(train_specs), (pairs,), generator=generator)]
@@ -173,6 +204,12 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
     timings: dict[str, float] = {}
     _, held_out = task.split_specs()
     eval_specs = held_out[: cfg.eval_prompts]
+    # The fine-tunes' flags (beta, gamma, ...) are checked here, before minutes of sampling.
+    train_cfg = TrainConfig(
+        pipeline=cfg.base, dataset=cfg.output / "pairs", output=cfg.output / "runs", max_steps=cfg.steps,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta, gamma=cfg.gamma, seed=cfg.seed,
+        log_every=max(1, cfg.steps // 10), cpu=True, progress=cfg.progress,
+    )
     with atomic_folder(cfg.output, overwrite=overwrite) as out:
         base = load_pipeline(cfg.base)
         tick = time.perf_counter()
@@ -180,11 +217,7 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
                    label_temperature=cfg.label_temperature)
         timings["make_pairs"] = time.perf_counter() - tick
 
-        train_cfg = TrainConfig(
-            pipeline=cfg.base, dataset=out / "pairs", output=out / "runs", max_steps=cfg.steps,
-            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta, gamma=cfg.gamma, seed=cfg.seed,
-            log_every=max(1, cfg.steps // 10), cpu=True, progress=cfg.progress,
-        )
+        train_cfg = replace(train_cfg, dataset=out / "pairs", output=out / "runs")
         tick = time.perf_counter()
         ref_errors = cache_reference_errors(train_cfg, out / "ref_errors.safetensors")
         timings["reference_errors"] = time.perf_counter() - tick

@@ -1,0 +1,554 @@
+"""No silent wrong answer in the training commands: stale caches, changed flags on resume, damaged checkpoints,
+bad flags and bad data, each refused before anything is written, in one line that names the file, row or flag.
+
+Tiny models and datasets built here (the builders of test_train.py); runs of 1-3 steps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_train import ROOT, config, make_dataset, make_pipeline  # the tiny builders
+
+from fdiv_kernels.train.cli import main
+from fdiv_kernels.train.data import DatasetError, PreferenceDataset
+from fdiv_kernels.train.io import atomic_folder, lock_folder, unlock_folder, write_checksums
+from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    return {"pipeline": make_pipeline(root / "pipe"), "dataset": make_dataset(root / "data"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def run_with_checkpoints(assets):
+    """A finished 2-step run with checkpoint-1 and checkpoint-2 (copy it before changing it)."""
+    out = assets["root"] / "run"
+    train(config(assets, out, max_steps=2, checkpoint_every=1))
+    return out
+
+
+def _copy_run(run: Path, tmp_path: Path, drop=("unet",)) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    for name in drop:
+        shutil.rmtree(out / name)
+    return out
+
+
+def _log_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI, expect exit status 2 and one line on stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _train_argv(assets, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--pipeline",
+        str(assets["pipeline"]),
+        "--dataset",
+        str(assets["dataset"]),
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--cpu",
+        "--no-progress",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every flag is checked before anything is written.
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--beta", "-5"], "--beta must be > 0"),
+        (["--beta", "nan"], "--beta must be a finite number"),
+        (["--beta", "inf"], "--beta must be a finite number"),
+        (["--gamma", "0"], "--gamma must be > 0"),
+        (["--label-smoothing", "0.7"], "--label-smoothing must be < 0.5"),
+        (["--resolution", "-16"], "--resolution must be >= 1"),
+        (["--resolution", "0"], "--resolution must be >= 1"),
+        (["--log-every", "0"], "--log-every must be >= 1"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
+        (["--adam-beta2", "1"], "--adam-beta2 must be < 1"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+    ],
+)
+def test_bad_train_flags_fail_before_anything_is_written(assets, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert message in _cli_error(_train_argv(assets, out, *flags), capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["make-pairs", "--pairs", "0"], "--pairs must be an integer >= 1; got 0"),
+        (["make-pairs", "--pairs", "-4"], "--pairs must be an integer >= 1; got -4"),
+        (["make-pairs", "--sampling-steps", "0"], "--sampling-steps must be an integer >= 1"),
+        (["pretrain", "--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["pretrain", "--steps", "0"], "--steps must be an integer >= 1"),
+        (["study", "--quick", "--beta", "-1"], "--beta must be a finite number > 0"),
+        (["study", "--quick", "--gamma", "nan"], "--gamma must be a finite number"),
+    ],
+)
+def test_bad_flags_of_the_other_commands(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert message in _cli_error([*argv, "--output", str(out)], capsys)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["pretrain", "make-pairs", "study", "train"])
+def test_output_naming_an_existing_file_is_refused(assets, tmp_path, capsys, command):
+    out = tmp_path / "file.txt"
+    out.write_text("keep")
+    argv = _train_argv(assets, out) if command == "train" else [command, "--output", str(out), "--overwrite"]
+    assert "is a file" in _cli_error(argv, capsys)
+    assert out.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_ref_errors_output_naming_a_folder_is_refused(assets, tmp_path, capsys):
+    argv = [
+        "ref-errors",
+        "--pipeline",
+        str(assets["pipeline"]),
+        "--dataset",
+        str(assets["dataset"]),
+        "--output",
+        str(tmp_path),
+        "--cpu",
+        "--no-progress",
+    ]
+    assert "already exists (a folder; --output names the cache file" in _cli_error(argv, capsys)
+
+
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    cfg = TrainConfig(
+        pipeline="p", dataset="d", output="o", beta=np.float32(2500), gamma=np.float64(2), max_steps=np.int64(3)
+    )
+    assert cfg.beta == 2500
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data: one line naming the file or row.
+
+
+def _truncated_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (24, 20, 3), dtype=torch.uint8).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()[:-30]
+
+
+def test_truncated_png_is_named(assets, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    (data / "images" / "2_1.jpg").write_bytes(_truncated_png())
+    with pytest.raises(DatasetError, match=r"images/2_1.jpg: not a readable image, it fails PIL's verification"):
+        PreferenceDataset(data, 16)
+    out = tmp_path / "run"
+    argv = _train_argv(assets, out)
+    argv[argv.index("--dataset") + 1] = str(data)
+    assert "images/2_1.jpg: not a readable image" in _cli_error(argv, capsys)
+    assert not out.exists()
+
+
+def test_soft_label_is_refused_with_the_rule(tmp_path):
+    data = make_dataset(tmp_path / "data", pairs=3, labels=[1.0, 0.7, 0.0])
+    with pytest.raises(DatasetError, match=r"row 1: column 'label_0' must be 1, 0 or 0.5; got 0.7 \(soft preference"):
+        PreferenceDataset(data, 16)
+
+
+@pytest.mark.parametrize(
+    "caption, message",
+    [
+        ("a red cat on grass on grass", "has 7 words; this tokenizer takes 6"),
+        ("a green cat", "word 'green' is not in the tokenizer's vocabulary"),
+    ],
+)
+def test_captions_the_tokenizer_refuses_fail_before_anything_is_written(assets, tmp_path, caption, message):
+    data = make_dataset(tmp_path / "data", pairs=4)
+    rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
+    rows[3]["caption"] = caption
+    (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match=rf"pairs.jsonl row 3: caption .*{message}"):
+        train(config(assets, out, dataset=data))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An output folder without a checkpoint can be used again.
+
+
+def test_folder_of_a_run_that_stopped_before_its_first_checkpoint_is_reused(assets, tmp_path, capsys):
+    # A dataset with an image that passes the up-front check but fails when read: the run fails at step 1,
+    # after train_config.json is written (--no-check-images).
+    data = make_dataset(tmp_path / "data", pairs=4)
+    good = (data / "images" / "0_0.jpg").read_bytes()
+    for name in ("0_0", "0_1", "1_0", "1_1", "2_0", "2_1", "3_0", "3_1"):
+        (data / "images" / f"{name}.jpg").write_bytes(b"garbage")
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError, match="not a readable image"):
+        train(config(assets, out, dataset=data, check_images=False, checkpoint_every=1))
+    assert (out / "train_config.json").is_file() and not list(out.glob("checkpoint-*"))
+    # --resume says what to do; the plain rerun (data fixed) starts the run over in the same folder.
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint .* run without --resume to start it over"):
+        train(config(assets, out, dataset=data, check_images=False, resume="latest"))
+    for image in (data / "images").iterdir():
+        image.write_bytes(good)
+    result = train(config(assets, out, dataset=data, max_steps=2))
+    assert [r["step"] for r in result.records] == [1, 2] and _log_steps(out) == [1, 2]
+    assert "starting it over" in capsys.readouterr().out
+    # A finished run is not overwritten.
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(unet/\)"):
+        train(config(assets, out, dataset=data))
+
+
+def test_folder_with_only_a_killed_writers_leftovers_is_used(assets, tmp_path):
+    out = tmp_path / "run"
+    (out / ".unet.tmp-x1y2").mkdir(parents=True)
+    (out / ".train_config.json.tmp").write_text("{")
+    train(config(assets, out, max_steps=1))
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "train_config.json", "unet"]
+
+
+def test_folder_with_checkpoints_needs_resume(run_with_checkpoints, assets):
+    with pytest.raises(
+        FileExistsError,
+        match=r"holds a run with checkpoints \(checkpoint-1, checkpoint-2\): pass "
+        "--resume latest",
+    ):
+        train(config(assets, run_with_checkpoints))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cached reference errors: refused unless they match the run, content included.
+
+
+@pytest.fixture(scope="module")
+def cache(assets):
+    return cache_reference_errors(
+        config(assets, assets["root"] / "unused", max_steps=2), assets["root"] / "ref.safetensors"
+    )
+
+
+def test_cache_of_a_dataset_regenerated_in_place_is_refused(assets, cache, tmp_path):
+    data = make_dataset(tmp_path / "data")
+    own = config(assets, tmp_path / "ok", dataset=data, max_steps=2, ref_errors=cache)
+    shutil.rmtree(data)
+    shutil.copytree(assets["dataset"], data)
+    train(own)  # the same content elsewhere: accepted
+    # Same captions, labels and pair count, other image bytes: the issue's silent case.
+    images = sorted((data / "images").iterdir())
+    contents = [image.read_bytes() for image in images]
+    for image, content in zip(images, contents[1:] + contents[:1]):
+        image.write_bytes(content)
+    out = tmp_path / "run"
+    with pytest.raises(
+        ValueError,
+        match=r"was computed on other data .* the captions or images of the pairs it "
+        r"covers differ from --dataset",
+    ):
+        train(config(assets, out, dataset=data, max_steps=2, ref_errors=cache))
+    assert not out.exists()
+
+
+def test_cache_of_other_pipeline_weights_is_refused(assets, cache, tmp_path):
+    pipe = tmp_path / "pipe"
+    shutil.copytree(assets["pipeline"], pipe)
+    weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"was computed with other pipeline weights or configs"):
+        train(config(assets, tmp_path / "run", pipeline=pipe, max_steps=2, ref_errors=cache))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 2, "max_steps": 4}, "was computed with batch_size='4'; this run has '2'"),
+        ({"mixed_precision": "bf16"}, "was computed with mixed_precision='no'; this run has 'bf16'"),
+        ({"resolution": 8}, "was computed with resolution='16'; this run has '8'"),
+        (
+            {"prediction_type": "v_prediction"},
+            "was computed with prediction_type='epsilon'; this run has 'v_prediction'",
+        ),
+    ],
+)
+def test_cache_with_other_settings_is_refused(assets, cache, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(config(assets, tmp_path / "run", **{"max_steps": 2, **overrides}, ref_errors=cache))
+
+
+def test_damaged_or_old_cache_is_refused(assets, cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    errors = load_file(cache)["ref_err"]
+    old = tmp_path / "old.safetensors"
+    save_file({"ref_err": errors}, old, metadata={"seed": "0", "pairs": "12"})
+    with pytest.raises(ValueError, match="records no content hashes"):
+        train(config(assets, tmp_path / "a", max_steps=2, ref_errors=old))
+    damaged = tmp_path / "damaged.safetensors"
+    data = bytearray(cache.read_bytes())
+    data[-4:] = bytes(4)
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is damaged: its errors do not match the checksum"):
+        train(config(assets, tmp_path / "b", max_steps=2, ref_errors=damaged))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(cache.read_bytes()[:-20])
+    with pytest.raises(ValueError, match="is not a readable reference-error cache"):
+        train(config(assets, tmp_path / "c", max_steps=2, ref_errors=truncated))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: flags that would change the run are refused; the others take effect and are recorded.
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"learning_rate": 1e-2}, r"--learning-rate 0.01 \(the run has 0.001\)"),
+        ({"seed": 1}, r"--seed 1 \(the run has 0\)"),
+        ({"batch_size": 2}, r"--batch-size 2 \(the run has 4\)"),
+        ({"divergence": "js"}, r"--divergence js \(the run has reverse_kl\)"),
+        ({"beta": 100.0}, r"--beta 100.0 \(the run has 5000.0\)"),
+        ({"resolution": 8}, r"--resolution 8 \(the run has 16\)"),
+    ],
+)
+def test_resume_refuses_flags_that_change_the_run(run_with_checkpoints, assets, tmp_path, overrides, message):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    recorded = (out / "train_config.json").read_text()
+    with pytest.raises(ValueError, match=rf"--resume .*checkpoint-2: refused, .*{message}.*Flags that may change"):
+        train(config(assets, out, max_steps=3, resume="latest", **overrides))
+    assert (out / "train_config.json").read_text() == recorded
+    assert _log_steps(out) == [1, 2]
+
+
+def test_resume_refuses_a_changed_dataset(run_with_checkpoints, assets, tmp_path):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(assets["dataset"], data)
+    rows = (data / "pairs.jsonl").read_text().splitlines()
+    (data / "pairs.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(ValueError, match=r"has 11 pairs \(the run's had 12\)"):
+        train(config(assets, out, dataset=data, max_steps=3, resume="latest"))
+    (data / "pairs.jsonl").write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"its table differs from the run's"):
+        train(config(assets, out, dataset=data, max_steps=3, resume="latest"))
+
+
+def test_resume_applies_and_records_the_flags_that_may_change(run_with_checkpoints, assets, tmp_path):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    # The dataset moved (same content), the run is extended, logging and checkpointing change.
+    data = tmp_path / "moved"
+    shutil.copytree(assets["dataset"], data)
+    result = train(config(assets, out, dataset=data, max_steps=3, log_every=3, checkpoint_every=0, resume="latest"))
+    assert [r["step"] for r in result.records] == [3]
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["max_steps"], recorded["log_every"], recorded["checkpoint_every"]) == (3, 3, 0)
+    assert recorded["dataset"] == str(data.resolve()) and recorded["learning_rate"] == 1e-3
+    # The resumed run is the uninterrupted 3-step run.
+    full = train(config(assets, tmp_path / "full", max_steps=3))
+    assert result.records[0]["loss"] == pytest.approx(full.records[2]["loss"], rel=1e-6)
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused(run_with_checkpoints, assets, tmp_path, capsys):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    recorded = (out / "train_config.json").read_text()
+    line = _cli_error(
+        _train_argv(assets, out, "--max-steps", "1", "--learning-rate", "1e-3", "--resume", "latest"), capsys
+    )
+    assert "--max-steps 1 is below the step of" in line and "pass --max-steps 2 or more" in line
+    assert (out / "train_config.json").read_text() == recorded
+
+
+def test_log_is_cut_back_to_the_checkpoint_on_resume(assets, tmp_path):
+    out = tmp_path / "run"
+    full = train(config(assets, out, max_steps=3, checkpoint_every=2))
+    # Killed after step 3 was logged, before its checkpoint: steps 1-3 in the log, checkpoint-2 the latest.
+    shutil.rmtree(out / "checkpoint-3")
+    shutil.rmtree(out / "unet")
+    with (out / "log.jsonl").open("a") as log:
+        log.write('{"step": 4, "loss": 0.')  # and a line cut short
+    resumed = train(config(assets, out, max_steps=3, checkpoint_every=2, resume="latest"))
+    assert _log_steps(out) == [1, 2, 3]
+    assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == full.records
+    assert resumed.records == full.records[2:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints: refused with the file named and the way out.
+
+
+def _zero_middle(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    file.write_bytes(bytes(data))
+
+
+def _edit_state(checkpoint: Path, text: str) -> None:
+    """An edit that also rewrites the checksums: the checks behind the checksums must catch it too."""
+    (checkpoint / "trainer_state.json").write_text(text)
+    write_checksums(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: _zero_middle(c / "model.safetensors"), r"checkpoint-2/model.safetensors is damaged: its sha256"),
+        (
+            lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:1000]),
+            r"checkpoint-2/optimizer.bin is damaged",
+        ),
+        (lambda c: (c / "model.safetensors").unlink(), r"checkpoint-2/model.safetensors is missing"),
+        (lambda c: (c / "trainer_state.json").write_text('{"step": 1'), r"checkpoint-2/trainer_state.json is damaged"),
+        (lambda c: (c / "checksums.json").unlink(), r"checkpoint-2 has no checksums.json"),
+        (lambda c: (c / "checksums.json").write_text("[garbage"), r"checkpoint-2/checksums.json is damaged"),
+        (lambda c: _edit_state(c, "garbage"), r"checkpoint-2/trainer_state.json is not valid JSON"),
+        (lambda c: _edit_state(c, '{"step": "two"}'), r"'step' must be a positive integer; got 'two'"),
+        (
+            lambda c: _edit_state(c, json.dumps({**json.loads((c / "trainer_state.json").read_text()), "step": 1})),
+            r"trainer_state.json says step 1 but the folder is checkpoint-2",
+        ),
+    ],
+)
+def test_damaged_checkpoint_is_refused_naming_the_file(run_with_checkpoints, assets, tmp_path, capsys, damage, message):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    damage(out / "checkpoint-2")
+    recorded = (out / "train_config.json").read_text()
+    line = _cli_error(_train_argv(assets, out, "--learning-rate", "1e-3", "--resume", "latest"), capsys)
+    assert re.search(message, line), line
+    assert f"--resume {out / 'checkpoint-1'}" in line  # the way out: the earlier checkpoint
+    assert (out / "train_config.json").read_text() == recorded
+
+
+def test_checkpoint_that_passes_its_checksums_but_does_not_load_is_named(run_with_checkpoints, assets, tmp_path):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    checkpoint = out / "checkpoint-2"
+    (checkpoint / "optimizer.bin").write_bytes(b"not a pickle")
+    write_checksums(checkpoint)
+    with pytest.raises(ValueError, match=r"checkpoint-2: its files pass their checksums but cannot be loaded"):
+        train(config(assets, out, resume="latest"))
+
+
+def test_folders_that_are_not_checkpoints_are_ignored(run_with_checkpoints, assets, tmp_path):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    shutil.copytree(out / "checkpoint-1", out / "checkpoint-best")
+    result = train(config(assets, out, max_steps=3, resume="latest"))
+    assert [r["step"] for r in result.records] == [3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temporary folders of killed writers are removed.
+
+
+def test_leftover_temporary_folders_are_removed_unless_a_live_writer_holds_them(tmp_path):
+    stale, live = tmp_path / ".study.tmp-dead", tmp_path / ".study.tmp-alive"
+    stale.mkdir()
+    (stale / "half.json").write_text("{")
+    live.mkdir()
+    lock = lock_folder(live)
+    try:
+        with atomic_folder(tmp_path / "study") as tmp:
+            (tmp / "done").write_text("1")
+        assert not stale.exists() and live.exists()
+    finally:
+        unlock_folder(lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".study.tmp-alive", "study"]
+
+
+def test_resume_removes_a_killed_runs_temporary_folders(run_with_checkpoints, assets, tmp_path):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    for name in (".unet.tmp-abc123", ".checkpoint-3.tmp"):
+        (out / name).mkdir()
+        (out / name / "model.safetensors").write_bytes(b"half")
+    train(config(assets, out, max_steps=3, resume="latest"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sigterm_exits_through_the_cleanup(tmp_path, monkeypatch):
+    """SIGTERM in the middle of a command's write: SystemExit(143), and the temporary folder is gone."""
+    from fdiv_kernels.train import study
+
+    seen = []
+
+    def interrupted_study(cfg, overwrite=False):
+        with atomic_folder(cfg.output) as tmp:
+            (tmp / "study.json").write_text("{")
+            seen.append(tmp)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises before this ends
+
+    monkeypatch.setattr(study, "run_study", interrupted_study)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["study", "--quick", "--no-progress", "--output", str(tmp_path / "study")])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert seen and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+_WRITER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("trainio", sys.argv[1])
+trainio = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(trainio)
+with trainio.atomic_folder(sys.argv[2]) as tmp:
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_writers_folder_is_removed_by_the_next_writer(tmp_path):
+    # kill -9 runs no cleanup: the folder stays, unlocked, and the next writer of that output removes it.
+    io_module = ROOT / "fdiv_kernels" / "train" / "io.py"
+    out = tmp_path / "study"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(io_module), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    leftover = Path(writer.stdout.readline().strip())
+    assert leftover.parent == tmp_path and leftover.name.startswith(".study.tmp-")
+    with atomic_folder(tmp_path / "other"):  # a live writer's folder is left alone
+        pass
+    assert leftover.exists()
+    writer.kill()
+    writer.wait(timeout=60)
+    writer.stdout.close()
+    assert leftover.exists()
+    with atomic_folder(out):
+        pass
+    assert not leftover.exists() and out.is_dir()
