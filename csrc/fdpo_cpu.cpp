@@ -25,7 +25,6 @@
 // generic copy, for tests). The two copies agree to fp32 rounding (FMA contraction), not bitwise; on one machine
 // results are bitwise reproducible for any thread count. All indexing is int64_t.
 
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -73,10 +72,18 @@ struct Wide8 {
 };
 
 // Element-type tags (fp16/bf16 are handled as raw 16-bit words).
-struct F32 { using S = float; };
-struct F64 { using S = double; };
-struct BF16 { using S = uint16_t; };
-struct F16 { using S = uint16_t; };
+struct F32 {
+  using S = float;
+};
+struct F64 {
+  using S = double;
+};
+struct BF16 {
+  using S = uint16_t;
+};
+struct F16 {
+  using S = uint16_t;
+};
 enum class Dtype { kF32, kF64, kBF16, kF16 };
 
 constexpr int64_t kChunk = 4096;  // elements of D per work item (fixed: results do not depend on thread count)
@@ -95,12 +102,12 @@ struct FwdArgs {
   Dtype dtype;  // model_pred's; the other inputs may each have their own (mixed precision, see forward_mixed)
   Dtype ref_dtype, target_dtype, mask_dtype;
   const void* pred;
-  const void* ref;     // nullptr: ref_err path
+  const void* ref;  // nullptr: ref_err path
   const void* target;
-  const void* mask;    // nullptr: no mask
+  const void* mask;  // nullptr: no mask
   int64_t D, B, chunks;
   bool target_shared, mask_shared, interleaved;
-  double* ws;          // [B * chunks * kSlots]
+  double* ws;  // [B * chunks * kSlots]
   bool mixed() const {
     return target_dtype != dtype || (ref != nullptr && ref_dtype != dtype) || (mask != nullptr && mask_dtype != dtype);
   }
@@ -134,14 +141,31 @@ inline void bool_dispatch(bool b, F&& f) {
     f(std::false_type{});
 }
 
+// The layout variants of a call, as compile-time bools: f(mask, shared_target, shared_mask) with std::true_type /
+// std::false_type arguments (shared_mask is false without a mask). Every kernel family dispatches through this.
+template <typename Args, typename F>
+inline void layout_dispatch(const Args& a, F&& f) {
+  bool_dispatch(a.target_shared, [&](auto shared_t) {
+    if (a.mask == nullptr) {
+      f(std::false_type{}, shared_t, std::false_type{});
+    } else {
+      bool_dispatch(a.mask_shared, [&](auto shared_m) { f(std::true_type{}, shared_t, shared_m); });
+    }
+  });
+}
+
 // Run f(Tag{}) for the storage dtype's tag.
 template <typename F>
 inline void dtype_dispatch(Dtype dtype, F&& f) {
   switch (dtype) {
-    case Dtype::kF32: return f(F32{});
-    case Dtype::kF64: return f(F64{});
-    case Dtype::kBF16: return f(BF16{});
-    case Dtype::kF16: return f(F16{});
+    case Dtype::kF32:
+      return f(F32{});
+    case Dtype::kF64:
+      return f(F64{});
+    case Dtype::kBF16:
+      return f(BF16{});
+    case Dtype::kF16:
+      return f(F16{});
   }
 }
 
@@ -205,12 +229,17 @@ inline void run_backward_items(const BwdArgs& a, bool overflow_safe) {
 
 Dtype dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kF32;
-    case at::kDouble: return Dtype::kF64;
-    case at::kBFloat16: return Dtype::kBF16;
-    case at::kHalf: return Dtype::kF16;
-    default: TORCH_CHECK(false, "fdiv_kernels (cpu): unsupported dtype ", t.scalar_type(),
-                         "; expected float32, float16, bfloat16 or float64");
+    case at::kFloat:
+      return Dtype::kF32;
+    case at::kDouble:
+      return Dtype::kF64;
+    case at::kBFloat16:
+      return Dtype::kBF16;
+    case at::kHalf:
+      return Dtype::kF16;
+    default:
+      TORCH_CHECK(false, "fdiv_kernels (cpu): unsupported dtype ", t.scalar_type(),
+                  "; expected float32, float16, bfloat16 or float64");
   }
   return Dtype::kF32;
 }
@@ -321,12 +350,15 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   hp.num_pairs = B;
   const auto heads = [&](auto zero) {
     using T = decltype(zero);
-    pair_heads<T>(hp, a, ref.defined(), static_cast<int>(err_reduction), strict_ties, rerr.defined() ? rerr.data_ptr<T>() : nullptr,
-                  pw.defined() ? pw.data_ptr<T>() : nullptr, loss.data_ptr<T>(), logits.data_ptr<T>(),
-                  stats.data_ptr<T>(), summary.data_ptr<T>(), coef.data_ptr<T>());
+    pair_heads<T>(hp, a, ref.defined(), static_cast<int>(err_reduction), strict_ties,
+                  rerr.defined() ? rerr.data_ptr<T>() : nullptr, pw.defined() ? pw.data_ptr<T>() : nullptr,
+                  loss.data_ptr<T>(), logits.data_ptr<T>(), stats.data_ptr<T>(), summary.data_ptr<T>(),
+                  coef.data_ptr<T>());
   };
-  if (acc == at::kDouble) heads(0.0);
-  else heads(0.0f);
+  if (acc == at::kDouble)
+    heads(0.0);
+  else
+    heads(0.0f);
   return out;
 }
 
@@ -353,11 +385,11 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   const int64_t B = v.B, D = v.D, rows = 2 * B;
   const at::Tensor &pred = v.pred, &tgt = v.target, &msk = v.mask;
   const Dtype dt = dtype_of(pred);
-  TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == B,
-              "fdiv_kernels (cpu): grad_loss must have 1 or B = ", B, " elements; got ", grad_loss.numel());
+  TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == B, "fdiv_kernels (cpu): grad_loss must have 1 or B = ", B,
+              " elements; got ", grad_loss.numel());
   const at::Tensor g = grad_loss.to(at::kCPU, at::kDouble).contiguous().reshape({-1});
-  const at::Tensor cf = fdpo::small_vector(grad_coef, model_pred, dt == Dtype::kF64 ? at::kDouble : at::kFloat, rows,
-                                           "cpu", "grad_coef");
+  const at::Tensor cf =
+      fdpo::small_vector(grad_coef, model_pred, dt == Dtype::kF64 ? at::kDouble : at::kFloat, rows, "cpu", "grad_coef");
   // Per-row scale coef * G, rounded to the accumulate type as the product in that type would be; 0 where either
   // factor is 0 (an overflowed coefficient times a zero upstream gradient is 0, not NaN).
   std::vector<double> scale(static_cast<size_t>(rows));
@@ -396,10 +428,10 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
     const bool aligned = reinterpret_cast<uintptr_t>(a.grad) % vec_bytes == 0 &&
                          (D * static_cast<int64_t>(pred.element_size())) % vec_bytes == 0;
     const char* env = std::getenv("FDIV_KERNELS_CPU_STREAM_STORES");
-    const bool want = env != nullptr && env[0] != '\0' ? std::strcmp(env, "0") != 0
-                                                       : grad.numel() * pred.element_size() >=
-                                                             (pred.element_size() >= 4 ? kStreamMinBytes
-                                                                                       : kStreamMinBytes16);
+    const bool want =
+        env != nullptr && env[0] != '\0'
+            ? std::strcmp(env, "0") != 0
+            : grad.numel() * pred.element_size() >= (pred.element_size() >= 4 ? kStreamMinBytes : kStreamMinBytes16);
     a.stream_stores = aligned && want;
   }
   // An overflowed (+-inf) coefficient (forward_kl/alpha/hellinger past exp's range, see docs/architecture.md)

@@ -73,7 +73,9 @@ struct PlainCvt {
     return v;
   }
   template <bool NT>
-  static void store(T* p, V v) { store_bytes<NT, sizeof(V)>(p, &v); }
+  static void store(T* p, V v) {
+    store_bytes<NT, sizeof(V)>(p, &v);
+  }
   static A load1(const T* p) { return *p; }
   static void store1(T* p, A v) { *p = v; }
 };
@@ -312,26 +314,24 @@ void forward_typed(const FwdArgs& a) {
   const S* tgt = static_cast<const S*>(a.target);
   const S* msk = static_cast<const S*>(a.mask);
   const int64_t D = a.D;
-  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
-    const S* const pp[2] = {pred + w.rows[0] * D, pred + w.rows[1] * D};
-    const S* const rr[2] = {REF ? ref + w.rows[0] * D : nullptr, REF ? ref + w.rows[1] * D : nullptr};
-    const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
-    const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
-    Item::run(pp, rr, tt, mm, w.lo, w.hi, a.ws + w.index * kSlots);
-  }, [] {});
+  for_each_pair_chunk<SHARED_T, SHARED_M>(
+      a,
+      [&](const PairChunk& w) {
+        const S* const pp[2] = {pred + w.rows[0] * D, pred + w.rows[1] * D};
+        const S* const rr[2] = {REF ? ref + w.rows[0] * D : nullptr, REF ? ref + w.rows[1] * D : nullptr};
+        const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
+        const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
+        Item::run(pp, rr, tt, mm, w.lo, w.hi, a.ws + w.index * kSlots);
+      },
+      [] {});
 }
 
 template <typename Tag>
 void forward_tag(const FwdArgs& a) {
   bool_dispatch(a.ref != nullptr, [&](auto ref) {
-    bool_dispatch(a.target_shared, [&](auto shared_t) {
-      if (a.mask == nullptr) {
-        forward_typed<Tag, decltype(ref)::value, false, decltype(shared_t)::value, false>(a);
-      } else {
-        bool_dispatch(a.mask_shared, [&](auto shared_m) {
-          forward_typed<Tag, decltype(ref)::value, true, decltype(shared_t)::value, decltype(shared_m)::value>(a);
-        });
-      }
+    layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+      forward_typed<Tag, decltype(ref)::value, decltype(mask)::value, decltype(shared_t)::value,
+                    decltype(shared_m)::value>(a);
     });
   });
 }
@@ -374,37 +374,35 @@ template <typename A, bool REF, bool MASK, bool SHARED_T, bool SHARED_M>
 void forward_mixed_typed(const FwdArgs& a) {
   using Item = FwdItem<ComputeTag<A>, REF, MASK, SHARED_T, SHARED_M>;
   const int64_t D = a.D;
-  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
-    A* scratch = scratch_rows<A>();
-    const int64_t n = w.hi - w.lo;
-    auto rows = [&](Dtype dt, const void* base, const int64_t (&r)[2], bool shared, int slot, const A* (&out)[2]) {
-      out[0] = chunk_as<A>(dt, base, D, r[0], w.lo, n, scratch + slot * kChunk);
-      out[1] = shared ? out[0] : chunk_as<A>(dt, base, D, r[1], w.lo, n, scratch + (slot + 1) * kChunk);
-    };
-    const A *pp[2], *rr[2] = {nullptr, nullptr}, *tt[2], *mm[2] = {nullptr, nullptr};
-    rows(a.dtype, a.pred, w.rows, false, 0, pp);
-    if (REF) rows(a.ref_dtype, a.ref, w.rows, false, 2, rr);
-    rows(a.target_dtype, a.target, w.target_rows, SHARED_T, 4, tt);
-    if (MASK) rows(a.mask_dtype, a.mask, w.mask_rows, SHARED_M, 6, mm);
-    const A* const cp[2] = {pp[0], pp[1]};
-    const A* const cr[2] = {rr[0], rr[1]};
-    const A* const ct[2] = {tt[0], tt[1]};
-    const A* const cm[2] = {mm[0], mm[1]};
-    Item::run(cp, cr, ct, cm, 0, n, a.ws + w.index * kSlots);
-  }, [] {});
+  for_each_pair_chunk<SHARED_T, SHARED_M>(
+      a,
+      [&](const PairChunk& w) {
+        A* scratch = scratch_rows<A>();
+        const int64_t n = w.hi - w.lo;
+        auto rows = [&](Dtype dt, const void* base, const int64_t (&r)[2], bool shared, int slot, const A*(&out)[2]) {
+          out[0] = chunk_as<A>(dt, base, D, r[0], w.lo, n, scratch + slot * kChunk);
+          out[1] = shared ? out[0] : chunk_as<A>(dt, base, D, r[1], w.lo, n, scratch + (slot + 1) * kChunk);
+        };
+        const A *pp[2], *rr[2] = {nullptr, nullptr}, *tt[2], *mm[2] = {nullptr, nullptr};
+        rows(a.dtype, a.pred, w.rows, false, 0, pp);
+        if (REF) rows(a.ref_dtype, a.ref, w.rows, false, 2, rr);
+        rows(a.target_dtype, a.target, w.target_rows, SHARED_T, 4, tt);
+        if (MASK) rows(a.mask_dtype, a.mask, w.mask_rows, SHARED_M, 6, mm);
+        const A* const cp[2] = {pp[0], pp[1]};
+        const A* const cr[2] = {rr[0], rr[1]};
+        const A* const ct[2] = {tt[0], tt[1]};
+        const A* const cm[2] = {mm[0], mm[1]};
+        Item::run(cp, cr, ct, cm, 0, n, a.ws + w.index * kSlots);
+      },
+      [] {});
 }
 
 template <typename A>
 void forward_mixed(const FwdArgs& a) {
   bool_dispatch(a.ref != nullptr, [&](auto ref) {
-    bool_dispatch(a.target_shared, [&](auto shared_t) {
-      if (a.mask == nullptr) {
-        forward_mixed_typed<A, decltype(ref)::value, false, decltype(shared_t)::value, false>(a);
-      } else {
-        bool_dispatch(a.mask_shared, [&](auto shared_m) {
-          forward_mixed_typed<A, decltype(ref)::value, true, decltype(shared_t)::value, decltype(shared_m)::value>(a);
-        });
-      }
+    layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+      forward_mixed_typed<A, decltype(ref)::value, decltype(mask)::value, decltype(shared_t)::value,
+                          decltype(shared_m)::value>(a);
     });
   });
 }
@@ -430,53 +428,51 @@ void backward_typed(const BwdArgs& a) {
   const S* msk = static_cast<const S*>(a.mask);
   S* grad = static_cast<S*>(a.grad);
   const int64_t D = a.D;
-  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
-    const S* const pp[2] = {pred + w.rows[0] * D, pred + w.rows[1] * D};
-    const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
-    const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
-    S* const gg[2] = {grad + w.rows[0] * D, grad + w.rows[1] * D};
-    const A s[2] = {static_cast<A>(a.scale[w.rows[0]]), static_cast<A>(a.scale[w.rows[1]])};
-    // Both rows of the pair at position i: L elements as vectors (X = V) in the main loop, one (X = A) in the tail.
-    auto write = [&](auto load, auto store, const auto (&scale)[2], int64_t i) {
-      using X = std::remove_const_t<std::remove_reference_t<decltype(scale[0])>>;
-      const X t0 = load(tt[0] + i);
-      const X tv[2] = {t0, SHARED_T ? t0 : load(tt[1] + i)};
-      X mv[2] = {X{}, X{}};
-      if (MASK) {
-        mv[0] = load(mm[0] + i);
-        mv[1] = SHARED_M ? mv[0] : load(mm[1] + i);
-      }
-      for (int h = 0; h < 2; ++h) {
-        X g = scale[h] * (load(pp[h] + i) - tv[h]);
-        if (MASK) g = g * mv[h];
-        store(gg[h] + i, g);
-      }
-    };
-    const V sv[2] = {V{} + s[0], V{} + s[1]};  // broadcast
-    const int64_t vec_hi = w.lo + ((w.hi - w.lo) / L) * L;
-    int64_t i = w.lo;
-    for (; i < vec_hi; i += L) {
-      write([](const S* x) { return C::load(x); }, [](S* x, V v) { C::template store<NT>(x, v); }, sv, i);
-    }
-    for (; i < w.hi; ++i) {
-      write([](const S* x) { return C::load1(x); }, [](S* x, A v) { C::store1(x, v); }, s, i);
-    }
-  }, [] {
-    if (NT) stream_fence();  // order the streaming stores before the task ends
-  });
+  for_each_pair_chunk<SHARED_T, SHARED_M>(
+      a,
+      [&](const PairChunk& w) {
+        const S* const pp[2] = {pred + w.rows[0] * D, pred + w.rows[1] * D};
+        const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
+        const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
+        S* const gg[2] = {grad + w.rows[0] * D, grad + w.rows[1] * D};
+        const A s[2] = {static_cast<A>(a.scale[w.rows[0]]), static_cast<A>(a.scale[w.rows[1]])};
+        // Both rows of the pair at position i: L elements as vectors (X = V) in the main loop, one (X = A) in the tail.
+        auto write = [&](auto load, auto store, const auto(&scale)[2], int64_t i) {
+          using X = std::remove_const_t<std::remove_reference_t<decltype(scale[0])>>;
+          const X t0 = load(tt[0] + i);
+          const X tv[2] = {t0, SHARED_T ? t0 : load(tt[1] + i)};
+          X mv[2] = {X{}, X{}};
+          if (MASK) {
+            mv[0] = load(mm[0] + i);
+            mv[1] = SHARED_M ? mv[0] : load(mm[1] + i);
+          }
+          for (int h = 0; h < 2; ++h) {
+            X g = scale[h] * (load(pp[h] + i) - tv[h]);
+            if (MASK) g = g * mv[h];
+            store(gg[h] + i, g);
+          }
+        };
+        const V sv[2] = {V{} + s[0], V{} + s[1]};  // broadcast
+        const int64_t vec_hi = w.lo + ((w.hi - w.lo) / L) * L;
+        int64_t i = w.lo;
+        for (; i < vec_hi; i += L) {
+          write([](const S* x) { return C::load(x); }, [](S* x, V v) { C::template store<NT>(x, v); }, sv, i);
+        }
+        for (; i < w.hi; ++i) {
+          write([](const S* x) { return C::load1(x); }, [](S* x, A v) { C::store1(x, v); }, s, i);
+        }
+      },
+      [] {
+        if (NT) stream_fence();  // order the streaming stores before the task ends
+      });
 }
 
 template <typename Tag>
 void backward_tag(const BwdArgs& a) {
   bool_dispatch(a.stream_stores, [&](auto nt) {
-    bool_dispatch(a.target_shared, [&](auto shared_t) {
-      if (a.mask == nullptr) {
-        backward_typed<Tag, false, decltype(shared_t)::value, false, decltype(nt)::value>(a);
-      } else {
-        bool_dispatch(a.mask_shared, [&](auto shared_m) {
-          backward_typed<Tag, true, decltype(shared_t)::value, decltype(shared_m)::value, decltype(nt)::value>(a);
-        });
-      }
+    layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+      backward_typed<Tag, decltype(mask)::value, decltype(shared_t)::value, decltype(shared_m)::value,
+                     decltype(nt)::value>(a);
     });
   });
 }
@@ -523,51 +519,50 @@ template <typename A, typename PredTag, bool MASK, bool SHARED_T, bool SHARED_M>
 void backward_mixed_typed(const BwdArgs& a) {
   using S = typename PredTag::S;
   const int64_t D = a.D;
-  for_each_pair_chunk<SHARED_T, SHARED_M>(a, [&](const PairChunk& w) {
-    A* scratch = scratch_rows<A>();
-    const int64_t n = w.hi - w.lo;
-    A* out = scratch + 6 * kChunk;  // the gradient of one row before rounding to model_pred's dtype
-    const A* t0 = chunk_as<A>(a.target_dtype, a.target, D, w.target_rows[0], w.lo, n, scratch + 2 * kChunk);
-    const A* tv[2] = {t0, SHARED_T ? t0
-                                   : chunk_as<A>(a.target_dtype, a.target, D, w.target_rows[1], w.lo, n,
-                                                 scratch + 3 * kChunk)};
-    const A* mv[2] = {nullptr, nullptr};
-    if (MASK) {
-      mv[0] = chunk_as<A>(a.mask_dtype, a.mask, D, w.mask_rows[0], w.lo, n, scratch + 4 * kChunk);
-      mv[1] = SHARED_M ? mv[0] : chunk_as<A>(a.mask_dtype, a.mask, D, w.mask_rows[1], w.lo, n, scratch + 5 * kChunk);
-    }
-    for (int h = 0; h < 2; ++h) {
-      const A* pv = chunk_as<A>(a.dtype, a.pred, D, w.rows[h], w.lo, n, scratch + h * kChunk);
-      const A s = static_cast<A>(a.scale[w.rows[h]]);
-      for (int64_t i = 0; i < n; ++i) {
-        A g = fdpo::mul0(s, pv[i] - tv[h][i]);
-        if (MASK) g = fdpo::mul0(g, mv[h][i]);
-        out[i] = g;
-      }
-      S* dst = static_cast<S*>(a.grad) + w.rows[h] * D + w.lo;
-      for (int64_t i = 0; i < n; ++i) Cvt<PredTag>::store1(dst + i, static_cast<typename Cvt<PredTag>::A>(out[i]));
-    }
-  }, [] {});
+  for_each_pair_chunk<SHARED_T, SHARED_M>(
+      a,
+      [&](const PairChunk& w) {
+        A* scratch = scratch_rows<A>();
+        const int64_t n = w.hi - w.lo;
+        A* out = scratch + 6 * kChunk;  // the gradient of one row before rounding to model_pred's dtype
+        const A* t0 = chunk_as<A>(a.target_dtype, a.target, D, w.target_rows[0], w.lo, n, scratch + 2 * kChunk);
+        const A* tv[2] = {
+            t0,
+            SHARED_T ? t0 : chunk_as<A>(a.target_dtype, a.target, D, w.target_rows[1], w.lo, n, scratch + 3 * kChunk)};
+        const A* mv[2] = {nullptr, nullptr};
+        if (MASK) {
+          mv[0] = chunk_as<A>(a.mask_dtype, a.mask, D, w.mask_rows[0], w.lo, n, scratch + 4 * kChunk);
+          mv[1] =
+              SHARED_M ? mv[0] : chunk_as<A>(a.mask_dtype, a.mask, D, w.mask_rows[1], w.lo, n, scratch + 5 * kChunk);
+        }
+        for (int h = 0; h < 2; ++h) {
+          const A* pv = chunk_as<A>(a.dtype, a.pred, D, w.rows[h], w.lo, n, scratch + h * kChunk);
+          const A s = static_cast<A>(a.scale[w.rows[h]]);
+          for (int64_t i = 0; i < n; ++i) {
+            A g = fdpo::mul0(s, pv[i] - tv[h][i]);
+            if (MASK) g = fdpo::mul0(g, mv[h][i]);
+            out[i] = g;
+          }
+          S* dst = static_cast<S*>(a.grad) + w.rows[h] * D + w.lo;
+          for (int64_t i = 0; i < n; ++i) Cvt<PredTag>::store1(dst + i, static_cast<typename Cvt<PredTag>::A>(out[i]));
+        }
+      },
+      [] {});
 }
 
 template <typename A, typename PredTag>
 void backward_mixed(const BwdArgs& a) {
-  bool_dispatch(a.target_shared, [&](auto shared_t) {
-    if (a.mask == nullptr) {
-      backward_mixed_typed<A, PredTag, false, decltype(shared_t)::value, false>(a);
-    } else {
-      bool_dispatch(a.mask_shared, [&](auto shared_m) {
-        backward_mixed_typed<A, PredTag, true, decltype(shared_t)::value, decltype(shared_m)::value>(a);
-      });
-    }
+  layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+    backward_mixed_typed<A, PredTag, decltype(mask)::value, decltype(shared_t)::value, decltype(shared_m)::value>(a);
   });
 }
 
 inline void backward_items_mixed(const BwdArgs& a) {
   dtype_dispatch(a.dtype, [&](auto tag) {
     using PredTag = decltype(tag);
-    if (a.dtype == Dtype::kF64) backward_mixed<double, PredTag>(a);
-    else backward_mixed<float, PredTag>(a);
+    if (a.dtype == Dtype::kF64)
+      backward_mixed<double, PredTag>(a);
+    else
+      backward_mixed<float, PredTag>(a);
   });
 }
-

@@ -54,7 +54,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kNQ = 8;       // partials per pair and chunk: S_w R_w Q_w M_w S_l R_l Q_l M_l
+constexpr int kNQ = 8;        // partials per pair and chunk: S_w R_w Q_w M_w S_l R_l Q_l M_l
 constexpr int kBwdIters = 4;  // vectors in flight per thread in the backward
 constexpr int kPairSums = 4;  // per-pair values the forward's tail reduces: loss, win, e_w + e_l, eref_w + eref_l
 
@@ -120,9 +120,9 @@ struct FwdArgs {
   int64_t D, B;
   int64_t chunks, chunk_len;
   bool interleaved, target_shared, mask_shared;
-  int err_reduction;  // fdpo::ErrReduction
+  int err_reduction;                                    // fdpo::ErrReduction
   int pred_dtype, ref_dtype, target_dtype, mask_dtype;  // fdpo::InputDtype, read by the mixed-dtype kernels
-  float inv_d;  // 1/D (0 if D == 0)
+  float inv_d;                                          // 1/D (0 if D == 0)
   fdpo::HeadParams hp;
   float* loss;       // [] or [B]
   float* logits;     // [B]
@@ -271,38 +271,58 @@ __device__ __forceinline__ void finish_forward_block(const FwdArgs& a, float (&a
 // Element i of an input stored as `dtype` (fdpo::InputDtype), as float.
 __device__ __forceinline__ float load_as_float(const void* base, int dtype, int64_t i) {
   switch (dtype) {
-    case fdpo::kInF32: return static_cast<const float*>(base)[i];
-    case fdpo::kInF16: return static_cast<float>(static_cast<const at::Half*>(base)[i]);
-    default: return static_cast<float>(static_cast<const at::BFloat16*>(base)[i]);
+    case fdpo::kInF32:
+      return static_cast<const float*>(base)[i];
+    case fdpo::kInF16:
+      return static_cast<float>(static_cast<const at::Half*>(base)[i]);
+    default:
+      return static_cast<float>(static_cast<const at::BFloat16*>(base)[i]);
   }
+}
+
+// What one forward block reads: the element offsets of its pair's rows (winner w, loser l; their target and mask
+// rows, shared by the pair or not) and its chunk [start, end) of D.
+struct BlockRows {
+  int64_t w, l, tw, tl, mw, ml, start, end;
+};
+
+__device__ __forceinline__ BlockRows block_rows(const FwdArgs& a) {
+  const int64_t bid = blockIdx.x;
+  const int64_t pair = bid / a.chunks, chunk = bid - pair * a.chunks;
+  const int64_t rw = fdpo::winner_row(pair, a.B, a.interleaved), rl = fdpo::loser_row(pair, a.B, a.interleaved);
+  const int64_t start = chunk * a.chunk_len;
+  return {rw * a.D,
+          rl * a.D,
+          (a.target_shared ? pair : rw) * a.D,
+          (a.target_shared ? pair : rl) * a.D,
+          (a.mask_shared ? pair : rw) * a.D,
+          (a.mask_shared ? pair : rl) * a.D,
+          start,
+          start + a.chunk_len < a.D ? start + a.chunk_len : a.D};
 }
 
 template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_kernel(const FwdArgs a) {
   __shared__ float smem[kNQ * kWarps];
-  const int64_t bid = blockIdx.x;
-  const int64_t pair = bid / a.chunks, chunk = bid - pair * a.chunks;
-  const int64_t D = a.D;
-  const int64_t rw = fdpo::winner_row(pair, a.B, a.interleaved), rl = fdpo::loser_row(pair, a.B, a.interleaved);
+  const BlockRows r = block_rows(a);
   const T* __restrict__ pred = static_cast<const T*>(a.pred);
   const T* __restrict__ ref = static_cast<const T*>(a.ref);
   const T* __restrict__ tgt = static_cast<const T*>(a.target);
   const T* __restrict__ msk = static_cast<const T*>(a.mask);
-  const T* pw = pred + rw * D;
-  const T* pl = pred + rl * D;
-  const T* qw = HAS_REF ? ref + rw * D : nullptr;
-  const T* ql = HAS_REF ? ref + rl * D : nullptr;
-  const T* tw = tgt + (a.target_shared ? pair : rw) * D;
-  const T* tl = tgt + (a.target_shared ? pair : rl) * D;
-  const T* mw = HAS_MASK ? msk + (a.mask_shared ? pair : rw) * D : nullptr;
-  const T* ml = HAS_MASK ? msk + (a.mask_shared ? pair : rl) * D : nullptr;
+  const T* pw = pred + r.w;
+  const T* pl = pred + r.l;
+  const T* qw = HAS_REF ? ref + r.w : nullptr;
+  const T* ql = HAS_REF ? ref + r.l : nullptr;
+  const T* tw = tgt + r.tw;
+  const T* tl = tgt + r.tl;
+  const T* mw = HAS_MASK ? msk + r.mw : nullptr;
+  const T* ml = HAS_MASK ? msk + r.ml : nullptr;
 
   float acc[kNQ];
 #pragma unroll
   for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
 
-  const int64_t start = chunk * a.chunk_len;
-  const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
+  const int64_t start = r.start, end = r.end;
   // No unrolling: each iteration already has 4-6 independent 16-byte loads in flight per thread, and unrolled
   // copies push the register count over the 3-4 resident blocks per SM the launch bounds ask for.
 #pragma unroll 1
@@ -339,28 +359,20 @@ __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_kernel(const FwdArgs
 template <bool HAS_REF, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_mixed_kernel(const FwdArgs a) {
   __shared__ float smem[kNQ * kWarps];
-  const int64_t bid = blockIdx.x;
-  const int64_t pair = bid / a.chunks, chunk = bid - pair * a.chunks;
-  const int64_t D = a.D;
-  const int64_t rw = fdpo::winner_row(pair, a.B, a.interleaved), rl = fdpo::loser_row(pair, a.B, a.interleaved);
-  const int64_t ow = rw * D, ol = rl * D;
-  const int64_t tw = (a.target_shared ? pair : rw) * D, tl = (a.target_shared ? pair : rl) * D;
-  const int64_t mw = (a.mask_shared ? pair : rw) * D, ml = (a.mask_shared ? pair : rl) * D;
+  const BlockRows r = block_rows(a);
   float acc[kNQ];
 #pragma unroll
   for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
-  const int64_t start = chunk * a.chunk_len;
-  const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
 #pragma unroll 1
-  for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
-    const float t_w = load_as_float(a.target, a.target_dtype, tw + j);
-    accumulate_element<HAS_REF, HAS_MASK>(
-        acc, load_as_float(a.pred, a.pred_dtype, ow + j), load_as_float(a.pred, a.pred_dtype, ol + j), t_w,
-        a.target_shared ? t_w : load_as_float(a.target, a.target_dtype, tl + j),
-        HAS_REF ? load_as_float(a.ref, a.ref_dtype, ow + j) : 0.0f,
-        HAS_REF ? load_as_float(a.ref, a.ref_dtype, ol + j) : 0.0f,
-        HAS_MASK ? load_as_float(a.mask, a.mask_dtype, mw + j) : 1.0f,
-        HAS_MASK ? load_as_float(a.mask, a.mask_dtype, ml + j) : 1.0f);
+  for (int64_t j = r.start + threadIdx.x; j < r.end; j += kThreads) {
+    const float t_w = load_as_float(a.target, a.target_dtype, r.tw + j);
+    accumulate_element<HAS_REF, HAS_MASK>(acc, load_as_float(a.pred, a.pred_dtype, r.w + j),
+                                          load_as_float(a.pred, a.pred_dtype, r.l + j), t_w,
+                                          a.target_shared ? t_w : load_as_float(a.target, a.target_dtype, r.tl + j),
+                                          HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.w + j) : 0.0f,
+                                          HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.l + j) : 0.0f,
+                                          HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.mw + j) : 1.0f,
+                                          HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.ml + j) : 1.0f);
   }
   finish_forward_block<HAS_REF, HAS_MASK>(a, acc, smem);
 }
@@ -497,11 +509,15 @@ template <typename T, int VEC, bool MIXED = false>
 void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
                       cudaStream_t stream) {
   if (has_ref) {
-    if (has_mask) launch_forward<T, VEC, true, true, MIXED>(a, opts, device, stream);
-    else launch_forward<T, VEC, true, false, MIXED>(a, opts, device, stream);
+    if (has_mask)
+      launch_forward<T, VEC, true, true, MIXED>(a, opts, device, stream);
+    else
+      launch_forward<T, VEC, true, false, MIXED>(a, opts, device, stream);
   } else {
-    if (has_mask) launch_forward<T, VEC, false, true, MIXED>(a, opts, device, stream);
-    else launch_forward<T, VEC, false, false, MIXED>(a, opts, device, stream);
+    if (has_mask)
+      launch_forward<T, VEC, false, true, MIXED>(a, opts, device, stream);
+    else
+      launch_forward<T, VEC, false, false, MIXED>(a, opts, device, stream);
   }
 }
 
@@ -519,12 +535,13 @@ void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-fdpo::ForwardOutputs fdpo_forward_cuda(
-    const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
-    const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence, double alpha, double gamma,
-    double label_smoothing, int64_t err_reduction, double logratio_clip, int64_t reduction, int64_t loss_type,
-    double ipo_margin, bool interleaved, bool strict_ties) {
+fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
+                                       const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
+                                       const std::optional<at::Tensor>& mask,
+                                       const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence,
+                                       double alpha, double gamma, double label_smoothing, int64_t err_reduction,
+                                       double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
+                                       bool interleaved, bool strict_ties) {
   TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
   fdpo::check_forward_ids("cuda", ref_pred.has_value(), ref_err.has_value(), divergence, reduction, err_reduction,
                           loss_type);
@@ -585,20 +602,26 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
   }
   const int64_t elem = model_pred.element_size();
   const int64_t vec = 16 / elem;
-  const bool vectorized = D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) &&
-                          aligned16(a.mask);
+  const bool vectorized =
+      D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) && aligned16(a.mask);
   switch (model_pred.scalar_type()) {
     case at::kFloat:
-      if (vectorized) dispatch_forward<float, 4>(a, has_ref, has_mask, fopts, device, stream);
-      else dispatch_forward<float, 1>(a, has_ref, has_mask, fopts, device, stream);
+      if (vectorized)
+        dispatch_forward<float, 4>(a, has_ref, has_mask, fopts, device, stream);
+      else
+        dispatch_forward<float, 1>(a, has_ref, has_mask, fopts, device, stream);
       break;
     case at::kHalf:
-      if (vectorized) dispatch_forward<at::Half, 8>(a, has_ref, has_mask, fopts, device, stream);
-      else dispatch_forward<at::Half, 1>(a, has_ref, has_mask, fopts, device, stream);
+      if (vectorized)
+        dispatch_forward<at::Half, 8>(a, has_ref, has_mask, fopts, device, stream);
+      else
+        dispatch_forward<at::Half, 1>(a, has_ref, has_mask, fopts, device, stream);
       break;
     case at::kBFloat16:
-      if (vectorized) dispatch_forward<at::BFloat16, 8>(a, has_ref, has_mask, fopts, device, stream);
-      else dispatch_forward<at::BFloat16, 1>(a, has_ref, has_mask, fopts, device, stream);
+      if (vectorized)
+        dispatch_forward<at::BFloat16, 8>(a, has_ref, has_mask, fopts, device, stream);
+      else
+        dispatch_forward<at::BFloat16, 1>(a, has_ref, has_mask, fopts, device, stream);
       break;
     default:
       TORCH_CHECK(false, "unreachable dtype");
@@ -608,8 +631,10 @@ fdpo::ForwardOutputs fdpo_forward_cuda(
 
 template <typename T, int VEC, bool MIXED = false>
 void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
-  if (has_mask) launch_backward<T, VEC, true, MIXED>(a, rows, stream);
-  else launch_backward<T, VEC, false, MIXED>(a, rows, stream);
+  if (has_mask)
+    launch_backward<T, VEC, true, MIXED>(a, rows, stream);
+  else
+    launch_backward<T, VEC, false, MIXED>(a, rows, stream);
 }
 
 at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
@@ -651,19 +676,28 @@ at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& mod
       D % vec == 0 && aligned16(a.pred) && aligned16(a.target) && aligned16(a.mask) && aligned16(a.grad);
   switch (model_pred.scalar_type()) {
     case at::kFloat:
-      if (mixed) dispatch_backward<float, 1, true>(a, has_mask, rows, stream);
-      else if (vectorized) dispatch_backward<float, 4>(a, has_mask, rows, stream);
-      else dispatch_backward<float, 1>(a, has_mask, rows, stream);
+      if (mixed)
+        dispatch_backward<float, 1, true>(a, has_mask, rows, stream);
+      else if (vectorized)
+        dispatch_backward<float, 4>(a, has_mask, rows, stream);
+      else
+        dispatch_backward<float, 1>(a, has_mask, rows, stream);
       break;
     case at::kHalf:
-      if (mixed) dispatch_backward<at::Half, 1, true>(a, has_mask, rows, stream);
-      else if (vectorized) dispatch_backward<at::Half, 8>(a, has_mask, rows, stream);
-      else dispatch_backward<at::Half, 1>(a, has_mask, rows, stream);
+      if (mixed)
+        dispatch_backward<at::Half, 1, true>(a, has_mask, rows, stream);
+      else if (vectorized)
+        dispatch_backward<at::Half, 8>(a, has_mask, rows, stream);
+      else
+        dispatch_backward<at::Half, 1>(a, has_mask, rows, stream);
       break;
     case at::kBFloat16:
-      if (mixed) dispatch_backward<at::BFloat16, 1, true>(a, has_mask, rows, stream);
-      else if (vectorized) dispatch_backward<at::BFloat16, 8>(a, has_mask, rows, stream);
-      else dispatch_backward<at::BFloat16, 1>(a, has_mask, rows, stream);
+      if (mixed)
+        dispatch_backward<at::BFloat16, 1, true>(a, has_mask, rows, stream);
+      else if (vectorized)
+        dispatch_backward<at::BFloat16, 8>(a, has_mask, rows, stream);
+      else
+        dispatch_backward<at::BFloat16, 1>(a, has_mask, rows, stream);
       break;
     default:
       TORCH_CHECK(false, "unreachable dtype");

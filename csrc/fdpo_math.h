@@ -70,7 +70,9 @@ FDPO_HD T sigmoid(T x) {
 
 // a * b, but 0 whenever either factor is 0: a saturated sigmoid times an overflowed exp is 0, not NaN.
 template <typename T>
-FDPO_HD T mul0(T a, T b) { return (a == T(0) || b == T(0)) ? T(0) : a * b; }
+FDPO_HD T mul0(T a, T b) {
+  return (a == T(0) || b == T(0)) ? T(0) : a * b;
+}
 
 // Exponential family psi(d) = s * (1 - exp(-k d)) (+ a constant for forward KL): the rate k and scale s.
 template <typename T>
@@ -91,11 +93,16 @@ FDPO_HD void exp_family(int divergence, T alpha, T* k, T* s) {
 template <typename T>
 FDPO_HD T psi(int divergence, T alpha, T d) {
   switch (divergence) {
-    case kReverseKL: return d;
-    case kForwardKL: return -fexp(-d);
-    case kJS: return T(0.693147180559945309417) - softplus(-d);
-    case kAlpha: return -fexpm1(-alpha * d) / alpha;
-    default: return -fexpm1(T(-0.5) * d);  // hellinger
+    case kReverseKL:
+      return d;
+    case kForwardKL:
+      return -fexp(-d);
+    case kJS:
+      return T(0.693147180559945309417) - softplus(-d);
+    case kAlpha:
+      return -fexpm1(-alpha * d) / alpha;
+    default:
+      return -fexpm1(T(-0.5) * d);  // hellinger
   }
 }
 
@@ -103,8 +110,10 @@ FDPO_HD T psi(int divergence, T alpha, T d) {
 template <typename T>
 FDPO_HD T psi_slope(int divergence, T alpha, T d) {
   switch (divergence) {
-    case kReverseKL: return T(1);
-    case kJS: return sigmoid(-d);
+    case kReverseKL:
+      return T(1);
+    case kJS:
+      return sigmoid(-d);
     default: {
       T k, s;
       exp_family(divergence, alpha, &k, &s);
@@ -117,8 +126,10 @@ FDPO_HD T psi_slope(int divergence, T alpha, T d) {
 template <typename T>
 FDPO_HD T psi_diff(int divergence, T alpha, T d_w, T d_l) {
   switch (divergence) {
-    case kReverseKL: return d_w - d_l;
-    case kJS: return softplus(-d_l) - softplus(-d_w);
+    case kReverseKL:
+      return d_w - d_l;
+    case kJS:
+      return softplus(-d_l) - softplus(-d_w);
     default: {
       T k, s;
       exp_family(divergence, alpha, &k, &s);

@@ -21,10 +21,9 @@ constexpr int64_t kSummaryLen = 3;
 // The forward's outputs, allocated once per call in the accumulate dtype (fp64 for fp64 inputs, else fp32).
 inline ForwardOutputs empty_forward_outputs(const at::Tensor& model_pred, int64_t reduction) {
   const int64_t rows = model_pred.size(0), B = rows / 2;
-  const auto opts =
-      model_pred.options().dtype(model_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  return {reduction == 0 ? at::empty({B}, opts) : at::empty({}, opts), at::empty({B}, opts),
-          at::empty({4, rows}, opts), at::empty({kSummaryLen}, opts), at::empty({rows}, opts)};
+  const auto opts = model_pred.options().dtype(model_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return {reduction == 0 ? at::empty({B}, opts) : at::empty({}, opts), at::empty({B}, opts), at::empty({4, rows}, opts),
+          at::empty({kSummaryLen}, opts), at::empty({rows}, opts)};
 }
 
 // Storage dtypes of the inputs, as the CUDA mixed-dtype kernels read them (a plain int: usable in device code).
@@ -51,8 +50,7 @@ inline at::Tensor rows_of(const at::Tensor& t, const at::Tensor& pred, const cha
   TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels (", backend, "): ", name, " is on ", t.device(),
               " but model_pred is on ", pred.device());
   TORCH_CHECK(is_kernel_dtype(t.scalar_type(), allow_double), "fdiv_kernels (", backend, "): ", name,
-              " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "", "; got ",
-              t.scalar_type());
+              " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "", "; got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= 1 && (t.size(0) == rows || (allow_shared && 2 * t.size(0) == rows)) &&
                   t.numel() / std::max<int64_t>(t.size(0), 1) * rows == pred.numel(),
               "fdiv_kernels (", backend, "): ", name, " must have model_pred's shape ", pred.sizes(),
@@ -63,8 +61,7 @@ inline at::Tensor rows_of(const at::Tensor& t, const at::Tensor& pred, const cha
 inline RowViews row_views(const char* backend, bool allow_double, const at::Tensor& model_pred,
                           const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
                           const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(model_pred.dim() >= 2 && model_pred.size(0) > 0 && model_pred.size(0) % 2 == 0 &&
-                  model_pred.numel() > 0,
+  TORCH_CHECK(model_pred.dim() >= 2 && model_pred.size(0) > 0 && model_pred.size(0) % 2 == 0 && model_pred.numel() > 0,
               "fdiv_kernels (", backend, "): model_pred must be [2B, ...] with B > 0 and a non-empty sample; got ",
               model_pred.sizes());
   TORCH_CHECK(is_kernel_dtype(model_pred.scalar_type(), allow_double), "fdiv_kernels (", backend,
@@ -90,8 +87,8 @@ inline at::Tensor small_vector(const at::Tensor& t, const at::Tensor& pred, at::
                                const char* backend, const char* name) {
   TORCH_CHECK(t.device() == pred.device(), "fdiv_kernels (", backend, "): ", name, " is on ", t.device(),
               " but model_pred is on ", pred.device());
-  TORCH_CHECK(t.numel() == numel, "fdiv_kernels (", backend, "): ", name, " must have ", numel,
-              " elements; got ", t.sizes());
+  TORCH_CHECK(t.numel() == numel, "fdiv_kernels (", backend, "): ", name, " must have ", numel, " elements; got ",
+              t.sizes());
   return t.to(acc).contiguous().reshape({numel});
 }
 
@@ -100,10 +97,8 @@ inline void check_forward_ids(const char* backend, bool has_ref_pred, bool has_r
   TORCH_CHECK(err_reduction >= 0 && err_reduction <= 2, "fdiv_kernels (", backend, "): unknown err_reduction id ",
               err_reduction);
   TORCH_CHECK(loss_type >= 0 && loss_type <= 2, "fdiv_kernels (", backend, "): unknown loss_type id ", loss_type);
-  TORCH_CHECK(has_ref_pred != has_ref_err, "fdiv_kernels (", backend,
-              "): pass exactly one of ref_pred and ref_err");
-  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels (", backend, "): unknown divergence id ",
-              divergence);
+  TORCH_CHECK(has_ref_pred != has_ref_err, "fdiv_kernels (", backend, "): pass exactly one of ref_pred and ref_err");
+  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels (", backend, "): unknown divergence id ", divergence);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "fdiv_kernels (", backend, "): unknown reduction id ", reduction);
 }
 

@@ -21,11 +21,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-fdpo::ForwardOutputs forward_meta(const at::Tensor& model_pred, const std::optional<at::Tensor>&,
-                                  const at::Tensor&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
-                                  int64_t, double, double, double, int64_t, double, int64_t reduction, int64_t,
-                                  double, bool, bool) {
+fdpo::ForwardOutputs forward_meta(const at::Tensor& model_pred, const std::optional<at::Tensor>&, const at::Tensor&,
+                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&, double, int64_t, double, double, double, int64_t,
+                                  double, int64_t reduction, int64_t, double, bool, bool) {
   return fdpo::empty_forward_outputs(model_pred, reduction);
 }
 
@@ -36,9 +35,8 @@ at::Tensor backward_meta(const at::Tensor&, const at::Tensor& model_pred, const 
 
 // Typed handles of the ops, looked up once.
 const auto& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fdiv_kernels::fdpo_forward", "")
-                             .typed<decltype(forward_meta)>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fdiv_kernels::fdpo_forward", "").typed<decltype(forward_meta)>();
   return op;
 }
 
@@ -61,10 +59,9 @@ class FdpoForward : public torch::autograd::Function<FdpoForward> {
                                double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
                                bool interleaved, bool strict_ties) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, logits, stats, summary, coef] =
-        forward_op().call(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma,
-                          label_smoothing, err_reduction, logratio_clip, reduction, loss_type, ipo_margin,
-                          interleaved, strict_ties);
+    auto [loss, logits, stats, summary, coef] = forward_op().call(
+        model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma, label_smoothing,
+        err_reduction, logratio_clip, reduction, loss_type, ipo_margin, interleaved, strict_ties);
     // The backward needs the inputs it reads and O(B) coefficients: no activation-sized buffer is kept.
     ctx->save_for_backward({model_pred, target, mask.value_or(at::Tensor()), coef});
     ctx->saved_data["interleaved"] = interleaved;
@@ -79,8 +76,8 @@ class FdpoForward : public torch::autograd::Function<FdpoForward> {
     if (grad_loss.defined() && ctx->needs_input_grad(0)) {
       const variable_list saved = ctx->get_saved_variables();
       const std::optional<at::Tensor> mask = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
-      out[0] = backward_op().call(grad_loss, saved[0], saved[1], mask, saved[3],
-                                  ctx->saved_data["interleaved"].toBool());
+      out[0] =
+          backward_op().call(grad_loss, saved[0], saved[1], mask, saved[3], ctx->saved_data["interleaved"].toBool());
     }
     return out;
   }
@@ -93,9 +90,9 @@ fdpo::ForwardOutputs forward_autograd(const at::Tensor& model_pred, const std::o
                                       double alpha, double gamma, double label_smoothing, int64_t err_reduction,
                                       double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
                                       bool interleaved, bool strict_ties) {
-  const variable_list r = FdpoForward::apply(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta,
-                                             divergence, alpha, gamma, label_smoothing, err_reduction, logratio_clip,
-                                             reduction, loss_type, ipo_margin, interleaved, strict_ties);
+  const variable_list r = FdpoForward::apply(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence,
+                                             alpha, gamma, label_smoothing, err_reduction, logratio_clip, reduction,
+                                             loss_type, ipo_margin, interleaved, strict_ties);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
