@@ -36,6 +36,10 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataloader-workers", type=int, default=0)
     p.add_argument("--no-check-images", dest="check_images", action="store_false",
                    help="skip the up-front check that every image opens and verifies (huge datasets)")
+    p.add_argument("--data-backend", choices=["auto", "memory", "datasets"], default="auto",
+                   help="table reader: memory (whole table in memory), datasets (memory-mapped Arrow through the "
+                        "datasets library: bounded memory; .parquet or .arrow shards), auto (default): datasets for "
+                        ".arrow shards and parquet tables over 64 MiB, memory otherwise; see docs/training.md")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 
 from .. import fused_fdpo_loss, get_divergence
 from .data import DatasetError, PreferenceDataset
+from .datasets_io import BACKENDS as DATA_BACKENDS
+from .datasets_io import open_preferences
 from .io import (
     atomic_folder,
     file_sha256,
@@ -97,6 +99,7 @@ class TrainConfig:
     cpu: bool = False
     dataloader_workers: int = 0
     check_images: bool = True
+    data_backend: str = "auto"  # table reader: memory, datasets (memory-mapped Arrow) or auto (by kind and size)
     log_grad_weights: bool = False
     progress: bool = True
     lora_rank: int | None = None  # None: full fine-tuning; else LoRA adapters, the reference is adapters-off
@@ -124,6 +127,8 @@ class TrainConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0; got {self.seed}")
         _check_flags(self)
+        if self.data_backend not in DATA_BACKENDS:
+            raise ValueError(f"--data-backend {self.data_backend!r}: expected one of {list(DATA_BACKENDS)}")
         check_lora_flags(self.lora_rank, self.lora_alpha)
         _check_tracker(self.report_to)
         check_timestep_flags(self.weighting_scheme, self.snr_gamma, self.logit_std)
@@ -246,7 +251,7 @@ def prepare_run(cfg: TrainConfig) -> Setup:
                                 cfg.mode_scale)
     if hasattr(pipe.text, "resolution"):  # SDXL's micro-conditioning names the training image size
         pipe.text.resolution = resolution
-    pairs = PreferenceDataset(cfg.dataset, resolution, check_images=cfg.check_images)
+    pairs = open_preferences(cfg.dataset, resolution, check_images=cfg.check_images, backend=cfg.data_backend)
     _check_captions(pipe, pairs)
     return Setup(pipe, pairs, process, resolution, timesteps)
 
@@ -462,7 +467,7 @@ def _checkpoints(output: Path) -> list[Path]:
 # how long the run goes, what it logs and saves, and how (not what) it computes.
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "log_every", "checkpoint_every", "resume", "output", "progress", "check_images",
-    "dataloader_workers", "log_grad_weights", "report_to",
+    "dataloader_workers", "log_grad_weights", "report_to", "data_backend",
     "cpu", "xformers", "gradient_checkpointing", "compile", "compile_backend",
 })
 # Compared by what they resolve to: the pipeline's and dataset's content (so moved folders are fine), the
