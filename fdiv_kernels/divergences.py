@@ -1,6 +1,6 @@
 """The f-divergences of f-DPO, once, in PyTorch.
 
-psi(d) = f'(exp(d)) is the implicit reward of a log-ratio d and psi'(d) its slope (SPEC section 2). Every
+psi(d) = f'(exp(d)) is the implicit reward of a log-ratio d and psi'(d) its slope (spec §2 (docs/spec.md)). Every
 function here works elementwise on tensors of any floating dtype, so the reference can run them in float64.
 The C++/CUDA twin is ``csrc/fdpo_math.h`` and the Triton twin ``backends/triton_kernels.py``; the tests check
 all three against each other.
@@ -156,26 +156,42 @@ def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, 0.0, torch.where(bad, 1.0, a) * torch.where(bad, 1.0, b))
 
 
-def _mul_exp(g: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """g * exp(log_b), exact also where exp(log_b) over- or underflows but the product does not; 0 where g = 0
-    (mul0). Differentiable in g and log_b (no inf or NaN in the branch not taken, so none in its gradient)."""
-    b = torch.exp(log_b)
-    ok = torch.isfinite(b) & (b != 0)
-    plain = g * torch.exp(torch.where(ok, log_b, 0.0))
-    far = ~ok & (g != 0) & (log_b != float("-inf"))  # an exactly-0 slope times any g is 0 (mul0)
+def _slope_times(
+    g: torch.Tensor, div: Divergence, r: torch.Tensor, clip: float | None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """g * |scale| * d psi(soft_clip(r)) / dr (scale omitted: 1), exact also where the slope alone over- or
+    underflows but the product does not, and 0 where g = 0 (the kernels' mul0).
+
+    The slope is psi'(c tanh(r/c)) sech^2(r/c) (psi'(r) without a clip), evaluated directly (to the ulp) where
+    its logarithm is well inside the dtype's range, else the product is formed as exp(log|g| + log slope).
+    Differentiable in g and r (the branch not taken sees harmless arguments, so no inf or NaN reaches its
+    gradient): the reference's double backward goes through it.
+    """
+    info = torch.finfo(r.dtype)
+    lo, hi = math.log(info.tiny) + 1, math.log(info.max) - 1
+
+    def fits(log_x):
+        return (log_x > lo) & (log_x < hi)
+
+    if clip is None:
+        log_b = log_psi_slope(div, r)
+        in_range = fits(log_b)
+    else:
+        log_sech = log_sech2(r / clip)
+        log_psi = log_psi_slope(div, soft_clip(r, clip))
+        log_b = log_psi + log_sech
+        in_range = fits(log_b) & fits(log_sech) & fits(log_psi)  # each factor of the direct product, too
+    if scale is not None:
+        log_b = log_b + torch.log(scale.abs())
+        in_range = in_range & fits(log_b)
+    r_safe = torch.where(in_range, r, 0.0)
+    direct = psi_slope(div, r_safe) if clip is None else psi_slope(div, soft_clip(r_safe, clip)) * sech2(r_safe / clip)
+    if scale is not None:
+        direct = direct * scale.abs()
+    far = ~in_range & (g != 0) & (log_b != float("-inf"))  # an exactly-0 slope times any g is 0 (mul0)
     g_far = torch.where(far, g, 1.0)
     scaled = torch.sign(g_far) * torch.exp(torch.log(g_far.abs()) + torch.where(far, log_b, 0.0))
-    return torch.where(ok, plain, torch.where(far, scaled, 0.0 * g))
-
-
-def _log_clipped_slope(div: Divergence, r: torch.Tensor, clip: float | None) -> torch.Tensor | None:
-    """log of d psi(soft_clip(r)) / dr (finite wherever r is), or None where that slope is identically 1."""
-    if clip is None:
-        return None if div.name == "reverse_kl" else log_psi_slope(div, r)
-    x = r / clip
-    if div.name == "reverse_kl":
-        return log_sech2(x)
-    return log_psi_slope(div, soft_clip(r, clip)) + log_sech2(x)
+    return torch.where(in_range, g * direct, torch.where(far, scaled, 0.0 * g))
 
 
 def _wants_grad(*tensors: torch.Tensor) -> bool:
@@ -201,8 +217,8 @@ class _SoftClip(torch.autograd.Function):
 class _ClippedPsiDiff(torch.autograd.Function):
     """psi(clip(scale * x_w)) - psi(clip(scale * x_l)). Its backward is the upstream gradient times
     +-scale * d psi(clip(r)) / dr evaluated directly (psi' and sech^2, never autograd of the stable forms, which
-    cancels), formed as one product in log space: exact also where psi' alone overflows but the product fits,
-    and 0 (mul0) where the upstream gradient is 0. Differentiable again (double backward)."""
+    cancels), formed by _slope_times: exact also where psi' alone overflows but the product fits, and 0 (mul0)
+    where the upstream gradient is 0. Differentiable again (double backward)."""
 
     @staticmethod
     def forward(ctx, x_w, x_l, scale, div, clip):
@@ -217,14 +233,10 @@ class _ClippedPsiDiff(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_w, x_l, scale = ctx.saved_tensors
-        log_scale = torch.log(scale.abs())
-        grad_scaled = grad * torch.sign(scale)
-        out = []
-        for x, sign in ((x_w, 1.0), (x_l, -1.0)):
-            log_slope = _log_clipped_slope(ctx.div, scale * x, ctx.clip)
-            log_b = log_scale if log_slope is None else log_slope + log_scale
-            out.append(sign * _mul_exp(grad_scaled, log_b.expand_as(x)))
-        return out[0], out[1], None, None, None
+        grad = grad * torch.sign(scale)
+        grad_w = _slope_times(grad, ctx.div, scale * x_w, ctx.clip, scale)
+        grad_l = -_slope_times(grad, ctx.div, scale * x_l, ctx.clip, scale)
+        return grad_w, grad_l, None, None, None
 
 
 def psi_diff(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Tensor:
@@ -239,8 +251,9 @@ def psi_diff(div: Divergence, d_w: torch.Tensor, d_l: torch.Tensor) -> torch.Ten
     return clipped_psi_diff(div, d_w, d_l, None)
 
 
-def clipped_psi_diff(div: Divergence, x_w: torch.Tensor, x_l: torch.Tensor, clip: float | None,
-                     scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+def clipped_psi_diff(
+    div: Divergence, x_w: torch.Tensor, x_l: torch.Tensor, clip: float | None, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """psi(soft_clip(scale * x_w)) - psi(soft_clip(scale * x_l)); under autograd its gradient is
     +-scale * psi'(soft_clip(r)) * sech^2(r / clip) evaluated directly (see _ClippedPsiDiff)."""
     if _wants_grad(x_w, x_l):
@@ -264,7 +277,7 @@ def soft_clip_slope(d: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.T
 
 
 def soft_clip(d: torch.Tensor, clip: float | None) -> torch.Tensor:
-    """d -> c * tanh(d / c): bounded log-ratios with a non-zero gradient sech^2(d / c) (SPEC section 2)."""
+    """d -> c * tanh(d / c): bounded log-ratios with a non-zero gradient sech^2(d / c) (spec §2 (docs/spec.md))."""
     if clip is None:
         return d
     if _wants_grad(d):
@@ -295,8 +308,6 @@ def log_sech2(x: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_psi_slope(div: Divergence, r: torch.Tensor, clip: float | None) -> torch.Tensor:
-    """d psi(soft_clip(r)) / dr = psi'(c tanh(r/c)) * sech^2(r/c) (psi'(r) without a clip), formed as
-    exp(log psi' + log sech^2): exact also where one factor over- and the other underflows, and with gradual
-    underflow (psi_slope's sigmoid and s * k * exp(-k d) flush or overflow a little early). Differentiable."""
-    log_slope = _log_clipped_slope(div, r, clip)
-    return torch.ones_like(r) if log_slope is None else torch.exp(log_slope)
+    """d psi(soft_clip(r)) / dr = psi'(c tanh(r/c)) * sech^2(r/c) (psi'(r) without a clip): evaluated directly, or
+    as exp(log psi' + log sech^2) where one factor would over- and the other underflow. Differentiable."""
+    return _slope_times(torch.ones_like(r), div, r, clip)

@@ -1,12 +1,18 @@
 """fdpo_loss_reference: the pure-PyTorch f-DPO loss, eager and readable. It defines what is right.
 
 It computes in float64 when given float64 inputs (that is how the tests use it) and in float32 otherwise.
-Its gradient comes from autograd, independently of the kernels' hand-written backward, with three pieces
-differentiated by hand where autograd of the stable forward would lose the answer: the per-sample errors
-(mul0 at overflow), the soft clip (sech^2, not 1 - tanh^2) and psi(d_w) - psi(d_l) (psi' itself, not the backward
-of expm1, which is 0 once k |d_w - d_l| > ~37). In float64 it is exact to a few ulps times the problem's
-condition number for |d| up to 1e4 and beyond, with +inf loss and +-inf gradients where float64 overflows
-(tests/test_numerics.py checks it against mpmath). Its backward is differentiable (double backward, gradgradcheck).
+Its gradient comes from autograd, independently of the kernels' hand-written backward, except for three pieces
+differentiated by hand where autograd of the stable forward would lose the answer: the per-sample errors (mul0
+semantics at overflow, where autograd of (ref - pred)(ref + pred - 2t) gives inf - inf), the soft clip (sech^2,
+not 1 - tanh^2) and psi(clip(d_w)) - psi(clip(d_l)) (psi' and sech^2 themselves, not the backward of expm1, which
+is 0 once k |d_w - d_l| > ~37; their product with beta/2 * w in log space where psi' alone overflows).
+
+In float64, for |d| up to 1e4 and every divergence, each loss and gradient is within a few ulps of the exact
+value, or, at ill-conditioned points (near-ties at large |d|), of the exact value at log-ratios a few ulps away
+(tests/test_numerics.py checks it against mpmath). Gradients are +-inf exactly where the per-sample coefficient
+dloss/d(e_ref - e) overflows; the loss is +inf where the logit overflows (as in the kernels). A NaN mask entry
+makes that sample's errors and its pair's loss NaN, as in the kernels. The backward is differentiable: double
+backward (gradgradcheck) works, e.g. for gradient penalties, which the fused backends refuse.
 """
 
 from __future__ import annotations
@@ -53,8 +59,11 @@ class _RowErrors(torch.autograd.Function):
         else:
             count = mask.sum(dim=1)
         # inv = 1/count, 0 for an empty mask (e := 0); total * inv keeps a NaN total NaN (as the kernels do).
-        inv = (torch.ones_like(count) if err_reduction == "sum"
-               else torch.where(count > 0, 1.0 / count.clamp_min(1e-30), 0.0))
+        inv = (
+            torch.ones_like(count)
+            if err_reduction == "sum"
+            else torch.where(count > 0, 1.0 / count.clamp_min(1e-30), 0.0)
+        )
 
         def reduce(x):
             return (x if mask is None else x * mask).sum(dim=1) * inv
@@ -80,7 +89,7 @@ class _RowErrors(torch.autograd.Function):
 
 
 def denoising_errors(problem: FDPOProblem, dtype: torch.dtype):
-    """Per-sample errors e, e_ref and e_ref - e (accumulated directly, SPEC section 2), in ``dtype``."""
+    """Per-sample errors e, e_ref and e_ref - e (accumulated directly, spec §2 (docs/spec.md)), in ``dtype``."""
     p = problem
     rows = 2 * p.num_pairs
     pred = p.model_pred.to(dtype).reshape(rows, -1)
@@ -116,10 +125,25 @@ def fdpo_loss_reference(
 ):
     """The f-DPO loss of docs/spec.md in plain PyTorch. Same arguments as :func:`fused_fdpo_loss`."""
     p = validate(
-        model_pred, ref_pred, target, ref_err=ref_err, beta=beta, divergence=divergence, alpha=alpha,
-        gamma=gamma, label_smoothing=label_smoothing, pair_weight=pair_weight, err_reduction=err_reduction,
-        mask=mask, layout=layout, beta_convention=beta_convention, logratio_clip=logratio_clip,
-        reduction=reduction, implicit_acc_ties=implicit_acc_ties, loss_type=loss_type, ipo_tau=ipo_tau,
+        model_pred,
+        ref_pred,
+        target,
+        ref_err=ref_err,
+        beta=beta,
+        divergence=divergence,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        pair_weight=pair_weight,
+        err_reduction=err_reduction,
+        mask=mask,
+        layout=layout,
+        beta_convention=beta_convention,
+        logratio_clip=logratio_clip,
+        reduction=reduction,
+        implicit_acc_ties=implicit_acc_ties,
+        loss_type=loss_type,
+        ipo_tau=ipo_tau,
     )
     dtype = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
     model_err, ref_err_, err_gap = denoising_errors(p, dtype)
