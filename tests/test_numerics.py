@@ -342,8 +342,8 @@ def test_mpmath_tables():
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_reference_gradient_beyond_expm1_cancellation(backend):
-    """Hellinger at d = (-100, 0): autograd of expm1 gave 0 for the loser; the truth is -1 * dz/dd_l = ... and
-    cpu/torch had it right all along. Every exponential-family divergence, k |d_w - d_l| well past 37."""
+    """Hellinger at d = (-100, 0): autograd of expm1 gave 0 for the loser; the truth is dloss/dd_l = psi'(0)
+    (dloss/dz = -1), as cpu and torch had it all along. Every exponential-family divergence, k |d_w - d_l| >> 37."""
     if backend not in BACKENDS:
         pytest.skip(f"backend {backend} unavailable")
     for name, alpha in [("hellinger", 0.5), ("forward_kl", 0.5), ("alpha", 0.1), ("alpha", 0.9)]:
