@@ -4,7 +4,6 @@ a tiny resumable frontier and the generated doc tables."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,9 +138,9 @@ def test_reward_uses_the_detector():
 
 
 def test_label_temperature(tmp_path):
-    from fdiv_kernels.train.data import PreferenceDataset  # noqa: F401  (the reader real datasets use)
-    from fdiv_kernels.train.model import load_pipeline
     import pyarrow.parquet as pq
+
+    from fdiv_kernels.train.model import load_pipeline
 
     pipe = load_pipeline(BASE_PIPELINE)
     tables = {}

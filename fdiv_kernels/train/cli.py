@@ -284,7 +284,8 @@ def _frontier(args: argparse.Namespace) -> int:
         summary = summarise(cfg)
     else:
         if args.progress:
-            print(f"frontier of {len(cfg.divergences)} divergences x {len(cfg.gammas)} gammas x {len(cfg.seeds)} seeds: "
+            size = f"{len(cfg.divergences)} divergences x {len(cfg.gammas)} gammas x {len(cfg.seeds)} seeds"
+            print(f"frontier of {size}: "
                   f"about {estimate_seconds(cfg) / 60:.0f} min from scratch on 2 quiet CPU cores", flush=True)
         summary = run_frontier(cfg)
     print((output / "frontier.md").read_text())

@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,8 @@ class FrontierConfig:
         _check_int("--eval-samples", self.eval_samples, 2)
         held_out = len(task.split_specs()[1])
         if self.eval_prompts > held_out:
-            raise ValueError(f"--eval-prompts must be at most {held_out} (the held-out prompts); got {self.eval_prompts}")
+            raise ValueError(f"--eval-prompts must be at most {held_out} (the held-out prompts); "
+                             f"got {self.eval_prompts}")
         for name in ("learning_rate", "beta"):
             _check_real(f"--{name.replace('_', '-')}", getattr(self, name), positive=True)
         _check_real("--label-temperature", self.label_temperature, positive=False)
@@ -377,9 +378,8 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
     for ax, (key, label) in zip(axes[0], panels):
         for i, divergence in enumerate(cfg.divergences):
             colour = f"C{i}"
-            get = lambda k: np.array([[models[(divergence, g, s)]["metrics"][k]["mean"]  # noqa: E731
-                                       for g in cfg.gammas] for s in seeds])  # [S, G]
-            r, v = get("reward"), get(key)
+            r, v = (np.array([[models[(divergence, g, s)]["metrics"][k]["mean"] for g in cfg.gammas] for s in seeds])
+                    for k in ("reward", key))  # [S, G]
             for s in range(len(seeds)):
                 order = np.argsort(r[s])
                 ax.plot(r[s][order], v[s][order], "-", color=colour, alpha=0.15, lw=1)
