@@ -71,12 +71,11 @@ def test_matches_autograd_of_reference(divergence, alpha, gamma, label_smoothing
         logratio_clip=logratio_clip,
     )
     assert push_w.dtype == torch.float64 and push_w.shape == d_w.shape
-    # Exact ties d_w == d_l are left out here: autograd of the reference's psi_diff returns 0 there for the
-    # exp family (its torch.where(a == b, 0, ...) branch has no gradient); test_ties checks them instead.
-    off = d_w != d_l
-    ref_w, ref_l = _reference_weights(d_w[off], d_l[off], divergence, alpha, gamma, label_smoothing, logratio_clip)
-    torch.testing.assert_close(push_w[off], ref_w, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(push_l[off], ref_l, rtol=1e-9, atol=1e-12)
+    # Exact ties d_w == d_l included: the reference differentiates psi(d_w) - psi(d_l) through psi' itself.
+    assert (d_w == d_l).any()
+    ref_w, ref_l = _reference_weights(d_w, d_l, divergence, alpha, gamma, label_smoothing, logratio_clip)
+    torch.testing.assert_close(push_w, ref_w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(push_l, ref_l, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("divergence,alpha", DIVERGENCE_CASES)
