@@ -223,6 +223,17 @@ def test_tiny_frontier_resumes(tmp_path, monkeypatch):
     run_frontier(cfg)
     assert calls == ["js_g1_s1"]
     assert json.loads((tmp_path / "f" / "results" / "reverse_kl_g1_s0.json").read_text()) == kept
+    # A second writer of the same folder is refused while the first holds it.
+    import fcntl
+    import os
+
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(FileExistsError, match="another process"):
+            run_frontier(cfg)
+    finally:
+        os.close(fd)
     # Other settings into the same folder are refused before anything runs.
     with pytest.raises(ValueError, match="steps"):
         run_frontier(FrontierConfig(output=tmp_path / "f", gammas=(1.0, 30.0), seeds=(0, 1), **{**TINY, "steps": 3}))

@@ -17,6 +17,7 @@ saturates early and the model stays near the reference (under-optimisation).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import numbers
@@ -187,6 +188,19 @@ def _metrics_record(metrics: dict) -> dict:
 def run_frontier(cfg: FrontierConfig) -> dict:
     """Train and evaluate every (divergence, gamma, seed) not yet in ``cfg.output/results``; then summarise."""
     _check_folder(cfg)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.output, os.O_RDONLY)
+    try:
+        try:  # one writer per folder: a second run would train the same models
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another process is running a frontier into {cfg.output}") from None
+        return _run_frontier(cfg)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_frontier(cfg: FrontierConfig) -> dict:
     shared = cfg.shared()
     out = cfg.output
     (out / "results").mkdir(parents=True, exist_ok=True)
