@@ -436,6 +436,7 @@ void backward_typed(const BwdArgs& a) {
         const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
         S* const gg[2] = {grad + w.rows[0] * D, grad + w.rows[1] * D};
         const A s[2] = {static_cast<A>(a.scale[w.rows[0]]), static_cast<A>(a.scale[w.rows[1]])};
+        const bool zero_row[2] = {s[0] == A(0), s[1] == A(0)};
         // Both rows of the pair at position i: L elements as vectors (X = V) in the main loop, one (X = A) in the tail.
         auto write = [&](auto load, auto store, const auto(&scale)[2], int64_t i) {
           using X = std::remove_const_t<std::remove_reference_t<decltype(scale[0])>>;
@@ -447,7 +448,9 @@ void backward_typed(const BwdArgs& a) {
             mv[1] = SHARED_M ? mv[0] : load(mm[1] + i);
           }
           for (int h = 0; h < 2; ++h) {
-            X g = scale[h] * (load(pp[h] + i) - tv[h]);
+            // A row whose scale is 0 (saturated sigmoid, hinge past its margin) gets exact zeros: 0 * an infinite
+            // residual would be NaN (mul0 semantics, as every backend).
+            X g = zero_row[h] ? X{} : scale[h] * (load(pp[h] + i) - tv[h]);
             if (MASK) g = g * mv[h];
             store(gg[h] + i, g);
           }

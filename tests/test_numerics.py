@@ -431,14 +431,7 @@ def test_nan_mask_propagates(backend):
 # ------------------------------------------------------------------------------------- the backward's mul0
 
 
-_CPU_ZERO_SCALE = pytest.mark.xfail(
-    strict=True,
-    reason="csrc/fdpo_cpu.cpp takes its mul0 (safe) backward only when some row scale is non-finite; its vector path "
-    "computes a zero scale (G = 0) times an infinite residual as NaN. Remove this mark with the fix.",
-)
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_CPU_ZERO_SCALE) if b == "cpu" else b for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_backward_zero_times_inf_is_zero(backend):
