@@ -9,7 +9,9 @@ TRITON_INTERPRET=1 on machines without CUDA): its grid is a subset, chosen per t
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -48,8 +50,6 @@ def _ids(dtype):
 def _grid(*, triton=lambda **_: True, dtypes=None, **axes):
     """pytest params (backend, device, dtype, *axes) over every backend and dtype, keeping for triton only the
     combinations ``triton(dtype=..., **axes)`` accepts (interpreter time)."""
-    import itertools
-
     names = list(axes)
     out = []
     for bp in BACKENDS:
@@ -71,6 +71,7 @@ def _grid(*, triton=lambda **_: True, dtypes=None, **axes):
 
 @pytest.mark.parametrize("backend, device, dtype, div", _grid(div=DIV_IDS))
 def test_every_divergence_matches_reference(backend, device, dtype, div):
+    """Loss, every statistic and the gradient (non-unit upstream) of each divergence, in each dtype."""
     name, alpha = DIVERGENCES[DIV_IDS.index(div)]
     inputs = make_inputs(B=3, shape=(3, 17, 13), dtype=dtype, seed=1, device=device)
     check_against_reference(backend, inputs, torch.tensor(1.7), divergence=name, alpha=alpha, beta=BETA)
@@ -478,8 +479,6 @@ def test_auto_falls_back_to_torch_with_one_warning_that_says_why(monkeypatch):
         loss, _, grad = run("auto", inputs, divergence="hellinger")
     loss_t, _, grad_t = run("torch", inputs, divergence="hellinger")
     assert torch.equal(loss, loss_t) and torch.equal(grad, grad_t)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run("auto", inputs, divergence="hellinger")  # once per device type
