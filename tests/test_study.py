@@ -69,6 +69,16 @@ def test_curve_and_levels():
     assert levels == pytest.approx([0.3, 0.5, 0.7])
 
 
+def test_frontier_skips_dominated_points():
+    # An over-optimised point (less reward and less diversity than another) is not on the frontier.
+    r, d = np.array([0.5, 0.6, 0.7, 0.65]), np.array([0.3, 0.2, 0.1, 0.05])
+    assert stats.front_mask(r, d).tolist() == [True, True, True, False]
+    assert stats.curve_at(r, d, np.array([0.66])) == pytest.approx([0.14])
+    levels = stats.common_levels(np.array([[0.5, 0.9, 0.6]]), np.array([[0.5, 0.8]]), 1,
+                                 np.array([[0.3, 0.2, 0.1]]), np.array([[0.3, 0.2]]))
+    assert levels == pytest.approx([0.65])  # the 0.6 point is dominated: the front covers 0.5-0.9
+
+
 def test_sign_flip_p():
     assert stats.sign_flip_p([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
     assert stats.sign_flip_p([1, -1]) == 1.0

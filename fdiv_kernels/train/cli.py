@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--divergences", type=_names, default=None,
                    help="--frontier: comma-separated divergences (default reverse_kl,js)")
     p.add_argument("--gammas", type=_floats, default=None,
-                   help="--frontier: comma-separated regularisation strengths gamma (default 1,3,10,30,100)")
+                   help="--frontier: comma-separated regularisation strengths gamma (default 0.3,1,3,10,30,100)")
     p.add_argument("--seeds", type=_ints, default=None, help="--frontier: comma-separated seeds (default 0,1,2,3,4)")
     p.add_argument("--report-only", action="store_true",
                    help="--frontier: summarise the finished results in --output, train nothing")

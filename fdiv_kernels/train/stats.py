@@ -108,27 +108,49 @@ def pareto_flags(rewards: list, diversities: list, **kwargs) -> list[str]:
     return flags
 
 
-def curve_at(rewards: np.ndarray, diversities: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Diversity at the given reward ``levels`` on the piecewise-linear curve through the points sorted by reward.
+def front_mask(rewards, diversities) -> np.ndarray:
+    """Which of the points ``[G]`` are on their own Pareto front (no other point at least as good in both, better
+    in one): an over-optimised strength that lost reward and diversity is not part of the frontier."""
+    r, d = np.asarray(rewards, float), np.asarray(diversities, float)
+    at_least = (r[None, :] >= r[:, None]) & (d[None, :] >= d[:, None])
+    better = at_least & ((r[None, :] > r[:, None]) | (d[None, :] > d[:, None]))
+    return ~better.any(1)
 
-    ``rewards``, ``diversities``: ``[..., G]`` (one point per regularisation strength); flat beyond the ends.
+
+def curve_at(rewards: np.ndarray, diversities: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Diversity at the given reward ``levels`` on the frontier: the piecewise-linear curve through the points on
+    their Pareto front (:func:`front_mask`), sorted by reward; flat beyond its ends.
+
+    ``rewards``, ``diversities``: ``[..., G]`` (one point per regularisation strength).
     """
     rewards, diversities = np.asarray(rewards, float), np.asarray(diversities, float)
     flat_r, flat_d = rewards.reshape(-1, rewards.shape[-1]), diversities.reshape(-1, rewards.shape[-1])
     out = np.empty((flat_r.shape[0], len(levels)))
     for k, (r, d) in enumerate(zip(flat_r, flat_d)):
+        keep = front_mask(r, d)
+        r, d = r[keep], d[keep]
         order = np.argsort(r, kind="stable")
         out[k] = np.interp(levels, r[order], d[order])
     return out.reshape(*rewards.shape[:-1], len(levels))
 
 
-def common_levels(reward_a: np.ndarray, reward_b: np.ndarray, count: int = 5) -> np.ndarray | None:
-    """``count`` reward levels inside the reward range that every seed's curve of both divergences covers.
+def _front_range(rewards: np.ndarray, diversities: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if diversities is None:
+        return np.min(rewards, 1), np.max(rewards, 1)
+    masked = [r[front_mask(r, d)] for r, d in zip(rewards, diversities)]
+    return np.array([m.min() for m in masked]), np.array([m.max() for m in masked])
 
-    ``reward_*``: ``[S, G]`` per-seed curve points. None when the ranges do not overlap.
+
+def common_levels(reward_a: np.ndarray, reward_b: np.ndarray, count: int = 5,
+                  diversity_a: np.ndarray | None = None, diversity_b: np.ndarray | None = None) -> np.ndarray | None:
+    """``count`` reward levels inside the reward range that every seed's frontier of both divergences covers.
+
+    ``reward_*``: ``[S, G]`` per-seed curve points (with ``diversity_*``, the range of their Pareto fronts).
+    None when the ranges do not overlap.
     """
-    low = max(np.min(reward_a, 1).max(), np.min(reward_b, 1).max())
-    high = min(np.max(reward_a, 1).min(), np.max(reward_b, 1).min())
+    (lo_a, hi_a), (lo_b, hi_b) = _front_range(reward_a, diversity_a), _front_range(reward_b, diversity_b)
+    low = max(lo_a.max(), lo_b.max())
+    high = min(hi_a.min(), hi_b.min())
     if not high > low:
         return None
     # Interior points: the ends are where a curve is read at its last point, with the least support.
@@ -147,12 +169,12 @@ def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, 
                  level: float = 0.95, rng_seed: int = DEFAULT_SEED) -> dict:
     """Does divergence b's reward-diversity curve lie above a's? Values ``[S, G, P]`` (seeds x strengths x prompts).
 
-    Per seed, each divergence's curve runs through its G points (means over prompts); both are read at common
-    reward levels (inside the range every seed's curves cover) and the gap is b's diversity minus a's. The
-    estimate is the gap averaged over levels and seeds; its interval comes from resampling seeds and prompts
-    (paired: the same draws for both divergences, the levels held fixed). Verdict: ``"b dominates"`` if the
-    interval of the mean gap lies above 0 and no level's interval lies below 0, ``"a dominates"`` the mirror,
-    otherwise ``"tie"`` (including mixed signs across levels: curves that cross).
+    Per seed, each divergence's frontier runs through its non-dominated points among the G (means over prompts);
+    both are read at common reward levels (inside the range every seed's frontiers cover) and the gap is b's
+    diversity minus a's. The estimate is the gap averaged over levels and seeds; its interval comes from
+    resampling seeds and prompts (paired: the same draws for both divergences, the levels held fixed).
+    Verdict: ``"b dominates"`` if the interval of the mean gap lies above 0 and no level's interval lies below 0,
+    ``"a dominates"`` the mirror, otherwise ``"tie"`` (including mixed signs across levels: curves that cross).
     """
     arrays = [np.asarray(x, float) for x in (reward_a, diversity_a, reward_b, diversity_b)]
     shape = arrays[0].shape
@@ -165,7 +187,7 @@ def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, 
         raise ValueError("frontier values must be finite")
     r_a, d_a, r_b, d_b = arrays
     seeds, _, prompts = shape
-    levels_at = common_levels(r_a.mean(2), r_b.mean(2), levels)
+    levels_at = common_levels(r_a.mean(2), r_b.mean(2), levels, d_a.mean(2), d_b.mean(2))
     if levels_at is None:
         return {"verdict": "no overlap", "levels": [], "seeds": seeds, "prompts": prompts,
                 "note": "the divergences' reward ranges do not overlap in every seed: no comparison at equal reward"}
