@@ -111,7 +111,7 @@ def _exp_family(alpha, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def _psi(d, alpha, DIVERGENCE: tl.constexpr):
-    """The implicit reward psi(d) = f'(exp(d)) in the stable forms of SPEC section 2."""
+    """The implicit reward psi(d) = f'(exp(d)) in the stable forms of spec §2 (docs/spec.md)."""
     if DIVERGENCE == _REVERSE_KL:
         return d
     elif DIVERGENCE == _FORWARD_KL:
@@ -256,7 +256,7 @@ def _partials_kernel(
             f_l = ref_l - t_l
             r_w += k_w * f_w * f_w
             r_l += k_l * f_l * f_l
-            # e_ref - e summed directly as (ref - pred) * (ref + pred - 2 target) (SPEC 2): ref - pred is exact
+            # e_ref - e summed directly as (ref - pred) * (ref + pred - 2 target) (spec §2): ref - pred is exact
             # when the two are close, where (ref - t) - (pred - t) would cancel the rounding of both.
             q_w += k_w * (ref_w - p_w) * (f_w + e_w)
             q_l += k_l * (ref_l - p_l) * (f_l + e_l)
