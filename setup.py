@@ -43,7 +43,9 @@ CSRC = os.path.join(ROOT, "csrc")
 
 def _load_build_helpers():
     """fdiv_kernels/_build.py by path: importing the package would import torch, which a jit build lacks."""
-    spec = importlib.util.spec_from_file_location("_fdiv_kernels_build", os.path.join(ROOT, "fdiv_kernels", "_build.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_fdiv_kernels_build", os.path.join(ROOT, "fdiv_kernels", "_build.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -153,8 +155,10 @@ def _aot_extensions():
                 inplace = os.path.join(package_dir, os.path.basename(self.get_ext_filename(fullname)))
                 B.write_record(inplace, B.build_record(CSRC, build_cuda, arch_list))
 
-    _log(f"ahead-of-time build of fdiv_kernels._C against torch {torch.__version__} "
-         f"{'WITH' if build_cuda else 'WITHOUT'} the CUDA kernels ({why}); {cpu_note}")
+    _log(
+        f"ahead-of-time build of fdiv_kernels._C against torch {torch.__version__} "
+        f"{'WITH' if build_cuda else 'WITHOUT'} the CUDA kernels ({why}); {cpu_note}"
+    )
     return [ext], {"build_ext": BuildExtWithRecord}
 
 
@@ -167,8 +171,10 @@ if B.build_mode() == "aot":
     ext_modules, ext_cmd = _aot_extensions()
     cmdclass.update(ext_cmd)
 else:
-    _log("pure-Python build: the C++/CUDA kernels compile on first use against the torch that runs "
-         "(FDIV_KERNELS_BUILD=aot with --no-build-isolation compiles them now)")
+    _log(
+        "pure-Python build: the C++/CUDA kernels compile on first use against the torch that runs "
+        "(FDIV_KERNELS_BUILD=aot with --no-build-isolation compiles them now)"
+    )
 
 setup(
     packages=find_packages(include=["fdiv_kernels", "fdiv_kernels.*"]),

@@ -17,15 +17,23 @@ import torch
 
 def pytest_addoption(parser):
     group = parser.getgroup("fdiv_kernels benchmarks", "cases (same values as python -m benchmarks.run)")
-    group.addoption("--bench-device", choices=["cpu", "cuda"], default=None,
-                    help="default: cuda when a GPU is visible, else cpu")
+    group.addoption(
+        "--bench-device", choices=["cpu", "cuda"], default=None, help="default: cuda when a GPU is visible, else cpu"
+    )
     group.addoption("--bench-threads", type=int, default=2, help="CPU threads (torch.set_num_threads); default 2")
-    for name, what in (("shapes", "sd15,sdxl,flux,video,pixel,large"), ("dtypes", "bf16,fp16,fp32"),
-                       ("variants", "full,shared,ref_err,ref_err+shared"), ("providers", "eager,fdiv-cpu,..."),
-                       ("modes", "fwd,bwd,fwd+bwd")):
+    for name, what in (
+        ("shapes", "sd15,sdxl,flux,video,pixel,large"),
+        ("dtypes", "bf16,fp16,fp32"),
+        ("variants", "full,shared,ref_err,ref_err+shared"),
+        ("providers", "eager,fdiv-cpu,..."),
+        ("modes", "fwd,bwd,fwd+bwd"),
+    ):
         group.addoption(f"--bench-{name}", default=None, help=f"comma list of {what} (default: as benchmarks.run)")
-    group.addoption("--bench-variant-dtypes", default="bf16",
-                    help="dtypes that also run the non-'full' variants (comma list, or 'all'); default bf16")
+    group.addoption(
+        "--bench-variant-dtypes",
+        default="bf16",
+        help="dtypes that also run the non-'full' variants (comma list, or 'all'); default bf16",
+    )
 
 
 def _quick(config) -> bool:
@@ -52,7 +60,8 @@ def bench_settings(config):
     args = parse_args(argv)
     cases, _ = build_cases(args, device)
     providers = _csv_list(args.providers, PROVIDERS, "provider") or (
-        DEFAULT_PROVIDERS[device] + (QUICK_EXTRA[device] if args.quick else []))
+        DEFAULT_PROVIDERS[device] + (QUICK_EXTRA[device] if args.quick else [])
+    )
     modes = _csv_list(args.modes, MODES, "mode") or list(MODES)
     return args, device, cases, providers, modes
 

@@ -57,6 +57,7 @@ def _providers(device: torch.device):
         if _why_unavailable(backend, device) is not None:
             continue
         for stats in (False, True):
+
             def loss(p, r, t, _b=backend, _s=stats):
                 out_ = fused_fdpo_loss(p, r, t, beta=BETA, backend=_b, return_stats=_s)
                 return out_[0] if _s else out_
@@ -68,7 +69,7 @@ def _providers(device: torch.device):
 def measure(device: torch.device, calls: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(SHAPE, generator=g).to(device).requires_grad_()
-    ref = (pred.detach() + 0.01 * torch.randn(SHAPE, generator=g).to(device))
+    ref = pred.detach() + 0.01 * torch.randn(SHAPE, generator=g).to(device)
     target = torch.randn(SHAPE, generator=g).to(device)
     providers = _providers(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -92,8 +93,15 @@ def measure(device: torch.device, calls: int, rounds: int) -> dict:
             times[(name, mode)].append((time.perf_counter() - start) / calls * 1e6)
     rows = []
     for (name, mode), ts in times.items():
-        rows.append({"provider": name, "mode": mode, "median_us": round(statistics.median(ts), 2),
-                     "min_us": round(min(ts), 2), "max_us": round(max(ts), 2)})
+        rows.append(
+            {
+                "provider": name,
+                "mode": mode,
+                "median_us": round(statistics.median(ts), 2),
+                "min_us": round(min(ts), 2),
+                "max_us": round(max(ts), 2),
+            }
+        )
     floor = next(r["median_us"] for r in rows if r["provider"] == "mse_loss (floor)" and r["mode"] == "fwd+bwd")
     eager = {r["mode"]: r["median_us"] for r in rows if r["provider"] == "eager"}
     for r in rows:
@@ -117,8 +125,10 @@ def to_markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['provider']} | {r['mode']} | {r['median_us']} [{r['min_us']}-{r['max_us']}] | "
-                     f"{r['x_mse_loss'] if r['x_mse_loss'] is not None else ''} | {r['x_eager']} |")
+        lines.append(
+            f"| {r['provider']} | {r['mode']} | {r['median_us']} [{r['min_us']}-{r['max_us']}] | "
+            f"{r['x_mse_loss'] if r['x_mse_loss'] is not None else ''} | {r['x_eager']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -2,8 +2,10 @@
 
 - ``eager``: the loss as diffusers' ``train_diffusion_dpo_sdxl.py`` writes it (``.float()`` casts, per-sample
   ``mse_loss(...).mean(dims)``, reference branch under ``no_grad``), i.e. what users run today.
-- ``compile-diffusers``: ``torch.compile`` of that same function (default mode, ``dynamic=False``): the CPU peer of spec §5.
-- ``compile-ref``: ``torch.compile`` of ``fdpo_loss_reference`` (default mode, ``dynamic=False``): the GPU peer of spec §5.
+- ``compile-diffusers``: ``torch.compile`` of that same function (default mode, ``dynamic=False``): the CPU peer
+  of spec §5.
+- ``compile-ref``: ``torch.compile`` of ``fdpo_loss_reference`` (default mode, ``dynamic=False``): the GPU peer
+  of spec §5.
 - ``fdiv-<backend>``: ``fused_fdpo_loss(..., backend=<backend>)`` for cpu (C++), triton, cuda, and torch (the
   eager fallback backend, recorded for completeness).
 
@@ -94,8 +96,9 @@ class Provider:
             fn = torch.compile(reference_loss, dynamic=False)
             return lambda x: fn(x.model_pred, x.ref_pred, x.target, x.ref_err)
         backend = self.backend
-        return lambda x: fused_fdpo_loss(x.model_pred, x.ref_pred, x.target, ref_err=x.ref_err, beta=BETA,
-                                         backend=backend)
+        return lambda x: fused_fdpo_loss(
+            x.model_pred, x.ref_pred, x.target, ref_err=x.ref_err, beta=BETA, backend=backend
+        )
 
 
 PROVIDERS = {

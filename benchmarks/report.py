@@ -85,8 +85,10 @@ def _busy(meta: dict) -> bool:
 def _where(meta: dict) -> str:
     """CPU: the thread count the run used; GPU: the chip and CUDA runtime."""
     if meta.get("device_type") == "cuda":
-        return (f"sm_{meta.get('gpu_capability', '?').replace('.', '')}, {meta.get('gpu_sms', '?')} SMs, "
-                f"{meta.get('gpu_memory_gb', '?')} GB, CUDA {meta.get('cuda_runtime')}")
+        return (
+            f"sm_{meta.get('gpu_capability', '?').replace('.', '')}, {meta.get('gpu_sms', '?')} SMs, "
+            f"{meta.get('gpu_memory_gb', '?')} GB, CUDA {meta.get('cuda_runtime')}"
+        )
     return f"{meta['threads']} threads"
 
 
@@ -99,15 +101,18 @@ def header(meta: dict, source: str) -> str:
         f"**{meta['device_name']}**, {_where(meta)}, torch {meta['torch']}, triton {meta['triton']}, "
         f"Python {meta['python']}, {meta['date']}, commit {meta.get('git_commit')}"
         + (" (uncommitted changes)" if meta.get("git_dirty") else "")
-        + (", **smoke run (--quick)**" if meta.get("quick") else "") + ".",
+        + (", **smoke run (--quick)**" if meta.get("quick") else "")
+        + ".",
         f"Source: `{source}`, from `{meta.get('command', 'python -m benchmarks.run')}`"
         f" ({meta.get('elapsed_s', '?')} s).",
         f"Copy bandwidth: **{copy.get('gbps', float('nan')):.1f} GB/s**{extra}: {copy.get('how', '')}, "
         f"{copy.get('buffer_mb', 0):.0f} MB buffer, read + write bytes.",
     ]
     if meta.get("device_type") == "cpu":
-        lines.append(f"Load average at start / end: {meta.get('loadavg_start')} / {meta.get('loadavg_end')}"
-                     + (" — **other processes shared the cores: timings are noisy.**" if _busy(meta) else "."))
+        lines.append(
+            f"Load average at start / end: {meta.get('loadavg_start')} / {meta.get('loadavg_end')}"
+            + (" — **other processes shared the cores: timings are noisy.**" if _busy(meta) else ".")
+        )
     return "\n".join(lines)
 
 
@@ -125,7 +130,7 @@ def summary_table(meta: dict, rows: list[dict], mode: str = "fwd+bwd") -> str:
         cols += ["kernel ms (eager / peer / best)", "kernel % copy (best)"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for shape, dims, dtype, variant in _cases(rows):
-        get = lambda p: idx.get((shape, dtype, variant, p, mode))  # noqa: E731
+        get = lambda p, case=(shape, dtype, variant): idx.get((*case, p, mode))  # noqa: E731
         cells = [f"{shape} `{dims}`", dtype, variant]
         for p in baselines + fdiv:
             r = get(p)
@@ -136,12 +141,19 @@ def summary_table(meta: dict, rows: list[dict], mode: str = "fwd+bwd") -> str:
             cells += ["—"] * (7 if kernel_cols else 5)
         else:
             mem = [get(p).get("peak_extra_mb") if _ok(get(p)) else None for p in ("eager", peer)]
-            cells += [best["provider"], _num(best.get("x_eager")), _num(best.get(PEER_COL[peer])),
-                      _num(best["pct_copy"]), " / ".join(_num(m) for m in mem + [best.get("peak_extra_mb")])]
+            cells += [
+                best["provider"],
+                _num(best.get("x_eager")),
+                _num(best.get(PEER_COL[peer])),
+                _num(best["pct_copy"]),
+                " / ".join(_num(m) for m in mem + [best.get("peak_extra_mb")]),
+            ]
             if kernel_cols:
                 kern = [get(p).get("kernel_ms") if _ok(get(p)) else None for p in ("eager", peer)]
-                cells += [" / ".join(_num(k) for k in kern + [best.get("kernel_ms")]),
-                          _num(best.get("kernel_pct_copy"))]
+                cells += [
+                    " / ".join(_num(k) for k in kern + [best.get("kernel_ms")]),
+                    _num(best.get("kernel_pct_copy")),
+                ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -149,12 +161,16 @@ def summary_table(meta: dict, rows: list[dict], mode: str = "fwd+bwd") -> str:
 def _targets(dev: str) -> list[tuple]:
     """(label, column, threshold, shapes or None for all) for the fused kernels, spec §5 (docs/spec.md) and issue 3."""
     if dev == "cpu":
-        return [("× eager ≥ 3", "x_eager", 3.0, None),
-                ("× compile-diffusers ≥ 1.3", "x_compile_diffusers", 1.3, None),
-                ("% copy ≥ 70 (flux, video)", "pct_copy", 70.0, ("flux", "video"))]
-    return [("% copy ≥ 90 (large)", "pct_copy", 90.0, ("large",)),
-            ("× eager ≥ 4", "x_eager", 4.0, None),
-            ("× compile-ref ≥ 1.3", "x_compile_ref", 1.3, None)]
+        return [
+            ("× eager ≥ 3", "x_eager", 3.0, None),
+            ("× compile-diffusers ≥ 1.3", "x_compile_diffusers", 1.3, None),
+            ("% copy ≥ 70 (flux, video)", "pct_copy", 70.0, ("flux", "video")),
+        ]
+    return [
+        ("% copy ≥ 90 (large)", "pct_copy", 90.0, ("large",)),
+        ("× eager ≥ 4", "x_eager", 4.0, None),
+        ("× compile-ref ≥ 1.3", "x_compile_ref", 1.3, None),
+    ]
 
 
 def targets_table(meta: dict, rows: list[dict]) -> str:
@@ -162,7 +178,7 @@ def targets_table(meta: dict, rows: list[dict]) -> str:
     idx = _index(rows)
     fused = [p for p in _providers(rows, "fdiv") if p != "fdiv-torch"]
     if not fused:
-        return "_No fused fdiv kernel ran on this device (see \"Not measured\"); no target to check._"
+        return '_No fused fdiv kernel ran on this device (see "Not measured"); no target to check._'
     targets = _targets(dev)
     cols = ["shape", "dtype", "variant", "provider"] + [t[0] for t in targets]
     if dev == "cuda":
@@ -191,20 +207,49 @@ def targets_table(meta: dict, rows: list[dict]) -> str:
 
 def detail_table(meta: dict, rows: list[dict]) -> str:
     peer = PEER[meta["device_type"]]
-    cols = ["shape", "dtype", "variant", "provider", "mode", "median ms [q20, q80]", "GB/s", "% copy",
-            "kernel ms", "kernel % copy", "host ms", "× eager", f"× {peer}", "peak extra MB (× tensor)", "launches",
-            "first call ms", "compile s"]
+    cols = [
+        "shape",
+        "dtype",
+        "variant",
+        "provider",
+        "mode",
+        "median ms [q20, q80]",
+        "GB/s",
+        "% copy",
+        "kernel ms",
+        "kernel % copy",
+        "host ms",
+        "× eager",
+        f"× {peer}",
+        "peak extra MB (× tensor)",
+        "launches",
+        "first call ms",
+        "compile s",
+    ]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if not _ok(r):
             continue
         mem = r.get("peak_extra_mb")
-        cells = [r["shape"], r["dtype"], r["variant"], r["provider"], r["mode"],
-                 f"{_num(r['median_ms'])} [{_num(r['q20_ms'])}, {_num(r['q80_ms'])}]", _num(r["gbps"]),
-                 _num(r["pct_copy"]), _num(r.get("kernel_ms")), _num(r.get("kernel_pct_copy")),
-                 _num(r.get("host_ms")), _num(r.get("x_eager")), _num(r.get(PEER_COL[peer])),
-                 "—" if mem is None else f"{_num(mem)} ({_num(r.get('peak_extra_tensors'))})",
-                 _num(r.get("launches")), _num(r.get("first_call_ms")), _num(r.get("compile_s"))]
+        cells = [
+            r["shape"],
+            r["dtype"],
+            r["variant"],
+            r["provider"],
+            r["mode"],
+            f"{_num(r['median_ms'])} [{_num(r['q20_ms'])}, {_num(r['q80_ms'])}]",
+            _num(r["gbps"]),
+            _num(r["pct_copy"]),
+            _num(r.get("kernel_ms")),
+            _num(r.get("kernel_pct_copy")),
+            _num(r.get("host_ms")),
+            _num(r.get("x_eager")),
+            _num(r.get(PEER_COL[peer])),
+            "—" if mem is None else f"{_num(mem)} ({_num(r.get('peak_extra_tensors'))})",
+            _num(r.get("launches")),
+            _num(r.get("first_call_ms")),
+            _num(r.get("compile_s")),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -224,8 +269,10 @@ def loss_agreement(rows: list[dict]) -> str:
         return "Loss values: every provider matches eager exactly (or eager did not run)."
     r = worst[1]
     flag = "" if worst[0] < 1e-3 else " **— larger than expected: check the harness or the kernel.**"
-    return (f"Loss values: largest relative difference from eager {worst[0]:.1e} ({r['provider']}, {r['shape']} "
-            f"{r['dtype']} {r['variant']}){flag}")
+    return (
+        f"Loss values: largest relative difference from eager {worst[0]:.1e} ({r['provider']}, {r['shape']} "
+        f"{r['dtype']} {r['variant']}){flag}"
+    )
 
 
 def not_measured(rows: list[dict]) -> str:
@@ -246,8 +293,10 @@ def device_markdown(meta: dict, rows: list[dict], source: str) -> str:
         f"# fdiv_kernels microbenchmarks: {meta['device_name']}",
         "_Generated by `python -m benchmarks.report` from the JSON below; do not edit by hand._",
         header(meta, source),
-        "Method: " + "; ".join(f"{k}: {v}" for k, v in method.items())
-        + (f"; compile cache: {meta['compile_cache']}" if meta.get("compile_cache") else "") + ".",
+        "Method: "
+        + "; ".join(f"{k}: {v}" for k, v in method.items())
+        + (f"; compile cache: {meta['compile_cache']}" if meta.get("compile_cache") else "")
+        + ".",
         "Bytes (spec §5, per pass of one `[2B, D]` tensor): fwd+bwd 6, 5.5 with a shared target, 5 with ref_err "
         "(4 with ref_err and a shared target); fwd 3 / 2.5 / 2; bwd 3 / 2.5 / 3. Ratios × = baseline time / this "
         "time, same case and mode.",
@@ -258,8 +307,11 @@ def device_markdown(meta: dict, rows: list[dict], source: str) -> str:
         f"## Not measured\n\n{not_measured(rows)}",
     ]
     if dev == "cpu":
-        parts.insert(4, "CPU peak memory counts the torch CPU allocator's tracked allocations (torch.profiler "
-                        "`profile_memory=True`), not RSS.")
+        parts.insert(
+            4,
+            "CPU peak memory counts the torch CPU allocator's tracked allocations (torch.profiler "
+            "`profile_memory=True`), not RSS.",
+        )
     return "\n\n".join(parts) + "\n"
 
 
@@ -293,19 +345,28 @@ def plot(meta: dict, rows: list[dict], png: Path, mode: str = "fwd+bwd") -> Path
     dev = meta["device_type"]
     ax1.set_yscale("log")
     ax1.axhline(1.0, color="k", lw=0.8)
-    ax1.axhline(3.0 if dev == "cpu" else 4.0, color="r", ls="--", lw=0.8,
-                label=f"target ≥ {3 if dev == 'cpu' else 4}x eager")
+    ax1.axhline(
+        3.0 if dev == "cpu" else 4.0, color="r", ls="--", lw=0.8, label=f"target ≥ {3 if dev == 'cpu' else 4}x eager"
+    )
     ax1.set_ylabel(f"speedup over eager ({mode})")
     ax1.legend(fontsize=7, ncol=3)
-    ax2.axhline(70 if dev == "cpu" else 90, color="r", ls="--", lw=0.8,
-                label=f"target {70 if dev == 'cpu' else 90}% ({'flux, video' if dev == 'cpu' else 'large'})")
+    ax2.axhline(
+        70 if dev == "cpu" else 90,
+        color="r",
+        ls="--",
+        lw=0.8,
+        label=f"target {70 if dev == 'cpu' else 90}% ({'flux, video' if dev == 'cpu' else 'large'})",
+    )
     ax2.set_ylabel(f"% of copy bandwidth ({meta['copy']['gbps']:.0f} GB/s)")
     ax2.set_xticks(x, labels, fontsize=7)
     ax2.legend(fontsize=7, ncol=3)
-    fig.suptitle(f"fdiv_kernels {mode}: {meta['device_name']}, {_where(meta)}, torch {meta['torch']}, "
-                 f"{meta['date'][:10]}" + (" (smoke run)" if meta.get("quick") else "")
-                 + (" (busy machine: noisy)" if _busy(meta) else ""),
-                 fontsize=9)
+    fig.suptitle(
+        f"fdiv_kernels {mode}: {meta['device_name']}, {_where(meta)}, torch {meta['torch']}, "
+        f"{meta['date'][:10]}"
+        + (" (smoke run)" if meta.get("quick") else "")
+        + (" (busy machine: noisy)" if _busy(meta) else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -350,14 +411,16 @@ def readme_block(results_dir: Path = RESULTS) -> str:
     for dev, path in picked.items():
         meta, rows = load(path)
         title = "CPU" if dev == "cpu" else "GPU"
-        parts.append(f"#### {title}: {meta['device_name']}, {_where(meta)}, {meta['date'][:10]} "
-                     f"(source: `{_rel(path)}`)")
-        parts.append(f"fwd+bwd, median ms; × = speedup of the fastest fdiv backend; % copy = its effective "
-                     f"bandwidth (spec §5 bytes) over a copy measured in the same run "
-                     f"({meta['copy']['gbps']:.1f} GB/s). Details and plot: `{_rel(path.with_suffix('.md'))}`."
-                     + (" **Smoke run only.**" if meta.get("quick") else "")
-                     + (" **Measured while other processes shared the cores: noisy.**"
-                        if _busy(meta) else ""))
+        parts.append(
+            f"#### {title}: {meta['device_name']}, {_where(meta)}, {meta['date'][:10]} (source: `{_rel(path)}`)"
+        )
+        parts.append(
+            f"fwd+bwd, median ms; × = speedup of the fastest fdiv backend; % copy = its effective "
+            f"bandwidth (spec §5 bytes) over a copy measured in the same run "
+            f"({meta['copy']['gbps']:.1f} GB/s). Details and plot: `{_rel(path.with_suffix('.md'))}`."
+            + (" **Smoke run only.**" if meta.get("quick") else "")
+            + (" **Measured while other processes shared the cores: noisy.**" if _busy(meta) else "")
+        )
         parts.append(summary_table(meta, rows))
     if "cuda" not in picked:
         parts.append("_No GPU results yet: `python -m benchmarks.run --device cuda` on a CUDA machine._")
@@ -380,8 +443,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("json", nargs="*", help="results JSON files (default: every *.json in --results)")
     ap.add_argument("--results", default=str(RESULTS), help="results folder")
-    ap.add_argument("--readme", action="store_true",
-                    help="write <results>/README_table.md and splice it into README.md between the bench markers")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="write <results>/README_table.md and splice it into README.md between the bench markers",
+    )
     ap.add_argument("--readme-path", default=str(REPO / "README.md"))
     ap.add_argument("--no-splice", action="store_true", help="with --readme: write README_table.md only")
     args = ap.parse_args(argv)

@@ -49,11 +49,37 @@ from .shapes import DTYPES, MODES, VARIANTS, Inputs, Shape, ideal_bytes, make_in
 
 REPO = Path(__file__).resolve().parent.parent
 CSV_FIELDS = [
-    "shape", "dims", "dtype", "variant", "provider", "mode", "status", "median_ms", "q20_ms", "q80_ms", "min_ms",
+    "shape",
+    "dims",
+    "dtype",
+    "variant",
+    "provider",
+    "mode",
+    "status",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "min_ms",
     "reps",
-    "bytes", "gbps", "pct_copy", "kernel_ms", "kernel_pct_copy", "host_ms", "x_eager", "x_compile_diffusers", "x_compile_ref", "peak_extra_mb",
-    "peak_extra_tensors", "launches", "launches_fwd", "launches_bwd", "first_call_ms", "compile_s",
-    "rotation_sets", "loss", "reason",
+    "bytes",
+    "gbps",
+    "pct_copy",
+    "kernel_ms",
+    "kernel_pct_copy",
+    "host_ms",
+    "x_eager",
+    "x_compile_diffusers",
+    "x_compile_ref",
+    "peak_extra_mb",
+    "peak_extra_tensors",
+    "launches",
+    "launches_fwd",
+    "launches_bwd",
+    "first_call_ms",
+    "compile_s",
+    "rotation_sets",
+    "loss",
+    "reason",
 ]
 
 
@@ -103,8 +129,7 @@ class Timer:
         if self.cuda:
             for _ in range(2):  # a little more warm-up: clocks, allocator
                 call(0, setup(0) if setup else None)
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(reps)]
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
             for start, end in events:
                 state = setup(0) if setup else None
                 self.flush_l2()
@@ -122,8 +147,7 @@ class Timer:
             del state
         q20, med, q80 = (_quantile(times, q) for q in (0.2, 0.5, 0.8))
         # min_ms is extra information: on a shared machine it is the figure least touched by other processes.
-        return {"median_ms": float(med), "q20_ms": float(q20), "q80_ms": float(q80), "min_ms": min(times),
-                "reps": reps}
+        return {"median_ms": float(med), "q20_ms": float(q20), "q80_ms": float(q80), "min_ms": min(times), "reps": reps}
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -162,8 +186,9 @@ def measure_copy(device: torch.device, timer: Timer, quick: bool) -> dict:
         pass
     # The better of the two is the bar: % of copy is then a conservative figure.
     out["gbps"] = max(out["torch_copy_gbps"], out.get("numpy_copy_gbps", 0.0))
-    out["how"] = (f"max of torch dst.copy_(src) ({torch.get_num_threads()} threads) and numpy.copyto "
-                  f"(1 thread), median of {reps}")
+    out["how"] = (
+        f"max of torch dst.copy_(src) ({torch.get_num_threads()} threads) and numpy.copyto (1 thread), median of {reps}"
+    )
     return out
 
 
@@ -206,8 +231,11 @@ def peak_extra_bytes(device: torch.device, step) -> int:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    mem = sorted((e["ts"], e["args"].get("Ev Idx", 0), e["args"]) for e in events
-                 if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
+    mem = sorted(
+        (e["ts"], e["args"].get("Ev Idx", 0), e["args"])
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    )
     if not mem:
         return 0
     first = mem[0][2]
@@ -241,8 +269,11 @@ def kernel_ms(call, flush, reps: int = 10) -> float:
             for _ in range(reps):
                 fn()
             torch.cuda.synchronize()
-        return sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
+        return sum(
+            getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        )
 
     call()  # warm
     flush_us = device_us(flush)
@@ -307,7 +338,8 @@ def collect_meta(device: torch.device, args) -> dict:
         "platform": platform.platform(),
         "fdiv_kernels": getattr(fdiv_kernels, "__version__", None),
         "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": None if (changed := _git("status", "--porcelain", "--untracked-files=no")) is None
+        "git_dirty": None
+        if (changed := _git("status", "--porcelain", "--untracked-files=no")) is None
         else bool(changed),
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         # Other processes on the cores make 2-thread timings erratic (OpenMP waits for descheduled threads).
@@ -316,12 +348,15 @@ def collect_meta(device: torch.device, args) -> dict:
         "compile_peer": COMPILE_PEER[device.type],
         "method": {
             "time": "median, 20/80% quantiles, warm-up excluded; "
-            + ("CUDA events per call, L2 flushed before each (triton.testing.do_bench's method)"
-               if device.type == "cuda"
-               else f"perf_counter per call, inputs rotated through {rotation_bytes() / 2**20:.0f} MB of copies"),
+            + (
+                "CUDA events per call, L2 flushed before each (triton.testing.do_bench's method)"
+                if device.type == "cuda"
+                else f"perf_counter per call, inputs rotated through {rotation_bytes() / 2**20:.0f} MB of copies"
+            ),
             "first_call": "first fwd+bwd call of a provider on a shape, no warm-up (torch.compile: compile time)",
             "bandwidth": "spec §5 (docs/spec.md) bytes (benchmarks/shapes.py:ideal_bytes) / median time",
-            "memory": "torch.cuda.max_memory_allocated above the inputs, gradient included" if device.type == "cuda"
+            "memory": "torch.cuda.max_memory_allocated above the inputs, gradient included"
+            if device.type == "cuda"
             else "torch CPU allocator running total via torch.profiler(profile_memory=True), above the inputs, "
             "gradient included; allocations outside the torch allocator are not seen",
             "launches": "kernels+memcpy+memset per forward / backward in torch.profiler (GPU only)",
@@ -350,8 +385,17 @@ def _error_row(err: BaseException) -> dict:
     return {"status": "error", "reason": _err(err), "traceback": traceback.format_exc(limit=-4)[-2000:]}
 
 
-def run_provider(provider: Provider, sets: list[Inputs], shape: Shape, dtype, variant: str, modes, device,
-                 timer: Timer, copy_gbps: float) -> list[dict]:
+def run_provider(
+    provider: Provider,
+    sets: list[Inputs],
+    shape: Shape,
+    dtype,
+    variant: str,
+    modes,
+    device,
+    timer: Timer,
+    copy_gbps: float,
+) -> list[dict]:
     """All modes of one provider on one case; errors become rows with status "error"."""
     base = {"provider": provider.name, "rotation_sets": len(sets)}
     one = torch.ones((), device=device)  # upstream gradient, preallocated (not a timed kernel)
@@ -382,7 +426,8 @@ def run_provider(provider: Provider, sets: list[Inputs], shape: Shape, dtype, va
                 launches["fwd"], names_f = count_launches(lambda: fn(sets[0]))
                 loss = fn(sets[0])
                 launches["bwd"], names_b = count_launches(
-                    lambda: torch.autograd.grad(loss, sets[0].model_pred, grad_outputs=one))
+                    lambda: torch.autograd.grad(loss, sets[0].model_pred, grad_outputs=one)
+                )
                 launches["fwd+bwd"] = launches["fwd"] + launches["bwd"]
                 extra["launches_fwd"], extra["launches_bwd"] = launches["fwd"], launches["bwd"]
                 extra["kernels_fwd"] = names_f[:8]
@@ -401,7 +446,9 @@ def run_provider(provider: Provider, sets: list[Inputs], shape: Shape, dtype, va
                 else:  # a fresh, untimed forward before each timed backward
                     timing = timer.measure(
                         lambda i, loss: torch.autograd.grad(loss, sets[i].model_pred, grad_outputs=one),
-                        setup=lambda i: fn(sets[i]), n_sets=len(sets))
+                        setup=lambda i: fn(sets[i]),
+                        n_sets=len(sets),
+                    )
                 row.update(timing)
                 nbytes = ideal_bytes(shape, dtype, variant, mode)
                 gbps = nbytes / (row["median_ms"] / 1e3) / 1e9
@@ -410,8 +457,11 @@ def run_provider(provider: Provider, sets: list[Inputs], shape: Shape, dtype, va
                     try:
                         call = (lambda: fn(sets[0])) if mode == "fwd" else (lambda: fwd_bwd(0))
                         k_ms = kernel_ms(call, timer.flush_l2)
-                        row.update(kernel_ms=k_ms, kernel_pct_copy=100 * nbytes / (k_ms / 1e3) / 1e9 / copy_gbps,
-                                   host_ms=max(row["median_ms"] - k_ms, 0.0))
+                        row.update(
+                            kernel_ms=k_ms,
+                            kernel_pct_copy=100 * nbytes / (k_ms / 1e3) / 1e9 / copy_gbps,
+                            host_ms=max(row["median_ms"] - k_ms, 0.0),
+                        )
                     except Exception as err:
                         row["kernel_error"] = _err(err)
             except Exception as err:
@@ -422,12 +472,15 @@ def run_provider(provider: Provider, sets: list[Inputs], shape: Shape, dtype, va
         bwd = next((r for r in rows if r["mode"] == "bwd" and r.get("status") == "ok"), None)
         if bwd is not None and "fwd" in by_mode and "fwd+bwd" in by_mode:  # the backward's kernels alone
             k_ms = max(by_mode["fwd+bwd"]["kernel_ms"] - by_mode["fwd"]["kernel_ms"], 1e-6)
-            bwd.update(kernel_ms=k_ms, kernel_pct_copy=100 * bwd["bytes"] / (k_ms / 1e3) / 1e9 / copy_gbps,
-                       host_ms=max(bwd["median_ms"] - k_ms, 0.0))
+            bwd.update(
+                kernel_ms=k_ms,
+                kernel_pct_copy=100 * bwd["bytes"] / (k_ms / 1e3) / 1e9 / copy_gbps,
+                host_ms=max(bwd["median_ms"] - k_ms, 0.0),
+            )
     except Exception as err:
         error = _error_row(err)
         rows = [{**base, "mode": m, **error} for m in modes]
-    del fn
+    fn = None  # drop the provider (and its compiled graphs) before the next case
     _free(device)
     return rows
 
@@ -444,8 +497,11 @@ def add_speedups(rows: list[dict]) -> None:
     for r in rows:
         if r.get("status") != "ok":
             continue
-        for peer, col in (("eager", "x_eager"), ("compile-diffusers", "x_compile_diffusers"),
-                          ("compile-ref", "x_compile_ref")):
+        for peer, col in (
+            ("eager", "x_eager"),
+            ("compile-diffusers", "x_compile_diffusers"),
+            ("compile-ref", "x_compile_ref"),
+        ):
             other = by_key.get((peer, r["mode"]))
             r[col] = other["median_ms"] / r["median_ms"] if other else None
 
@@ -462,25 +518,38 @@ def _csv_list(text: str | None, choices, what: str) -> list[str] | None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder")
     ap.add_argument("--quick", action="store_true", help="one small shape, bf16, few repeats: a smoke test")
     ap.add_argument("--shapes", help="comma list: sd15,sdxl,flux,video,pixel,large (quick: the smoke shape)")
     ap.add_argument("--dtypes", help="comma list of bf16,fp16,fp32 (default: all)")
     ap.add_argument("--variants", help="comma list of " + ",".join(VARIANTS) + " (default: full,shared,ref_err)")
-    ap.add_argument("--variant-dtypes", default="bf16",
-                    help="dtypes that also run the non-'full' variants (comma list, or 'all'); default bf16")
+    ap.add_argument(
+        "--variant-dtypes",
+        default="bf16",
+        help="dtypes that also run the non-'full' variants (comma list, or 'all'); default bf16",
+    )
     ap.add_argument("--providers", help="comma list of " + ",".join(PROVIDERS) + " (default: per device)")
     ap.add_argument("--modes", help="comma list of " + ",".join(MODES) + " (default: all)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads); default 2")
     ap.add_argument("--tag", help="results file stem (default: <device>-<model>, '-quick'/'-partial' if filtered)")
-    ap.add_argument("--time-budget-s", type=float, default=None,
-                    help="stop starting new cases after this many seconds (default: 200 on cuda, none on cpu)")
-    ap.add_argument("--warm-compile-cache", action="store_true",
-                    help="keep the on-disk Inductor/Triton caches (default except with --quick: a fresh, empty "
-                    "cache for this run, so that compile_s is a first compile as a user sees it)")
+    ap.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="stop starting new cases after this many seconds (default: 200 on cuda, none on cpu)",
+    )
+    ap.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="keep the on-disk Inductor/Triton caches (default except with --quick: a fresh, empty "
+        "cache for this run, so that compile_s is a first compile as a user sees it)",
+    )
     ap.add_argument("--no-report", action="store_true", help="skip the markdown table and plot")
     return ap.parse_args(argv)
 
@@ -488,8 +557,9 @@ def parse_args(argv=None):
 def build_cases(args, device_type: str):
     filtered = any(v is not None for v in (args.shapes, args.dtypes, args.variants, args.providers, args.modes))
     defaults = ("quick", "bf16", "full") if args.quick else (None, "bf16,fp16,fp32", "full,shared,ref_err")
-    shape_names, dtypes, variants = (given or default for given, default in
-                                     zip((args.shapes, args.dtypes, args.variants), defaults))
+    shape_names, dtypes, variants = (
+        given or default for given, default in zip((args.shapes, args.dtypes, args.variants), defaults)
+    )
     shapes = shapes_for(device_type, shape_names.split(",") if shape_names else None)
     dtypes = _csv_list(dtypes, DTYPES, "dtype")
     variants = _csv_list(variants, VARIANTS, "variant")
@@ -524,7 +594,8 @@ def main(argv=None) -> Path:
 
     cases, filtered = build_cases(args, device.type)
     providers = _csv_list(args.providers, PROVIDERS, "provider") or (
-        DEFAULT_PROVIDERS[device.type] + (QUICK_EXTRA[device.type] if args.quick else []))
+        DEFAULT_PROVIDERS[device.type] + (QUICK_EXTRA[device.type] if args.quick else [])
+    )
     modes = _csv_list(args.modes, MODES, "mode") or list(MODES)
     budget = args.time_budget_s if args.time_budget_s is not None else (200.0 if device.type == "cuda" else 0.0)
 
@@ -535,18 +606,21 @@ def main(argv=None) -> Path:
 
     meta = collect_meta(device, args)
     meta["compile_cache"] = compile_cache
-    tag = args.tag or (f"{device.type}-{_slug(meta['device_name'])}"
-                       + ("-quick" if args.quick else "-partial" if filtered else ""))
+    tag = args.tag or (
+        f"{device.type}-{_slug(meta['device_name'])}" + ("-quick" if args.quick else "-partial" if filtered else "")
+    )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer(device, args.quick)
     meta["copy"] = measure_copy(device, timer, args.quick)
     copy_gbps = meta["copy"]["gbps"]
-    print(f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | {meta['threads']} threads | "
-          f"copy {copy_gbps:.1f} GB/s | load average {meta['loadavg_start']}", flush=True)
+    print(
+        f"{meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | {meta['threads']} threads | "
+        f"copy {copy_gbps:.1f} GB/s | load average {meta['loadavg_start']}",
+        flush=True,
+    )
     if device.type == "cpu" and (meta["loadavg_start"] or 0) > 0.5:
-        print("warning: other processes are using the CPU; timings will be noisy (see loadavg in the JSON)",
-              flush=True)
+        print("warning: other processes are using the CPU; timings will be noisy (see loadavg in the JSON)", flush=True)
 
     results: list[dict] = []
     start = time.perf_counter()
@@ -555,8 +629,11 @@ def main(argv=None) -> Path:
         case = {"shape": shape.name, "dims": shape.label(), "dtype": dtype_name, "variant": variant}
         if budget and time.perf_counter() - start > budget:
             reason = f"not started: time budget {budget:g} s (--time-budget-s)"
-            results += [{**case, "provider": p, "mode": m, "status": "skipped", "reason": reason}
-                        for p in providers for m in modes]
+            results += [
+                {**case, "provider": p, "mode": m, "status": "skipped", "reason": reason}
+                for p in providers
+                for m in modes
+            ]
             print(f"{shape.name:>6} {dtype_name:>4} {variant:<8} skipped: {reason}", flush=True)
             continue
         rows = []
@@ -565,8 +642,11 @@ def main(argv=None) -> Path:
             copies = 1 if device.type == "cuda" else max(1, math.ceil(rotation_bytes() / set_bytes))
             sets = make_inputs(shape, dtype, variant, args.device, copies)
         except Exception as err:  # e.g. out of memory for the inputs themselves
-            rows = [{"provider": p, "mode": m, "status": "error", "reason": "inputs: " + _err(err)}
-                    for p in providers for m in modes]
+            rows = [
+                {"provider": p, "mode": m, "status": "error", "reason": "inputs: " + _err(err)}
+                for p in providers
+                for m in modes
+            ]
             sets = []
         for p in providers if sets else []:
             if unavailable[p] is not None:
@@ -607,11 +687,14 @@ def _print_case(case: dict, rows: list[dict]) -> None:
             print(f"{head} {p:<18} {r.get('status')}: {r.get('reason', '')[:110]}", flush=True)
             continue
         xe = r.get("x_eager")
-        print(f"{head} {p:<18} {r['mode']:<7} {r['median_ms']:9.3f} ms  {r['gbps']:7.1f} GB/s "
-              f"{r['pct_copy']:5.1f}% copy  x_eager {'-' if xe is None else f'{xe:.2f}'}  "
-              f"first {r.get('first_call_ms', float('nan')):.0f} ms  "
-              f"peak+ {r.get('peak_extra_mb', float('nan')):.1f} MB"
-              + (f"  launches {r['launches']}" if r.get("launches") is not None else ""), flush=True)
+        print(
+            f"{head} {p:<18} {r['mode']:<7} {r['median_ms']:9.3f} ms  {r['gbps']:7.1f} GB/s "
+            f"{r['pct_copy']:5.1f}% copy  x_eager {'-' if xe is None else f'{xe:.2f}'}  "
+            f"first {r.get('first_call_ms', float('nan')):.0f} ms  "
+            f"peak+ {r.get('peak_extra_mb', float('nan')):.1f} MB"
+            + (f"  launches {r['launches']}" if r.get("launches") is not None else ""),
+            flush=True,
+        )
 
 
 def _write(out_dir: Path, tag: str, meta: dict, results: list[dict], elapsed: float) -> Path:
@@ -622,8 +705,14 @@ def _write(out_dir: Path, tag: str, meta: dict, results: list[dict], elapsed: fl
     tmp.replace(path)
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         # Run-wide facts repeated per row, so that the CSV stands alone.
-        run_cols = {"device": meta["device_name"], "threads": meta["threads"], "torch": meta["torch"],
-                    "triton": meta["triton"], "date": meta["date"], "copy_gbps": f"{meta['copy']['gbps']:.4g}"}
+        run_cols = {
+            "device": meta["device_name"],
+            "threads": meta["threads"],
+            "torch": meta["torch"],
+            "triton": meta["triton"],
+            "date": meta["date"],
+            "copy_gbps": f"{meta['copy']['gbps']:.4g}",
+        }
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + list(run_cols), extrasaction="ignore")
         writer.writeheader()
         for r in results:

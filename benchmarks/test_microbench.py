@@ -5,7 +5,7 @@
 
 Cases, providers, inputs and the byte model come from benchmarks.run / shapes.py / providers.py, so the numbers are
 comparable with `python -m benchmarks.run` (which also measures first-call, memory and launch counts and writes
-the roofline tables). extra_info per benchmark: bytes moved (spec §5 (docs/spec.md)), GB/s and % of a copy at the median,
+the roofline tables). extra_info per benchmark: bytes moved (docs/spec.md §5), GB/s and % of a copy at the median,
 the copy bandwidth itself, threads, and the loss value (every provider should agree with eager).
 """
 
@@ -37,8 +37,11 @@ def _case_inputs(device: torch.device, shape, dtype_name: str, variant: str, qui
         dtype = DTYPES[dtype_name]
         # CPU: rotate through copies totalling 2x the last-level cache, so that small shapes come from DRAM like
         # the copy they are compared with (benchmarks.run's method).
-        copies = 1 if device.type == "cuda" or quick else max(
-            1, math.ceil(rotation_bytes() / ideal_bytes(shape, dtype, variant, "fwd")))
+        copies = (
+            1
+            if device.type == "cuda" or quick
+            else max(1, math.ceil(rotation_bytes() / ideal_bytes(shape, dtype, variant, "fwd")))
+        )
         _inputs[key] = make_inputs(shape, dtype, variant, device.type, copies)
     return _inputs[key]
 
@@ -107,9 +110,17 @@ def test_loss(benchmark, bench_case, bench_env):
 
     nbytes = ideal_bytes(shape, DTYPES[dtype_name], variant, mode)
     info = {
-        "provider": provider_name, "shape": shape.name, "dims": shape.label(), "dtype": dtype_name,
-        "variant": variant, "mode": mode, "device": device.type, "threads": bench_env["threads"],
-        "bytes": nbytes, "copy_gbps": round(bench_env["copy_gbps"], 2), "loss": loss_value,
+        "provider": provider_name,
+        "shape": shape.name,
+        "dims": shape.label(),
+        "dtype": dtype_name,
+        "variant": variant,
+        "mode": mode,
+        "device": device.type,
+        "threads": bench_env["threads"],
+        "bytes": nbytes,
+        "copy_gbps": round(bench_env["copy_gbps"], 2),
+        "loss": loss_value,
         "input_sets": len(sets),
     }
     if provider_name == "eager":

@@ -43,21 +43,45 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # UNet configs: the embedded default's size, and SD1.5 / SDXL sizes (diffusers' configs of those models).
 MODELS = {
-    "tiny": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                 norm_num_groups=8),
-    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-                 layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816),
+    "tiny": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    "sd15": dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
 }
 TEXT_TOKENS = 77
 
@@ -102,9 +126,12 @@ def run_one(args) -> dict:
     target = torch.randn(2 * b, 4, side, side, device=device, dtype=dtype)
     added = None
     if config.get("addition_embed_type") == "text_time":
-        added = {"text_embeds": torch.randn(2 * b, 1280, device=device, dtype=dtype),
-                 "time_ids": torch.tensor([[side * 8, side * 8, 0, 0, side * 8, side * 8]] * 2 * b, device=device,
-                                          dtype=dtype)}
+        added = {
+            "text_embeds": torch.randn(2 * b, 1280, device=device, dtype=dtype),
+            "time_ids": torch.tensor(
+                [[side * 8, side * 8, 0, 0, side * 8, side * 8]] * 2 * b, device=device, dtype=dtype
+            ),
+        }
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -139,7 +166,7 @@ def run_one(args) -> dict:
             if args.mode == "fused-cached":
                 reference = {"ref_err": ref_err}
             else:
-                with torch.no_grad(), (adapters_disabled(unet) if ref is None else nullcontext(ref)) as r:
+                with torch.no_grad(), adapters_disabled(unet) if ref is None else nullcontext(ref) as r:
                     reference = {"ref_pred": forward(r).to(model_pred.dtype)}
             if args.mode == "eager-copy":
                 loss = diffusers_dpo_loss(model_pred, reference["ref_pred"], target, args.beta)
@@ -168,8 +195,12 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - start)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     result = {
-        "mode": args.mode, "loss": loss.item(), "median_ms": statistics.median(times) * 1e3,
-        "q20_ms": q[0] * 1e3, "q80_ms": q[3] * 1e3, "steps": args.steps,
+        "mode": args.mode,
+        "loss": loss.item(),
+        "median_ms": statistics.median(times) * 1e3,
+        "q20_ms": q[0] * 1e3,
+        "q80_ms": q[3] * 1e3,
+        "steps": args.steps,
         "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
         "trainable_params_m": sum(p.numel() for p in params) / 1e6,
         "reference_copy": ref is not None,
@@ -200,8 +231,11 @@ def _cpu_name() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", choices=list(MODELS), default="tiny")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
@@ -240,13 +274,17 @@ def _check(args, parser) -> None:
 
 
 def _markdown(meta: dict, results: list[dict]) -> str:
-    lines = [f"# Training step: {meta['model']} UNet, {meta['batch_size']} pairs, {meta['dtype']}, "
-             f"{meta['device_name']}",
-             "", f"{meta['date']}, torch {meta['torch']}, {meta['threads']} thread(s)"
-             + (", quick (smoke test: few steps, small batch; not a measurement to quote)" if meta["quick"] else "")
-             + f". Command: `{meta['command']}`", "",
-             "| mode | step ms (median) | 20-80 % ms | peak memory MB | trainable M params | x eager-copy time |"
-             " x eager-copy memory |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training step: {meta['model']} UNet, {meta['batch_size']} pairs, {meta['dtype']}, {meta['device_name']}",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, {meta['threads']} thread(s)"
+        + (", quick (smoke test: few steps, small batch; not a measurement to quote)" if meta["quick"] else "")
+        + f". Command: `{meta['command']}`",
+        "",
+        "| mode | step ms (median) | 20-80 % ms | peak memory MB | trainable M params | x eager-copy time |"
+        " x eager-copy memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     eager = next((r for r in results if r["mode"] == "eager-copy" and "median_ms" in r), None)
     for r in results:
         if "median_ms" not in r:
@@ -254,8 +292,10 @@ def _markdown(meta: dict, results: list[dict]) -> str:
             continue
         rel_t = f"{r['median_ms'] / eager['median_ms']:.2f}" if eager else ""
         rel_m = f"{r['peak_mb'] / eager['peak_mb']:.2f}" if eager and eager["peak_mb"] > 0 else ""
-        lines.append(f"| {r['mode']} | {r['median_ms']:.1f} | {r['q20_ms']:.1f}-{r['q80_ms']:.1f} | "
-                     f"{r['peak_mb']:.0f} | {r['trainable_params_m']:.3f} | {rel_t} | {rel_m} |")
+        lines.append(
+            f"| {r['mode']} | {r['median_ms']:.1f} | {r['q20_ms']:.1f}-{r['q80_ms']:.1f} | "
+            f"{r['peak_mb']:.0f} | {r['trainable_params_m']:.3f} | {rel_t} | {rel_m} |"
+        )
     lines += ["", f"Peak memory: {results[0].get('peak_kind', '')}. See benchmarks/train_step.py for the method.", ""]
     return "\n".join(lines)
 
@@ -271,9 +311,22 @@ def main(argv=None) -> int:
     results = []
     passthrough = [a for a in (sys.argv[1:] if argv is None else argv)]
     for mode in args.modes:
-        cmd = [sys.executable, "-m", "benchmarks.train_step", *passthrough, "--one", mode,
-               "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.train_step",
+            *passthrough,
+            "--one",
+            mode,
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if out.returncode:
             tail = (out.stderr.strip().splitlines() or ["?"])[-1]
@@ -284,13 +337,23 @@ def main(argv=None) -> int:
         r = results[-1]
         print(f"{mode}: {r['median_ms']:.1f} ms/step, peak {r['peak_mb']:.0f} MB", flush=True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
-    meta = {"model": args.model, "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
-            "device_name": device_name, "quick": args.quick, "steps": args.steps, "warmup": args.warmup,
-            "lora_rank": args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python -m benchmarks.train_step " + " ".join(passthrough),
-            "loadavg": os.getloadavg()}
+    meta = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": args.device,
+        "device_name": device_name,
+        "quick": args.quick,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "lora_rank": args.lora_rank,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m benchmarks.train_step " + " ".join(passthrough),
+        "loadavg": os.getloadavg(),
+    }
     tag = args.tag or f"{args.device}-{_slug(device_name)}-{args.model}" + ("-quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"train-step-{tag}.json"

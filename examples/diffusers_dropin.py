@@ -39,9 +39,16 @@ def main(argv=None) -> None:
 
     # A tiny SD-style UNet (4 latent channels, cross-attention to text embeddings) and its frozen reference.
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
     ).to(device)
     ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -63,8 +70,9 @@ def main(argv=None) -> None:
         with torch.no_grad():
             ref_preds = ref_unet(noisy_model_input, timesteps, encoder_hidden_states).sample
         # --- the loss block: was model_losses/ref_losses/chunk(2)/inside_term/-logsigmoid/implicit_acc ------------
-        loss, stats = fused_fdpo_loss(model_pred, ref_preds, target, beta=args.beta_dpo,
-                                      divergence=args.divergence, return_stats=True)
+        loss, stats = fused_fdpo_loss(
+            model_pred, ref_preds, target, beta=args.beta_dpo, divergence=args.divergence, return_stats=True
+        )
         logs = trainer_logs(loss, stats)  # loss, raw_model_loss, ref_loss, implicit_acc
         # --- the script, unchanged -----------------------------------------------------------------------------
         loss.backward()

@@ -68,22 +68,33 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {}
     for name, loss_fn in providers.items():
+
         def step(loss_fn=loss_fn):
             model_pred.grad = None
             loss_fn().backward()
             sync()
 
         step()  # warm-up (the first fused call also loads or compiles the kernels)
-        timer = benchmark.Timer(stmt="step()", globals={"step": step}, label="f-DPO loss fwd+bwd",
-                                sub_label=f"{list(dims)} {args.dtype}", description=name,
-                                num_threads=torch.get_num_threads())
+        timer = benchmark.Timer(
+            stmt="step()",
+            globals={"step": step},
+            label="f-DPO loss fwd+bwd",
+            sub_label=f"{list(dims)} {args.dtype}",
+            description=name,
+            num_threads=torch.get_num_threads(),
+        )
         results[name] = timer.blocked_autorange(min_run_time=args.min_run_time)
-        print(f"{name:>18}: {loss_fn().detach().item():.6f} loss, {results[name].median * 1e3:8.3f} ms (median)", flush=True)
+        print(
+            f"{name:>18}: {loss_fn().detach().item():.6f} loss, {results[name].median * 1e3:8.3f} ms (median)",
+            flush=True,
+        )
 
     fused = results["fused_fdpo_loss"].median
     nbytes = 6 * model_pred.numel() * model_pred.element_size()
-    print(f"fused_fdpo_loss: {results['eager (diffusers)'].median / fused:.2f}x eager, "
-          f"{nbytes / fused / 1e9:.1f} GB/s effective ({device}, {torch.get_num_threads()} threads)")
+    print(
+        f"fused_fdpo_loss: {results['eager (diffusers)'].median / fused:.2f}x eager, "
+        f"{nbytes / fused / 1e9:.1f} GB/s effective ({device}, {torch.get_num_threads()} threads)"
+    )
     benchmark.Compare(list(results.values())).print()
 
 

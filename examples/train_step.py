@@ -71,14 +71,23 @@ def main(argv=None) -> None:
         with torch.no_grad():
             ref_pred = reference(noisy, t)
         # The whole loss: errors, log-ratios, f-divergence link, logsigmoid, mean; statistics for logging.
-        loss, stats = fused_fdpo_loss(model_pred, ref_pred, noise,  # noise [B, ...]: the target shared by a pair
-                                      beta=5000.0, divergence=args.divergence, return_stats=True)
+        loss, stats = fused_fdpo_loss(
+            model_pred,
+            ref_pred,
+            noise,  # noise [B, ...]: the target shared by a pair
+            beta=5000.0,
+            divergence=args.divergence,
+            return_stats=True,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  implicit_acc {stats.implicit_acc.item():.2f}  "
-                  f"raw_model_loss {stats.raw_model_loss.item():.4f}", flush=True)
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  implicit_acc {stats.implicit_acc.item():.2f}  "
+                f"raw_model_loss {stats.raw_model_loss.item():.4f}",
+                flush=True,
+            )
     print("done")
 
 

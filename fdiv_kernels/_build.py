@@ -142,7 +142,9 @@ def _nvcc_real_home(nvcc: str) -> str | None:
     try:  # a wrapper script (e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`): nvcc itself says where it lives
         out = subprocess.run(
             [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         m = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
         if m:
@@ -240,13 +242,19 @@ def load() -> ModuleType:
             try:
                 module = _import_library(prebuilt)
                 record = _read_json(prebuilt + RECORD_SUFFIX) or {}
-                _info.update(kind="prebuilt", path=prebuilt, cuda=record.get("cuda"),
-                             why_no_cuda=None if record.get("cuda") else "built ahead of time without CUDA")
+                _info.update(
+                    kind="prebuilt",
+                    path=prebuilt,
+                    cuda=record.get("cuda"),
+                    why_no_cuda=None if record.get("cuda") else "built ahead of time without CUDA",
+                )
                 return module
             except (ImportError, OSError) as err:
                 problem = f"it fails to load: {err}"
-        _warn(f"fdiv_kernels: ignoring the prebuilt {os.path.basename(prebuilt)} ({problem}); "
-              f"compiling the kernels for the running torch instead")
+        _warn(
+            f"fdiv_kernels: ignoring the prebuilt {os.path.basename(prebuilt)} ({problem}); "
+            f"compiling the kernels for the running torch instead"
+        )
     return jit_load()
 
 
@@ -347,7 +355,8 @@ def plan(csrc: str, why_not_cuda: str | None = None) -> dict:
     includes = [csrc]
     if with_cuda:
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or (
-            _visible_arch_list() if torch.cuda.is_available() else DEFAULT_ARCH_LIST)
+            _visible_arch_list() if torch.cuda.is_available() else DEFAULT_ARCH_LIST
+        )
         includes += nvidia_wheel_includes(torch.version.cuda)
     config = {
         "builder": BUILDER_VERSION,
@@ -424,7 +433,7 @@ def _import_library(path: str) -> ModuleType:
         raise
     package = sys.modules.get("fdiv_kernels")
     if package is not None:
-        setattr(package, "_C", module)
+        package._C = module
     return module
 
 
@@ -433,15 +442,22 @@ def jit_load(csrc: str | None = None) -> ModuleType:
     if _env("FDIV_KERNELS_JIT", "1") in _FALSE:
         raise BuildError(
             "the C++ extension is not built and FDIV_KERNELS_JIT=0 turns off compiling it on first use (build it "
-            "ahead of time: FDIV_KERNELS_BUILD=aot pip install --no-build-isolation .)")
+            "ahead of time: FDIV_KERNELS_BUILD=aot pip install --no-build-isolation .)"
+        )
     csrc = csrc or source_dir()
     if csrc is None:
-        raise BuildError(f"no C++ sources found (neither {os.path.join(PKG_DIR, '_csrc')} nor a source checkout's "
-                         "csrc/): a broken install?")
+        raise BuildError(
+            f"no C++ sources found (neither {os.path.join(PKG_DIR, '_csrc')} nor a source checkout's "
+            "csrc/): a broken install?"
+        )
     p = plan(csrc)
     failed = os.path.join(p["directory"], "failed.txt")
-    if p["with_cuda"] and cuda_mode() == "auto" and os.path.isfile(failed) and _cached_library(
-            os.path.join(p["directory"], "build.json")) is None:
+    if (
+        p["with_cuda"]
+        and cuda_mode() == "auto"
+        and os.path.isfile(failed)
+        and _cached_library(os.path.join(p["directory"], "build.json")) is None
+    ):
         # An earlier process could not compile the CUDA kernels here: do not pay minutes to fail again each run.
         with open(failed) as f:
             why = f"the CUDA kernels failed to compile in an earlier run ({f.read().strip()}; delete {failed} to retry)"
@@ -475,8 +491,9 @@ def _jit_load(p: dict) -> ModuleType:
                             raise BuildError(f.read().strip())
                     library = _compile(p, record_path, failed_path)
         except OSError as err:  # e.g. a read-only cache folder
-            raise BuildError(f"cannot build in {directory}: {err} (set FDIV_KERNELS_CACHE_DIR to a writable "
-                             "folder)") from err
+            raise BuildError(
+                f"cannot build in {directory}: {err} (set FDIV_KERNELS_CACHE_DIR to a writable folder)"
+            ) from err
     module = _import_library(library)
     _info.update(kind="jit", path=library, cuda=p["with_cuda"], why_no_cuda=p["why_no_cuda"])
     return module
@@ -512,8 +529,9 @@ def _first_error(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for pattern in (r"(fatal )?error( [A-Z]+\d+)?:", r"\berror\b"):
         for ln in lines:
-            if re.search(pattern, ln, re.IGNORECASE) and not ln.startswith(("FAILED", "ninja: build stopped",
-                                                                            "Error building extension")):
+            if re.search(pattern, ln, re.IGNORECASE) and not ln.startswith(
+                ("FAILED", "ninja: build stopped", "Error building extension")
+            ):
                 return ln[:300]
     return (lines[0] if lines else "no output")[:300]
 
@@ -541,8 +559,11 @@ def _compile(p: dict, record_path: str, failed_path: str) -> str:
     directory = p["directory"]
     what = "C++ CPU and CUDA kernels" if p["with_cuda"] else "C++ CPU kernels"
     about = "a few minutes" if p["with_cuda"] else "about a minute"
-    _say(f"fdiv_kernels: compiling the {what} for torch {torch.__version__} on first use ({about}, once per torch "
-         f"version; cache {directory}) ...", end="")
+    _say(
+        f"fdiv_kernels: compiling the {what} for torch {torch.__version__} on first use ({about}, once per torch "
+        f"version; cache {directory}) ...",
+        end="",
+    )
     t0 = time.perf_counter()
     saved = {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")}
     _ensure_ninja_on_path()
@@ -571,8 +592,9 @@ def _compile(p: dict, record_path: str, failed_path: str) -> str:
         with contextlib.suppress(OSError), open(log, "w") as f:
             f.write(text + "\n")
         _say(" failed")
-        message = (f"compiling the {what} for torch {torch.__version__} failed ({_first_error(str(err))}; "
-                   f"full log: {log})")
+        message = (
+            f"compiling the {what} for torch {torch.__version__} failed ({_first_error(str(err))}; full log: {log})"
+        )
         with contextlib.suppress(OSError), open(failed_path, "w") as f:
             f.write(message + "\n")
         raise BuildError(message) from None

@@ -65,9 +65,18 @@ class FDPOConfig:
     def op_scalars(self) -> tuple:
         """The scalar arguments of fdiv_kernels::fdpo_forward, in schema order."""
         return (
-            self.beta, self.divergence.id, self.divergence.alpha, self.gamma, self.label_smoothing,
-            ERR_REDUCTIONS[self.err_reduction], self.logratio_clip or 0.0, self.reduction_id,
-            LOSS_TYPES[self.loss_type], self.ipo_margin, self.interleaved, self.strict_ties,
+            self.beta,
+            self.divergence.id,
+            self.divergence.alpha,
+            self.gamma,
+            self.label_smoothing,
+            ERR_REDUCTIONS[self.err_reduction],
+            self.logratio_clip or 0.0,
+            self.reduction_id,
+            LOSS_TYPES[self.loss_type],
+            self.ipo_margin,
+            self.interleaved,
+            self.strict_ties,
         )
 
 
@@ -103,12 +112,16 @@ def make_config(
         raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
     loss_type = _choice("loss_type", loss_type, tuple(LOSS_TYPES))
     if loss_type != "sigmoid" and eps > 0:
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only; got loss_type={loss_type!r} with "
-                         f"label_smoothing={eps}")
+        raise ValueError(
+            f"label_smoothing applies to loss_type='sigmoid' only; got loss_type={loss_type!r} with "
+            f"label_smoothing={eps}"
+        )
     if loss_type == "ipo":
         if ipo_tau is None:
-            raise ValueError("loss_type='ipo' needs ipo_tau, its regularization: loss = (z - 1 / (2 ipo_tau))^2 "
-                             "(see docs/dropin.md for diffusers' --loss_type ipo)")
+            raise ValueError(
+                "loss_type='ipo' needs ipo_tau, its regularization: loss = (z - 1 / (2 ipo_tau))^2 "
+                "(see docs/dropin.md for diffusers' --loss_type ipo)"
+            )
         ipo_margin = 1.0 / (2.0 * _finite_float("ipo_tau", ipo_tau, positive=True))
         if ipo_margin > _FLOAT32_MAX:
             raise ValueError(f"ipo_tau={ipo_tau:g} gives a margin 1/(2 ipo_tau) beyond float32's range")
@@ -173,8 +186,9 @@ class FDPOProblem:
         return self.mask is not None and self.mask.shape[0] == self.num_pairs
 
 
-def _finite_float(name: str, value, *, positive: bool = False, allow_none: bool = False,
-                  float32: bool = False) -> float | None:
+def _finite_float(
+    name: str, value, *, positive: bool = False, allow_none: bool = False, float32: bool = False
+) -> float | None:
     """A real number (Python or NumPy scalar; not a bool, not a tensor, which would need a host sync) as float."""
     if value is None and allow_none:
         return None
@@ -187,7 +201,9 @@ def _finite_float(name: str, value, *, positive: bool = False, allow_none: bool 
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")
     if float32 and abs(value) > _FLOAT32_MAX:
-        raise ValueError(f"{name}={value:g} is beyond float32's range ({_FLOAT32_MAX:.4g}), in which the kernels compute")
+        raise ValueError(
+            f"{name}={value:g} is beyond float32's range ({_FLOAT32_MAX:.4g}), in which the kernels compute"
+        )
     return value
 
 
@@ -267,7 +283,9 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
             )
 
     if target is None:
-        raise ValueError("target is required: the denoising target (noise, v or flow), shape [2B, ...] or shared [B, ...]")
+        raise ValueError(
+            "target is required: the denoising target (noise, v or flow), shape [2B, ...] or shared [B, ...]"
+        )
     _check_tensor("target", target, model_pred)
     if target.shape[1:] != sample_shape or target.shape[0] not in (rows, num_pairs):
         raise ValueError(
@@ -284,7 +302,9 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
     if pair_weight is not None:
         _check_tensor("pair_weight", pair_weight, model_pred, elementwise=False)
         if pair_weight.shape != (num_pairs,):
-            raise ValueError(f"pair_weight must have shape [B] = ({num_pairs},), one weight per pair; got {tuple(pair_weight.shape)}")
+            raise ValueError(
+                f"pair_weight must have shape [B] = ({num_pairs},), one weight per pair; got {tuple(pair_weight.shape)}"
+            )
     return num_pairs
 
 
@@ -311,7 +331,20 @@ def validate(
     ipo_tau=None,
 ) -> FDPOProblem:
     """Config and tensor checks of one call (the reference's entry point; the fused loss caches the config)."""
-    config = make_config(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout, beta_convention,
-                         logratio_clip, reduction, implicit_acc_ties, loss_type, ipo_tau)
+    config = make_config(
+        beta,
+        divergence,
+        alpha,
+        gamma,
+        label_smoothing,
+        err_reduction,
+        layout,
+        beta_convention,
+        logratio_clip,
+        reduction,
+        implicit_acc_ties,
+        loss_type,
+        ipo_tau,
+    )
     num_pairs = check_inputs(config, model_pred, ref_pred, target, ref_err, mask, pair_weight)
     return FDPOProblem(config, model_pred, ref_pred, target, ref_err, mask, pair_weight, num_pairs)

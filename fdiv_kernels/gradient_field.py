@@ -230,8 +230,11 @@ def plot_gradient_field(
     colors = plt.get_cmap("tab10").colors
     for i, name in enumerate(divergences):
         ax.plot(
-            d.numpy(), psi_slope(get_divergence(name, alpha), d).numpy(), label=_label(name, alpha),
-            color=colors[i % len(colors)], linewidth=1.6,
+            d.numpy(),
+            psi_slope(get_divergence(name, alpha), d).numpy(),
+            label=_label(name, alpha),
+            color=colors[i % len(colors)],
+            linewidth=1.6,
         )
     ax.set_yscale("log")
     ax.set_xlabel("d")
@@ -243,7 +246,10 @@ def plot_gradient_field(
         extra.set_visible(False)
     if mesh is not None:
         fig.colorbar(
-            mesh, ax=list(flat), shrink=0.7, extend="min",
+            mesh,
+            ax=list(flat),
+            shrink=0.7,
+            extend="min",
             label=f"field panels: |(push_w, push_l)|, log scale (below {lo:.0e}: darkest)",
         )
     fig.suptitle("f-DPO update direction (+push_w, -push_l) over (d_w, d_l); dashed: logit 0", fontsize=12)
@@ -277,9 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/img/gradient_field.png", help="PNG to write")
     parser.add_argument("--alpha", type=float, default=0.5, help="alpha of the alpha-divergence, in (0, 1)")
     parser.add_argument("--extent", type=float, default=4.0, help="plot (d_w, d_l) over [-extent, extent]^2")
-    parser.add_argument(
-        "--divergences", nargs="+", default=list(DEFAULT_DIVERGENCES), help="divergences to draw"
-    )
+    parser.add_argument("--divergences", nargs="+", default=list(DEFAULT_DIVERGENCES), help="divergences to draw")
     args = parser.parse_args(argv)
     try:
         out = plot_gradient_field(args.out, divergences=args.divergences, alpha=args.alpha, extent=args.extent)

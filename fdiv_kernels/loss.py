@@ -70,13 +70,27 @@ def fused_fdpo_loss(
         ``model_pred`` only.
     """
     # Scalars: validated once per distinct configuration (a cache hit costs a dict lookup).
-    config = config_for(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout, beta_convention,
-                        logratio_clip, reduction, implicit_acc_ties, loss_type, ipo_tau)
+    config = config_for(
+        beta,
+        divergence,
+        alpha,
+        gamma,
+        label_smoothing,
+        err_reduction,
+        layout,
+        beta_convention,
+        logratio_clip,
+        reduction,
+        implicit_acc_ties,
+        loss_type,
+        ipo_tau,
+    )
     return _apply(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight)
 
 
-def _apply(config: FDPOConfig, backend: str, return_stats: bool, model_pred, ref_pred, target, ref_err, mask,
-           pair_weight):
+def _apply(
+    config: FDPOConfig, backend: str, return_stats: bool, model_pred, ref_pred, target, ref_err, mask, pair_weight
+):
     """The loss of one call with a validated config: tensor checks, then one op call (statistics included)."""
     check_inputs(config, model_pred, ref_pred, target, ref_err, mask, pair_weight)
     name = resolve_backend(backend, model_pred.device)
@@ -86,8 +100,9 @@ def _apply(config: FDPOConfig, backend: str, return_stats: bool, model_pred, ref
             "(float64 runs on backend='cpu' or 'torch')"
         )
     op = forward_op(name, model_pred.device.type)
-    loss, logits, sample_stats, summary, _ = op(model_pred, ref_pred, target, ref_err, mask, pair_weight,
-                                                *config.op_scalars())
+    loss, logits, sample_stats, summary, _ = op(
+        model_pred, ref_pred, target, ref_err, mask, pair_weight, *config.op_scalars()
+    )
     if not return_stats:
         return loss
     return loss, FDPOStats.from_kernel(logits, sample_stats, summary)
@@ -120,19 +135,35 @@ class FDPOLoss(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.config = make_config(beta, divergence, alpha, gamma, label_smoothing, err_reduction, layout,
-                                  beta_convention, logratio_clip, reduction, implicit_acc_ties, loss_type, ipo_tau)
+        self.config = make_config(
+            beta,
+            divergence,
+            alpha,
+            gamma,
+            label_smoothing,
+            err_reduction,
+            layout,
+            beta_convention,
+            logratio_clip,
+            reduction,
+            implicit_acc_ties,
+            loss_type,
+            ipo_tau,
+        )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend={backend!r}; expected one of {list(BACKENDS)}")
         self.backend = backend
         self.return_stats = bool(return_stats)
-        self._repr = (f"divergence={divergence!r}, beta={beta!r}, beta_convention={beta_convention!r}"
-                      + (f", alpha={alpha!r}" if self.config.divergence.name == "alpha" else "")
-                      + f", gamma={gamma!r}, backend={backend!r}")
+        self._repr = (
+            f"divergence={divergence!r}, beta={beta!r}, beta_convention={beta_convention!r}"
+            + (f", alpha={alpha!r}" if self.config.divergence.name == "alpha" else "")
+            + f", gamma={gamma!r}, backend={backend!r}"
+        )
 
     def forward(self, model_pred, ref_pred=None, target=None, *, ref_err=None, mask=None, pair_weight=None):
-        return _apply(self.config, self.backend, self.return_stats, model_pred, ref_pred, target, ref_err, mask,
-                      pair_weight)
+        return _apply(
+            self.config, self.backend, self.return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight
+        )
 
     def extra_repr(self) -> str:
         return self._repr

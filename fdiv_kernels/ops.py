@@ -58,8 +58,13 @@ def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair
     params = KernelParams(*scalars)
     return tuple(
         get_implementation(backend).forward(
-            _rows(model_pred), _rows(ref_pred), _rows(target), _small(ref_err, model_pred), _rows(mask),
-            _small(pair_weight, model_pred), params,
+            _rows(model_pred),
+            _rows(ref_pred),
+            _rows(target),
+            _small(ref_err, model_pred),
+            _rows(mask),
+            _small(pair_weight, model_pred),
+            params,
         )
     )
 
@@ -109,14 +114,51 @@ def fdpo_forward_py(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fdiv_kernels::fdpo_forward on the named backend (same outputs)."""
-    return _run_forward(backend, model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha,
-                        gamma, label_smoothing, err_reduction, logratio_clip, reduction, loss_type, ipo_margin,
-                        interleaved, strict_ties)
+    return _run_forward(
+        backend,
+        model_pred,
+        ref_pred,
+        target,
+        ref_err,
+        mask,
+        pair_weight,
+        beta,
+        divergence,
+        alpha,
+        gamma,
+        label_smoothing,
+        err_reduction,
+        logratio_clip,
+        reduction,
+        loss_type,
+        ipo_margin,
+        interleaved,
+        strict_ties,
+    )
 
 
 @fdpo_forward_py.register_fake
-def _(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma, label_smoothing,
-      err_reduction, logratio_clip, reduction, loss_type, ipo_margin, interleaved, strict_ties, backend):
+def _(
+    model_pred,
+    ref_pred,
+    target,
+    ref_err,
+    mask,
+    pair_weight,
+    beta,
+    divergence,
+    alpha,
+    gamma,
+    label_smoothing,
+    err_reduction,
+    logratio_clip,
+    reduction,
+    loss_type,
+    ipo_margin,
+    interleaved,
+    strict_ties,
+    backend,
+):
     rows = model_pred.shape[0]
     pairs = rows // 2
     acc = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
@@ -175,6 +217,7 @@ fdpo_backward_py.register_autograd(_no_double_backward, setup_context=lambda ctx
 # ---------------------------------------------------------------------------------------------------------------
 # Which op a call runs.
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _python_op(backend: str) -> Callable:
     def op(*args):

@@ -26,8 +26,15 @@ STAT_NAMES = ("logits", "model_err", "ref_err", "logratio", "reward", "implicit_
 # Statistics that depend on d: with cached ref_err, d = beta/2 (ref_err - e) carries the cancellation of two rounded
 # numbers; the errors themselves and the raw losses do not.
 D_STATS = ("logits", "logratio", "reward")
-DIVERGENCES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5), ("alpha", 0.1), ("alpha", 0.5), ("alpha", 0.9),
-               ("hellinger", 0.5)]
+DIVERGENCES = [
+    ("reverse_kl", 0.5),
+    ("forward_kl", 0.5),
+    ("js", 0.5),
+    ("alpha", 0.1),
+    ("alpha", 0.5),
+    ("alpha", 0.9),
+    ("hellinger", 0.5),
+]
 DIV_IDS = [f"{n}-{a}" if n == "alpha" else n for n, a in DIVERGENCES]
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 LOW_DTYPES = (F32, F16, BF16)
@@ -109,7 +116,8 @@ def assert_close(actual, expected, rtol, name, *, row_scale=False, elementwise=F
     inf_a, inf_e = actual.isinf(), expected.isinf()
     assert torch.equal(inf_a, inf_e) and torch.equal(actual[inf_a], expected[inf_e]), (
         f"{name}: infs at {inf_a.nonzero()[:8].tolist()} (signs {actual[inf_a][:8].tolist()}), "
-        f"the reference's at {inf_e.nonzero()[:8].tolist()} (signs {expected[inf_e][:8].tolist()})")
+        f"the reference's at {inf_e.nonzero()[:8].tolist()} (signs {expected[inf_e][:8].tolist()})"
+    )
     if not actual.numel():
         return
     finite = ~inf_e
@@ -124,8 +132,10 @@ def assert_close(actual, expected, rtol, name, *, row_scale=False, elementwise=F
     bound = rtol * (e.abs() + scale) + 1e-300
     worst = (err / bound).max().item()
     where = tuple(int(i) for i in torch.unravel_index((err / bound).argmax(), err.shape)) if err.dim() else ()
-    assert worst <= 1.0, (f"{name}: error {err[where].item():.3e} at {where} ({actual[where].item():.6g} vs "
-                          f"{expected[where].item():.6g}) is {worst:.2f}x the tolerance (rtol={rtol})")
+    assert worst <= 1.0, (
+        f"{name}: error {err[where].item():.3e} at {where} ({actual[where].item():.6g} vs "
+        f"{expected[where].item():.6g}) is {worst:.2f}x the tolerance (rtol={rtol})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
@@ -144,9 +154,23 @@ def winner_loser(x_rows: torch.Tensor, layout: str = "halves"):
     return x_rows[:B], x_rows[B:]
 
 
-def make_inputs(B=3, shape=(3, 17, 13), dtype=F32, *, seed=0, shared_target=False, mask=None, ref_err=False,
-                pair_weight=False, d_scale=1.0, beta=BETA, beta_convention="half", layout="halves",
-                err_reduction="mean", device="cpu"):
+def make_inputs(
+    B=3,
+    shape=(3, 17, 13),
+    dtype=F32,
+    *,
+    seed=0,
+    shared_target=False,
+    mask=None,
+    ref_err=False,
+    pair_weight=False,
+    d_scale=1.0,
+    beta=BETA,
+    beta_convention="half",
+    layout="halves",
+    err_reduction="mean",
+    device="cpu",
+):
     """Fresh random inputs (never zeros) for ``fused_fdpo_loss``, as a dict of keyword arguments.
 
     model_pred = target + N(0, 1) and ref_pred = model_pred + sigma N(0, 1): e_ref - e ~ 2 sigma N(0, 1) / sqrt(D)
@@ -163,8 +187,9 @@ def make_inputs(B=3, shape=(3, 17, 13), dtype=F32, *, seed=0, shared_target=Fals
     target = torch.randn(B if shared_target else rows, *shape, generator=g, dtype=F64)
     t_rows = rows_of_pairs(target, layout) if shared_target else target
     pred = t_rows + torch.randn(rows, *shape, generator=g, dtype=F64)
-    sigma = d_scale * math.sqrt(D) / (2 * half_beta) if err_reduction != "sum" else d_scale / (2 * half_beta *
-                                                                                              math.sqrt(D))
+    sigma = (
+        d_scale * math.sqrt(D) / (2 * half_beta) if err_reduction != "sum" else d_scale / (2 * half_beta * math.sqrt(D))
+    )
     ref = pred + sigma * torch.randn(rows, *shape, generator=g, dtype=F64)
     out = dict(model_pred=pred.to(dtype), ref_pred=ref.to(dtype), target=target.to(dtype))
     acc = F64 if dtype == F64 else F32
@@ -176,8 +201,14 @@ def make_inputs(B=3, shape=(3, 17, 13), dtype=F32, *, seed=0, shared_target=Fals
     if pair_weight:
         out["pair_weight"] = (torch.rand(B, generator=g, dtype=F64) + 0.5).to(acc)
     if ref_err:
-        _, stats = fdpo_loss_reference(**as64(out), beta=beta, beta_convention=beta_convention, layout=layout,
-                                       err_reduction=err_reduction, return_stats=True)
+        _, stats = fdpo_loss_reference(
+            **as64(out),
+            beta=beta,
+            beta_convention=beta_convention,
+            layout=layout,
+            err_reduction=err_reduction,
+            return_stats=True,
+        )
         out["ref_err"] = stats.ref_err.to(acc)
         del out["ref_pred"]
     return {k: v.to(device) for k, v in out.items()}
@@ -191,7 +222,7 @@ def upstream_for(loss_shape, B, seed=0):
     """A non-unit upstream gradient: -1.3 for a scalar loss, random in [-1.5, 1.5] per pair for reduction="none"."""
     if len(loss_shape) == 0:
         return torch.tensor(-1.3, dtype=F64)
-    return (torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=F64) * 3 - 1.5)
+    return torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=F64) * 3 - 1.5
 
 
 # ----------------------------------------------------------------------------------------------------- running

@@ -29,7 +29,7 @@ diffusers = pytest.importorskip("diffusers")
 accelerate = pytest.importorskip("accelerate")
 peft = pytest.importorskip("peft")
 
-from test_trainer_parity import (  # the trainers' formulas, evaluated in float64
+from test_trainer_parity import (  # noqa: E402 (after the importorskips)  the trainers' formulas, in float64
     F64,
     _assert_stats_match,
     diffusers_sd15_loss,
@@ -54,7 +54,7 @@ def doc_snippet(heading: str, call: str = "fused_fdpo_loss(") -> str:
     text = DOC.read_text()
     start = text.index(f"\n## {heading}")
     end = text.find("\n## ", start + 1)
-    section = text[start:end if end >= 0 else None]
+    section = text[start : end if end >= 0 else None]
     blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if call in b]
     assert len(blocks) == 1, f"docs/dropin.md, section {heading!r}: expected one block calling {call}"
     return textwrap.dedent(blocks[0])
@@ -96,12 +96,25 @@ def make_accelerator():
 
 def tiny_unet(sdxl=False):
     torch.manual_seed(0)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=8 + 6 * 4) if sdxl else {}
+    extra = (
+        dict(
+            addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4
+        )
+        if sdxl
+        else {}
+    )
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4, **extra,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        **extra,
     )
 
 
@@ -109,8 +122,11 @@ def lora_unet(accelerator, weight_dtype, sdxl=False):
     """diffusers' DPO scripts: frozen UNet in weight_dtype, LoRA on the attention projections, LoRA upcast to
     float32 under fp16, then accelerator.prepare. LoRA B starts at 0 (policy == reference): move it a little."""
     unet = tiny_unet(sdxl).requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        peft.LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     if accelerator.mixed_precision == "fp16":
         for param in unet.parameters():
             if param.requires_grad:
@@ -143,12 +159,21 @@ def script_batch(accelerator, weight_dtype, prediction_type, sdxl=False, seed=0,
         target = noise
     else:
         target = scheduler.get_velocity(latents, noise, timesteps)
-    ns = dict(noise_scheduler=scheduler, latents=latents, noise=noise, timesteps=timesteps, target=target,
-              noisy_model_input=noisy_model_input, encoder_hidden_states=randn(NUM_PAIRS, 6, 8).repeat(2, 1, 1))
+    ns = dict(
+        noise_scheduler=scheduler,
+        latents=latents,
+        noise=noise,
+        timesteps=timesteps,
+        target=target,
+        noisy_model_input=noisy_model_input,
+        encoder_hidden_states=randn(NUM_PAIRS, 6, 8).repeat(2, 1, 1),
+    )
     if sdxl:
-        ns.update(prompt_embeds=ns["encoder_hidden_states"], pooled_prompt_embeds=randn(NUM_PAIRS, 8).repeat(2, 1),
-                  add_time_ids=torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]]).to(dev, weight_dtype)
-                  .repeat(2 * NUM_PAIRS, 1))
+        ns.update(
+            prompt_embeds=ns["encoder_hidden_states"],
+            pooled_prompt_embeds=randn(NUM_PAIRS, 8).repeat(2, 1),
+            add_time_ids=torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]]).to(dev, weight_dtype).repeat(2 * NUM_PAIRS, 1),
+        )
     return ns
 
 
@@ -239,25 +264,35 @@ def run_diffusers_script(accelerator, sdxl, prediction_type, latents_dtype=None)
     try:
         if sdxl:
             added = {"time_ids": ns["add_time_ids"], "text_embeds": ns["pooled_prompt_embeds"]}
-            model_pred = unet(ns["noisy_model_input"], ns["timesteps"], ns["prompt_embeds"],
-                              added_cond_kwargs=added).sample
+            model_pred = unet(
+                ns["noisy_model_input"], ns["timesteps"], ns["prompt_embeds"], added_cond_kwargs=added
+            ).sample
         else:
             model_pred = unet(ns["noisy_model_input"], ns["timesteps"], ns["encoder_hidden_states"]).sample
     except RuntimeError as err:
         if accelerator.native_amp or ns["noisy_model_input"].dtype == weight_dtype:
             raise
-        pytest.skip(f"the script cannot run with {ns['noisy_model_input'].dtype} latents under mixed_precision="
-                    f"{accelerator.mixed_precision!r} on {accelerator.device}: Accelerate does not autocast there "
-                    f"(native_amp=False), and they meet the {weight_dtype} UNet: {err}")
+        pytest.skip(
+            f"the script cannot run with {ns['noisy_model_input'].dtype} latents under mixed_precision="
+            f"{accelerator.mixed_precision!r} on {accelerator.device}: Accelerate does not autocast there "
+            f"(native_amp=False), and they meet the {weight_dtype} UNet: {err}"
+        )
     return unet, dict(ns, accelerator=accelerator, unet=unet, model_pred=model_pred)
 
 
-DIFFUSERS_CASES = [(script, mp, pt) for script in ("sd15", "sdxl") for mp in MIXED_PRECISION for pt in PREDICTION_TYPES
-                   if mp != "no" or pt == "v_prediction"]  # all-float32: one case each
+DIFFUSERS_CASES = [
+    (script, mp, pt)
+    for script in ("sd15", "sdxl")
+    for mp in MIXED_PRECISION
+    for pt in PREDICTION_TYPES
+    if mp != "no" or pt == "v_prediction"
+]  # all-float32: one case each
 DIFFUSERS_CASES += [("sdxl_fp32_vae", mp, "epsilon") for mp in ("bf16", "fp16")]
 
 
-@pytest.mark.parametrize("script, mixed_precision, prediction_type", DIFFUSERS_CASES, ids=["-".join(c) for c in DIFFUSERS_CASES])
+@pytest.mark.parametrize(
+    "script, mixed_precision, prediction_type", DIFFUSERS_CASES, ids=["-".join(c) for c in DIFFUSERS_CASES]
+)
 def test_diffusers_scripts_under_accelerate(make_accelerator, script, mixed_precision, prediction_type):
     """``sdxl_fp32_vae``: the SDXL script given --pretrained_vae_model_name_or_path keeps float32 latents."""
     accelerator = make_accelerator(mixed_precision)
@@ -270,8 +305,9 @@ def test_diffusers_scripts_under_accelerate(make_accelerator, script, mixed_prec
     with torch.no_grad():
         if sdxl:
             added = {"time_ids": ns["add_time_ids"], "text_embeds": ns["pooled_prompt_embeds"]}
-            probe_ref = unet(ns["noisy_model_input"], ns["timesteps"], ns["prompt_embeds"],
-                             added_cond_kwargs=added).sample
+            probe_ref = unet(
+                ns["noisy_model_input"], ns["timesteps"], ns["prompt_embeds"], added_cond_kwargs=added
+            ).sample
         else:
             probe_ref = unet(ns["noisy_model_input"], ns["timesteps"], ns["encoder_hidden_states"]).sample
     accelerator.unwrap_model(unet).enable_adapters()
@@ -340,8 +376,12 @@ def test_sd15_loss_types_under_accelerate(make_accelerator, loss_type):
     scale = expected_grad.abs().amax(dim=(1, 2, 3), keepdim=True)
     assert (scale > 0).all()
     torch.testing.assert_close(grad.double() / scale, expected_grad / scale, rtol=0, atol=2e-5)
-    kwargs = dict(beta=formula_beta, beta_convention="full", loss_type=loss_type,
-                  **({"ipo_tau": tau} if loss_type == "ipo" else {}))
+    kwargs = dict(
+        beta=formula_beta,
+        beta_convention="full",
+        loss_type=loss_type,
+        **({"ipo_tau": tau} if loss_type == "ipo" else {}),
+    )
     check_each_target_counts(dict(ns, beta=beta), formula, kwargs)
 
 
@@ -369,15 +409,21 @@ def run_original_script(accelerator, prediction_type, ref_prepared):
     except RuntimeError as err:
         if accelerator.native_amp or "dtype" not in str(err):
             raise
-        pytest.skip(f"train.py's float32 UNet cannot run under mixed_precision={accelerator.mixed_precision!r} "
-                    f"on {accelerator.device}: Accelerate does not autocast there (native_amp=False), and the "
-                    f"{weight_dtype} inputs meet float32 weights: {err}")
-    return unet, dict(ns, ref_unet=ref_unet, model_batch_args=model_batch_args, added_cond_kwargs=None,
-                      model_pred=model_pred)
+        pytest.skip(
+            f"train.py's float32 UNet cannot run under mixed_precision={accelerator.mixed_precision!r} "
+            f"on {accelerator.device}: Accelerate does not autocast there (native_amp=False), and the "
+            f"{weight_dtype} inputs meet float32 weights: {err}"
+        )
+    return unet, dict(
+        ns, ref_unet=ref_unet, model_batch_args=model_batch_args, added_cond_kwargs=None, model_pred=model_pred
+    )
 
 
-@pytest.mark.parametrize("prediction_type, ref_prepared", [("epsilon", False), ("epsilon", True), ("v_prediction", False)],
-                         ids=["epsilon-ref_unprepared", "epsilon-ref_prepared", "v_prediction-ref_unprepared"])
+@pytest.mark.parametrize(
+    "prediction_type, ref_prepared",
+    [("epsilon", False), ("epsilon", True), ("v_prediction", False)],
+    ids=["epsilon-ref_unprepared", "epsilon-ref_prepared", "v_prediction-ref_unprepared"],
+)
 @pytest.mark.parametrize("mixed_precision", MIXED_PRECISION)
 def test_original_code_under_accelerate(make_accelerator, mixed_precision, prediction_type, ref_prepared):
     accelerator = make_accelerator(mixed_precision)
@@ -394,10 +440,15 @@ def test_original_code_under_accelerate(make_accelerator, mixed_precision, predi
     weight_dtype = weight_dtype_of(accelerator)
     expected_model = torch.float32  # prepared float32 UNet: autocast + convert_outputs_to_fp32, or plain fp32
     expected_ref = torch.float32 if ref_prepared and accelerator.native_amp else weight_dtype
-    assert (probes["model_pred"], probes["ref_pred"], probes["target"]) == (expected_model, expected_ref,
-                                                                            weight_dtype), probes
-    print(f"\n[dtypes] original {mixed_precision} {prediction_type} ref_prepared={ref_prepared} on "
-          f"{accelerator.device}: {probes}")
+    assert (probes["model_pred"], probes["ref_pred"], probes["target"]) == (
+        expected_model,
+        expected_ref,
+        weight_dtype,
+    ), probes
+    print(
+        f"\n[dtypes] original {mixed_precision} {prediction_type} ref_prepared={ref_prepared} on "
+        f"{accelerator.device}: {probes}"
+    )
 
 
 # ---- the other snippets (flow trainer, auto beta, separate tensors) on the same real tensors ---------------------
@@ -424,8 +475,10 @@ def test_other_snippets_under_accelerate(make_accelerator, source, mixed_precisi
 
     # Flow-matching trainer: summed errors, 0.5 * beta.
     beta = pick_beta(flow_sum_loss, model_pred, ref_pred, target)
-    out = run_snippet("Drop into a flow-matching trainer", dict(model_pred=model_pred, ref_pred=ref_pred,
-                                                                 target=target, beta=beta, divergence="reverse_kl"))
+    out = run_snippet(
+        "Drop into a flow-matching trainer",
+        dict(model_pred=model_pred, ref_pred=ref_pred, target=target, beta=beta, divergence="reverse_kl"),
+    )
     expected = flow_sum_loss(model_pred.detach(), ref_pred, target, beta)
     assert expected["logits"].abs().max().item() > 0.5
     _assert_stats_match(out["loss"], out["stats"], expected, NUM_PAIRS)
@@ -448,11 +501,21 @@ def test_other_snippets_under_accelerate(make_accelerator, source, mixed_precisi
     (model_w, model_l), (ref_w, ref_l), (target_w, target_l) = halves
     from fdiv_kernels.integrations import fdpo_loss_from_pairs
 
-    out = run_snippet("Separate winner and loser tensors", dict(
-        model_w=model_w, model_l=model_l, ref_w=ref_w, ref_l=ref_l, target_w=target_w, target_l=target_l,
-        beta=beta, fdpo_loss_from_pairs=fdpo_loss_from_pairs), call="fdpo_loss_from_pairs(")
-    direct, direct_stats = fused_fdpo_loss(model_pred, ref_pred, target, beta=beta, divergence="js",
-                                           return_stats=True)
+    out = run_snippet(
+        "Separate winner and loser tensors",
+        dict(
+            model_w=model_w,
+            model_l=model_l,
+            ref_w=ref_w,
+            ref_l=ref_l,
+            target_w=target_w,
+            target_l=target_l,
+            beta=beta,
+            fdpo_loss_from_pairs=fdpo_loss_from_pairs,
+        ),
+        call="fdpo_loss_from_pairs(",
+    )
+    direct, direct_stats = fused_fdpo_loss(model_pred, ref_pred, target, beta=beta, divergence="js", return_stats=True)
     torch.testing.assert_close(out["loss"], direct, rtol=1e-6, atol=0)
     torch.testing.assert_close(out["stats"].logits, direct_stats.logits, rtol=1e-6, atol=1e-7)
 
@@ -486,19 +549,22 @@ def test_original_bf16_arithmetic_quantizes_its_logits(make_accelerator):
     beta = pick_beta(original_diffusion_dpo_loss, model_pred, ref_pred, target)
     exact = original_diffusion_dpo_loss(model_pred, ref_pred, target, beta)
     script = original_script_as_written(model_pred, ref_pred, target, beta)
-    fused_loss, stats = fused_fdpo_loss(model_pred, ref_pred, target, beta=beta, return_stats=True,
-                               **trainer_conventions("diffusion_dpo"))
+    fused_loss, stats = fused_fdpo_loss(
+        model_pred, ref_pred, target, beta=beta, return_stats=True, **trainer_conventions("diffusion_dpo")
+    )
     assert script["ref_err"].dtype == torch.bfloat16 and script["logits"].dtype == torch.float32
     e_ref_err = (script["ref_err"].double() - exact["ref_err"]).abs().max().item()
     script_err = (script["logits"].double() - exact["logits"]).abs().max().item()
     fused_err = (stats.logits.double() - exact["logits"]).abs().max().item()
     step = 0.5 * beta * torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(exact["ref_err"])).max().item()
     loss_gap = abs(script["loss"].item() - exact["loss"].item())
-    print(f"\n[bf16 original] B={NUM_PAIRS} beta_dpo={beta:g} e_ref in [{exact['ref_err'].min():.4f}, "
-          f"{exact['ref_err'].max():.4f}], |logits| <= {exact['logits'].abs().max():.3f}; bf16 e_ref off by up to "
-          f"{e_ref_err:.3g}; one bf16 step of e_ref moves the logit by {step:.3g}; logits off by up to: script "
-          f"{script_err:.3g}, fused {fused_err:.3g}; loss: float64 {exact['loss'].item():.6f}, script "
-          f"{script['loss'].item():.6f}, fused {fused_loss.item():.6f}")
+    print(
+        f"\n[bf16 original] B={NUM_PAIRS} beta_dpo={beta:g} e_ref in [{exact['ref_err'].min():.4f}, "
+        f"{exact['ref_err'].max():.4f}], |logits| <= {exact['logits'].abs().max():.3f}; bf16 e_ref off by up to "
+        f"{e_ref_err:.3g}; one bf16 step of e_ref moves the logit by {step:.3g}; logits off by up to: script "
+        f"{script_err:.3g}, fused {fused_err:.3g}; loss: float64 {exact['loss'].item():.6f}, script "
+        f"{script['loss'].item():.6f}, fused {fused_loss.item():.6f}"
+    )
     # The script's reference errors are its float64 values rounded to bf16 (half an ulp at most, not zero) ...
     assert 0 < e_ref_err <= torch.finfo(torch.bfloat16).eps / 2 * exact["ref_err"].max().item() * 1.01
     # ... which moves its logits by a sizeable fraction of their range; the fused logits are the formula's.

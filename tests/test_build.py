@@ -37,8 +37,11 @@ TINY_MODULE = textwrap.dedent("""
 def _package_copy(tmp_path: Path, sources: dict[str, str]) -> Path:
     """tmp_path/pkg: fdiv_kernels without any prebuilt library, and csrc/ with the given files."""
     pkg = tmp_path / "pkg"
-    shutil.copytree(REPO / "fdiv_kernels", pkg / "fdiv_kernels",
-                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.build.json", "__pycache__", "_csrc", "assets"))
+    shutil.copytree(
+        REPO / "fdiv_kernels",
+        pkg / "fdiv_kernels",
+        ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.build.json", "__pycache__", "_csrc", "assets"),
+    )
     (pkg / "csrc").mkdir()
     for name, text in sources.items():
         (pkg / "csrc" / name).write_text(text)
@@ -47,19 +50,32 @@ def _package_copy(tmp_path: Path, sources: dict[str, str]) -> Path:
 
 def _env(tmp_path: Path, pkg: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FDIV_KERNELS_", "TORCH_EXTENSIONS_DIR"))}
-    env.update(PYTHONPATH=str(pkg), FDIV_KERNELS_CACHE_DIR=str(tmp_path / "cache"), FDIV_KERNELS_BUILD_CUDA="0",
-               OMP_NUM_THREADS="1", MAX_JOBS="1", **extra)
+    env.update(
+        PYTHONPATH=str(pkg),
+        FDIV_KERNELS_CACHE_DIR=str(tmp_path / "cache"),
+        FDIV_KERNELS_BUILD_CUDA="0",
+        OMP_NUM_THREADS="1",
+        MAX_JOBS="1",
+        **extra,
+    )
     return env
 
 
 def _run(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def _popen(code: str, env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -115,8 +131,12 @@ def test_prebuilt_library_is_checked_against_its_build_record(tmp_path, monkeypa
     library = tmp_path / "_C.so"
     library.write_bytes(b"")
     assert _build.prebuilt_problem(str(library)) is None  # no record (built before records existed): tried as is
-    record = {"torch": torch.__version__, "torch_git": getattr(torch.version, "git_version", None),
-              "python": sys.implementation.cache_tag, "sources": _build.source_hash(csrc)}
+    record = {
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "python": sys.implementation.cache_tag,
+        "sources": _build.source_hash(csrc),
+    }
     record_path = Path(str(library) + _build.RECORD_SUFFIX)
     record_path.write_text(json.dumps(record))
     assert _build.prebuilt_problem(str(library)) is None

@@ -18,4 +18,5 @@ def test_cpp_extension_loads():
     assert why is None, (
         f"the C++ extension fdiv_kernels._C is unavailable, so every backend='cpu' test would skip: {why}. "
         "Build it (pip install -e . --no-build-isolation), or set FDIV_KERNELS_TESTS_ALLOW_MISSING_BUILD=1 to run "
-        "the suite without it on purpose.")
+        "the suite without it on purpose."
+    )

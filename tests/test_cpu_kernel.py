@@ -80,8 +80,10 @@ def test_large_gradient_paths_match_reference(dtype, row_len, stream_stores, isa
 GENERIC_CASES = {
     "multi_chunk": (dict(B=2, shape=(3, 67, 71)), {}),
     "mask_shared": (dict(mask="shared", shared_target=True), {}),
-    "interleaved_shared_mask": (dict(shared_target=True, mask="shared", layout="interleaved"),
-                                dict(layout="interleaved")),
+    "interleaved_shared_mask": (
+        dict(shared_target=True, mask="shared", layout="interleaved"),
+        dict(layout="interleaved"),
+    ),
     "ref_err": (dict(ref_err=True), {}),
     "pair_weight_none": (dict(pair_weight=True, B=4), dict(reduction="none")),
 }
@@ -104,11 +106,16 @@ def test_generic_isa_copy_matches_reference(case, divergence, alpha, monkeypatch
 # ------------------------------------------------------------------------------------------------- the C++ ops
 
 
-@pytest.mark.parametrize("D, stream", [(8 * 600 + 5, None), (8 * 700, "1"), (8 * 700, "0")],
-                         ids=["tail", "aligned-streaming", "aligned-plain"])
+@pytest.mark.parametrize(
+    "D, stream",
+    [(8 * 600 + 5, None), (8 * 700, "1"), (8 * 700, "0")],
+    ids=["tail", "aligned-streaming", "aligned-plain"],
+)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("shared, masked, interleaved", [(False, False, False), (True, True, False),
-                                                         (True, False, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "shared, masked, interleaved",
+    [(False, False, False), (True, True, False), (True, False, True), (False, True, True)],
+)
 def test_backward_op_is_exact(dtype, shared, masked, interleaved, D, stream, isa, monkeypatch):
     """grad = (grad_coef * G) * (pred - target) * m in fp32, rounded once to the input dtype: bitwise as torch,
     with plain and with non-temporal stores (FDIV_KERNELS_CPU_STREAM_STORES)."""
@@ -133,8 +140,10 @@ def test_backward_op_is_exact(dtype, shared, masked, interleaved, D, stream, isa
             expected = expected * (mask.to(acc)[t_rows] if shared else mask.to(acc))
         expected = expected.to(dtype)
         assert out.dtype == dtype and out.shape == pred.shape
-        assert torch.equal(out.view(torch.uint8) if dtype != torch.float64 else out,
-                           expected.view(torch.uint8) if dtype != torch.float64 else expected)
+        assert torch.equal(
+            out.view(torch.uint8) if dtype != torch.float64 else out,
+            expected.view(torch.uint8) if dtype != torch.float64 else expected,
+        )
 
 
 @pytest.mark.parametrize("D", [8, 3], ids=["vector", "scalar_tail"])
@@ -149,8 +158,8 @@ def test_half_conversions_are_exact(dtype, D, isa):
     target = torch.zeros_like(rows)
     pairs = rows.shape[0] // 2
     loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(
-        rows, None, target, torch.zeros(2 * pairs), None, None,
-        *make_config(beta=1.0, err_reduction="sum").op_scalars())
+        rows, None, target, torch.zeros(2 * pairs), None, None, *make_config(beta=1.0, err_reduction="sum").op_scalars()
+    )
     expected = (rows.double() ** 2).sum(dim=1)
     torch.testing.assert_close(stats[0].double(), expected, rtol=1e-6, atol=1e-30)
     grad = torch.ops.fdiv_kernels.fdpo_backward(torch.tensor(1.0), rows, target, None, torch.ones(2 * pairs), False)

@@ -14,39 +14,91 @@ LOSSES = [
 def _inputs(rows=4, shape=(3, 5, 7), dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(rows, *shape, generator=g, dtype=dtype)
-    return pred, pred + 0.01 * torch.randn(rows, *shape, generator=g, dtype=dtype), torch.randn(rows, *shape, generator=g, dtype=dtype)
+    return (
+        pred,
+        pred + 0.01 * torch.randn(rows, *shape, generator=g, dtype=dtype),
+        torch.randn(rows, *shape, generator=g, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES)
 @pytest.mark.parametrize(
     "mutate, error, message",
     [
-        (lambda a: a.update(model_pred=a["model_pred"][:3], ref_pred=a["ref_pred"][:3], target=a["target"][:3]),
-         ValueError, r"model_pred has 3 rows; the paired layout \(halves: rows 0..B-1 winners"),
-        (lambda a: a.update(model_pred=a["model_pred"][:3], ref_pred=a["ref_pred"][:3], target=a["target"][:3],
-                            layout="interleaved"),
-         ValueError, r"3 rows; the paired layout \(interleaved"),
-        (lambda a: a.update(ref_pred=a["ref_pred"][:, :2]), ValueError, r"ref_pred has shape \(4, 2, 5, 7\) but model_pred"),
+        (
+            lambda a: a.update(model_pred=a["model_pred"][:3], ref_pred=a["ref_pred"][:3], target=a["target"][:3]),
+            ValueError,
+            r"model_pred has 3 rows; the paired layout \(halves: rows 0..B-1 winners",
+        ),
+        (
+            lambda a: a.update(
+                model_pred=a["model_pred"][:3], ref_pred=a["ref_pred"][:3], target=a["target"][:3], layout="interleaved"
+            ),
+            ValueError,
+            r"3 rows; the paired layout \(interleaved",
+        ),
+        (
+            lambda a: a.update(ref_pred=a["ref_pred"][:, :2]),
+            ValueError,
+            r"ref_pred has shape \(4, 2, 5, 7\) but model_pred",
+        ),
         (lambda a: a.update(target=a["target"][:3]), ValueError, r"target has shape \(3, 3, 5, 7\); expected"),
-        (lambda a: a.update(target=a["target"][:, :, :4]), ValueError, r"target has shape .*\(shared by winner and loser of each pair, halves layout\)"),
-        (lambda a: a.update(ref_pred=a["ref_pred"].double()), TypeError, r"ref_pred is float64 but model_pred is torch.float32"),
-        (lambda a: a.update(target=a["target"].double()), TypeError, r"target is float64 but model_pred is torch.float32"),
+        (
+            lambda a: a.update(target=a["target"][:, :, :4]),
+            ValueError,
+            r"target has shape .*\(shared by winner and loser of each pair, halves layout\)",
+        ),
+        (
+            lambda a: a.update(ref_pred=a["ref_pred"].double()),
+            TypeError,
+            r"ref_pred is float64 but model_pred is torch.float32",
+        ),
+        (
+            lambda a: a.update(target=a["target"].double()),
+            TypeError,
+            r"target is float64 but model_pred is torch.float32",
+        ),
         (lambda a: a.update(mask=torch.ones_like(a["target"], dtype=torch.float64)), TypeError, r"mask is float64"),
         (lambda a: a.update(target=a["target"].to(torch.int32)), TypeError, r"target must be a floating-point tensor"),
-        (lambda a: a.update(model_pred=a["model_pred"].to(torch.int64)), TypeError, r"model_pred must be float32, float16, bfloat16"),
-        (lambda a: a.update(mask=a["target"] > 0), TypeError, r"mask must be a floating-point tensor; got torch.bool: pass mask.to\(model_pred.dtype\)"),
+        (
+            lambda a: a.update(model_pred=a["model_pred"].to(torch.int64)),
+            TypeError,
+            r"model_pred must be float32, float16, bfloat16",
+        ),
+        (
+            lambda a: a.update(mask=a["target"] > 0),
+            TypeError,
+            r"mask must be a floating-point tensor; got torch.bool: pass mask.to\(model_pred.dtype\)",
+        ),
         (lambda a: a.update(model_pred=a["model_pred"][0]), ValueError, r"model_pred has 3 rows"),
         (lambda a: a.update(model_pred=torch.randn(4)), ValueError, r"model_pred must have shape \[2B, \.\.\.\]"),
         (lambda a: a.update(divergence="nope"), ValueError, r"unknown divergence='nope'; expected one of"),
-        (lambda a: a.update(divergence="chi2"), ValueError, r"divergence='chi2' violates the f-DPO condition: Pearson chi-squared .* domain contains 0"),
-        (lambda a: a.update(divergence="tv"), ValueError, r"divergence='tv' violates the f-DPO condition: total variation .* not invertible"),
+        (
+            lambda a: a.update(divergence="chi2"),
+            ValueError,
+            r"divergence='chi2' violates the f-DPO condition: Pearson chi-squared .* domain contains 0",
+        ),
+        (
+            lambda a: a.update(divergence="tv"),
+            ValueError,
+            r"divergence='tv' violates the f-DPO condition: total variation .* not invertible",
+        ),
         (lambda a: a.update(divergence="alpha", alpha=1.0), ValueError, r"alpha=1.0 is outside \(0, 1\)"),
         (lambda a: a.update(divergence="alpha", alpha=0.0), ValueError, r"alpha=0.0 is outside \(0, 1\)"),
         (lambda a: a.update(divergence="alpha", alpha="0.5"), TypeError, r"alpha must be a float"),
         (lambda a: a.update(ref_err=torch.rand(4)), ValueError, r"pass exactly one of ref_pred .* got both"),
         (lambda a: a.update(ref_pred=None), ValueError, r"pass exactly one of ref_pred .* got neither"),
-        (lambda a: a.update(ref_pred=None, ref_err=torch.rand(2)), ValueError, r"ref_err must have shape \[2B\] = \(4,\), one error per sample in model_pred.s row order \(halves layout: winners first"),
-        (lambda a: a.update(ref_pred=a["ref_pred"].requires_grad_()), ValueError, r"ref_pred requires grad, .* pass ref_pred.detach\(\)"),
+        (
+            lambda a: a.update(ref_pred=None, ref_err=torch.rand(2)),
+            ValueError,
+            r"ref_err must have shape \[2B\] = \(4,\), one error per sample in model_pred.s row order "
+            r"\(halves layout: winners first",
+        ),
+        (
+            lambda a: a.update(ref_pred=a["ref_pred"].requires_grad_()),
+            ValueError,
+            r"ref_pred requires grad, .* pass ref_pred.detach\(\)",
+        ),
         (lambda a: a.update(target=a["target"].requires_grad_()), ValueError, r"target requires grad"),
         (lambda a: a.update(target=None), ValueError, r"target is required"),
         (lambda a: a.update(beta=-1.0), ValueError, r"beta must be > 0; got -1.0"),
@@ -54,13 +106,21 @@ def _inputs(rows=4, shape=(3, 5, 7), dtype=torch.float32):
         (lambda a: a.update(gamma=0.0), ValueError, r"gamma must be > 0"),
         (lambda a: a.update(label_smoothing=0.5), ValueError, r"label_smoothing must be in \[0, 0.5\)"),
         (lambda a: a.update(logratio_clip=0.0), ValueError, r"logratio_clip must be > 0"),
-        (lambda a: a.update(reduction="avg"), ValueError, r"reduction='avg' is not supported; expected one of \['none', 'mean', 'sum'\]"),
+        (
+            lambda a: a.update(reduction="avg"),
+            ValueError,
+            r"reduction='avg' is not supported; expected one of \['none', 'mean', 'sum'\]",
+        ),
         (lambda a: a.update(err_reduction="max"), ValueError, r"err_reduction='max' is not supported"),
         (lambda a: a.update(layout="pairs"), ValueError, r"layout='pairs' is not supported"),
         (lambda a: a.update(beta_convention="x"), ValueError, r"beta_convention='x' is not supported"),
         (lambda a: a.update(pair_weight=torch.rand(4)), ValueError, r"pair_weight must have shape \[B\] = \(2,\)"),
         (lambda a: a.update(mask=torch.rand(3, 3, 5, 7)), ValueError, r"mask has shape \(3, 3, 5, 7\); expected"),
-        (lambda a: a.update(ref_pred=a["ref_pred"].to("meta")), ValueError, r"ref_pred is on meta but model_pred is on cpu"),
+        (
+            lambda a: a.update(ref_pred=a["ref_pred"].to("meta")),
+            ValueError,
+            r"ref_pred is on meta but model_pred is on cpu",
+        ),
     ],
 )
 def test_bad_input_message(loss_fn, mutate, error, message):
@@ -79,7 +139,9 @@ def test_unknown_backend():
 
 def test_unavailable_backend_is_an_error_not_a_fallback():
     pred, ref, target = _inputs()
-    with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: backend='cuda' runs on CUDA tensors; these are on cpu"):
+    with pytest.raises(
+        RuntimeError, match=r"backend='cuda' is unavailable: backend='cuda' runs on CUDA tensors; these are on cpu"
+    ):
         fused_fdpo_loss(pred, ref, target, backend="cuda")
 
 

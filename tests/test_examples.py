@@ -16,8 +16,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def _run(script: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.pop("TRITON_INTERPRET", None)  # the examples do not need the Triton interpreter
-    return subprocess.run([sys.executable, str(EXAMPLES / script), "--quick"], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=EXAMPLES.parent)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
 
 
 def _check(res: subprocess.CompletedProcess) -> None:

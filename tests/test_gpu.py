@@ -268,12 +268,12 @@ def make_extreme_case(beta=5000.0, seed=5):
     target = torch.randn(shape, generator=gen, device="cuda")
     pred = target + torch.randn(shape, generator=gen, device="cuda")
     e = ((pred.double() - target.double()) ** 2).reshape(2 * pairs, -1).mean(1)
-    d = torch.tensor([w for w, _ in EXTREME_PAIRS] + [l for _, l in EXTREME_PAIRS], dtype=torch.float64,
-                     device="cuda")
+    d = torch.tensor([w for w, _ in EXTREME_PAIRS] + [l for _, l in EXTREME_PAIRS], dtype=torch.float64, device="cuda")
     ref_err = (e + 2.0 * d / beta).float()
     fused = dict(model_pred=pred.detach().requires_grad_(), target=target, ref_err=ref_err, beta=beta)
-    ref64 = dict(model_pred=pred.detach().double().requires_grad_(), target=target.double(),
-                 ref_err=ref_err.double(), beta=beta)
+    ref64 = dict(
+        model_pred=pred.detach().double().requires_grad_(), target=target.double(), ref_err=ref_err.double(), beta=beta
+    )
     return fused, ref64
 
 
@@ -288,16 +288,21 @@ def test_extreme_logratios(backend, divergence):
     loss, stats = _call(fused_fdpo_loss, fused, divergence=divergence, return_stats=True, backend=backend)
     assert stats.logratio.abs().max() > 9e3
     loss.backward()
-    for name, t in (("loss", loss), ("logits", stats.logits), ("reward", stats.reward),
-                    ("grad", fused["model_pred"].grad)):
+    for name, t in (
+        ("loss", loss),
+        ("logits", stats.logits),
+        ("reward", stats.reward),
+        ("grad", fused["model_pred"].grad),
+    ):
         assert not torch.isnan(t).any(), f"NaN in {name} without clip ({divergence})"
     if divergence in ("reverse_kl", "js"):  # nothing overflows: the unclipped values must match float64 too
         fused["model_pred"].grad = None
         check_against_reference(backend, fused, ref, torch.float32, ref_err_path=True, divergence=divergence)
         fused, ref = make_extreme_case()
     fused["model_pred"].grad = None
-    _, _, grad = check_against_reference(backend, fused, ref, torch.float32, ref_err_path=True,
-                                         divergence=divergence, logratio_clip=30.0)
+    _, _, grad = check_against_reference(
+        backend, fused, ref, torch.float32, ref_err_path=True, divergence=divergence, logratio_clip=30.0
+    )
     assert torch.isfinite(grad).all()
 
 
@@ -334,8 +339,9 @@ def test_cuda_graph_capture_and_replay(backend, reduction):
     up = torch.rand(4 if reduction == "none" else (), device="cuda") + 0.5
 
     def step():
-        loss, stats = fused_fdpo_loss(x, ref_pred, target, divergence="alpha", alpha=0.4, reduction=reduction,
-                                      return_stats=True, backend=backend)
+        loss, stats = fused_fdpo_loss(
+            x, ref_pred, target, divergence="alpha", alpha=0.4, reduction=reduction, return_stats=True, backend=backend
+        )
         loss.backward(up)
         return loss, stats
 
@@ -360,8 +366,16 @@ def test_cuda_graph_capture_and_replay(backend, reduction):
             target.copy_(new["target"])
         graph.replay()
         torch.cuda.synchronize()
-        eager, eager_stats = fused_fdpo_loss(new["model_pred"], new["ref_pred"], new["target"], divergence="alpha",
-                                             alpha=0.4, reduction=reduction, return_stats=True, backend=backend)
+        eager, eager_stats = fused_fdpo_loss(
+            new["model_pred"],
+            new["ref_pred"],
+            new["target"],
+            divergence="alpha",
+            alpha=0.4,
+            reduction=reduction,
+            return_stats=True,
+            backend=backend,
+        )
         eager.backward(up)
         assert torch.equal(static_loss, eager.detach()), (static_loss, eager)
         assert torch.equal(static_grad, new["model_pred"].grad)
@@ -393,8 +407,9 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(g_compiled, x.grad, rtol=1e-2, atol=1e-6)
     x64 = ref["model_pred"]
-    expect = 2.0 * fdpo_loss_reference(x64, ref["ref_pred"], ref["target"], divergence="hellinger",
-                                       pair_weight=w.double())
+    expect = 2.0 * fdpo_loss_reference(
+        x64, ref["ref_pred"], ref["target"], divergence="hellinger", pair_weight=w.double()
+    )
     expect.backward()
     assert abs(out.item() - expect.item()) < 1e-4 * max(1.0, abs(expect.item()))
     assert _rel_err(g_compiled, x64.grad) < 8e-3
@@ -458,7 +473,7 @@ def test_over_2_pow_31_elements(backend, D):
     step = 2**26
     e = torch.zeros(2, dtype=torch.float64, device="cuda")
     for s in range(0, D, step):
-        e += ((pred[:, s:s + step].double() - target[:, s:s + step].double()) ** 2).sum(1)
+        e += ((pred[:, s : s + step].double() - target[:, s : s + step].double()) ** 2).sum(1)
     e /= D
     beta = 100.0  # d = O(1) while e's own fp32 rounding (~1e-5 relative over 2^30 terms) stays out of the way
     ref_err = (e + torch.tensor([2e-2, -1.5e-2], device="cuda", dtype=torch.float64)).float()
@@ -483,8 +498,8 @@ def test_over_2_pow_31_elements(backend, D):
     assert grad.dtype == torch.bfloat16
     worst = 0.0
     for s in range(0, D, step):
-        expect = coef[:, None] * (pred[:, s:s + step].detach().double() - target[:, s:s + step].double())
-        got = grad[:, s:s + step].double()
+        expect = coef[:, None] * (pred[:, s : s + step].detach().double() - target[:, s : s + step].double())
+        got = grad[:, s : s + step].double()
         worst = max(worst, ((got - expect).abs() / (expect.abs() + 1e-30 + coef.abs().max() * 1e-3)).max().item())
     assert worst < 4e-3, worst  # one bf16 rounding (2^-9 relative) plus the coefficient's fp32 error
     del x, pred, target, grad, loss, stats
@@ -496,17 +511,21 @@ def test_cuda_backend_rejects_float64():
     _backend("cuda")
     fused, _ = make_case((4, 8, 8), torch.float32, seed=61)
     with pytest.raises(TypeError, match="float64"):
-        fused_fdpo_loss(fused["model_pred"].double(), fused["ref_pred"].double(), fused["target"].double(),
-                        backend="cuda")
+        fused_fdpo_loss(
+            fused["model_pred"].double(), fused["ref_pred"].double(), fused["target"].double(), backend="cuda"
+        )
 
 
 # ------------------------------------------------------------------------------ mixed dtypes, loss types, host sync
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "dtypes",
-    [(torch.float32, torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.float32, torch.float16, None),
-     (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16, torch.float32,
-                                                                       torch.float16)],
+    [
+        (torch.float32, torch.bfloat16, torch.bfloat16, None),
+        (torch.float32, torch.float32, torch.float16, None),
+        (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16, torch.float32, torch.float16),
+    ],
     ids=lambda d: "-".join(str(x).split(".")[-1] for x in d),
 )
 @pytest.mark.parametrize("shape", [(8, 4, 32, 32), (6, 3, 17, 13)], ids=["vector", "odd"])
@@ -515,15 +534,17 @@ def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shape):
     _backend(backend)
     gen = torch.Generator(device="cuda").manual_seed(3)
     pred64 = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64)
-    values = [pred64, pred64 + 0.05 * torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64),
-              torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64),
-              torch.rand(shape, generator=gen, device="cuda", dtype=torch.float64)]
+    values = [
+        pred64,
+        pred64 + 0.05 * torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64),
+        torch.randn(shape, generator=gen, device="cuda", dtype=torch.float64),
+        torch.rand(shape, generator=gen, device="cuda", dtype=torch.float64),
+    ]
     pred, ref, target, mask = [None if t is None else v.to(t) for v, t in zip(values, dtypes)]
 
     def call(p, r, t, m):
         p = p.detach().clone().requires_grad_()
-        loss, stats = fused_fdpo_loss(p, r, t, mask=m, beta=400.0, divergence="js", return_stats=True,
-                                      backend=backend)
+        loss, stats = fused_fdpo_loss(p, r, t, mask=m, beta=400.0, divergence="js", return_stats=True, backend=backend)
         loss.backward()
         return loss, stats, p.grad
 
@@ -533,13 +554,17 @@ def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shape):
     for name in STAT_NAMES:
         torch.testing.assert_close(getattr(mixed[1], name), getattr(cast[1], name), rtol=1e-6, atol=1e-7)
     assert mixed[2].dtype == pred.dtype
-    torch.testing.assert_close(mixed[2].float(), cast[2].to(pred.dtype).float(), rtol=torch.finfo(pred.dtype).eps,
-                               atol=1e-30)
+    torch.testing.assert_close(
+        mixed[2].float(), cast[2].to(pred.dtype).float(), rtol=torch.finfo(pred.dtype).eps, atol=1e-30
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", [dict(loss_type="hinge"), dict(loss_type="ipo", ipo_tau=0.05),
-                                  dict(err_reduction="mean_all")], ids=["hinge", "ipo", "mean_all"])
+@pytest.mark.parametrize(
+    "case",
+    [dict(loss_type="hinge"), dict(loss_type="ipo", ipo_tau=0.05), dict(err_reduction="mean_all")],
+    ids=["hinge", "ipo", "mean_all"],
+)
 def test_loss_types_vs_reference(backend, case):
     _backend(backend)
     kwargs, ref_kwargs = make_case((8, 4, 16, 16), torch.float32, beta=400.0, mask="full")

@@ -53,8 +53,16 @@ def _reference_weights(d_w, d_l, divergence, alpha, gamma, label_smoothing, logr
     r = (torch.clamp(d, min=0) + 1).sqrt().reshape(-1, 1)
     target = torch.zeros_like(r)
     loss = fdpo_loss_reference(
-        x, r, target, beta=2.0, divergence=divergence, alpha=alpha, gamma=gamma,
-        label_smoothing=label_smoothing, logratio_clip=logratio_clip, reduction="sum",
+        x,
+        r,
+        target,
+        beta=2.0,
+        divergence=divergence,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        logratio_clip=logratio_clip,
+        reduction="sum",
     )
     (grad,) = torch.autograd.grad(loss, x)
     dloss_dd = grad.flatten() / (-2 * x.detach().flatten())
@@ -67,7 +75,12 @@ def _reference_weights(d_w, d_l, divergence, alpha, gamma, label_smoothing, logr
 def test_matches_autograd_of_reference(divergence, alpha, gamma, label_smoothing, logratio_clip):
     d_w, d_l = _grid()
     push_w, push_l = gradient_weights(
-        d_w, d_l, divergence, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing,
+        d_w,
+        d_l,
+        divergence,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
         logratio_clip=logratio_clip,
     )
     assert push_w.dtype == torch.float64 and push_w.shape == d_w.shape

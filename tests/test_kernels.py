@@ -94,18 +94,24 @@ CASES = {
     "mask_shared": (dict(mask="shared", shared_target=True), {}),
     "mask_shared_separate_target": (dict(mask="shared"), {}),
     # With "sum" and ref_err the errors are D times larger and so is their rounding: beta = 5 keeps d's error small.
-    "mask_ref_err_sum": (dict(mask="per_sample", ref_err=True, err_reduction="sum", beta=5.0),
-                         dict(err_reduction="sum", beta=5.0)),
+    "mask_ref_err_sum": (
+        dict(mask="per_sample", ref_err=True, err_reduction="sum", beta=5.0),
+        dict(err_reduction="sum", beta=5.0),
+    ),
     "mask_mean_all": (dict(mask="per_sample", err_reduction="mean_all"), dict(err_reduction="mean_all")),
     "interleaved": (dict(layout="interleaved"), dict(layout="interleaved")),
-    "interleaved_shared_mask": (dict(shared_target=True, mask="shared", layout="interleaved"),
-                                dict(layout="interleaved")),
+    "interleaved_shared_mask": (
+        dict(shared_target=True, mask="shared", layout="interleaved"),
+        dict(layout="interleaved"),
+    ),
     "pair_weight": (dict(pair_weight=True), {}),
     "pair_weight_ref_err": (dict(pair_weight=True, ref_err=True), {}),
     "label_smoothing": ({}, dict(label_smoothing=0.2)),
     "logratio_clip": (dict(d_scale=4.0), dict(logratio_clip=3.0)),
-    "gamma_full_beta": (dict(beta=2500.0, beta_convention="full"), dict(gamma=2.5, beta_convention="full",
-                                                                         beta=2500.0)),
+    "gamma_full_beta": (
+        dict(beta=2500.0, beta_convention="full"),
+        dict(gamma=2.5, beta_convention="full", beta=2500.0),
+    ),
     "err_sum": (dict(err_reduction="sum"), dict(err_reduction="sum")),
     "reduction_sum": ({}, dict(reduction="sum")),
     "reduction_none": (dict(B=4), dict(reduction="none")),
@@ -114,8 +120,14 @@ CASES = {
 }
 OPTION_DIVERGENCES = [("reverse_kl", 0.5), ("alpha", 0.3), ("js", 0.5)]
 # Triton (interpreter): each case once, in fp32, with one divergence (cycled); bf16 and fp16 on a few cases.
-_TRITON_HALF_CASES = {"shared_target": BF16, "mask_shared": F16, "interleaved_shared_mask": BF16, "ref_err": BF16,
-                      "pair_weight": F16, "reduction_none": BF16}
+_TRITON_HALF_CASES = {
+    "shared_target": BF16,
+    "mask_shared": F16,
+    "interleaved_shared_mask": BF16,
+    "ref_err": BF16,
+    "pair_weight": F16,
+    "reduction_none": BF16,
+}
 
 
 def _triton_option(dtype, case, div):
@@ -123,8 +135,10 @@ def _triton_option(dtype, case, div):
     return div == cycled and (dtype == F32 or _TRITON_HALF_CASES.get(case) == dtype)
 
 
-@pytest.mark.parametrize("backend, device, dtype, case, div",
-                         _grid(case=list(CASES), div=[n for n, _ in OPTION_DIVERGENCES], triton=_triton_option))
+@pytest.mark.parametrize(
+    "backend, device, dtype, case, div",
+    _grid(case=list(CASES), div=[n for n, _ in OPTION_DIVERGENCES], triton=_triton_option),
+)
 def test_options_match_reference(backend, device, dtype, case, div):
     spec, kw = CASES[case]
     kw = {"beta": BETA, **kw, "divergence": div, "alpha": dict(OPTION_DIVERGENCES)[div]}
@@ -134,16 +148,22 @@ def test_options_match_reference(backend, device, dtype, case, div):
     _, stats, grad = check_against_reference(backend, inputs, upstream.to(device), **kw)
     assert grad.abs().amax() > 0  # a live gradient: the comparison above is not of zeros
     if "mask" in inputs:  # the empty-mask row (or pair) 0: error 0, gradient 0
-        empty = [0] if inputs["mask"].shape[0] == 2 * B else list(rows_of_pairs(torch.arange(B), kw.get(
-            "layout", "halves")).eq(0).nonzero().flatten().tolist())
+        empty = (
+            [0]
+            if inputs["mask"].shape[0] == 2 * B
+            else list(rows_of_pairs(torch.arange(B), kw.get("layout", "halves")).eq(0).nonzero().flatten().tolist())
+        )
         assert (stats["model_err"][empty] == 0).all() and (grad[empty] == 0).all()
 
 
 @pytest.mark.parametrize("backend, device", [p for p in BACKENDS if p.values[0] not in ("cpu", "torch")])
 def test_float64_is_a_documented_error_on_fp32_only_backends(backend, device):
     inputs = make_inputs(dtype=F64, device=device)
-    with pytest.raises(TypeError, match=rf"backend='{backend}' supports float32, float16 and bfloat16 inputs; got "
-                                        r"torch.float64 \(float64 runs on backend='cpu' or 'torch'\)"):
+    with pytest.raises(
+        TypeError,
+        match=rf"backend='{backend}' supports float32, float16 and bfloat16 inputs; got "
+        r"torch.float64 \(float64 runs on backend='cpu' or 'torch'\)",
+    ):
         fused_fdpo_loss(**inputs, backend=backend)
 
 
@@ -207,8 +227,9 @@ def test_gradcheck_float64(backend, device, div, case):
         kw.update(logratio_clip=2.0, reduction="none")
     inputs = make_inputs(**spec)
     x = inputs.pop("model_pred").clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda p: fused_fdpo_loss(p, backend=backend, **inputs, **kw), (x,),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(
+        lambda p: fused_fdpo_loss(p, backend=backend, **inputs, **kw), (x,), eps=1e-6, atol=1e-6, rtol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------------------------- implicit_acc ties
@@ -260,7 +281,7 @@ def test_implicit_acc_counts_exact_ties(backend, device, ties, signs, variant):
     _, stats, _ = run(backend, inputs, **kw)
     z = stats["logits"].cpu()
     for p, s in enumerate(signs_list):
-        assert (z[p] > 0 if s > 0 else z[p] < 0 if s < 0 else z[p] == 0), (p, s, z)
+        assert z[p] > 0 if s > 0 else z[p] < 0 if s < 0 else z[p] == 0, (p, s, z)
     expected = sum(1.0 if s > 0 else (0.5 if ties == "half" else 0.0) if s == 0 else 0.0 for s in signs_list) / B
     assert stats["implicit_acc"].item() == pytest.approx(expected, abs=1e-6)  # counts differ by >= 1/(2B)
     check_implicit_acc(stats, ties)
@@ -272,8 +293,9 @@ def test_implicit_acc_counts_exact_ties(backend, device, ties, signs, variant):
 EXTREME_BETA = 50.0  # errors of order |d| / 25: residuals well above the targets' rounding, also in bf16
 
 
-def extreme_inputs(d_w, d_l, dtype, *, beta=EXTREME_BETA, ref_path=False, shared_target=False, mask=None,
-                   layout="halves", seed=17):
+def extreme_inputs(
+    d_w, d_l, dtype, *, beta=EXTREME_BETA, ref_path=False, shared_target=False, mask=None, layout="halves", seed=17
+):
     """One pair per (d_w, d_l) whose log-ratios are those values (up to the inputs' rounding), with a mask.
 
     Each sample's error is scaled to its log-ratio (beta/2 * e ~ max(4 |d|, 4)) so that e_ref = e + d / (beta/2)
@@ -336,9 +358,10 @@ def _triton_extreme(dtype, variant, div):
     return variant in ("ref_err", "interleaved_shared") or div in ("forward_kl", "alpha-0.9", "hellinger")
 
 
-@pytest.mark.parametrize("backend, device, dtype, variant, div",
-                         _grid(dtypes=(F32, BF16, F64), variant=list(EXTREME_VARIANTS), div=DIV_IDS,
-                               triton=_triton_extreme))
+@pytest.mark.parametrize(
+    "backend, device, dtype, variant, div",
+    _grid(dtypes=(F32, BF16, F64), variant=list(EXTREME_VARIANTS), div=DIV_IDS, triton=_triton_extreme),
+)
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, documented
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in lanes never stored
 def test_extreme_logratios_match_reference(backend, device, dtype, variant, div):
@@ -355,8 +378,14 @@ def test_extreme_logratios_match_reference(backend, device, dtype, variant, div)
     if backend == "triton" and device == "cpu":
         combos = combos[::3]  # interpreter time: (mean, no smoothing) and (none, smoothing)
     for reduction, smoothing in combos:
-        kw = dict(beta=EXTREME_BETA, divergence=name, alpha=alpha, reduction=reduction, label_smoothing=smoothing,
-                  layout=layout)
+        kw = dict(
+            beta=EXTREME_BETA,
+            divergence=name,
+            alpha=alpha,
+            reduction=reduction,
+            label_smoothing=smoothing,
+            layout=layout,
+        )
         B = len(EXTREME_W)
         upstream = upstream_for((B,) if reduction == "none" else (), B).to(device)
         loss, stats, grad = run(backend, inputs, upstream, **kw)
@@ -399,14 +428,27 @@ def _clip_params():
             for ref_path in (False, True):
                 if dtype not in kernel_dtypes(backend) or (backend == "triton" and ref_path):
                     continue  # Triton (interpreter time): the ref_err path only
-                out.append(pytest.param(backend, device, name, alpha, dtype, clip, d_max, ref_path, marks=bp.marks,
-                                        id=f"{bp.id}-{cid}-{'ref_pred' if ref_path else 'ref_err'}"))
+                out.append(
+                    pytest.param(
+                        backend,
+                        device,
+                        name,
+                        alpha,
+                        dtype,
+                        clip,
+                        d_max,
+                        ref_path,
+                        marks=bp.marks,
+                        id=f"{bp.id}-{cid}-{'ref_pred' if ref_path else 'ref_err'}",
+                    )
+                )
     return out
 
 
 @pytest.mark.parametrize("backend, device, divergence, alpha, dtype, clip, d_max, ref_path", _clip_params())
-def test_logratio_clip_keeps_gradients_finite_and_matching(backend, device, divergence, alpha, dtype, clip, d_max,
-                                                          ref_path):
+def test_logratio_clip_keeps_gradients_finite_and_matching(
+    backend, device, divergence, alpha, dtype, clip, d_max, ref_path
+):
     """A soft clip where |d| reaches d_max: loss, statistics and gradient finite, equal to the reference's, and a
     gradient on every pair whose loss is not saturated."""
     d_w = tuple(v * d_max for v in (1.0, -1.0, 1.0, -1.0, 0.7, -0.2))
@@ -417,8 +459,14 @@ def test_logratio_clip_keeps_gradients_finite_and_matching(backend, device, dive
     inputs = {k: v.to(device) for k, v in inputs.items()}
     B = len(d_w)
     for smoothing in (0.0, 0.2):
-        kw = dict(beta=BETA, divergence=divergence, alpha=alpha, logratio_clip=clip, reduction="none",
-                  label_smoothing=smoothing)
+        kw = dict(
+            beta=BETA,
+            divergence=divergence,
+            alpha=alpha,
+            logratio_clip=clip,
+            reduction="none",
+            label_smoothing=smoothing,
+        )
         loss, stats, grad = run(backend, inputs, **kw)
         loss_r, stats_r, grad_r = run("reference", as64(inputs), **kw)
         assert loss.isfinite().all() and grad.isfinite().all() and stats["logits"].isfinite().all()
@@ -474,8 +522,11 @@ def test_auto_falls_back_to_torch_with_one_warning_that_says_why(monkeypatch):
     monkeypatch.setattr(registry, "_resolved", {})
     monkeypatch.setattr(registry, "_warned", set())
     inputs = make_inputs(B=2, shape=(3, 5, 7), seed=41)
-    with pytest.warns(RuntimeWarning, match=r"no fused kernel for cpu tensors \(.*failed to load \(simulated\)\); "
-                                            r"backend='auto' uses the eager PyTorch backend"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"no fused kernel for cpu tensors \(.*failed to load \(simulated\)\); "
+        r"backend='auto' uses the eager PyTorch backend",
+    ):
         loss, _, grad = run("auto", inputs, divergence="hellinger")
     loss_t, _, grad_t = run("torch", inputs, divergence="hellinger")
     assert torch.equal(loss, loss_t) and torch.equal(grad, grad_t)

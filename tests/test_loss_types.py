@@ -41,8 +41,7 @@ def test_loss_types_match_the_reference(backend, case, divergence, reduction):
     pred, ref, target = _inputs()
     kwargs = dict(beta=400.0, divergence=divergence, reduction=reduction, **case)
     exact_loss, exact_grad = _value_and_grad(fdpo_loss_reference, pred, ref, target, **kwargs)
-    loss, grad = _value_and_grad(fused_fdpo_loss, pred.float(), ref.float(), target.float(), backend=backend,
-                                 **kwargs)
+    loss, grad = _value_and_grad(fused_fdpo_loss, pred.float(), ref.float(), target.float(), backend=backend, **kwargs)
     torch.testing.assert_close(loss.double(), exact_loss, rtol=2e-5, atol=1e-6)
     scale = exact_grad.abs().amax(dim=tuple(range(1, pred.dim())), keepdim=True).clamp_min(1e-30)
     torch.testing.assert_close(grad.double() / scale, exact_grad / scale, rtol=0, atol=2e-5)
@@ -52,8 +51,9 @@ def test_hinge_is_exactly_zero_past_the_margin_and_linear_before():
     """relu(1 - z): no gradient once a pair's logit passes 1, slope -1 on z before."""
     pred, ref, target = _inputs(B=2)
     ref[:2] = target[:2]  # winners: the reference is perfect, so the policy is worse (z < 0)
-    loss, stats = fdpo_loss_reference(pred, ref, target, beta=2.0, loss_type="hinge", reduction="none",
-                                      return_stats=True)
+    loss, stats = fdpo_loss_reference(
+        pred, ref, target, beta=2.0, loss_type="hinge", reduction="none", return_stats=True
+    )
     torch.testing.assert_close(loss, torch.relu(1 - stats.logits))
 
 
@@ -87,8 +87,7 @@ def test_reverse_kl_reproduces_diffusers_sd15_loss_types(backend, loss_type):
         kwargs = dict(beta=beta_dpo, beta_convention="full", loss_type=loss_type)
     expected, expected_grad = _value_and_grad(_sd15_script_losses, pred, ref, target, beta_dpo, loss_type, tau)
     assert expected.item() > 1e-3  # a case where the loss is not trivially 0
-    loss, grad = _value_and_grad(fused_fdpo_loss, pred.float(), ref.float(), target.float(), backend=backend,
-                                 **kwargs)
+    loss, grad = _value_and_grad(fused_fdpo_loss, pred.float(), ref.float(), target.float(), backend=backend, **kwargs)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6 * expected_grad.abs().max().item())
 
@@ -117,8 +116,7 @@ def test_mean_all_is_the_flow_trainers_masked_mean_over_every_element(backend, s
     masked_mean, _ = _value_and_grad(fdpo_loss_reference, pred, ref, target, beta=300.0, mask=mask)
     assert (masked_mean - expected).abs() > 1e-3  # the two reductions really differ here
     kwargs["mask"] = mask.float()
-    loss, grad = _value_and_grad(fused_fdpo_loss, pred.float(), ref.float(), target.float(), backend=backend,
-                                 **kwargs)
+    loss, grad = _value_and_grad(fused_fdpo_loss, pred.float(), ref.float(), target.float(), backend=backend, **kwargs)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6 * expected_grad.abs().max().item())
 
@@ -131,8 +129,11 @@ def test_mean_all_is_the_flow_trainers_masked_mean_over_every_element(backend, s
         (dict(loss_type="ipo", ipo_tau=-1.0), r"ipo_tau must be > 0"),
         (dict(loss_type="hinge", label_smoothing=0.1), r"label_smoothing applies to loss_type='sigmoid' only"),
         (dict(loss_type="logistic"), r"loss_type='logistic' is not supported; expected one of \['sigmoid'"),
-        (dict(err_reduction="max"), r"err_reduction='max' is not supported; expected one of \['mean', 'sum', "
-                                    r"'mean_all'\]"),
+        (
+            dict(err_reduction="max"),
+            r"err_reduction='max' is not supported; expected one of \['mean', 'sum', "
+            r"'mean_all'\]",
+        ),
     ],
 )
 def test_bad_loss_type_arguments_are_named(kwargs, message):

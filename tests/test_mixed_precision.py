@@ -35,8 +35,9 @@ def _inputs(dtypes, B=3, shape=(3, 5, 7), shared_target=False, seed=0):
 
 def _call(backend, pred, ref, target, mask, **kwargs):
     pred = pred.detach().clone().requires_grad_()
-    loss, stats = fused_fdpo_loss(pred, ref, target, mask=mask, divergence="js", beta=400.0, return_stats=True,
-                                  backend=backend, **kwargs)
+    loss, stats = fused_fdpo_loss(
+        pred, ref, target, mask=mask, divergence="js", beta=400.0, return_stats=True, backend=backend, **kwargs
+    )
     loss.backward()
     return loss, stats, pred.grad
 
@@ -76,9 +77,15 @@ def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shared_target
 
 def _call_reference(pred, ref, target, mask):
     pred = pred.double().requires_grad_()
-    loss, stats = fdpo_loss_reference(pred, ref.double(), target.double(),
-                                      mask=None if mask is None else mask.double(), divergence="js", beta=400.0,
-                                      return_stats=True)
+    loss, stats = fdpo_loss_reference(
+        pred,
+        ref.double(),
+        target.double(),
+        mask=None if mask is None else mask.double(),
+        divergence="js",
+        beta=400.0,
+        return_stats=True,
+    )
     loss.backward()
     return loss, stats, pred.grad
 
@@ -101,6 +108,7 @@ def test_mixed_dtypes_with_cached_reference_errors_and_pair_weight(backend):
     ref_err = torch.rand(pred.shape[0], dtype=BF16) + 0.5
     weight = torch.rand(pred.shape[0] // 2, dtype=F16) + 0.5
     mixed = fused_fdpo_loss(pred, None, target, ref_err=ref_err, pair_weight=weight, backend=backend, beta=50.0)
-    cast = fused_fdpo_loss(pred, None, target.float(), ref_err=ref_err.float(), pair_weight=weight.float(),
-                           backend=backend, beta=50.0)
+    cast = fused_fdpo_loss(
+        pred, None, target.float(), ref_err=ref_err.float(), pair_weight=weight.float(), backend=backend, beta=50.0
+    )
     assert torch.equal(mixed, cast)

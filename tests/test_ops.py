@@ -25,11 +25,22 @@ def _op_and_args(backend, reduction=1, mask=False, ref_err=False, strict_ties=Fa
     rows = pred.shape[0]
     m = torch.rand(rows, *pred.shape[1:]) if mask else None
     ref_e = torch.rand(rows) if ref_err else None
-    config = make_config(beta=400.0, divergence="js", label_smoothing=0.1,
-                         reduction={0: "none", 1: "mean", 2: "sum"}[reduction],
-                         implicit_acc_ties="strict" if strict_ties else "half")
-    args = (pred.requires_grad_(), None if ref_err else ref, target, ref_e, m, torch.rand(rows // 2) + 0.5,
-            *config.op_scalars())
+    config = make_config(
+        beta=400.0,
+        divergence="js",
+        label_smoothing=0.1,
+        reduction={0: "none", 1: "mean", 2: "sum"}[reduction],
+        implicit_acc_ties="strict" if strict_ties else "half",
+    )
+    args = (
+        pred.requires_grad_(),
+        None if ref_err else ref,
+        target,
+        ref_e,
+        m,
+        torch.rand(rows // 2) + 0.5,
+        *config.op_scalars(),
+    )
     if ops.NATIVE_KERNEL["cpu"] == backend:
         return torch.ops.fdiv_kernels.fdpo_forward.default, args
     return torch.ops.fdiv_kernels_py.fdpo_forward.default, args + (backend,)
@@ -120,13 +131,15 @@ def test_statistics_match_an_independent_computation(backend, ties, ref_err):
     ref[[0, 2, B, B + 2]] = pred[[0, 2, B, B + 2]]  # pairs 0 and 2: z == 0 exactly
     kwargs = dict(divergence="js", implicit_acc_ties=ties, return_stats=True, backend=backend, beta=500.0)
     if ref_err:
-        _, exact = fdpo_loss_reference(pred.double(), ref.double(), target.double(), divergence="js", beta=500.0,
-                                       return_stats=True)
+        _, exact = fdpo_loss_reference(
+            pred.double(), ref.double(), target.double(), divergence="js", beta=500.0, return_stats=True
+        )
         _, stats = fused_fdpo_loss(pred, None, target, ref_err=exact.ref_err.to(pred.dtype), **kwargs)
     else:
         _, stats = fused_fdpo_loss(pred, ref, target, **kwargs)
-    independent = FDPOStats.from_tensors(stats.logits, stats.model_err, stats.ref_err, stats.logratio, stats.reward,
-                                         ties)
+    independent = FDPOStats.from_tensors(
+        stats.logits, stats.model_err, stats.ref_err, stats.logratio, stats.reward, ties
+    )
     if not ref_err:
         assert (stats.logits[[0, 2]] == 0).all()
         expected_acc = ((stats.logits > 0).sum() + (0.5 if ties == "half" else 0.0) * 2) / B

@@ -17,10 +17,17 @@ F_PRIME = {
     "forward_kl": lambda u, a: -1 / u,
     "js": lambda u, a: torch.log(2 * u / (1 + u)),
     "alpha": lambda u, a: (1 - u ** (-a)) / a,
-    "hellinger": lambda u, a: 1 - u ** -0.5,
+    "hellinger": lambda u, a: 1 - u**-0.5,
 }
-DIVERGENCE_CASES = [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5), ("alpha", 0.1), ("alpha", 0.5),
-                    ("alpha", 0.9), ("hellinger", 0.5)]
+DIVERGENCE_CASES = [
+    ("reverse_kl", 0.5),
+    ("forward_kl", 0.5),
+    ("js", 0.5),
+    ("alpha", 0.1),
+    ("alpha", 0.5),
+    ("alpha", 0.9),
+    ("hellinger", 0.5),
+]
 
 
 @pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES)
@@ -94,9 +101,21 @@ def test_reference_gradient_is_the_spec_formula(name, alpha, layout):
     weight = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
     upstream = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
     p = pred.clone().requires_grad_()
-    loss = fdpo_loss_reference(p, ref, target, mask=mask, pair_weight=weight, divergence=name, alpha=alpha,
-                               beta=beta, gamma=gamma, label_smoothing=eps, logratio_clip=clip, layout=layout,
-                               reduction="none")
+    loss = fdpo_loss_reference(
+        p,
+        ref,
+        target,
+        mask=mask,
+        pair_weight=weight,
+        divergence=name,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=eps,
+        logratio_clip=clip,
+        layout=layout,
+        reduction="none",
+    )
     (grad,) = torch.autograd.grad(loss, p, upstream)
 
     pair = torch.arange(2 * B) // 2 if layout == "interleaved" else torch.arange(2 * B) % B
@@ -112,7 +131,17 @@ def test_reference_gradient_is_the_spec_formula(name, alpha, layout):
     dloss_dz = -(1 - eps) * torch.sigmoid(-z) + eps * torch.sigmoid(z)
     torch.testing.assert_close(loss, (1 - eps) * F.softplus(-z) + eps * F.softplus(z), rtol=1e-10, atol=0)
     sign = torch.where(winner, -1.0, 1.0).double()
-    coef = (sign * (dloss_dz * upstream)[pair] * gamma * PSI_PRIME[name](d, alpha) / torch.cosh(d_raw / clip) ** 2
-            * beta / 2 * w * 2 * inv)
+    coef = (
+        sign
+        * (dloss_dz * upstream)[pair]
+        * gamma
+        * PSI_PRIME[name](d, alpha)
+        / torch.cosh(d_raw / clip) ** 2
+        * beta
+        / 2
+        * w
+        * 2
+        * inv
+    )
     expected = coef[:, None, None, None] * m * (pred - t)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-13 * expected.abs().max().item())

@@ -41,23 +41,36 @@ CAPTIONS = ["a red cat", "a blue dog", "a cat on grass", "a red dog on grass"]
 # Tiny pipelines and datasets, written the way diffusers and Pick-a-Pic lay them out.
 
 
-def make_pipeline(folder: Path, *, vae: bool = True, scheduler: str = "ddpm", prediction_type: str = "epsilon",
-                  unet: bool = True) -> Path:
+def make_pipeline(
+    folder: Path, *, vae: bool = True, scheduler: str = "ddpm", prediction_type: str = "epsilon", unet: bool = True
+) -> Path:
     """A diffusers pipeline folder: tiny UNet, optional tiny VAE (16 px -> 4x8x8 latents), embedded text encoder."""
     torch.manual_seed(0)
     folder.mkdir(parents=True)
-    index = {"_class_name": "TinyTestPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
-             "text_encoder": ["fdiv_kernels.train", "TinyTextEncoder"],
-             "tokenizer": ["fdiv_kernels.train", "WordTokenizer"]}
+    index = {
+        "_class_name": "TinyTestPipeline",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["fdiv_kernels.train", "TinyTextEncoder"],
+        "tokenizer": ["fdiv_kernels.train", "WordTokenizer"],
+    }
     if unet:
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
-        tiny_unet(8 if vae else 16, channels=4 if vae else 3, cross_attention_dim=16,
-                  block_out_channels=(8, 16)).save_pretrained(folder / "unet")
+        tiny_unet(
+            8 if vae else 16, channels=4 if vae else 3, cross_attention_dim=16, block_out_channels=(8, 16)
+        ).save_pretrained(folder / "unet")
     if vae:
         index["vae"] = ["diffusers", "AutoencoderKL"]
-        AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                      layers_per_block=1, norm_num_groups=8, sample_size=16).save_pretrained(folder / "vae")
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+        ).save_pretrained(folder / "vae")
     if scheduler == "flow":
         index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
@@ -70,7 +83,9 @@ def make_pipeline(folder: Path, *, vae: bool = True, scheduler: str = "ddpm", pr
 
 
 def _jpeg(seed: int, size=(20, 24)) -> bytes:
-    array = torch.randint(0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    array = torch.randint(
+        0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
     buffer = io.BytesIO()
     Image.fromarray(array.numpy()).save(buffer, format="JPEG")
     return buffer.getvalue()
@@ -111,8 +126,17 @@ def assets(tmp_path_factory):
 
 
 def config(assets, output: Path, **overrides) -> TrainConfig:
-    args = dict(pipeline=assets["pipeline"], dataset=assets["dataset"], output=output, max_steps=3, batch_size=4,
-                learning_rate=1e-3, log_every=1, cpu=True, progress=False)
+    args = dict(
+        pipeline=assets["pipeline"],
+        dataset=assets["dataset"],
+        output=output,
+        max_steps=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        log_every=1,
+        cpu=True,
+        progress=False,
+    )
     return TrainConfig(**{**args, **overrides})
 
 
@@ -132,9 +156,14 @@ def test_reward_prefers_the_prompt_the_image_was_rendered_from():
     shuffled = task.reward(images, [specs[i] for i in torch.randperm(len(specs), generator=g)])
     assert right["fidelity"].mean() > 0.7 and shuffled["fidelity"].mean() < 0.4
     # Changing one word of the prompt lowers that attribute's score.
-    for attribute, values in (("colour", list(task.COLOURS)), ("shape", list(task.SHAPES)),
-                              ("size", list(task.SIZES)), ("position", list(task.POSITIONS))):
-        def other(spec):
+    for attribute, values in (
+        ("colour", list(task.COLOURS)),
+        ("shape", list(task.SHAPES)),
+        ("size", list(task.SIZES)),
+        ("position", list(task.POSITIONS)),
+    ):
+
+        def other(spec, attribute=attribute, values=values):
             value = values[(values.index(getattr(spec, attribute)) + 1) % len(values)]
             return task.Spec(**{**spec.__dict__, attribute: value})
 
@@ -202,16 +231,26 @@ def _rewrite_jsonl(folder: Path, edit) -> None:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda folder: _rewrite_jsonl(folder, lambda r: [row.pop("label_0") for row in r]),
-         r"pairs.jsonl: missing column\(s\) \['label_0'\]"),
-        (lambda folder: (folder / "images" / "2_1.jpg").write_bytes(b"not an image"),
-         r"images/2_1.jpg: not a readable image"),
-        (lambda folder: (folder / "images" / "3_0.jpg").unlink(),
-         r"row 3: column 'jpg_0' names .*images/3_0.jpg, which does not exist"),
-        (lambda folder: _rewrite_jsonl(folder, lambda r: r[1].update(label_0="yes")),
-         r"pairs.jsonl row 1: column 'label_0' must be 1, 0 or 0.5"),
-        (lambda folder: (folder / "pairs.jsonl").rename(folder / "pairs.csv"),
-         r"expected .parquet shards or one .jsonl table, found none"),
+        (
+            lambda folder: _rewrite_jsonl(folder, lambda r: [row.pop("label_0") for row in r]),
+            r"pairs.jsonl: missing column\(s\) \['label_0'\]",
+        ),
+        (
+            lambda folder: (folder / "images" / "2_1.jpg").write_bytes(b"not an image"),
+            r"images/2_1.jpg: not a readable image",
+        ),
+        (
+            lambda folder: (folder / "images" / "3_0.jpg").unlink(),
+            r"row 3: column 'jpg_0' names .*images/3_0.jpg, which does not exist",
+        ),
+        (
+            lambda folder: _rewrite_jsonl(folder, lambda r: r[1].update(label_0="yes")),
+            r"pairs.jsonl row 1: column 'label_0' must be 1, 0 or 0.5",
+        ),
+        (
+            lambda folder: (folder / "pairs.jsonl").rename(folder / "pairs.csv"),
+            r"expected .parquet shards or one .jsonl table, found none",
+        ),
     ],
     ids=["missing-column", "unreadable-image", "missing-image", "bad-label", "no-table"],
 )
@@ -247,13 +286,35 @@ def test_bad_pipeline_is_named_and_nothing_is_written(assets, tmp_path):
 
 def test_cli_reports_bad_input_in_one_line(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--pipeline", str(tmp_path / "missing"), "--dataset", str(assets["dataset"]),
-              "--output", str(tmp_path / "run"), "--cpu", "--no-progress"])
+        main(
+            [
+                "train",
+                "--pipeline",
+                str(tmp_path / "missing"),
+                "--dataset",
+                str(assets["dataset"]),
+                "--output",
+                str(tmp_path / "run"),
+                "--cpu",
+                "--no-progress",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "fdpo-train train: error: pipeline folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]),
-              "--output", str(tmp_path / "run"), "--divergence", "chi2"])
+        main(
+            [
+                "train",
+                "--pipeline",
+                str(assets["pipeline"]),
+                "--dataset",
+                str(assets["dataset"]),
+                "--output",
+                str(tmp_path / "run"),
+                "--divergence",
+                "chi2",
+            ]
+        )
     assert "divergence='chi2' violates the f-DPO condition" in capsys.readouterr().err
 
 
@@ -310,8 +371,16 @@ def test_other_targets_train(tmp_path, assets, scheduler, prediction_type):
 
 
 def test_pixel_space_pipeline_with_gradient_accumulation(assets, tmp_path):
-    result = train(config(assets, tmp_path / "run", pipeline=assets["pixel_pipeline"], max_steps=2,
-                          gradient_accumulation_steps=2, log_every=2))
+    result = train(
+        config(
+            assets,
+            tmp_path / "run",
+            pipeline=assets["pixel_pipeline"],
+            max_steps=2,
+            gradient_accumulation_steps=2,
+            log_every=2,
+        )
+    )
     assert [r["step"] for r in result.records] == [2]
 
 
@@ -360,11 +429,38 @@ def test_log_grad_weights_logs_or_says_why_not(assets, tmp_path, capsys):
 
 
 def test_cli_ref_errors_then_train_with_them(assets, tmp_path):
-    data = ["--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]), "--max-steps", "2",
-            "--batch-size", "4", "--cpu", "--no-progress"]
+    data = [
+        "--pipeline",
+        str(assets["pipeline"]),
+        "--dataset",
+        str(assets["dataset"]),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--cpu",
+        "--no-progress",
+    ]
     assert main(["ref-errors", *data, "--output", str(tmp_path / "ref.safetensors")]) == 0
-    assert main(["train", *data, "--output", str(tmp_path / "run"), "--ref-errors", str(tmp_path / "ref.safetensors"),
-                 "--divergence", "alpha", "--alpha", "0.3", "--log-every", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *data,
+                "--output",
+                str(tmp_path / "run"),
+                "--ref-errors",
+                str(tmp_path / "ref.safetensors"),
+                "--divergence",
+                "alpha",
+                "--alpha",
+                "0.3",
+                "--log-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2]
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["divergence"] == "alpha"
@@ -372,26 +468,52 @@ def test_cli_ref_errors_then_train_with_them(assets, tmp_path):
 
 def _run_cli(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*launcher, "-m", "fdiv_kernels.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [*launcher, "-m", "fdiv_kernels.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
-    common = ["train", "--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]), "--max-steps", "3",
-              "--batch-size", "4", "--learning-rate", "1e-3", "--log-every", "1", "--cpu", "--no-progress"]
+    common = [
+        "train",
+        "--pipeline",
+        str(assets["pipeline"]),
+        "--dataset",
+        str(assets["dataset"]),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--cpu",
+        "--no-progress",
+    ]
     # accelerate's own --cpu launcher starts several processes only through mpirun; its torchrun-based launcher
     # (--multi_gpu) with the trainer's --cpu runs CPU processes over gloo.
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = _run_cli([*common, "--output", str(tmp_path / "two")], tmp_path,
-                   [*accelerate, "--num_processes", "2"])
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    two = _run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, [*accelerate, "--num_processes", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
     one = _run_cli([*common, "--output", str(tmp_path / "one")], tmp_path, [sys.executable])
     assert one.returncode == 0, one.stderr[-3000:]
     run_two = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert (run_two["num_processes"], run_two["distributed_backend"]) == (2, "gloo")
-    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-            for run in ("one", "two")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")
+    ]
     for a, b in zip(*logs):
         for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
@@ -406,9 +528,29 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
 
 def test_bf16_mixed_precision(assets, tmp_path):
     # A subprocess: Accelerate fixes mixed precision once per process.
-    run = _run_cli(["train", "--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]),
-                    "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--log-every", "1",
-                    "--mixed-precision", "bf16", "--cpu", "--no-progress"], tmp_path, [sys.executable])
+    run = _run_cli(
+        [
+            "train",
+            "--pipeline",
+            str(assets["pipeline"]),
+            "--dataset",
+            str(assets["dataset"]),
+            "--output",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--log-every",
+            "1",
+            "--mixed-precision",
+            "bf16",
+            "--cpu",
+            "--no-progress",
+        ],
+        tmp_path,
+        [sys.executable],
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
@@ -445,21 +587,41 @@ def test_transformers_clip_text_encoder_pipeline(tmp_path, assets):
     transformers = pytest.importorskip("transformers")
     folder = make_pipeline(tmp_path / "sd", unet=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
-             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
+    vocab = {
+        "<|startoftext|>": 0,
+        "<|endoftext|>": 1,
+        **{c: 2 + i for i, c in enumerate(letters)},
+        **{c + "</w>": 28 + i for i, c in enumerate(letters)},
+    }
     tokenizer_dir = folder / "tokenizer"
     shutil.rmtree(tokenizer_dir)
     tokenizer_dir.mkdir()
     (tokenizer_dir / "vocab.json").write_text(json.dumps(vocab))
     (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 24, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (tokenizer_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 24,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
     shutil.rmtree(folder / "text_encoder")
-    text_config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                              num_hidden_layers=1, num_attention_heads=2,
-                                              max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
-                                              pad_token_id=1)
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=24,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     transformers.CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
     index = json.loads((folder / "model_index.json").read_text())
     index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])

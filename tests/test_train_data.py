@@ -93,8 +93,12 @@ def test_image_paths_and_arrow_shards_and_save_to_disk_read_the_same_pairs(tmp_p
 
     shards = write_shards(tmp_path / "shards")
     memory = PreferenceDataset(shards, 8)
-    ds = datasets.concatenate_datasets([datasets.Dataset.from_parquet(str(f), cache_dir=str(tmp_path / "c2"))
-                                        for f in sorted(shards.glob("*.parquet"))])
+    ds = datasets.concatenate_datasets(
+        [
+            datasets.Dataset.from_parquet(str(f), cache_dir=str(tmp_path / "c2"))
+            for f in sorted(shards.glob("*.parquet"))
+        ]
+    )
     ds.save_to_disk(str(tmp_path / "saved"), num_shards=2)
     assert_same_pairs(memory, open_preferences(tmp_path / "saved", 8), same_files=False)
     # Bare .arrow shards (datasets' files), memory-mapped in place.
@@ -135,16 +139,31 @@ def _edit(rows: dict, column: str, row: int, value) -> dict:
     return rows
 
 
-@pytest.mark.parametrize("table, message", [
-    ({k: v for k, v in shard_rows(0, 3).items() if k != "jpg_1"}, r"bad\.parquet: missing column\(s\) \['jpg_1'\]"),
-    ({**shard_rows(0, 3), "label_0": ["1", "0", "1"]}, r"bad\.parquet: column 'label_0' must hold numbers.*string"),
-    ({**shard_rows(0, 3), "jpg_0": [1, 2, 3]}, r"bad\.parquet: column 'jpg_0' must hold image bytes or paths.*int64"),
-    (_edit(shard_rows(0, 3), "label_0", 2, 0.7), r"bad\.parquet row 2: column 'label_0' must be 1, 0 or 0\.5; "
-                                                  r"got 0\.7 \(soft preference labels"),
-    (_edit(shard_rows(0, 3), "caption", 1, None), r"bad\.parquet row 1: column 'caption' must be a string"),
-    (_edit(shard_rows(0, 3), "jpg_1", 0, b"not an image"), r"bad\.parquet row 0 \(image bytes\): not a readable image"),
-    (_edit(shard_rows(0, 3), "jpg_0", 0, None), r"bad\.parquet row 0: column 'jpg_0' must hold image bytes or a path"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({k: v for k, v in shard_rows(0, 3).items() if k != "jpg_1"}, r"bad\.parquet: missing column\(s\) \['jpg_1'\]"),
+        ({**shard_rows(0, 3), "label_0": ["1", "0", "1"]}, r"bad\.parquet: column 'label_0' must hold numbers.*string"),
+        (
+            {**shard_rows(0, 3), "jpg_0": [1, 2, 3]},
+            r"bad\.parquet: column 'jpg_0' must hold image bytes or paths.*int64",
+        ),
+        (
+            _edit(shard_rows(0, 3), "label_0", 2, 0.7),
+            r"bad\.parquet row 2: column 'label_0' must be 1, 0 or 0\.5; "
+            r"got 0\.7 \(soft preference labels",
+        ),
+        (_edit(shard_rows(0, 3), "caption", 1, None), r"bad\.parquet row 1: column 'caption' must be a string"),
+        (
+            _edit(shard_rows(0, 3), "jpg_1", 0, b"not an image"),
+            r"bad\.parquet row 0 \(image bytes\): not a readable image",
+        ),
+        (
+            _edit(shard_rows(0, 3), "jpg_0", 0, None),
+            r"bad\.parquet row 0: column 'jpg_0' must hold image bytes or a path",
+        ),
+    ],
+)
 def test_bad_tables_are_named_by_file_row_and_column(tmp_path, table, message):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -156,8 +175,11 @@ def test_bad_tables_are_named_by_file_row_and_column(tmp_path, table, message):
 def test_missing_image_file_unreadable_shard_and_unchecked_images(tmp_path):
     paths = write_pairs(tmp_path / "paths", ["a", "b"], torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), [1.0, 0.0])
     (paths / "images" / "000001_0.png").unlink()
-    with pytest.raises(DatasetError, match=r"pairs\.parquet row 1: column 'jpg_0' names .*000001_0\.png, which does "
-                                           r"not exist"):
+    with pytest.raises(
+        DatasetError,
+        match=r"pairs\.parquet row 1: column 'jpg_0' names .*000001_0\.png, which does "
+        r"not exist",
+    ):
         ArrowPreferenceDataset(paths, 8, cache_dir=tmp_path / "cache")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.parquet").write_bytes(b"PAR1 not really")
@@ -207,8 +229,14 @@ MEASURE = textwrap.dedent("""
 
 
 def _measure(path: Path, backend: str, cache: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), backend, str(cache)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path), backend, str(cache)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -225,12 +253,21 @@ def test_memory_stays_flat_from_1k_to_10k_rows(tmp_path):
         folder.mkdir()
         for start in range(0, n, 1_000):
             rows = range(start, start + 1_000)
-            table = pa.table({"caption": [f"a photo number {i}" for i in rows], "jpg_0": images[start:start + 1_000],
-                              "jpg_1": images[10_000 + start:11_000 + start], "label_0": [float(i % 2) for i in rows]})
+            table = pa.table(
+                {
+                    "caption": [f"a photo number {i}" for i in rows],
+                    "jpg_0": images[start : start + 1_000],
+                    "jpg_1": images[10_000 + start : 11_000 + start],
+                    "label_0": [float(i % 2) for i in rows],
+                }
+            )
             pq.write_table(table, folder / f"train-{start // 1_000:05d}.parquet", row_group_size=250)
     image_bytes = sum(map(len, images))  # the 10k-row table's image bytes
-    results = {(n, b): _measure(tmp_path / f"rows{n}", b, tmp_path / "cache")
-               for n in (1_000, 10_000) for b in ("datasets", "memory")}
+    results = {
+        (n, b): _measure(tmp_path / f"rows{n}", b, tmp_path / "cache")
+        for n in (1_000, 10_000)
+        for b in ("datasets", "memory")
+    }
     print(json.dumps({f"{n} rows, {b}": v for (n, b), v in results.items()}, indent=1))
     small, large = results[1_000, "datasets"], results[10_000, "datasets"]
     assert large["pairs"] == 10_000
@@ -254,24 +291,63 @@ def test_two_processes_from_the_ddp_config_with_the_datasets_reader_match_one_wi
     data.mkdir()
     for k in range(2):
         rows = range(6 * k, 6 * k + 6)
-        pq.write_table(pa.table({"caption": [CAPTIONS[i % len(CAPTIONS)] for i in rows],
-                                 "jpg_0": [png(2 * i, 16) for i in rows], "jpg_1": [png(2 * i + 1, 16) for i in rows],
-                                 "label_0": [float(i % 2) for i in rows]}), data / f"train-{k:05d}.parquet")
-    common = ["train", "--pipeline", str(pipeline), "--dataset", str(data), "--max-steps", "2", "--batch-size", "4",
-              "--learning-rate", "1e-3", "--log-every", "1", "--cpu", "--no-progress"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+        pq.write_table(
+            pa.table(
+                {
+                    "caption": [CAPTIONS[i % len(CAPTIONS)] for i in rows],
+                    "jpg_0": [png(2 * i, 16) for i in rows],
+                    "jpg_1": [png(2 * i + 1, 16) for i in rows],
+                    "label_0": [float(i % 2) for i in rows],
+                }
+            ),
+            data / f"train-{k:05d}.parquet",
+        )
+    common = [
+        "train",
+        "--pipeline",
+        str(pipeline),
+        "--dataset",
+        str(data),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--cpu",
+        "--no-progress",
+    ]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples" / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    two = subprocess.run([*launch, "-m", "fdiv_kernels.train", *common, "--data-backend", "datasets", "--output",
-                          str(tmp_path / "two")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [*launch, "-m", "fdiv_kernels.train", *common, "--data-backend", "datasets", "--output", str(tmp_path / "two")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert list((tmp_path / "hf").rglob("*.arrow")), "the datasets reader was not used"
     record = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert (record["num_processes"], record["distributed_backend"], record["data_backend"]) == (2, "gloo", "datasets")
     assets = {"pipeline": pipeline, "dataset": data}
     train(config(assets, tmp_path / "one", max_steps=2, data_backend="memory"))
-    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-            for run in ("one", "two")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")
+    ]
     assert len(logs[0]) == len(logs[1]) == 2
     for a, b in zip(*logs):
         for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin"):
@@ -281,7 +357,12 @@ def test_two_processes_from_the_ddp_config_with_the_datasets_reader_match_one_wi
 def test_shipped_accelerate_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    kinds = {name: load_config_from_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml")).distributed_type
-             for name in ("ddp", "deepspeed_zero2", "fsdp")}
+    kinds = {
+        name: load_config_from_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml")).distributed_type
+        for name in ("ddp", "deepspeed_zero2", "fsdp")
+    }
     assert {k: str(v).split(".")[-1] for k, v in kinds.items()} == {
-        "ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}
+        "ddp": "MULTI_GPU",
+        "deepspeed_zero2": "DEEPSPEED",
+        "fsdp": "FSDP",
+    }

@@ -14,13 +14,12 @@ import torch
 from diffusers import ModelMixin
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import config, make_dataset, make_pipeline  # noqa: F401  (the tiny SD1.x-shaped builders)
 
 from fdiv_kernels.train import loop
 from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.loop import TrainConfig, train
 from fdiv_kernels.train.model import load_pipeline
-
-from test_train import config, make_dataset, make_pipeline  # noqa: F401  (the tiny SD1.x-shaped builders)
 
 peft = pytest.importorskip("peft")
 
@@ -67,15 +66,15 @@ def test_lora_resumes_bit_for_bit_and_takes_cached_reference_errors(assets, tmp_
     shutil.copytree(tmp_path / "full", cut)
     for name in ("checkpoint-4", "lora", "log.jsonl"):
         shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
-    resumed = train(config(assets, cut, max_steps=4, checkpoint_every=2, lora_rank=2, learning_rate=1e-2,
-                           resume="latest"))
+    resumed = train(
+        config(assets, cut, max_steps=4, checkpoint_every=2, lora_rank=2, learning_rate=1e-2, resume="latest")
+    )
     assert resumed.records == full.records[2:]
     weights = [load_file(run / "lora" / "pytorch_lora_weights.safetensors") for run in (tmp_path / "full", cut)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # Cached reference errors stand in for the adapters-off pass: the same reference numbers.
     cache = loop.cache_reference_errors(config(assets, tmp_path / "unused", max_steps=2), tmp_path / "ref.safetensors")
-    cached = train(config(assets, tmp_path / "cached", max_steps=2, lora_rank=2, learning_rate=1e-2,
-                          ref_errors=cache))
+    cached = train(config(assets, tmp_path / "cached", max_steps=2, lora_rank=2, learning_rate=1e-2, ref_errors=cache))
     for a, b in zip(full.records, cached.records):
         assert b["raw_ref_loss"] == pytest.approx(a["raw_ref_loss"], rel=1e-5)
 
@@ -115,8 +114,20 @@ def test_lora_bad_flags_fail_before_anything_is_written(assets, tmp_path, capsys
     with pytest.raises(ValueError, match="--lora-alpha must be > 0"):
         config(assets, out, lora_rank=4, lora_alpha=0.0)
     with pytest.raises(SystemExit):
-        main(["train", "--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]),
-              "--output", str(out), "--lora-rank", "0", "--cpu"])
+        main(
+            [
+                "train",
+                "--pipeline",
+                str(assets["pipeline"]),
+                "--dataset",
+                str(assets["dataset"]),
+                "--output",
+                str(out),
+                "--lora-rank",
+                "0",
+                "--cpu",
+            ]
+        )
     assert "fdpo-train train: error: --lora-rank must be a positive integer; got 0" in capsys.readouterr().err
     assert not out.exists()
 
@@ -133,14 +144,43 @@ def test_lora_on_a_model_without_attention_names_the_pipeline(tmp_path):
 
 
 def _cli_data(assets) -> list[str]:
-    return ["--pipeline", str(assets["pipeline"]), "--dataset", str(assets["dataset"]), "--batch-size", "4",
-            "--cpu", "--no-progress", "--log-every", "1"]
+    return [
+        "--pipeline",
+        str(assets["pipeline"]),
+        "--dataset",
+        str(assets["dataset"]),
+        "--batch-size",
+        "4",
+        "--cpu",
+        "--no-progress",
+        "--log-every",
+        "1",
+    ]
 
 
 def test_a_runs_train_config_json_repeats_the_run(assets, tmp_path):
     first = tmp_path / "first"
-    assert main(["train", *_cli_data(assets), "--output", str(first), "--max-steps", "2", "--divergence", "js",
-                 "--beta", "800", "--learning-rate", "1e-3", "--lora-rank", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *_cli_data(assets),
+                "--output",
+                str(first),
+                "--max-steps",
+                "2",
+                "--divergence",
+                "js",
+                "--beta",
+                "800",
+                "--learning-rate",
+                "1e-3",
+                "--lora-rank",
+                "2",
+            ]
+        )
+        == 0
+    )
     again = tmp_path / "again"
     assert main(["train", "--config", str(first / "train_config.json"), "--output", str(again)]) == 0
     a, b = (json.loads((run / "train_config.json").read_text()) for run in (first, again))
@@ -150,8 +190,10 @@ def test_a_runs_train_config_json_repeats_the_run(assets, tmp_path):
 
 def test_command_line_flags_override_the_config_file(assets, tmp_path):
     file = tmp_path / "run.yaml"
-    file.write_text(f"pipeline: {assets['pipeline']}\ndataset: {assets['dataset']}\nmax-steps: 3\nbatch_size: 4\n"
-                    "divergence: alpha\nalpha: 0.3\ncpu: true\nprogress: false\nlearning_rate: 0.001\n")
+    file.write_text(
+        f"pipeline: {assets['pipeline']}\ndataset: {assets['dataset']}\nmax-steps: 3\nbatch_size: 4\n"
+        "divergence: alpha\nalpha: 0.3\ncpu: true\nprogress: false\nlearning_rate: 0.001\n"
+    )
     run = tmp_path / "run"
     assert main(["train", "--config", str(file), "--output", str(run), "--max-steps", "1", "--alpha", "0.7"]) == 0
     written = json.loads((run / "train_config.json").read_text())
@@ -159,14 +201,20 @@ def test_command_line_flags_override_the_config_file(assets, tmp_path):
     assert [r["step"] for r in _log(run)] == [1]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("max_stepz: 3\n", r"unknown setting 'max_stepz' \(did you mean 'max_steps'\?\)"),
-    ("max_steps: ten\n", r"max_steps \(flag --max-steps\) must be int; got 'ten'"),
-    ("mixed_precision: fp8\n", r"mixed_precision \(flag --mixed-precision\) must be one of \['no', 'fp16', 'bf16'\]"),
-    ("cpu: 1\n", r"cpu \(flag --cpu\) must be true or false; got 1"),
-    ("- a list\n", r"expected a mapping of flag names to values, got list"),
-    ("a: [unclosed\n", r"is not valid YAML \(line 2, column 1: expected ',' or ']', but got '<stream end>'\)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("max_stepz: 3\n", r"unknown setting 'max_stepz' \(did you mean 'max_steps'\?\)"),
+        ("max_steps: ten\n", r"max_steps \(flag --max-steps\) must be int; got 'ten'"),
+        (
+            "mixed_precision: fp8\n",
+            r"mixed_precision \(flag --mixed-precision\) must be one of \['no', 'fp16', 'bf16'\]",
+        ),
+        ("cpu: 1\n", r"cpu \(flag --cpu\) must be true or false; got 1"),
+        ("- a list\n", r"expected a mapping of flag names to values, got list"),
+        ("a: [unclosed\n", r"is not valid YAML \(line 2, column 1: expected ',' or ']', but got '<stream end>'\)"),
+    ],
+)
 def test_bad_config_files_are_named_in_one_line(assets, tmp_path, capsys, text, message):
     file = tmp_path / "bad.yaml"
     file.write_text(text)
@@ -207,13 +255,18 @@ def _char_clip_tokenizer(folder: Path, max_length: int = 24):
     """A CLIPTokenizer with one token per letter (no merges), written to ``folder``: no download."""
     transformers = pytest.importorskip("transformers")
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
-             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
+    vocab = {
+        "<|startoftext|>": 0,
+        "<|endoftext|>": 1,
+        **{c: 2 + i for i, c in enumerate(letters)},
+        **{c + "</w>": 28 + i for i, c in enumerate(letters)},
+    }
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           model_max_length=max_length, pad_token="<|endoftext|>")
+    tokenizer = transformers.CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token="<|endoftext|>"
+    )
     return tokenizer, len(vocab)
 
 
@@ -221,29 +274,62 @@ def make_sd3_pipeline(folder: Path) -> Path:
     """A tiny StableDiffusion3Pipeline folder: 1-layer SD3 transformer, tiny VAE (16 px -> 4x8x8), two tiny CLIP text
     encoders with projection, no T5 (as diffusers allows)."""
     transformers = pytest.importorskip("transformers")
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(0)
     parts = {}
     for suffix in ("", "_2"):
         tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
-        text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
-                                                  projection_dim=8, num_hidden_layers=1, num_attention_heads=2,
-                                                  max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
-                                                  pad_token_id=1)
+        text_config = transformers.CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=8,
+            intermediate_size=16,
+            projection_dim=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
         parts[f"text_encoder{suffix}"] = transformers.CLIPTextModelWithProjection(text_config)
         parts[f"tokenizer{suffix}"] = tokenizer
     StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                          caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8),
+        transformer=SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=16,
+            pos_embed_max_size=8,
+        ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                          layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.1,
-                          scaling_factor=1.5),
-        text_encoder_3=None, tokenizer_3=None, **parts,
+        vae=AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+            shift_factor=0.1,
+            scaling_factor=1.5,
+        ),
+        text_encoder_3=None,
+        tokenizer_3=None,
+        **parts,
     ).save_pretrained(folder)
     return folder
 
@@ -263,7 +349,8 @@ def test_sd3_pipeline_conditioning_is_diffusers_own(sd3):
     # joint_attention_dim; 24 tokens) then the 77 zero rows that stand in for the absent T5.
     absent = dict.fromkeys(["text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"])
     states, _, pooled, _ = StableDiffusion3Pipeline.from_pretrained(sd3, **absent).encode_prompt(
-        ["a red cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=77)
+        ["a red cat", "a dog"], None, None, do_classifier_free_guidance=False, max_sequence_length=77
+    )
     assert cond["encoder_hidden_states"].shape == (2, 24 + 77, 16) and cond["pooled_projections"].shape == (2, 16)
     assert torch.equal(cond["encoder_hidden_states"], states) and torch.equal(cond["pooled_projections"], pooled)
 
@@ -311,13 +398,19 @@ def test_sd3_with_lora_adapts_the_joint_attention(assets, sd3, tmp_path):
 
 def test_flow_transformer_refuses_other_targets_and_sd3_needs_its_parts(assets, sd3, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"--prediction-type epsilon: .*SD3Transformer2DModel is a flow-matching "
-                                         r"model and trains on the flow target"):
+    with pytest.raises(
+        ValueError,
+        match=r"--prediction-type epsilon: .*SD3Transformer2DModel is a flow-matching "
+        r"model and trains on the flow target",
+    ):
         train(config(assets, out, pipeline=sd3, prediction_type="epsilon"))
     with pytest.raises(ValueError, match=r"--snr-gamma \(Min-SNR\) needs an epsilon or v_prediction target"):
         train(config(assets, out, pipeline=sd3, snr_gamma=5.0))
-    with pytest.raises(ValueError, match=r"--weighting-scheme cosmap is for flow-matching targets; this run's "
-                                         r"target is epsilon"):
+    with pytest.raises(
+        ValueError,
+        match=r"--weighting-scheme cosmap is for flow-matching targets; this run's "
+        r"target is epsilon",
+    ):
         train(config(assets, out, weighting_scheme="cosmap"))
     broken = tmp_path / "broken"
     shutil.copytree(sd3, broken)
@@ -426,8 +519,9 @@ def test_compile_compiles_the_model_and_gives_the_same_run(assets, tmp_path):
     # Cached reference errors: one model to compile, which keeps this test short (dynamo traces the whole UNet).
     cache = loop.cache_reference_errors(config(assets, tmp_path / "unused", max_steps=1), tmp_path / "ref.safetensors")
     plain = train(config(assets, tmp_path / "plain", max_steps=1, ref_errors=cache))
-    compiled = train(config(assets, tmp_path / "compiled", max_steps=1, ref_errors=cache, compile=True,
-                            compile_backend="eager"))
+    compiled = train(
+        config(assets, tmp_path / "compiled", max_steps=1, ref_errors=cache, compile=True, compile_backend="eager")
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert compiled.records[0]["raw_model_loss"] == pytest.approx(plain.records[0]["raw_model_loss"], rel=1e-5)
     torch._dynamo.reset()
@@ -447,8 +541,20 @@ def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
     common = ["train", *_cli_data(assets), "--pipeline", str(pipeline), "--max-steps", "2", "--learning-rate", "1e-3"]
     if mode == "lora":
         common += ["--learning-rate", "1e-2", "--lora-rank", "2"]  # (the last --learning-rate counts)
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2"]
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        "2",
+    ]
     two = _run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, accelerate)
     assert two.returncode == 0, two.stderr[-3000:]
     # The one-process run in this process (the same flags; a subprocess only costs start-up time).
@@ -465,8 +571,9 @@ def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
         base = {k: torch.zeros_like(v) if ".lora.up." in k else v for k, v in one.items()}  # B starts at zero
         keys = [k for k in one if ".lora.up." in k]
     else:
-        one, two = (load_file(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors")
-                    for run in ("one", "two"))
+        one, two = (
+            load_file(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors") for run in ("one", "two")
+        )
         base = load_file(sd3 / "transformer" / "diffusion_pytorch_model.safetensors")
         keys = list(base)
     update = torch.cat([(one[k] - base[k]).flatten() for k in keys])
@@ -487,22 +594,48 @@ def make_sdxl_pipeline(folder: Path) -> Path:
     parts = {}
     for suffix, cls in (("", transformers.CLIPTextModel), ("_2", transformers.CLIPTextModelWithProjection)):
         tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
-        text_config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16,
-                                                  projection_dim=8, num_hidden_layers=1, num_attention_heads=2,
-                                                  max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
-                                                  pad_token_id=1)
+        text_config = transformers.CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=8,
+            intermediate_size=16,
+            projection_dim=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
         parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = cls(text_config), tokenizer
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=(2, 4), norm_num_groups=8, addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
     )
     StableDiffusionXLPipeline(
-        unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100),
-        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                          layers_per_block=1, norm_num_groups=8, sample_size=16),
+        unet=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=100),
+        vae=AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
         **parts,
     ).save_pretrained(folder)
     return folder
@@ -520,7 +653,8 @@ def test_sdxl_conditioning_is_diffusers_own_with_micro_conditioning(sdxl):
     cond = pipe.text(["a red cat", "a dog"], torch.device("cpu"))
     absent = dict.fromkeys(["image_encoder", "feature_extractor"])
     states, _, pooled, _ = StableDiffusionXLPipeline.from_pretrained(sdxl, **absent).encode_prompt(
-        ["a red cat", "a dog"], do_classifier_free_guidance=False)
+        ["a red cat", "a dog"], do_classifier_free_guidance=False
+    )
     assert states.shape == (2, 24, 16) and pooled.shape == (2, 8)  # both encoders' states; the second's projection
     assert torch.equal(cond["encoder_hidden_states"], states)
     assert torch.equal(cond["added_cond_kwargs"]["text_embeds"], pooled)
@@ -548,8 +682,11 @@ def test_sdxl_without_its_parts_is_refused_before_anything_is_written(assets, sd
     unet_config = json.loads((broken / "unet" / "config.json").read_text())
     (broken / "unet" / "config.json").write_text(json.dumps({**unet_config, "addition_embed_type": None}))
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"two text encoders \(SDXL\) needs a UNet2DConditionModel with "
-                                         r"addition_embed_type 'text_time'"):
+    with pytest.raises(
+        ValueError,
+        match=r"two text encoders \(SDXL\) needs a UNet2DConditionModel with "
+        r"addition_embed_type 'text_time'",
+    ):
         train(config(assets, out, pipeline=broken))
     index = json.loads((broken / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps({**index, "tokenizer_2": [None, None]}))

@@ -84,8 +84,15 @@ def diffusers_sdxl_loss(model_pred, ref_pred, target, beta_dpo):
     loss = -1 * F.logsigmoid(inside_term).mean()
     implicit_acc = (inside_term > 0).sum().to(F64) / inside_term.size(0)
     implicit_acc += 0.5 * (inside_term == 0).sum().to(F64) / inside_term.size(0)
-    return dict(loss=loss, raw_model_loss=raw_model_loss, ref_loss=raw_ref_loss, implicit_acc=implicit_acc,
-                logits=inside_term, model_err=model_losses, ref_err=ref_loss)
+    return dict(
+        loss=loss,
+        raw_model_loss=raw_model_loss,
+        ref_loss=raw_ref_loss,
+        implicit_acc=implicit_acc,
+        logits=inside_term,
+        model_err=model_losses,
+        ref_err=ref_loss,
+    )
 
 
 def diffusers_sd15_loss(model_pred, ref_pred, target, beta_dpo):
@@ -104,8 +111,15 @@ def diffusers_sd15_loss(model_pred, ref_pred, target, beta_dpo):
     implicit_acc = (logits > 0).sum().to(F64) / logits.size(0)
     implicit_acc += 0.5 * (logits == 0).sum().to(F64) / logits.size(0)
     # fdiv_kernels' logit z is the argument of logsigmoid: beta_dpo * logits.
-    return dict(loss=loss, raw_model_loss=raw_model_loss, ref_loss=raw_ref_loss, implicit_acc=implicit_acc,
-                logits=beta_dpo * logits, model_err=model_losses, ref_err=ref_loss)
+    return dict(
+        loss=loss,
+        raw_model_loss=raw_model_loss,
+        ref_loss=raw_ref_loss,
+        implicit_acc=implicit_acc,
+        logits=beta_dpo * logits,
+        model_err=model_losses,
+        ref_err=ref_loss,
+    )
 
 
 def original_diffusion_dpo_loss(model_pred, ref_pred, target, beta_dpo):
@@ -124,8 +138,15 @@ def original_diffusion_dpo_loss(model_pred, ref_pred, target, beta_dpo):
     inside_term = scale_term * (model_diff - ref_diff)
     implicit_acc = (inside_term > 0).sum().to(F64) / inside_term.size(0)
     loss = -1 * F.logsigmoid(inside_term).mean()
-    return dict(loss=loss, raw_model_loss=raw_model_loss, ref_loss=raw_ref_loss, implicit_acc=implicit_acc,
-                logits=inside_term, model_err=model_losses, ref_err=ref_losses)
+    return dict(
+        loss=loss,
+        raw_model_loss=raw_model_loss,
+        ref_loss=raw_ref_loss,
+        implicit_acc=implicit_acc,
+        logits=inside_term,
+        model_err=model_losses,
+        ref_err=ref_losses,
+    )
 
 
 def flow_sum_loss(model_pred, ref_pred, target, beta_dpo):
@@ -138,8 +159,15 @@ def flow_sum_loss(model_pred, ref_pred, target, beta_dpo):
     inside_term = -0.5 * beta_dpo * ((model_w - model_l) - (ref_w - ref_l))
     loss = -F.logsigmoid(inside_term).mean()
     implicit_acc = (inside_term > 0).to(F64).mean() + 0.5 * (inside_term == 0).to(F64).mean()
-    return dict(loss=loss, raw_model_loss=model_losses.mean(), ref_loss=ref_losses.mean(),
-                implicit_acc=implicit_acc, logits=inside_term, model_err=model_losses, ref_err=ref_losses)
+    return dict(
+        loss=loss,
+        raw_model_loss=model_losses.mean(),
+        ref_loss=ref_losses.mean(),
+        implicit_acc=implicit_acc,
+        logits=inside_term,
+        model_err=model_losses,
+        ref_err=ref_losses,
+    )
 
 
 TRAINERS = {
@@ -333,9 +361,15 @@ def test_masked_mean_parity(backend, shared_mask):
             ref_err = ((ref_pred.to(F64) - target.to(F64)) ** 2 * m).sum(dims) / m.sum(dims)
         (ew, el), (rw, rl) = err.chunk(2), ref_err.chunk(2)
         inside = -0.5 * beta * ((ew - el) - (rw - rl))
-        return dict(loss=-F.logsigmoid(inside).mean(), raw_model_loss=err.mean(), ref_loss=ref_err.mean(),
-                    implicit_acc=(inside > 0).to(F64).mean() + 0.5 * (inside == 0).to(F64).mean(),
-                    logits=inside, model_err=err, ref_err=ref_err)
+        return dict(
+            loss=-F.logsigmoid(inside).mean(),
+            raw_model_loss=err.mean(),
+            ref_loss=ref_err.mean(),
+            implicit_acc=(inside > 0).to(F64).mean() + 0.5 * (inside == 0).to(F64).mean(),
+            logits=inside,
+            model_err=err,
+            ref_err=ref_err,
+        )
 
     expected, expected_grad = _grad_of_formula(masked_formula, model, ref, noise, 5000.0)
     loss, stats, grad = _fused(model, ref, noise, backend, beta=5000.0, mask=mask)
@@ -354,9 +388,15 @@ def flow_mean_all_loss(mask_rows):
             ref_losses = ((ref_pred.to(F64) - target.to(F64)).pow(2) * m).mean(dim=dims)
         (mw, ml), (rw, rl) = model_losses.chunk(2), ref_losses.chunk(2)
         inside_term = -0.5 * beta_dpo * ((mw - ml) - (rw - rl))
-        return dict(loss=-F.logsigmoid(inside_term).mean(), raw_model_loss=model_losses.mean(),
-                    ref_loss=ref_losses.mean(), logits=inside_term, model_err=model_losses, ref_err=ref_losses,
-                    implicit_acc=(inside_term > 0).to(F64).mean() + 0.5 * (inside_term == 0).to(F64).mean())
+        return dict(
+            loss=-F.logsigmoid(inside_term).mean(),
+            raw_model_loss=model_losses.mean(),
+            ref_loss=ref_losses.mean(),
+            logits=inside_term,
+            model_err=model_losses,
+            ref_err=ref_losses,
+            implicit_acc=(inside_term > 0).to(F64).mean() + 0.5 * (inside_term == 0).to(F64).mean(),
+        )
 
     return formula
 
@@ -398,13 +438,15 @@ def test_auto_beta_through_pair_weight(dtype, backend, base_beta):
     num_pairs = model.shape[0] // 2
     with torch.no_grad():  # e.g. a beta that puts the batch's mean |margin| at a fixed logit scale (a 0-dim tensor)
         gap = (ref.float() - noise.float()).pow(2).mean(dim=(1, 2, 3)) - (model.float() - noise.float()).pow(2).mean(
-            dim=(1, 2, 3))
+            dim=(1, 2, 3)
+        )
         auto_beta = 2.0 / (gap[:num_pairs] - gap[num_pairs:]).abs().mean()
     expected, expected_grad = _grad_of_formula(diffusers_sdxl_loss, model, ref, noise, auto_beta.to(F64))
     assert 0.5 < expected["logits"].abs().max() < 20
     pair_weight = (auto_beta / base_beta).detach().expand(num_pairs)
-    loss, stats, grad = _fused(model, ref, noise, backend, beta=base_beta, pair_weight=pair_weight,
-                               **trainer_conventions("diffusers_sdxl"))
+    loss, stats, grad = _fused(
+        model, ref, noise, backend, beta=base_beta, pair_weight=pair_weight, **trainer_conventions("diffusers_sdxl")
+    )
     _assert_stats_match(loss, stats, expected, num_pairs)
     _assert_grad_close(grad, expected_grad, dtype)
 
@@ -413,8 +455,9 @@ def _ties_batch(dtype, pattern, seed=3):
     """Pairs by pattern: "tie" (policy == reference on both samples: d_w = d_l = 0), "dup" (winner and loser
     identical: d_w = d_l != 0), "win" / "lose" (z > 0 / z < 0 under reverse_kl, beta > 0)."""
     num_pairs = len(pattern)
-    model, ref, noise = make_batch(torch.float32, num_pairs=num_pairs, shape=(2, 4, 4), tie_pair=False,
-                                   distinct_targets=True, seed=seed)
+    model, ref, noise = make_batch(
+        torch.float32, num_pairs=num_pairs, shape=(2, 4, 4), tie_pair=False, distinct_targets=True, seed=seed
+    )
     model, ref, noise = model.to(dtype), ref.to(dtype), noise.to(dtype)
     z = diffusers_sdxl_loss(model, ref, noise, 5000.0)["logits"]
     for p, kind in enumerate(pattern):
@@ -433,16 +476,30 @@ def _ties_batch(dtype, pattern, seed=3):
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
 @pytest.mark.parametrize(
     "pattern, half, strict",
-    [(("tie",), 0.5, 0.0), (("dup",), 0.5, 0.0), (("win",), 1.0, 1.0), (("lose",), 0.0, 0.0),
-     (("tie", "win", "dup", "lose"), 0.5, 0.25), (("tie", "dup", "tie"), 0.5, 0.0)],
+    [
+        (("tie",), 0.5, 0.0),
+        (("dup",), 0.5, 0.0),
+        (("win",), 1.0, 1.0),
+        (("lose",), 0.0, 0.0),
+        (("tie", "win", "dup", "lose"), 0.5, 0.25),
+        (("tie", "dup", "tie"), 0.5, 0.0),
+    ],
     ids=["B1-tie", "B1-dup", "B1-win", "B1-lose", "B4-mixed", "B3-all-ties"],
 )
 def test_implicit_acc_exact_ties(backend, dtype, divergence, pattern, half, strict):
     """Issue 16: exact ties, both tie rules, B = 1 (where a 1/B tolerance would accept anything): exact values."""
     model, ref, noise = _ties_batch(dtype, pattern)
     for rule, value in (("half", half), ("strict", strict)):
-        _, stats = fused_fdpo_loss(model, ref, noise, beta=5000.0, divergence=divergence, implicit_acc_ties=rule,
-                                   return_stats=True, backend=backend)
+        _, stats = fused_fdpo_loss(
+            model,
+            ref,
+            noise,
+            beta=5000.0,
+            divergence=divergence,
+            implicit_acc_ties=rule,
+            return_stats=True,
+            backend=backend,
+        )
         ties = [p for p, kind in enumerate(pattern) if kind in ("tie", "dup")]
         assert (stats.logits[ties] == 0).all(), stats.logits
         assert stats.implicit_acc.item() == value, (rule, stats.logits)
@@ -459,9 +516,7 @@ def test_interleaved_parity(backend):
     num_pairs = model.shape[0] // 2
     expected, expected_grad = _grad_of_formula(diffusers_sdxl_loss, model, ref, noise, 5000.0)
     order = torch.stack([torch.arange(num_pairs), torch.arange(num_pairs) + num_pairs], dim=1).flatten()
-    loss, stats, grad = _fused(
-        model[order], ref[order], noise[order], backend, beta=5000.0, layout="interleaved"
-    )
+    loss, stats, grad = _fused(model[order], ref[order], noise[order], backend, beta=5000.0, layout="interleaved")
     torch.testing.assert_close(loss.to(F64), expected["loss"], rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(stats.logits.to(F64), expected["logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.model_err.to(F64), expected["model_err"][order], rtol=2e-6, atol=0)
@@ -486,8 +541,15 @@ def test_from_pairs_matches_halves_call(backend, shared_target):
     ml = model[num_pairs:].clone().requires_grad_(True)
     target_l = None if shared_target else noise[num_pairs:]
     loss, stats = fdpo_loss_from_pairs(
-        mw, ml, ref[:num_pairs], ref[num_pairs:], noise[:num_pairs], target_l,
-        beta=5000.0, return_stats=True, backend=backend,
+        mw,
+        ml,
+        ref[:num_pairs],
+        ref[num_pairs:],
+        noise[:num_pairs],
+        target_l,
+        beta=5000.0,
+        return_stats=True,
+        backend=backend,
     )
     loss.backward()
     ref_loss, ref_stats, ref_grad = _fused(model, ref, noise, backend, beta=5000.0)
@@ -526,9 +588,16 @@ def tiny_unet_setup():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
     )
     ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()  # the frozen reference
     with torch.no_grad():  # a policy a little way into fine-tuning, so the log-ratios are not all 0
@@ -557,8 +626,10 @@ def _train_step(unet, ref_pred, inputs, noise, loss_fn):
     grads = {n: p.grad.detach().clone() for n, p in unet.named_parameters()}
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     updated = {}
-    for name, make in (("adamw", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=1e-2)),
-                       ("sgd", lambda ps: torch.optim.SGD(ps, lr=LR))):
+    for name, make in (
+        ("adamw", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=1e-2)),
+        ("sgd", lambda ps: torch.optim.SGD(ps, lr=LR)),
+    ):
         model = copy.deepcopy(unet)
         for p, q in zip(model.parameters(), unet.parameters()):
             p.grad = q.grad.clone()
@@ -580,7 +651,12 @@ def test_tiny_unet_training_step(one_thread, tiny_unet_setup, backend):
 
     def fused(model_pred, ref_pred, target):
         loss, stats = fused_fdpo_loss(
-            model_pred, ref_pred, target[:num_pairs], beta=5000.0, return_stats=True, backend=backend,
+            model_pred,
+            ref_pred,
+            target[:num_pairs],
+            beta=5000.0,
+            return_stats=True,
+            backend=backend,
             **trainer_conventions("diffusers_sdxl"),
         )
         return loss, trainer_logs(loss, stats)
@@ -594,7 +670,9 @@ def test_tiny_unet_training_step(one_thread, tiny_unet_setup, backend):
     total = sum(g.double().norm() ** 2 for g in grads_a.values()).sqrt().item()
     assert total > 0
     for name, ga in grads_a.items():
-        torch.testing.assert_close(grads_b[name], ga, rtol=1e-4, atol=1e-6 * total, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_b[name], ga, rtol=1e-4, atol=1e-6 * total, msg=lambda m, name=name: f"{name}: {m}"
+        )
     # Updated weights. The parameter gradients agree to ~1e-5 of their scale (fp32 rounding of the UNet backward,
     # not the loss). SGD's update is lr * clipped gradient and shows exactly that. AdamW's first update is
     # lr * g / (|g| + eps), about lr * sign(g): it agrees to 1e-3 of a step except at the few entries whose
@@ -629,9 +707,12 @@ def test_odd_batch_names_the_layout():
 @pytest.mark.parametrize("layout", ["halves", "interleaved"])
 def test_target_of_wrong_size_names_the_layout(layout):
     x = torch.randn(8, 4, 8, 8)
-    with pytest.raises(ValueError, match=rf"target has shape \(3, 4, 8, 8\); expected \(8, 4, 8, 8\) \(one per "
-                                         rf"sample\) or \(4, 4, 8, 8\) \(shared by winner and loser of each pair, "
-                                         rf"{layout} layout\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"target has shape \(3, 4, 8, 8\); expected \(8, 4, 8, 8\) \(one per "
+        rf"sample\) or \(4, 4, 8, 8\) \(shared by winner and loser of each pair, "
+        rf"{layout} layout\)",
+    ):
         fused_fdpo_loss(x, x.clone(), x[:3].clone(), layout=layout, backend="torch")
     with pytest.raises(ValueError, match=rf"target has shape \(8, 4, 8, 4\).*{layout} layout"):
         fused_fdpo_loss(x, x.clone(), x[..., :4].clone(), layout=layout, backend="torch")
@@ -640,8 +721,11 @@ def test_target_of_wrong_size_names_the_layout(layout):
 @pytest.mark.parametrize("layout", ["halves", "interleaved"])
 def test_mask_of_wrong_shape_names_the_layout(layout):
     x = torch.randn(8, 4, 8, 8)
-    with pytest.raises(ValueError, match=rf"mask has shape \(2, 4, 8, 8\); expected \(8, 4, 8, 8\) or shared "
-                                         rf"\(4, 4, 8, 8\) \({layout} layout\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"mask has shape \(2, 4, 8, 8\); expected \(8, 4, 8, 8\) or shared "
+        rf"\(4, 4, 8, 8\) \({layout} layout\)",
+    ):
         fused_fdpo_loss(x, x.clone(), x.clone(), mask=torch.ones(2, 4, 8, 8), layout=layout, backend="torch")
 
 

@@ -45,8 +45,9 @@ def test_math_helpers():
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _helpers_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
     x64 = x.double()
-    expected = torch.stack([torch.expm1(x64), torch.log1p(torch.exp(-x64.abs())), torch.nn.functional.softplus(x64),
-                            torch.sigmoid(x64)]).float()  # overflow to inf and underflow as fp32 does
+    expected = torch.stack(
+        [torch.expm1(x64), torch.log1p(torch.exp(-x64.abs())), torch.nn.functional.softplus(x64), torch.sigmoid(x64)]
+    ).float()  # overflow to inf and underflow as fp32 does
     # rtol: on GPUs tl.exp is ex2.approx of x * log2(e), whose relative error grows like |x| * 2^-24.
     for name, got, want in zip(["expm1", "log1p", "softplus", "sigmoid"], out, expected):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=0.0, msg=lambda m, name=name: f"{name}: {m}")

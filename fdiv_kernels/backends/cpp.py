@@ -11,8 +11,10 @@ import torch
 
 from .. import _build
 
-_BUILD_HINT = ("delete it to compile on first use, or rebuild ahead of time with "
-               "`FDIV_KERNELS_BUILD=aot pip install -e . --no-build-isolation`")
+_BUILD_HINT = (
+    "delete it to compile on first use, or rebuild ahead of time with "
+    "`FDIV_KERNELS_BUILD=aot pip install -e . --no-build-isolation`"
+)
 _load_error: str | None = None
 _loaded = False
 
@@ -60,4 +62,3 @@ def why_unavailable(kind: str) -> str | None:
     if kind not in _STATUS:
         raise ValueError(f"kind must be 'cpu' or 'cuda'; got {kind!r}")
     return _STATUS[kind]
-

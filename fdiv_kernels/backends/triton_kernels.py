@@ -186,10 +186,20 @@ def _pair_rows(pair, num_pairs, INTERLEAVED: tl.constexpr):
 
 @triton.jit
 def _partials_kernel(
-    pred_ptr, ref_ptr, target_ptr, mask_ptr, ws_ptr,
-    num_pairs, row_len, chunk_len,
-    HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, SHARED_TARGET: tl.constexpr, SHARED_MASK: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+    pred_ptr,
+    ref_ptr,
+    target_ptr,
+    mask_ptr,
+    ws_ptr,
+    num_pairs,
+    row_len,
+    chunk_len,
+    HAS_REF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SHARED_TARGET: tl.constexpr,
+    SHARED_MASK: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Partial sums S, R, Q, M (docs/architecture.md) of one pair's two rows over one chunk of D.
 
@@ -277,8 +287,19 @@ def _partials_kernel(
 
 
 @triton.jit
-def _row_errors(ws_ptr, ref_err_ptr, rows_idx, valid, num_chunks, rows, row_count,
-                HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr, ERR_REDUCTION: tl.constexpr, BLOCK_C: tl.constexpr):
+def _row_errors(
+    ws_ptr,
+    ref_err_ptr,
+    rows_idx,
+    valid,
+    num_chunks,
+    rows,
+    row_count,
+    HAS_REF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ERR_REDUCTION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Chunk partials -> (e, e_ref, e_ref - e, inv) of the given rows, summing chunks in a fixed order.
 
     Chunks are read as [rows, BLOCK_C] tiles (contiguous per row): a few wide loads rather than one dependent
@@ -320,13 +341,36 @@ def _row_errors(ws_ptr, ref_err_ptr, rows_idx, valid, num_chunks, rows, row_coun
 
 @triton.jit
 def _head_kernel(
-    ws_ptr, ref_err_ptr, pair_weight_ptr, loss_ptr, logits_ptr, stats_ptr, summary_ptr, coef_ptr,
-    num_pairs, num_chunks, row_count,
-    beta, alpha, gamma, label_smoothing, logratio_clip,
-    DIVERGENCE: tl.constexpr, REDUCTION: tl.constexpr, HAS_REF: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, ERR_REDUCTION: tl.constexpr, HAS_CLIP: tl.constexpr, SMOOTHING: tl.constexpr,
-    LOSS_TYPE: tl.constexpr, ipo_margin,
-    INTERLEAVED: tl.constexpr, STRICT_TIES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ws_ptr,
+    ref_err_ptr,
+    pair_weight_ptr,
+    loss_ptr,
+    logits_ptr,
+    stats_ptr,
+    summary_ptr,
+    coef_ptr,
+    num_pairs,
+    num_chunks,
+    row_count,
+    beta,
+    alpha,
+    gamma,
+    label_smoothing,
+    logratio_clip,
+    DIVERGENCE: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ERR_REDUCTION: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
+    ipo_margin,
+    INTERLEAVED: tl.constexpr,
+    STRICT_TIES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """The per-pair head (twin of fdpo_pair_head), the stats, the summary and the loss, in one program."""
     rows = 2 * num_pairs
@@ -342,10 +386,12 @@ def _head_kernel(
         pairs = first + tl.arange(0, BLOCK_B)
         valid = pairs < num_pairs
         w_rows, l_rows = _pair_rows(pairs, num_pairs, INTERLEAVED)
-        e_w, eref_w, gap_w, inv_w = _row_errors(ws_ptr, ref_err_ptr, w_rows, valid, num_chunks, rows, row_count,
-                                                HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C)
-        e_l, eref_l, gap_l, inv_l = _row_errors(ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count,
-                                                HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C)
+        e_w, eref_w, gap_w, inv_w = _row_errors(
+            ws_ptr, ref_err_ptr, w_rows, valid, num_chunks, rows, row_count, HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C
+        )
+        e_l, eref_l, gap_l, inv_l = _row_errors(
+            ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count, HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C
+        )
         if HAS_WEIGHT:
             weight = tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0)
         else:
@@ -410,10 +456,21 @@ def _head_kernel(
 
 @triton.jit
 def _backward_kernel(
-    grad_ptr, grad_loss_ptr, pred_ptr, target_ptr, mask_ptr, coef_ptr,
-    num_pairs, row_len, chunk_len,
-    PER_PAIR_GRAD: tl.constexpr, HAS_MASK: tl.constexpr, SHARED_TARGET: tl.constexpr,
-    SHARED_MASK: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK: tl.constexpr,
+    grad_ptr,
+    grad_loss_ptr,
+    pred_ptr,
+    target_ptr,
+    mask_ptr,
+    coef_ptr,
+    num_pairs,
+    row_len,
+    chunk_len,
+    PER_PAIR_GRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SHARED_TARGET: tl.constexpr,
+    SHARED_MASK: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """grad[row, j] = coef[row] * G[pair] * m[row, j] * (pred - target)[row, j], over one chunk of a row."""
     row = tl.program_id(0).to(tl.int64)  # row * row_len may exceed 2^31
@@ -456,7 +513,7 @@ def _backward_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -507,23 +564,53 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     # Absent optional tensors: any valid pointer; the constexpr flags keep the kernels from reading it.
     with _device_context(device):
         _partials_kernel[(num_pairs, num_chunks)](
-            model_pred, ref_pred if has_ref else model_pred, target, mask if has_mask else model_pred, workspace,
-            num_pairs, row_len, chunk_len,
-            HAS_REF=has_ref, HAS_MASK=has_mask, SHARED_TARGET=target.shape[0] != rows,
-            SHARED_MASK=has_mask and mask.shape[0] != rows, INTERLEAVED=params.interleaved, BLOCK=block,
+            model_pred,
+            ref_pred if has_ref else model_pred,
+            target,
+            mask if has_mask else model_pred,
+            workspace,
+            num_pairs,
+            row_len,
+            chunk_len,
+            HAS_REF=has_ref,
+            HAS_MASK=has_mask,
+            SHARED_TARGET=target.shape[0] != rows,
+            SHARED_MASK=has_mask and mask.shape[0] != rows,
+            INTERLEAVED=params.interleaved,
+            BLOCK=block,
             num_warps=_FWD_WARPS,
         )
         _head_kernel[(1,)](
-            workspace, workspace if has_ref else ref_err, workspace if pair_weight is None else pair_weight,
-            loss, logits, sample_stats, summary, grad_coef,
-            num_pairs, num_chunks, float(row_len),
-            float(params.beta), float(params.alpha), float(params.gamma), float(params.label_smoothing),
+            workspace,
+            workspace if has_ref else ref_err,
+            workspace if pair_weight is None else pair_weight,
+            loss,
+            logits,
+            sample_stats,
+            summary,
+            grad_coef,
+            num_pairs,
+            num_chunks,
+            float(row_len),
+            float(params.beta),
+            float(params.alpha),
+            float(params.gamma),
+            float(params.label_smoothing),
             float(params.logratio_clip),
-            DIVERGENCE=params.divergence, REDUCTION=params.reduction, HAS_REF=has_ref, HAS_MASK=has_mask,
-            HAS_WEIGHT=pair_weight is not None, ERR_REDUCTION=params.err_reduction, HAS_CLIP=params.logratio_clip > 0,
-            SMOOTHING=params.label_smoothing > 0, LOSS_TYPE=params.loss_type, ipo_margin=float(params.ipo_margin),
-            INTERLEAVED=params.interleaved, STRICT_TIES=params.strict_ties,
-            BLOCK_B=block_pairs, BLOCK_C=min(triton.next_power_of_2(num_chunks), _HEAD_TILE // block_pairs),
+            DIVERGENCE=params.divergence,
+            REDUCTION=params.reduction,
+            HAS_REF=has_ref,
+            HAS_MASK=has_mask,
+            HAS_WEIGHT=pair_weight is not None,
+            ERR_REDUCTION=params.err_reduction,
+            HAS_CLIP=params.logratio_clip > 0,
+            SMOOTHING=params.label_smoothing > 0,
+            LOSS_TYPE=params.loss_type,
+            ipo_margin=float(params.ipo_margin),
+            INTERLEAVED=params.interleaved,
+            STRICT_TIES=params.strict_ties,
+            BLOCK_B=block_pairs,
+            BLOCK_C=min(triton.next_power_of_2(num_chunks), _HEAD_TILE // block_pairs),
             num_warps=4,
         )
     return loss, logits, sample_stats, summary, grad_coef
@@ -540,10 +627,21 @@ def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
     has_mask = mask is not None
     with _device_context(device):
         _backward_kernel[(rows, num_chunks)](
-            grad, grad_loss.to(torch.float32), model_pred, target, mask if has_mask else model_pred, grad_coef,
-            num_pairs, row_len, chunk_len,
-            PER_PAIR_GRAD=grad_loss.dim() == 1, HAS_MASK=has_mask, SHARED_TARGET=target.shape[0] != rows,
-            SHARED_MASK=has_mask and mask.shape[0] != rows, INTERLEAVED=interleaved, BLOCK=block,
+            grad,
+            grad_loss.to(torch.float32),
+            model_pred,
+            target,
+            mask if has_mask else model_pred,
+            grad_coef,
+            num_pairs,
+            row_len,
+            chunk_len,
+            PER_PAIR_GRAD=grad_loss.dim() == 1,
+            HAS_MASK=has_mask,
+            SHARED_TARGET=target.shape[0] != rows,
+            SHARED_MASK=has_mask and mask.shape[0] != rows,
+            INTERLEAVED=interleaved,
+            BLOCK=block,
             num_warps=_BWD_WARPS,
         )
     return grad

@@ -61,8 +61,9 @@ def _convert(action: argparse.Action, key: str, value, path: Path):
     accepted = {int: (int,), float: (int, float)}.get(kind, (str,))
     if isinstance(value, bool) or not isinstance(value, accepted):
         name = getattr(kind, "__name__", str(kind))
-        raise ValueError(f"--config {path}: {key} (flag {flag}) must be {'a path' if kind is Path else name}; "
-                         f"got {value!r}")
+        raise ValueError(
+            f"--config {path}: {key} (flag {flag}) must be {'a path' if kind is Path else name}; got {value!r}"
+        )
     value = kind(value)
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"--config {path}: {key} (flag {flag}) must be one of {list(action.choices)}; got {value!r}")

@@ -76,8 +76,10 @@ def _read_parquet(file: Path) -> dict[str, list]:
 
 
 def _missing_message(file: Path, missing: list[str], found) -> str:
-    return (f"{file}: missing column(s) {missing}; a Pick-a-Pic preference table needs {list(COLUMNS)} "
-            f"(found {list(found)})")
+    return (
+        f"{file}: missing column(s) {missing}; a Pick-a-Pic preference table needs {list(COLUMNS)} "
+        f"(found {list(found)})"
+    )
 
 
 class PreferenceDataset(Dataset):
@@ -107,8 +109,10 @@ class PreferenceDataset(Dataset):
                     try:
                         image.verify()
                     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-                        raise DatasetError(f"{_source(ref, where)}: not a readable image, it fails PIL's "
-                                           f"verification ({type(err).__name__}: {err}); fix or drop that row") from err
+                        raise DatasetError(
+                            f"{_source(ref, where)}: not a readable image, it fails PIL's "
+                            f"verification ({type(err).__name__}: {err}); fix or drop that row"
+                        ) from err
 
     def _add_rows(self, file: Path, columns: dict[str, list]) -> None:
         for row, (caption, jpg_0, jpg_1, label) in enumerate(zip(*(columns[c] for c in COLUMNS))):
@@ -119,8 +123,12 @@ class PreferenceDataset(Dataset):
                 soft = isinstance(label, (int, float)) and not isinstance(label, bool) and 0 < label < 1
                 raise DatasetError(
                     f"{where}: column 'label_0' must be 1, 0 or 0.5; got {label!r}"
-                    + (" (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
-                       "tie to drop it)" if soft else "")
+                    + (
+                        " (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
+                        "tie to drop it)"
+                        if soft
+                        else ""
+                    )
                 )
             self._table_digest.update(f"{len(caption)}:{caption}\0{float(label)!r}\0".encode())
             if label == 0.5:
@@ -134,7 +142,9 @@ class PreferenceDataset(Dataset):
                     if not ref.is_file():
                         raise DatasetError(f"{where}: column {column!r} names {ref}, which does not exist")
                 elif not isinstance(ref, bytes):
-                    raise DatasetError(f"{where}: column {column!r} must hold image bytes or a path, got {type(ref).__name__}")
+                    raise DatasetError(
+                        f"{where}: column {column!r} must hold image bytes or a path, got {type(ref).__name__}"
+                    )
                 if isinstance(ref, bytes):
                     self._table_digest.update(b"bytes:" + hashlib.sha256(ref).digest())
                 refs.append(ref)
@@ -210,8 +220,15 @@ def to_png_bytes(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def write_pairs(folder: str | Path, captions: list[str], images_0: torch.Tensor, images_1: torch.Tensor,
-                label_0: list[float], extra: dict[str, list] | None = None, overwrite: bool = False) -> Path:
+def write_pairs(
+    folder: str | Path,
+    captions: list[str],
+    images_0: torch.Tensor,
+    images_1: torch.Tensor,
+    label_0: list[float],
+    extra: dict[str, list] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a Pick-a-Pic dataset: ``images/`` of PNGs and ``pairs.parquet`` whose jpg_* columns hold their paths."""
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()

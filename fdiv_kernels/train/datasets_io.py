@@ -53,8 +53,10 @@ def dataset_files(path: str | Path) -> tuple[str, list[Path]]:
         if arrows and not others:
             return "arrow", arrows
         if arrows:
-            raise DatasetError(f"{path}: expected one kind of table (.arrow shards, .parquet shards or one .jsonl), "
-                               f"found {[p.name for p in arrows + others]}")
+            raise DatasetError(
+                f"{path}: expected one kind of table (.arrow shards, .parquet shards or one .jsonl), "
+                f"found {[p.name for p in arrows + others]}"
+            )
     files = table_files(path)
     return files[0].suffix[1:], files
 
@@ -66,21 +68,30 @@ def choose_backend(path: str | Path, backend: str = "auto") -> str:
     kind, files = dataset_files(path)
     if kind in ("arrow", "saved"):
         if backend == "memory":
-            raise DatasetError(f"--data-backend memory reads .parquet and .jsonl tables; {path} holds Arrow data "
-                               f"(use --data-backend datasets or auto)")
+            raise DatasetError(
+                f"--data-backend memory reads .parquet and .jsonl tables; {path} holds Arrow data "
+                f"(use --data-backend datasets or auto)"
+            )
         return "datasets"
     if kind == "jsonl":
         if backend == "datasets":
-            raise DatasetError(f"--data-backend datasets reads .parquet and .arrow shards; {path} is a jsonl table "
-                               f"(use --data-backend memory or auto)")
+            raise DatasetError(
+                f"--data-backend datasets reads .parquet and .arrow shards; {path} is a jsonl table "
+                f"(use --data-backend memory or auto)"
+            )
         return "memory"
     if backend != "auto":
         return backend
     return "datasets" if sum(f.stat().st_size for f in files) > AUTO_BYTES else "memory"
 
 
-def open_preferences(path: str | Path, resolution: int, check_images: bool = True, backend: str = "auto",
-                     cache_dir: str | Path | None = None) -> PreferenceDataset:
+def open_preferences(
+    path: str | Path,
+    resolution: int,
+    check_images: bool = True,
+    backend: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> PreferenceDataset:
     """The preference pairs of ``path`` through the reader ``backend`` picks (see :func:`choose_backend`)."""
     if choose_backend(path, backend) == "memory":
         return PreferenceDataset(path, resolution, check_images=check_images)
@@ -91,8 +102,10 @@ def _import_datasets():
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("reading large datasets needs the datasets package (pip install datasets, or "
-                          "pip install 'fdiv_kernels[train]')") from err
+        raise ImportError(
+            "reading large datasets needs the datasets package (pip install datasets, or "
+            "pip install 'fdiv_kernels[train]')"
+        ) from err
     return datasets
 
 
@@ -108,8 +121,9 @@ def _check_types(file: Path, schema: pa.Schema) -> None:
         ("label_0", (pa.types.is_integer, pa.types.is_floating), "numbers 1, 0 or 0.5"),
     ):
         kind = schema.field(name).type
-        image_struct = (name.startswith("jpg") and pa.types.is_struct(kind)
-                        and kind.get_field_index("bytes") >= 0)  # datasets' Image feature: {bytes, path}
+        image_struct = (
+            name.startswith("jpg") and pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+        )  # datasets' Image feature: {bytes, path}
         if not (image_struct or any(test(kind) for test in ok)):
             raise DatasetError(f"{file}: column {name!r} must hold {what}; its type is {kind}")
 
@@ -156,8 +170,9 @@ class ArrowPreferenceDataset(PreferenceDataset):
     ``check_images``, that every image opens and verifies.
     """
 
-    def __init__(self, path: str | Path, resolution: int, check_images: bool = True,
-                 cache_dir: str | Path | None = None):
+    def __init__(
+        self, path: str | Path, resolution: int, check_images: bool = True, cache_dir: str | Path | None = None
+    ):
         self.resolution = resolution
         kind, self.files = dataset_files(path)
         if kind == "jsonl":
@@ -205,16 +220,22 @@ class ArrowPreferenceDataset(PreferenceDataset):
         try:
             if kind == "parquet":
                 # No pre-buffering: the conversion holds a row group at a time, not the whole shard's bytes.
-                ds = datasets.Dataset.from_parquet(str(file), columns=list(COLUMNS),
-                                                   cache_dir=None if cache_dir is None else str(cache_dir),
-                                                   fragment_scan_options=pds.ParquetFragmentScanOptions(pre_buffer=False))
+                ds = datasets.Dataset.from_parquet(
+                    str(file),
+                    columns=list(COLUMNS),
+                    cache_dir=None if cache_dir is None else str(cache_dir),
+                    fragment_scan_options=pds.ParquetFragmentScanOptions(pre_buffer=False),
+                )
             elif kind == "arrow":
                 ds = datasets.Dataset.from_file(str(file))
             else:
                 ds = datasets.load_from_disk(str(file))
         except Exception as err:  # datasets and pyarrow raise many kinds on a damaged file
-            what = {"parquet": "parquet file", "arrow": "Arrow file of the datasets library (IPC stream format)",
-                    "saved": "datasets save_to_disk folder"}[kind]
+            what = {
+                "parquet": "parquet file",
+                "arrow": "Arrow file of the datasets library (IPC stream format)",
+                "saved": "datasets save_to_disk folder",
+            }[kind]
             raise DatasetError(f"{file} is not a readable {what} ({type(err).__name__}: {err})") from err
         if kind != "parquet":
             missing = [c for c in COLUMNS if c not in ds.column_names]
@@ -242,8 +263,12 @@ class ArrowPreferenceDataset(PreferenceDataset):
             soft = isinstance(label, (int, float)) and not isinstance(label, bool) and 0 < label < 1
             raise DatasetError(
                 f"{where}: column 'label_0' must be 1, 0 or 0.5; got {label!r}"
-                + (" (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
-                   "tie to drop it)" if soft else "")
+                + (
+                    " (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
+                    "tie to drop it)"
+                    if soft
+                    else ""
+                )
             )
 
     def _pair(self, f: int, r: int, caption, jpg_0, jpg_1, swap: bool, check: bool = False, digest=None):
@@ -260,8 +285,9 @@ class ArrowPreferenceDataset(PreferenceDataset):
                 if check and not ref.is_file():
                     raise DatasetError(f"{where}: column {column!r} names {ref}, which does not exist")
             elif not isinstance(ref, bytes):
-                raise DatasetError(f"{where}: column {column!r} must hold image bytes or a path, "
-                                   f"got {type(ref).__name__}")
+                raise DatasetError(
+                    f"{where}: column {column!r} must hold image bytes or a path, got {type(ref).__name__}"
+                )
             elif digest is not None:
                 digest.update(b"bytes:" + hashlib.sha256(ref).digest())
             refs.append(ref)
@@ -273,8 +299,10 @@ class ArrowPreferenceDataset(PreferenceDataset):
         try:
             image.verify()
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-            raise DatasetError(f"{_source(ref, where)}: not a readable image, it fails PIL's verification "
-                               f"({type(err).__name__}: {err}); fix or drop that row") from err
+            raise DatasetError(
+                f"{_source(ref, where)}: not a readable image, it fails PIL's verification "
+                f"({type(err).__name__}: {err}); fix or drop that row"
+            ) from err
 
     def __len__(self) -> int:
         return len(self._row)
@@ -288,7 +316,7 @@ class _IndexedTable:
         self.num_rows = len(ds)
 
     def slice(self, start: int, length: int) -> pa.Table:
-        return self.ds[start:start + length]
+        return self.ds[start : start + length]
 
 
 __all__ = ["AUTO_BYTES", "BACKENDS", "ArrowPreferenceDataset", "choose_backend", "dataset_files", "open_preferences"]

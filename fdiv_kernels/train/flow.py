@@ -36,7 +36,11 @@ class SD3TextConditioner:
 
     def __call__(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         states, _, pooled, _ = self._pipe.encode_prompt(
-            prompt=list(captions), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            prompt=list(captions),
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
@@ -63,5 +67,6 @@ def load_sd3_pipeline(path: Path, index: dict, transformer: str | Path | None = 
     # Components the folder lists as absent (T5, image encoder) must be passed as None explicitly.
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
     pipe = StableDiffusion3Pipeline.from_pretrained(path, **{**absent, "transformer": model})
-    return Pipeline(path=path, unet=model, scheduler_config=scheduler_config, text=SD3TextConditioner(pipe),
-                    vae=pipe.vae.float())
+    return Pipeline(
+        path=path, unet=model, scheduler_config=scheduler_config, text=SD3TextConditioner(pipe), vae=pipe.vae.float()
+    )

@@ -130,8 +130,11 @@ CHECKSUMS = "checksums.json"
 def write_checksums(folder: Path) -> None:
     """Record the sha256 of every file in ``folder`` in ``folder/checksums.json``."""
     folder = Path(folder)
-    sums = {p.relative_to(folder).as_posix(): file_sha256(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+    sums = {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
@@ -140,8 +143,10 @@ def verify_checksums(folder: Path, what_to_do: str) -> None:
     folder = Path(folder)
     listing = folder / CHECKSUMS
     if not listing.is_file():
-        raise ValueError(f"{folder} has no {CHECKSUMS}: it is incomplete or was written by an older fdiv_kernels, "
-                         f"so it cannot be checked; {what_to_do}")
+        raise ValueError(
+            f"{folder} has no {CHECKSUMS}: it is incomplete or was written by an older fdiv_kernels, "
+            f"so it cannot be checked; {what_to_do}"
+        )
     try:
         sums = json.loads(listing.read_text())
         if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
@@ -155,5 +160,7 @@ def verify_checksums(folder: Path, what_to_do: str) -> None:
         if not file.is_file():
             raise ValueError(f"{file} is missing (the checkpoint's {CHECKSUMS} lists it); {what_to_do}")
         if file_sha256(file) != expected:
-            raise ValueError(f"{file} is damaged: its sha256 differs from the one recorded when the checkpoint was "
-                             f"written; {what_to_do}")
+            raise ValueError(
+                f"{file} is damaged: its sha256 differs from the one recorded when the checkpoint was "
+                f"written; {what_to_do}"
+            )

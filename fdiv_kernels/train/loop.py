@@ -145,8 +145,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _check_number(cfg, name: str, low=None, *, strict: bool = False, below=None, integer: bool = False,
-                  optional: bool = False) -> None:
+def _check_number(
+    cfg, name: str, low=None, *, strict: bool = False, below=None, integer: bool = False, optional: bool = False
+) -> None:
     value = getattr(cfg, name)
     if value is None and optional:
         return
@@ -185,11 +186,21 @@ def _check_flags(cfg: TrainConfig) -> None:
     # Whatever else the loss refuses (its own checks may be stricter than the ones above), refused now.
     x = torch.zeros(2, 1)
     try:
-        fused_fdpo_loss(x, x, x, beta=float(cfg.beta), divergence=cfg.divergence, alpha=float(cfg.alpha),
-                        gamma=float(cfg.gamma), label_smoothing=float(cfg.label_smoothing), backend="torch")
+        fused_fdpo_loss(
+            x,
+            x,
+            x,
+            beta=float(cfg.beta),
+            divergence=cfg.divergence,
+            alpha=float(cfg.alpha),
+            gamma=float(cfg.gamma),
+            label_smoothing=float(cfg.label_smoothing),
+            backend="torch",
+        )
     except (ValueError, TypeError, OverflowError) as err:
-        raise ValueError(f"the loss refuses these flags (--beta, --gamma, --divergence, --alpha, --label-smoothing): "
-                         f"{err}") from None
+        raise ValueError(
+            f"the loss refuses these flags (--beta, --gamma, --divergence, --alpha, --label-smoothing): {err}"
+        ) from None
 
 
 @dataclass
@@ -247,8 +258,9 @@ def prepare_run(cfg: TrainConfig) -> Setup:
             f"--prediction-type {process.prediction_type}: {cfg.pipeline}'s {type(pipe.unet).__name__} is a "
             "flow-matching model and trains on the flow target (omit --prediction-type, or pass flow)"
         )
-    timesteps = TimestepSampler(process, cfg.weighting_scheme, cfg.snr_gamma, cfg.logit_mean, cfg.logit_std,
-                                cfg.mode_scale)
+    timesteps = TimestepSampler(
+        process, cfg.weighting_scheme, cfg.snr_gamma, cfg.logit_mean, cfg.logit_std, cfg.mode_scale
+    )
     if hasattr(pipe.text, "resolution"):  # SDXL's micro-conditioning names the training image size
         pipe.text.resolution = resolution
     pairs = open_preferences(cfg.dataset, resolution, check_images=cfg.check_images, backend=cfg.data_backend)
@@ -335,8 +347,9 @@ def _check_batch(cfg: TrainConfig, accelerator: Accelerator) -> None:
 
 def _stream_loader(cfg: TrainConfig, setup: Setup, start: int) -> DataLoader:
     stream = PairStream(setup.pairs, cfg.seed, cfg.stream_length, start)
-    return DataLoader(stream, batch_size=cfg.batch_size, shuffle=False, drop_last=True,
-                      num_workers=cfg.dataloader_workers)
+    return DataLoader(
+        stream, batch_size=cfg.batch_size, shuffle=False, drop_last=True, num_workers=cfg.dataloader_workers
+    )
 
 
 REF_CACHE_FORMAT = "fdiv_kernels.ref_errors/2"
@@ -386,19 +399,28 @@ def _load_ref_errors(cfg: TrainConfig, setup: Setup, pipeline_sha256: str) -> to
             found = handle.metadata() or {}
             errors = handle.get_tensor("ref_err")
     except Exception as err:  # safetensors' own error types, a missing tensor, a truncated file
-        raise ValueError(f"--ref-errors {path} is not a readable reference-error cache "
-                         f"({type(err).__name__}: {err}); {_REDO}") from None
+        raise ValueError(
+            f"--ref-errors {path} is not a readable reference-error cache ({type(err).__name__}: {err}); {_REDO}"
+        ) from None
     if found.get("format") != REF_CACHE_FORMAT:
-        raise ValueError(f"--ref-errors {path} records no content hashes (written by an older fdiv_kernels?), so "
-                         f"nothing says it matches this run; {_REDO}")
-    if errors.dim() != 2 or errors.shape[1] != 2 or errors.dtype != torch.float32 or (
-            hashlib.sha256(errors.numpy().tobytes()).hexdigest() != found.get("ref_err_sha256")):
-        raise ValueError(f"--ref-errors {path} is damaged: its errors do not match the checksum recorded with them; "
-                         f"{_REDO}")
+        raise ValueError(
+            f"--ref-errors {path} records no content hashes (written by an older fdiv_kernels?), so "
+            f"nothing says it matches this run; {_REDO}"
+        )
+    if (
+        errors.dim() != 2
+        or errors.shape[1] != 2
+        or errors.dtype != torch.float32
+        or (hashlib.sha256(errors.numpy().tobytes()).hexdigest() != found.get("ref_err_sha256"))
+    ):
+        raise ValueError(
+            f"--ref-errors {path} is damaged: its errors do not match the checksum recorded with them; {_REDO}"
+        )
     for key, value in _ref_cache_metadata(cfg, setup).items():
         if found.get(key) != value:
-            raise ValueError(f"--ref-errors {path} was computed with {key}={found.get(key)!r}; this run has {value!r}; "
-                             f"{_REDO}")
+            raise ValueError(
+                f"--ref-errors {path} was computed with {key}={found.get(key)!r}; this run has {value!r}; {_REDO}"
+            )
     if errors.shape[0] < cfg.stream_length:
         raise ValueError(
             f"--ref-errors {path} covers {errors.shape[0]} pair draws; this run needs {cfg.stream_length} "
@@ -406,11 +428,15 @@ def _load_ref_errors(cfg: TrainConfig, setup: Setup, pipeline_sha256: str) -> to
         )
     content = _ref_cache_content(cfg, setup, errors.shape[0], pipeline_sha256)
     if found.get("pipeline_sha256") != content["pipeline_sha256"]:
-        raise ValueError(f"--ref-errors {path} was computed with other pipeline weights or configs (from "
-                         f"{found.get('pipeline')}) than --pipeline {cfg.pipeline} has now; {_REDO}")
+        raise ValueError(
+            f"--ref-errors {path} was computed with other pipeline weights or configs (from "
+            f"{found.get('pipeline')}) than --pipeline {cfg.pipeline} has now; {_REDO}"
+        )
     if found.get("data_sha256") != content["data_sha256"]:
-        raise ValueError(f"--ref-errors {path} was computed on other data (from {found.get('dataset')}): the captions "
-                         f"or images of the pairs it covers differ from --dataset {cfg.dataset}'s now; {_REDO}")
+        raise ValueError(
+            f"--ref-errors {path} was computed on other data (from {found.get('dataset')}): the captions "
+            f"or images of the pairs it covers differ from --dataset {cfg.dataset}'s now; {_REDO}"
+        )
     return errors
 
 
@@ -423,8 +449,9 @@ def cache_reference_errors(cfg: TrainConfig, path: Path) -> Path:
     """
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists" + (" (a folder; --output names the cache file to write)"
-                                                          if path.is_dir() else ""))
+        raise FileExistsError(
+            f"{path} already exists" + (" (a folder; --output names the cache file to write)" if path.is_dir() else "")
+        )
     setup = prepare_run(cfg)
     accelerator = _accelerator(cfg)
     _check_batch(cfg, accelerator)
@@ -441,10 +468,13 @@ def cache_reference_errors(cfg: TrainConfig, path: Path) -> Path:
         errors.append(accelerator.gather(torch.stack(err.chunk(2), 1)))
     if accelerator.is_main_process:
         errors = torch.cat(errors).cpu().float().contiguous()
-        metadata = {**_ref_cache_metadata(cfg, setup),
-                    **_ref_cache_content(cfg, setup, errors.shape[0], _pipeline_digest(cfg.pipeline)),
-                    "ref_err_sha256": hashlib.sha256(errors.numpy().tobytes()).hexdigest(),
-                    "pipeline": str(cfg.pipeline.resolve()), "dataset": str(cfg.dataset.resolve())}  # for messages
+        metadata = {
+            **_ref_cache_metadata(cfg, setup),
+            **_ref_cache_content(cfg, setup, errors.shape[0], _pipeline_digest(cfg.pipeline)),
+            "ref_err_sha256": hashlib.sha256(errors.numpy().tobytes()).hexdigest(),
+            "pipeline": str(cfg.pipeline.resolve()),
+            "dataset": str(cfg.dataset.resolve()),
+        }  # for messages
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
@@ -465,11 +495,26 @@ def _checkpoints(output: Path) -> list[Path]:
 
 # On --resume these flags may differ from the run's, and their new values take effect from the checkpoint on:
 # how long the run goes, what it logs and saves, and how (not what) it computes.
-RESUME_MAY_CHANGE = frozenset({
-    "max_steps", "log_every", "checkpoint_every", "resume", "output", "progress", "check_images",
-    "dataloader_workers", "log_grad_weights", "report_to", "data_backend",
-    "cpu", "xformers", "gradient_checkpointing", "compile", "compile_backend",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "max_steps",
+        "log_every",
+        "checkpoint_every",
+        "resume",
+        "output",
+        "progress",
+        "check_images",
+        "dataloader_workers",
+        "log_grad_weights",
+        "report_to",
+        "data_backend",
+        "cpu",
+        "xformers",
+        "gradient_checkpointing",
+        "compile",
+        "compile_backend",
+    }
+)
 # Compared by what they resolve to: the pipeline's and dataset's content (so moved folders are fine), the
 # resolution and target, cached errors vs a reference model.
 _RESOLVED_FLAGS = frozenset({"pipeline", "dataset", "ref_errors", "resolution", "prediction_type"})
@@ -505,17 +550,22 @@ def _check_fresh_output(output: Path) -> None:
         return
     if _checkpoints(output):
         names = ", ".join(p.name for p in _checkpoints(output))
-        raise FileExistsError(f"output folder {output} holds a run with checkpoints ({names}): pass --resume latest "
-                              "to continue it, or choose another output folder")
+        raise FileExistsError(
+            f"output folder {output} holds a run with checkpoints ({names}): pass --resume latest "
+            "to continue it, or choose another output folder"
+        )
     if not (output / "train_config.json").is_file():
         names = sorted(p.name for p in output.iterdir())
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise FileExistsError(f"output folder {output} is not empty and holds no run of this trainer (it has {shown}); "
-                              "choose an empty or new output folder")
+        raise FileExistsError(
+            f"output folder {output} is not empty and holds no run of this trainer (it has {shown}); "
+            "choose an empty or new output folder"
+        )
     finished = [name for name in _FINISHED_OUTPUTS if (output / name).exists()]
     if finished:
-        raise FileExistsError(f"output folder {output} holds a finished run ({finished[0]}/); choose another output "
-                              "folder")
+        raise FileExistsError(
+            f"output folder {output} holds a finished run ({finished[0]}/); choose another output folder"
+        )
     # Otherwise the folder holds a run that stopped before its first checkpoint: it is started over there.
 
 
@@ -523,27 +573,35 @@ def _find_checkpoint(cfg: TrainConfig) -> Path:
     if cfg.resume != "latest":
         path = Path(cfg.resume)
         if not path.is_dir():
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint folder; pass 'latest' or a run's "
-                                    "checkpoint-N folder")
+            raise FileNotFoundError(
+                f"--resume {path}: no such checkpoint folder; pass 'latest' or a run's checkpoint-N folder"
+            )
         return path
     found = _checkpoints(cfg.output) if cfg.output.is_dir() else []
     if found:
         return found[-1]
     if (cfg.output / "train_config.json").is_file():
-        raise FileNotFoundError(f"--resume latest: {cfg.output} holds no checkpoint (its run stopped before the first "
-                                "one, or ran with --checkpoint-every 0); run without --resume to start it over in "
-                                "the same folder")
+        raise FileNotFoundError(
+            f"--resume latest: {cfg.output} holds no checkpoint (its run stopped before the first "
+            "one, or ran with --checkpoint-every 0); run without --resume to start it over in "
+            "the same folder"
+        )
     raise FileNotFoundError(f"--resume latest: no checkpoint found in {cfg.output}")
 
 
 def _what_to_do(checkpoint: Path) -> str:
     """The way out of a damaged checkpoint: an earlier one of the same run, or a new run."""
     named = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
-    earlier = [p for p in _checkpoints(checkpoint.parent)
-               if p.resolve() != checkpoint.resolve() and (not named or int(p.name.split("-")[1]) < int(named[1]))]
+    earlier = [
+        p
+        for p in _checkpoints(checkpoint.parent)
+        if p.resolve() != checkpoint.resolve() and (not named or int(p.name.split("-")[1]) < int(named[1]))
+    ]
     if earlier:
-        return (f"resume from an earlier checkpoint (--resume {earlier[-1]}; delete {checkpoint} first if it is "
-                "the latest) or start over in a new output folder")
+        return (
+            f"resume from an earlier checkpoint (--resume {earlier[-1]}; delete {checkpoint} first if it is "
+            "the latest) or start over in a new output folder"
+        )
     return "start over in a new output folder (no earlier checkpoint of this run to resume from)"
 
 
@@ -562,8 +620,10 @@ def _read_trainer_state(checkpoint: Path, what_to_do: str) -> tuple[int, dict]:
     if named and int(named.group(1)) != step:
         raise ValueError(f"{file} says step {step} but the folder is {checkpoint.name}; {what_to_do}")
     if not isinstance(state.get("config"), dict) or not isinstance(state.get("resolved"), dict):
-        raise ValueError(f"{file} does not record the run's flags (written by an older fdiv_kernels?), so a resume "
-                         f"cannot be checked against them; {what_to_do}")
+        raise ValueError(
+            f"{file} does not record the run's flags (written by an older fdiv_kernels?), so a resume "
+            f"cannot be checked against them; {what_to_do}"
+        )
     return step, state
 
 
@@ -578,15 +638,19 @@ def _run_changes(cfg: TrainConfig, state: dict, recorded: dict) -> list[str]:
     changes = [
         f"{_flag(name)} {_show(value)} (the run has {_show(old_flags.get(name, defaults.get(name)))})"
         for name, value in state["config"].items()
-        if name not in RESUME_MAY_CHANGE and name not in _RESOLVED_FLAGS
+        if name not in RESUME_MAY_CHANGE
+        and name not in _RESOLVED_FLAGS
         and value != old_flags.get(name, defaults.get(name))
     ]
     new = state["resolved"]
     described = {
-        "pipeline_sha256": lambda: f"--pipeline {cfg.pipeline}: its files differ from those the run started from "
-                                   f"({old_flags.get('pipeline')})",
-        "dataset_sha256": lambda: f"--dataset {cfg.dataset}: its table differs from the run's "
-                                  f"({old_flags.get('dataset')}; captions, labels, image bytes or image paths changed)",
+        "pipeline_sha256": lambda: (
+            f"--pipeline {cfg.pipeline}: its files differ from those the run started from ({old_flags.get('pipeline')})"
+        ),
+        "dataset_sha256": lambda: (
+            f"--dataset {cfg.dataset}: its table differs from the run's "
+            f"({old_flags.get('dataset')}; captions, labels, image bytes or image paths changed)"
+        ),
         "pairs": lambda: f"--dataset {cfg.dataset} has {new['pairs']} pairs (the run's had {old['pairs']})",
         "resolution": lambda: f"--resolution {new['resolution']} (the run has {old['resolution']})",
         "prediction_type": lambda: f"--prediction-type {new['prediction_type']} (the run has {old['prediction_type']})",
@@ -617,8 +681,10 @@ def _resume_point(cfg: TrainConfig, state: dict) -> tuple[Path | None, int]:
             f"on resume, taking effect from the checkpoint on: {may}"
         )
     if cfg.max_steps < step:
-        raise ValueError(f"--max-steps {cfg.max_steps} is below the step of {checkpoint} ({step}): a resumed run "
-                         f"continues from there; pass --max-steps {step} or more")
+        raise ValueError(
+            f"--max-steps {cfg.max_steps} is below the step of {checkpoint} ({step}): a resumed run "
+            f"continues from there; pass --max-steps {step} or more"
+        )
     return checkpoint, step
 
 
@@ -627,8 +693,10 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
         accelerator.load_state(checkpoint)
     except Exception as err:  # whatever accelerate, torch or safetensors raise on a file they cannot read
         first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"--resume {checkpoint}: its files pass their checksums but cannot be loaded "
-                         f"({type(err).__name__}: {first}); {_what_to_do(checkpoint)}") from err
+        raise ValueError(
+            f"--resume {checkpoint}: its files pass their checksums but cannot be loaded "
+            f"({type(err).__name__}: {first}); {_what_to_do(checkpoint)}"
+        ) from err
 
 
 def _prepare_output(cfg: TrainConfig, accelerator: Accelerator, checkpoint: Path | None, step: int) -> None:
@@ -687,8 +755,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     ref_unet = None
     if cfg.lora_rank is not None:
         # Frozen base weights in the compute dtype, adapters in fp32; the reference is the adapters-off model.
-        add_lora(place(unet, device, dtype), cfg.lora_rank, cfg.lora_alpha, where=f"{cfg.pipeline}'s denoiser",
-                 seed=derived_seed(cfg.seed, "lora", 0))
+        add_lora(
+            place(unet, device, dtype),
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            where=f"{cfg.pipeline}'s denoiser",
+            seed=derived_seed(cfg.seed, "lora", 0),
+        )
     elif ref_errors is None:
         ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), device, dtype)
     if cfg.xformers:
@@ -697,12 +770,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     if ref_unet is not None:
         speed_switches(ref_unet, compile=cfg.compile, compile_backend=cfg.compile_backend)
     optimizer = torch.optim.AdamW(
-        [p for p in unet.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+        [p for p in unet.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
     )
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
     start = start_step * cfg.gradient_accumulation_steps * cfg.batch_size
-    unet, optimizer, loader, schedule = accelerator.prepare(unet, optimizer, _stream_loader(cfg, setup, start), schedule)
+    unet, optimizer, loader, schedule = accelerator.prepare(
+        unet, optimizer, _stream_loader(cfg, setup, start), schedule
+    )
     if checkpoint is not None:
         _load_checkpoint(accelerator, checkpoint)
     accelerator.wait_for_everyone()  # every process checked the output folder before the first one writes to it
@@ -720,8 +798,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     sums: dict[str, torch.Tensor] = {}
     step = start_step
     name = f"alpha {cfg.alpha:g}" if cfg.divergence == "alpha" else cfg.divergence
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"f-DPO {name}", dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start_step,
+        desc=f"f-DPO {name}",
+        dynamic_ncols=True,
+        disable=not (cfg.progress and accelerator.is_main_process),
+    )
     for batch in loader:
         with accelerator.accumulate(unet):
             noisy, timesteps, target, cond = noised_batch(setup, batch, cfg.seed, device)
@@ -738,8 +821,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 errors = ref_errors[batch["position"].cpu()].to(device)
                 reference["ref_err"] = torch.cat([errors[:, 0], errors[:, 1]])
             loss, stats = fused_fdpo_loss(
-                model_pred, target=target, **reference, beta=cfg.beta, divergence=cfg.divergence, alpha=cfg.alpha,
-                gamma=cfg.gamma, label_smoothing=cfg.label_smoothing, return_stats=True,
+                model_pred,
+                target=target,
+                **reference,
+                beta=cfg.beta,
+                divergence=cfg.divergence,
+                alpha=cfg.alpha,
+                gamma=cfg.gamma,
+                label_smoothing=cfg.label_smoothing,
+                return_stats=True,
                 pair_weight=setup.timesteps.pair_weight(timesteps[:pairs]),
             )
             accelerator.backward(loss)
@@ -749,12 +839,21 @@ def train(cfg: TrainConfig) -> TrainResult:
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
         values = {
-            "loss": loss.detach(), "implicit_acc": stats.implicit_acc, "raw_model_loss": stats.raw_model_loss,
-            "raw_ref_loss": stats.raw_ref_loss, "reward_margin": (stats.reward[:pairs] - stats.reward[pairs:]).mean(),
+            "loss": loss.detach(),
+            "implicit_acc": stats.implicit_acc,
+            "raw_model_loss": stats.raw_model_loss,
+            "raw_ref_loss": stats.raw_ref_loss,
+            "reward_margin": (stats.reward[:pairs] - stats.reward[pairs:]).mean(),
         }
         if grad_weights is not None:
-            push_w, push_l = grad_weights(stats.logratio[:pairs], stats.logratio[pairs:], cfg.divergence,
-                                          alpha=cfg.alpha, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing)
+            push_w, push_l = grad_weights(
+                stats.logratio[:pairs],
+                stats.logratio[pairs:],
+                cfg.divergence,
+                alpha=cfg.alpha,
+                gamma=cfg.gamma,
+                label_smoothing=cfg.label_smoothing,
+            )
             values.update(push_w=push_w.mean(), push_l=push_l.mean())
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value.float()

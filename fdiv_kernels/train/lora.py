@@ -43,8 +43,9 @@ def check_lora_flags(rank: int | None, alpha: float | None) -> None:
     _peft()
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float | None = None, where: str = "the model",
-             seed: int = 0) -> nn.Module:
+def add_lora(
+    model: nn.Module, rank: int, alpha: float | None = None, where: str = "the model", seed: int = 0
+) -> nn.Module:
     """Freeze ``model`` and add trainable LoRA adapters (``lora_alpha`` defaults to ``rank``, as diffusers' scripts).
 
     The random initialisation of the ``A`` matrices is drawn from ``seed`` (not the global generator), so a run
@@ -61,8 +62,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, where: str
     if not any(n == t or n.endswith("." + t) for n in names for t in targets):
         raise ValueError(f"--lora-rank: {where} has no attention projections {targets} to adapt")
     model.requires_grad_(False)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                             target_modules=targets)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(config)
@@ -100,11 +100,13 @@ def save_lora(model: nn.Module, folder: Path, prefix: str) -> None:
     layers = {k: v.detach().float().contiguous() for k, v in layers.items()}
     metadata = model.peft_config["default"].to_dict()
     if prefix == "unet":
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata,
-                                                  safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+        )
     elif prefix == "transformer":
-        StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=layers,
-                                                   transformer_lora_adapter_metadata=metadata, safe_serialization=True)
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata, safe_serialization=True
+        )
     else:
         raise ValueError(f"no LoRA format for a {prefix!r} component")
 

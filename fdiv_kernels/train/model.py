@@ -69,7 +69,7 @@ class WordTokenizer:
         )
 
     @classmethod
-    def from_pretrained(cls, folder: Path) -> "WordTokenizer":
+    def from_pretrained(cls, folder: Path) -> WordTokenizer:
         config = json.loads((Path(folder) / "tokenizer.json").read_text())
         return cls(config["vocabulary"], config["max_length"])
 
@@ -82,8 +82,13 @@ class TinyTextEncoder(nn.Module):
 
     def __init__(self, vocab_size: int, max_length: int, width: int = 32, layers: int = 2, heads: int = 4):
         super().__init__()
-        self.config = {"vocab_size": vocab_size, "max_length": max_length, "width": width, "layers": layers,
-                       "heads": heads}
+        self.config = {
+            "vocab_size": vocab_size,
+            "max_length": max_length,
+            "width": width,
+            "layers": layers,
+            "heads": heads,
+        }
         self.token = nn.Embedding(vocab_size + 1, width, padding_idx=0)
         self.position = nn.Parameter(torch.zeros(max_length, width))
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
@@ -97,11 +102,12 @@ class TinyTextEncoder(nn.Module):
     def save_pretrained(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config, indent=1))
-        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()},
-                  folder / "model.safetensors")
+        save_file(
+            {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}, folder / "model.safetensors"
+        )
 
     @classmethod
-    def from_pretrained(cls, folder: Path) -> "TinyTextEncoder":
+    def from_pretrained(cls, folder: Path) -> TinyTextEncoder:
         folder = Path(folder)
         model = cls(**json.loads((folder / "config.json").read_text()))
         state = load_file(folder / "model.safetensors")
@@ -119,22 +125,34 @@ class TextConditioner:
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         if isinstance(self.tokenizer, WordTokenizer):
             return self.tokenizer(captions)
-        return self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        return self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
     def __call__(self, captions: list[str], device: torch.device) -> torch.Tensor:
         hidden = self.encoder(self.token_ids(captions).to(device))
         return hidden if isinstance(self.encoder, TinyTextEncoder) else hidden[0]
 
 
-def tiny_unet(resolution: int, channels: int = 3, cross_attention_dim: int = 32,
-              block_out_channels: tuple[int, ...] = (32, 64)) -> UNet2DConditionModel:
+def tiny_unet(
+    resolution: int, channels: int = 3, cross_attention_dim: int = 32, block_out_channels: tuple[int, ...] = (32, 64)
+) -> UNet2DConditionModel:
     """The embedded default's image model (about 1M parameters at the default widths)."""
     return UNet2DConditionModel(
-        sample_size=resolution, in_channels=channels, out_channels=channels,
-        block_out_channels=block_out_channels, layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
 
 
@@ -159,7 +177,8 @@ class Pipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this for the UNet's down/up-sampling (a transformer's patches) to line up."""
+        """Image sides must be multiples of this for the UNet's down/up-sampling (a transformer's patches) to
+        line up."""
         if "patch_size" in self.unet.config:
             return self.vae_scale * self.unet.config.patch_size
         return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -242,8 +261,9 @@ def denoise(model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond
     return model(noisy, timesteps, cond).sample
 
 
-def speed_switches(model: nn.Module, gradient_checkpointing: bool = False, compile: bool = False,
-                   compile_backend: str = "inductor") -> nn.Module:
+def speed_switches(
+    model: nn.Module, gradient_checkpointing: bool = False, compile: bool = False, compile_backend: str = "inductor"
+) -> nn.Module:
     """Gradient checkpointing (blocks recompute their activations in the backward pass: less memory, about a
     third more compute) and ``torch.compile`` in place (``Module.compile``: state-dict keys stay the same, so
     checkpoints, resuming and saving are unaffected)."""
@@ -271,8 +291,9 @@ def _load_text(path: Path, index: dict) -> TextConditioner:
     library, encoder_class = index["text_encoder"]
     tokenizer_class = index["tokenizer"][1]
     if library == _OWN_LIBRARY:
-        return TextConditioner(WordTokenizer.from_pretrained(path / "tokenizer"),
-                               TinyTextEncoder.from_pretrained(path / "text_encoder"))
+        return TextConditioner(
+            WordTokenizer.from_pretrained(path / "tokenizer"), TinyTextEncoder.from_pretrained(path / "text_encoder")
+        )
     if library != "transformers":
         raise PipelineError(f"{path / 'model_index.json'}: text encoder from {library!r} is not supported")
     try:
@@ -285,8 +306,14 @@ def _load_text(path: Path, index: dict) -> TextConditioner:
     return TextConditioner(tokenizer, getattr(transformers, encoder_class).from_pretrained(path / "text_encoder"))
 
 
-def save_pipeline(folder: Path, unet: UNet2DConditionModel, scheduler: DDPMScheduler, tokenizer: WordTokenizer,
-                  encoder: TinyTextEncoder, dtype: torch.dtype = torch.float32) -> None:
+def save_pipeline(
+    folder: Path,
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    tokenizer: WordTokenizer,
+    encoder: TinyTextEncoder,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Write a pixel-space pipeline folder with the embedded text encoder (weights stored in ``dtype``)."""
     folder.mkdir(parents=True, exist_ok=True)
     index = {
@@ -314,9 +341,13 @@ class NoiseProcess:
 
     def __init__(self, scheduler_config: dict, prediction_type: str | None = None):
         is_flow = "FlowMatch" in scheduler_config.get("_class_name", "")
-        self.prediction_type = prediction_type or ("flow" if is_flow else scheduler_config.get("prediction_type", "epsilon"))
+        self.prediction_type = prediction_type or (
+            "flow" if is_flow else scheduler_config.get("prediction_type", "epsilon")
+        )
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction type {self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+            raise ValueError(
+                f"prediction type {self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
+            )
         if self.prediction_type == "flow":
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config if is_flow else {})
         else:
@@ -350,16 +381,17 @@ def sampler_for(pipe: Pipeline):
 
 
 @torch.no_grad()
-def sample(pipe: Pipeline, captions: list[str], noise: torch.Tensor, steps: int = 10, batch_size: int = 256,
-           progress=None) -> torch.Tensor:
+def sample(
+    pipe: Pipeline, captions: list[str], noise: torch.Tensor, steps: int = 10, batch_size: int = 256, progress=None
+) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] for ``captions``, starting from the given initial ``noise``."""
     device = pipe.unet.device
     images = []
     for start in range(0, len(captions), batch_size):
         sampler = sampler_for(pipe)
         sampler.set_timesteps(steps)
-        cond = pipe.text(captions[start:start + batch_size], device)
-        x = noise[start:start + batch_size].to(device) * sampler.init_noise_sigma
+        cond = pipe.text(captions[start : start + batch_size], device)
+        x = noise[start : start + batch_size].to(device) * sampler.init_noise_sigma
         for t in sampler.timesteps:
             pred = pipe.unet(sampler.scale_model_input(x, t), t, cond).sample
             x = sampler.step(pred, t, x).prev_sample

@@ -28,8 +28,9 @@ class SDXLTextConditioner:
         self.encoder = nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])  # moved and cast as one
 
     def __call__(self, captions: list[str], device: torch.device) -> dict:
-        states, _, pooled, _ = self._pipe.encode_prompt(prompt=list(captions), device=device,
-                                                        do_classifier_free_guidance=False)
+        states, _, pooled, _ = self._pipe.encode_prompt(
+            prompt=list(captions), device=device, do_classifier_free_guidance=False
+        )
         r = self.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=states.dtype).repeat(len(captions), 1)
         return {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
@@ -58,5 +59,10 @@ def load_sdxl_pipeline(path: Path, index: dict, unet: str | Path | None = None) 
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
     pipe = StableDiffusionXLPipeline.from_pretrained(path, **{**absent, "unet": model})
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return Pipeline(path=path, unet=model, scheduler_config=scheduler_config,
-                    text=SDXLTextConditioner(pipe, model.config.sample_size * vae_scale), vae=pipe.vae.float())
+    return Pipeline(
+        path=path,
+        unet=model,
+        scheduler_config=scheduler_config,
+        text=SDXLTextConditioner(pipe, model.config.sample_size * vae_scale),
+        vae=pipe.vae.float(),
+    )

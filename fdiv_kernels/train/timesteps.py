@@ -34,8 +34,15 @@ def check_timestep_flags(weighting_scheme: str, snr_gamma: float | None, logit_s
 class TimestepSampler:
     """Draws a pair's timestep index from its generator, and gives the per-pair weights of drawn indices."""
 
-    def __init__(self, process: NoiseProcess, weighting_scheme: str = "none", snr_gamma: float | None = None,
-                 logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29):
+    def __init__(
+        self,
+        process: NoiseProcess,
+        weighting_scheme: str = "none",
+        snr_gamma: float | None = None,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+    ):
         check_timestep_flags(weighting_scheme, snr_gamma, logit_std)
         flow = process.prediction_type == "flow"
         if weighting_scheme != "none" and not flow:
@@ -44,8 +51,10 @@ class TimestepSampler:
                 f"{process.prediction_type} (use --snr-gamma for Min-SNR weighting)"
             )
         if snr_gamma is not None and flow:
-            raise ValueError("--snr-gamma (Min-SNR) needs an epsilon or v_prediction target; this run's target is "
-                             "flow (use --weighting-scheme)")
+            raise ValueError(
+                "--snr-gamma (Min-SNR) needs an epsilon or v_prediction target; this run's target is "
+                "flow (use --weighting-scheme)"
+            )
         self.process, self.scheme, self.snr_gamma = process, weighting_scheme, snr_gamma
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
 
@@ -62,8 +71,9 @@ class TimestepSampler:
             return torch.randint(n, (1,), generator=generator)
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        u = compute_density_for_timestep_sampling(self.scheme, 1, self.logit_mean, self.logit_std, self.mode_scale,
-                                                  generator=generator)
+        u = compute_density_for_timestep_sampling(
+            self.scheme, 1, self.logit_mean, self.logit_std, self.mode_scale, generator=generator
+        )
         return (u * n).long().clamp_(0, n - 1)  # as diffusers' scripts; the clamp guards u == 1 in float32
 
     def pair_weight(self, timesteps: torch.Tensor) -> torch.Tensor | None:
