@@ -74,8 +74,9 @@ def test_frontier_skips_dominated_points():
     r, d = np.array([0.5, 0.6, 0.7, 0.65]), np.array([0.3, 0.2, 0.1, 0.05])
     assert stats.front_mask(r, d).tolist() == [True, True, True, False]
     assert stats.curve_at(r, d, np.array([0.66])) == pytest.approx([0.14])
-    levels = stats.common_levels(np.array([[0.5, 0.9, 0.6]]), np.array([[0.5, 0.8]]), 1,
-                                 np.array([[0.3, 0.2, 0.1]]), np.array([[0.3, 0.2]]))
+    levels = stats.common_levels(
+        np.array([[0.5, 0.9, 0.6]]), np.array([[0.5, 0.8]]), 1, np.array([[0.3, 0.2, 0.1]]), np.array([[0.3, 0.2]])
+    )
     assert levels == pytest.approx([0.65])  # the 0.6 point is dominated: the front covers 0.5-0.9
 
 
@@ -176,19 +177,22 @@ def test_label_temperature(tmp_path):
 TINY = dict(pairs=8, sampling_steps=2, steps=2, batch_size=4, eval_prompts=3, eval_samples=2, progress=False)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"divergences": ("reverse_kl", "chi2")}, "--divergences"),
-    ({"divergences": ("js", "js")}, "repeated"),
-    ({"gammas": (1.0,)}, "at least 2"),
-    ({"gammas": (1.0, -2.0)}, "--gammas"),
-    ({"gammas": (1.0, 1.0)}, "repeated"),
-    ({"seeds": ()}, "at least one"),
-    ({"seeds": (0, -1)}, "--seeds"),
-    ({"eval_samples": 1}, "--eval-samples"),
-    ({"eval_prompts": 37}, "--eval-prompts"),
-    ({"label_temperature": -0.1}, "--label-temperature"),
-    ({"beta": 0.0}, "--beta"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"divergences": ("reverse_kl", "chi2")}, "--divergences"),
+        ({"divergences": ("js", "js")}, "repeated"),
+        ({"gammas": (1.0,)}, "at least 2"),
+        ({"gammas": (1.0, -2.0)}, "--gammas"),
+        ({"gammas": (1.0, 1.0)}, "repeated"),
+        ({"seeds": ()}, "at least one"),
+        ({"seeds": (0, -1)}, "--seeds"),
+        ({"eval_samples": 1}, "--eval-samples"),
+        ({"eval_prompts": 37}, "--eval-prompts"),
+        ({"label_temperature": -0.1}, "--label-temperature"),
+        ({"beta": 0.0}, "--beta"),
+    ],
+)
 def test_frontier_config_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         FrontierConfig(output=tmp_path / "f", **kwargs)
@@ -196,12 +200,13 @@ def test_frontier_config_errors(tmp_path, kwargs, match):
 
 
 def test_frontier_cli_errors(tmp_path, capsys):
-    for argv, match in ((["study", "--gammas", "1,3"], "--gammas needs --frontier"),
-                        (["study", "--frontier", "--gammas", "1,x", "--output", str(tmp_path / "f")], "--gammas"),
-                        (["study", "--frontier", "--gamma", "3", "--output", str(tmp_path / "f")], "--gammas"),
-                        (["study", "--frontier", "--divergences", "js,tv", "--output", str(tmp_path / "f")], "tv"),
-                        (["study", "--label-temperature", "-1", "--output", str(tmp_path / "s")],
-                         "--label-temperature")):
+    for argv, match in (
+        (["study", "--gammas", "1,3"], "--gammas needs --frontier"),
+        (["study", "--frontier", "--gammas", "1,x", "--output", str(tmp_path / "f")], "--gammas"),
+        (["study", "--frontier", "--gamma", "3", "--output", str(tmp_path / "f")], "--gammas"),
+        (["study", "--frontier", "--divergences", "js,tv", "--output", str(tmp_path / "f")], "tv"),
+        (["study", "--label-temperature", "-1", "--output", str(tmp_path / "s")], "--label-temperature"),
+    ):
         with pytest.raises(SystemExit) as exit_:
             cli_main(argv)
         assert exit_.value.code == 2 and match in capsys.readouterr().err
@@ -209,8 +214,9 @@ def test_frontier_cli_errors(tmp_path, capsys):
 
 
 def test_tiny_frontier_resumes(tmp_path, monkeypatch):
-    cfg = FrontierConfig(output=tmp_path / "f", divergences=("reverse_kl", "js"), gammas=(1.0, 30.0), seeds=(0, 1),
-                         **TINY)
+    cfg = FrontierConfig(
+        output=tmp_path / "f", divergences=("reverse_kl", "js"), gammas=(1.0, 30.0), seeds=(0, 1), **TINY
+    )
     summary = run_frontier(cfg)
     results = sorted(p.name for p in (tmp_path / "f" / "results").glob("*.json"))
     assert len(results) == 2 + 2 * 2 * 2 and "js_g30_s1.json" in results

@@ -75,13 +75,16 @@ class FrontierConfig:
     def __post_init__(self):
         self.output, self.base = Path(self.output), Path(self.base)
         self.divergences = tuple(self.divergences)
-        self.gammas = tuple(float(g) if isinstance(g, numbers.Real) and not isinstance(g, bool) else g
-                            for g in self.gammas)
+        self.gammas = tuple(
+            float(g) if isinstance(g, numbers.Real) and not isinstance(g, bool) else g for g in self.gammas
+        )
         self.seeds = tuple(self.seeds)
         unknown = [d for d in self.divergences if d not in DIVERGENCES]
         if not self.divergences or unknown:
-            raise ValueError(f"--divergences must name at least one of {', '.join(DIVERGENCES)}; got "
-                             f"{', '.join(map(str, unknown)) or 'none'}")
+            raise ValueError(
+                f"--divergences must name at least one of {', '.join(DIVERGENCES)}; got "
+                f"{', '.join(map(str, unknown)) or 'none'}"
+            )
         _unique("--divergences", self.divergences)
         if len(self.gammas) < 2:
             raise ValueError(f"--gammas needs at least 2 regularisation strengths for a curve; got {self.gammas}")
@@ -99,8 +102,9 @@ class FrontierConfig:
         _check_int("--eval-samples", self.eval_samples, 2)
         held_out = len(task.split_specs()[1])
         if self.eval_prompts > held_out:
-            raise ValueError(f"--eval-prompts must be at most {held_out} (the held-out prompts); "
-                             f"got {self.eval_prompts}")
+            raise ValueError(
+                f"--eval-prompts must be at most {held_out} (the held-out prompts); got {self.eval_prompts}"
+            )
         for name in ("learning_rate", "beta"):
             _check_real(f"--{name.replace('_', '-')}", getattr(self, name), positive=True)
         _check_real("--label-temperature", self.label_temperature, positive=False)
@@ -162,8 +166,10 @@ def _read_result(path: Path, shared: dict) -> dict | None:
         return None
     data = json.loads(path.read_text())
     if data.get("settings") != shared:
-        raise ValueError(f"{path} was made with other settings than this run's; use another --output "
-                         f"(differing: {', '.join(sorted(_differing(data.get('settings') or {}, shared)))})")
+        raise ValueError(
+            f"{path} was made with other settings than this run's; use another --output "
+            f"(differing: {', '.join(sorted(_differing(data.get('settings') or {}, shared)))})"
+        )
     return data
 
 
@@ -177,8 +183,10 @@ def _check_folder(cfg: FrontierConfig) -> None:
     if marker.is_file():
         recorded = json.loads(marker.read_text())
         if recorded != cfg.shared():
-            raise ValueError(f"{cfg.output} holds a frontier made with other settings (differing: "
-                             f"{', '.join(sorted(_differing(recorded, cfg.shared())))}); use another --output")
+            raise ValueError(
+                f"{cfg.output} holds a frontier made with other settings (differing: "
+                f"{', '.join(sorted(_differing(recorded, cfg.shared())))}); use another --output"
+            )
     elif cfg.output.exists() and any(cfg.output.iterdir()):
         raise FileExistsError(f"{cfg.output} exists and is not a frontier folder; choose another --output")
 
@@ -210,14 +218,22 @@ def _run_frontier(cfg: FrontierConfig) -> dict:
     # The pairs, reference errors and half-trained models are rebuilt from the seeds; only results are kept.
     (out / ".gitignore").write_text("cache/\nwork/\n")
     eval_specs = task.split_specs()[1][: cfg.eval_prompts]
-    todo = [(s, d, g) for s in cfg.seeds for d in cfg.divergences for g in cfg.gammas
-            if _read_result(out / "results" / f"{result_name(d, g, s)}.json", shared) is None]
+    todo = [
+        (s, d, g)
+        for s in cfg.seeds
+        for d in cfg.divergences
+        for g in cfg.gammas
+        if _read_result(out / "results" / f"{result_name(d, g, s)}.json", shared) is None
+    ]
     seeds_done = sum(_read_result(out / "results" / f"base_s{s}.json", shared) is not None for s in cfg.seeds)
     total = len(cfg.divergences) * len(cfg.gammas) * len(cfg.seeds)
     estimate = estimate_seconds(cfg, total - len(todo), seeds_done)
     if cfg.progress:
-        print(f"frontier: {total - len(todo)} of {total} models done; about {estimate / 60:.0f} min to go "
-              f"(2 quiet CPU cores)", flush=True)
+        print(
+            f"frontier: {total - len(todo)} of {total} models done; about {estimate / 60:.0f} min to go "
+            f"(2 quiet CPU cores)",
+            flush=True,
+        )
     base = None
     for seed in cfg.seeds:
         jobs = [(d, g) for s, d, g in todo if s == seed]
@@ -229,12 +245,28 @@ def _run_frontier(cfg: FrontierConfig) -> dict:
         seed_dir.mkdir(parents=True, exist_ok=True)
         tick = time.perf_counter()
         if not (seed_dir / "pairs").is_dir():  # written atomically: present means complete
-            make_pairs(base, seed_dir / "pairs", cfg.pairs, seed, cfg.sampling_steps, progress=cfg.progress,
-                       label_temperature=cfg.label_temperature)
+            make_pairs(
+                base,
+                seed_dir / "pairs",
+                cfg.pairs,
+                seed,
+                cfg.sampling_steps,
+                progress=cfg.progress,
+                label_temperature=cfg.label_temperature,
+            )
         train_cfg = TrainConfig(
-            pipeline=cfg.base, dataset=seed_dir / "pairs", output=out / "work", max_steps=cfg.steps,
-            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta, seed=seed,
-            log_every=max(1, cfg.steps // 10), cpu=True, progress=False, alpha=cfg.alpha,
+            pipeline=cfg.base,
+            dataset=seed_dir / "pairs",
+            output=out / "work",
+            max_steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            beta=cfg.beta,
+            seed=seed,
+            log_every=max(1, cfg.steps // 10),
+            cpu=True,
+            progress=False,
+            alpha=cfg.alpha,
         )
         ref = seed_dir / "ref_errors.safetensors"
         if not ref.is_file():  # written atomically too
@@ -242,14 +274,21 @@ def _run_frontier(cfg: FrontierConfig) -> dict:
         prepare_s = time.perf_counter() - tick
         if _read_result(base_path, shared) is None:
             tick = time.perf_counter()
-            metrics, _ = evaluate(base, eval_specs, cfg.eval_samples, seed, cfg.sampling_steps, "evaluate base",
-                                  cfg.progress)
-            _write_json(base_path, {"model": "base", "seed": seed, "settings": shared,
-                                    "metrics": _metrics_record(metrics),
-                                    "timings_s": {"prepare": prepare_s, "evaluate": time.perf_counter() - tick},
-                                    "machine": _machine()})
-        for divergence, gamma in tqdm(jobs, desc=f"frontier seed {seed}", disable=not cfg.progress,
-                                      dynamic_ncols=True):
+            metrics, _ = evaluate(
+                base, eval_specs, cfg.eval_samples, seed, cfg.sampling_steps, "evaluate base", cfg.progress
+            )
+            _write_json(
+                base_path,
+                {
+                    "model": "base",
+                    "seed": seed,
+                    "settings": shared,
+                    "metrics": _metrics_record(metrics),
+                    "timings_s": {"prepare": prepare_s, "evaluate": time.perf_counter() - tick},
+                    "machine": _machine(),
+                },
+            )
+        for divergence, gamma in tqdm(jobs, desc=f"frontier seed {seed}", disable=not cfg.progress, dynamic_ncols=True):
             name = result_name(divergence, gamma, seed)
             work = out / "work" / name
             shutil.rmtree(work, ignore_errors=True)  # a killed run's half-trained model
@@ -258,15 +297,24 @@ def _run_frontier(cfg: FrontierConfig) -> dict:
             train_s = time.perf_counter() - tick
             tick = time.perf_counter()
             tuned = load_pipeline(cfg.base, unet=work / "unet")
-            metrics, _ = evaluate(tuned, eval_specs, cfg.eval_samples, seed, cfg.sampling_steps, f"evaluate {name}",
-                                  cfg.progress)
+            metrics, _ = evaluate(
+                tuned, eval_specs, cfg.eval_samples, seed, cfg.sampling_steps, f"evaluate {name}", cfg.progress
+            )
             last = result.records[-1]
-            _write_json(out / "results" / f"{name}.json", {
-                "model": name, "divergence": divergence, "gamma": gamma, "seed": seed, "settings": shared,
-                "metrics": _metrics_record(metrics),
-                "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")},
-                "timings_s": {"train": train_s, "evaluate": time.perf_counter() - tick}, "machine": _machine(),
-            })
+            _write_json(
+                out / "results" / f"{name}.json",
+                {
+                    "model": name,
+                    "divergence": divergence,
+                    "gamma": gamma,
+                    "seed": seed,
+                    "settings": shared,
+                    "metrics": _metrics_record(metrics),
+                    "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")},
+                    "timings_s": {"train": train_s, "evaluate": time.perf_counter() - tick},
+                    "machine": _machine(),
+                },
+            )
             if not cfg.keep_runs:
                 shutil.rmtree(work, ignore_errors=True)
     if not cfg.keep_runs:
@@ -301,16 +349,28 @@ def _array(records: list[dict], key: str) -> np.ndarray:
 def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
     """Statistics over the seeds that are complete (every divergence and gamma finished); writes the summary."""
     models, bases = load_results(cfg)
-    complete = [s for s in cfg.seeds if s in bases and all((d, g, s) in models for d in cfg.divergences
-                                                           for g in cfg.gammas)]
-    summary = {"config": {**cfg.shared(), "divergences": list(cfg.divergences), "gammas": list(cfg.gammas),
-                          "seeds": list(cfg.seeds)},
-               "complete_seeds": complete, "finished_models": len(models), "rows": [], "frontiers": {}}
+    complete = [
+        s for s in cfg.seeds if s in bases and all((d, g, s) in models for d in cfg.divergences for g in cfg.gammas)
+    ]
+    summary = {
+        "config": {
+            **cfg.shared(),
+            "divergences": list(cfg.divergences),
+            "gammas": list(cfg.gammas),
+            "seeds": list(cfg.seeds),
+        },
+        "complete_seeds": complete,
+        "finished_models": len(models),
+        "rows": [],
+        "frontiers": {},
+    }
     timings = [m["timings_s"]["train"] + m["timings_s"]["evaluate"] for m in models.values()]
     seed_prep = [b["timings_s"]["prepare"] + b["timings_s"]["evaluate"] for b in bases.values()]
-    summary["timings_s"] = {"per_model_mean": float(np.mean(timings)) if timings else None,
-                            "per_seed_prepare_mean": float(np.mean(seed_prep)) if seed_prep else None,
-                            "total_measured": float(np.sum(timings) + np.sum(seed_prep))}
+    summary["timings_s"] = {
+        "per_model_mean": float(np.mean(timings)) if timings else None,
+        "per_seed_prepare_mean": float(np.mean(seed_prep)) if seed_prep else None,
+        "total_measured": float(np.sum(timings) + np.sum(seed_prep)),
+    }
     summary["machine"] = next(iter(models.values()))["machine"] if models else _machine()
     if not complete:
         _write_summary(cfg, summary)
@@ -319,16 +379,22 @@ def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
     rows = [("base", None, None, [bases[s] for s in complete])]
     rows += [(d, d, g, [models[(d, g, s)] for s in complete]) for d in cfg.divergences for g in cfg.gammas]
     for label, divergence, gamma, records in rows:
-        row = {"model": label if gamma is None else f"{label} gamma {gamma:g}", "divergence": divergence,
-               "gamma": gamma}
+        row = {
+            "model": label if gamma is None else f"{label} gamma {gamma:g}",
+            "divergence": divergence,
+            "gamma": gamma,
+        }
         for key in keys:
             row[key] = stats.bootstrap(_array(records, key), n_boot=n_boot).as_dict()
         if gamma is not None:
             row["final_implicit_acc"] = float(np.mean([r["final_train"]["implicit_acc"] for r in records]))
         summary["rows"].append(row)
     arrays = {(label, gamma): records for label, _, gamma, records in rows}
-    flags = stats.pareto_flags([_array(r, "reward") for r in arrays.values()],
-                               [_array(r, "pairwise_distance") for r in arrays.values()], n_boot=n_boot)
+    flags = stats.pareto_flags(
+        [_array(r, "reward") for r in arrays.values()],
+        [_array(r, "pairwise_distance") for r in arrays.values()],
+        n_boot=n_boot,
+    )
     for row, flag in zip(summary["rows"], flags):
         row["pareto"] = flag
     # Frontier gaps of every divergence against reverse KL (or the first one), for each diversity measure.
@@ -341,7 +407,8 @@ def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
                 continue
             cube = lambda d, k: np.stack([_array(arrays[(d, g)], k) for g in cfg.gammas], 1)  # noqa: E731 [S,G,P]
             summary["frontiers"][f"{other} vs {baseline}: {key}"] = stats.frontier_gap(
-                cube(baseline, "reward"), cube(baseline, key), cube(other, "reward"), cube(other, key), n_boot=n_boot)
+                cube(baseline, "reward"), cube(baseline, key), cube(other, "reward"), cube(other, key), n_boot=n_boot
+            )
     _write_summary(cfg, summary)
     return summary
 
@@ -360,8 +427,9 @@ def frontier_markdown(summary: dict) -> str:
     return frontier_tables(summary)
 
 
-def seed_band(rewards: np.ndarray, values: np.ndarray, count: int = 30, n_boot: int = 1000,
-              rng_seed: int = stats.DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+def seed_band(
+    rewards: np.ndarray, values: np.ndarray, count: int = 30, n_boot: int = 1000, rng_seed: int = stats.DEFAULT_SEED
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """A divergence's curve with its seed-level 95% band: per-seed curves ``[S, G]`` read at ``count`` reward levels
     inside the range every seed covers; returns (levels, mean, low, high), or None without a common range."""
     low, high = rewards.min(1).max(), rewards.max(1).min()
@@ -386,16 +454,23 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
 
     models, bases = load_results(cfg)
     seeds = summary["complete_seeds"]
-    panels = [(k, label) for k, label in (("pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
-                                          ("object_spread", "object-attribute spread (tolerance units)"),
-                                          ("background_spread", "background spread (RGB)"))
-              if k in bases[seeds[0]]["metrics"]]
+    panels = [
+        (k, label)
+        for k, label in (
+            ("pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
+            ("object_spread", "object-attribute spread (tolerance units)"),
+            ("background_spread", "background spread (RGB)"),
+        )
+        if k in bases[seeds[0]]["metrics"]
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for i, divergence in enumerate(cfg.divergences):
             colour = f"C{i}"
-            r, v = (np.array([[models[(divergence, g, s)]["metrics"][k]["mean"] for g in cfg.gammas] for s in seeds])
-                    for k in ("reward", key))  # [S, G]
+            r, v = (
+                np.array([[models[(divergence, g, s)]["metrics"][k]["mean"] for g in cfg.gammas] for s in seeds])
+                for k in ("reward", key)
+            )  # [S, G]
             for s in range(len(seeds)):
                 order = np.argsort(r[s])
                 ax.plot(r[s][order], v[s][order], "-", color=colour, alpha=0.15, lw=1)
@@ -415,8 +490,10 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Reward-diversity frontiers over gamma (point labels), {len(seeds)} seeds: mean, single seeds "
-                 "(faint), 95% band over seeds at equal reward")
+    fig.suptitle(
+        f"Reward-diversity frontiers over gamma (point labels), {len(seeds)} seeds: mean, single seeds "
+        "(faint), 95% band over seeds at equal reward"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

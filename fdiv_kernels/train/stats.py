@@ -33,8 +33,13 @@ class Estimate:
     prompts: int
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "se": self.se, "ci": [self.low, self.high], "seeds": self.seeds,
-                "prompts": self.prompts}
+        return {
+            "mean": self.mean,
+            "se": self.se,
+            "ci": [self.low, self.high],
+            "seeds": self.seeds,
+            "prompts": self.prompts,
+        }
 
     @property
     def significant(self) -> int:
@@ -97,13 +102,17 @@ def pareto_flags(rewards: list, diversities: list, **kwargs) -> list[str]:
     means = [(_as_2d(r).mean(), _as_2d(d).mean()) for r, d in zip(rewards, diversities)]
     flags = []
     for i, (r_i, d_i) in enumerate(means):
-        dominators = [j for j, (r_j, d_j) in enumerate(means)
-                      if j != i and r_j >= r_i and d_j >= d_i and (r_j, d_j) != (r_i, d_i)]
+        dominators = [
+            j for j, (r_j, d_j) in enumerate(means) if j != i and r_j >= r_i and d_j >= d_i and (r_j, d_j) != (r_i, d_i)
+        ]
         if not dominators:
             flags.append("yes")
             continue
-        significant = any(paired(rewards[j], rewards[i], **kwargs).significant > 0
-                          or paired(diversities[j], diversities[i], **kwargs).significant > 0 for j in dominators)
+        significant = any(
+            paired(rewards[j], rewards[i], **kwargs).significant > 0
+            or paired(diversities[j], diversities[i], **kwargs).significant > 0
+            for j in dominators
+        )
         flags.append("no" if significant else "tie")
     return flags
 
@@ -141,8 +150,13 @@ def _front_range(rewards: np.ndarray, diversities: np.ndarray | None) -> tuple[n
     return np.array([m.min() for m in masked]), np.array([m.max() for m in masked])
 
 
-def common_levels(reward_a: np.ndarray, reward_b: np.ndarray, count: int = 5,
-                  diversity_a: np.ndarray | None = None, diversity_b: np.ndarray | None = None) -> np.ndarray | None:
+def common_levels(
+    reward_a: np.ndarray,
+    reward_b: np.ndarray,
+    count: int = 5,
+    diversity_a: np.ndarray | None = None,
+    diversity_b: np.ndarray | None = None,
+) -> np.ndarray | None:
     """``count`` reward levels inside the reward range that every seed's frontier of both divergences covers.
 
     ``reward_*``: ``[S, G]`` per-seed curve points (with ``diversity_*``, the range of their Pareto fronts).
@@ -165,8 +179,16 @@ def sign_flip_p(values) -> float:
     return float(np.mean(np.abs((flips * values).mean(1)) >= observed - 1e-12))
 
 
-def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, n_boot: int = DEFAULT_BOOT,
-                 level: float = 0.95, rng_seed: int = DEFAULT_SEED) -> dict:
+def frontier_gap(
+    reward_a,
+    diversity_a,
+    reward_b,
+    diversity_b,
+    levels: int = 5,
+    n_boot: int = DEFAULT_BOOT,
+    level: float = 0.95,
+    rng_seed: int = DEFAULT_SEED,
+) -> dict:
     """Does divergence b's reward-diversity curve lie above a's? Values ``[S, G, P]`` (seeds x strengths x prompts).
 
     Per seed, each divergence's frontier runs through its non-dominated points among the G (means over prompts);
@@ -179,8 +201,9 @@ def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, 
     arrays = [np.asarray(x, float) for x in (reward_a, diversity_a, reward_b, diversity_b)]
     shape = arrays[0].shape
     if len(shape) != 3 or any(x.shape != shape for x in arrays):
-        raise ValueError(f"frontier values must all be [seeds, strengths, prompts] of one shape; got "
-                         f"{[x.shape for x in arrays]}")
+        raise ValueError(
+            f"frontier values must all be [seeds, strengths, prompts] of one shape; got {[x.shape for x in arrays]}"
+        )
     if shape[1] < 2:
         raise ValueError("a frontier needs at least 2 regularisation strengths")
     if not all(np.isfinite(x).all() for x in arrays):
@@ -189,8 +212,13 @@ def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, 
     seeds, _, prompts = shape
     levels_at = common_levels(r_a.mean(2), r_b.mean(2), levels, d_a.mean(2), d_b.mean(2))
     if levels_at is None:
-        return {"verdict": "no overlap", "levels": [], "seeds": seeds, "prompts": prompts,
-                "note": "the divergences' reward ranges do not overlap in every seed: no comparison at equal reward"}
+        return {
+            "verdict": "no overlap",
+            "levels": [],
+            "seeds": seeds,
+            "prompts": prompts,
+            "note": "the divergences' reward ranges do not overlap in every seed: no comparison at equal reward",
+        }
 
     def gaps(idx_p):
         mean = lambda x: x[:, :, idx_p].mean(2)  # noqa: E731  [S, G]
@@ -213,14 +241,19 @@ def frontier_gap(reward_a, diversity_a, reward_b, diversity_b, levels: int = 5, 
     per_seed = point.mean(1)
     return {
         "verdict": verdict,
-        "mean_gap": float(point.mean()), "se": float(overall.std(ddof=1)), "ci": [float(lo), float(hi)],
+        "mean_gap": float(point.mean()),
+        "se": float(overall.std(ddof=1)),
+        "ci": [float(lo), float(hi)],
         "levels": levels_at.tolist(),
         "gap_at_level": point.mean(0).tolist(),
         "ci_at_level": [[float(a), float(b)] for a, b in zip(level_lo, level_hi)],
         "gap_per_seed": per_seed.tolist(),
         "seeds_positive": int((per_seed > 0).sum()),
         "sign_flip_p": sign_flip_p(per_seed),
-        "seeds": seeds, "prompts": prompts, "n_boot": n_boot, "confidence": level,
+        "seeds": seeds,
+        "prompts": prompts,
+        "n_boot": n_boot,
+        "confidence": level,
     }
 
 

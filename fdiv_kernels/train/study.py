@@ -27,8 +27,13 @@ from .model import Pipeline, load_pipeline, sample
 
 BASE_PIPELINE = Path(__file__).parent / "assets" / "base"
 RUNS: tuple[tuple[str, float | None], ...] = (
-    ("reverse_kl", None), ("forward_kl", None), ("js", None),
-    ("alpha", 0.3), ("alpha", 0.5), ("alpha", 0.7), ("hellinger", None),
+    ("reverse_kl", None),
+    ("forward_kl", None),
+    ("js", None),
+    ("alpha", 0.3),
+    ("alpha", 0.5),
+    ("alpha", 0.7),
+    ("hellinger", None),
 )
 
 
@@ -44,7 +49,7 @@ class StudyConfig:
     steps: int = 80
     batch_size: int = 32
     learning_rate: float = 4e-5
-    # beta/2 sits inside psi and gamma outside (SPEC section 2): beta * gamma = 5000 keeps reverse KL exactly
+    # beta/2 sits inside psi and gamma outside (spec §2): beta * gamma = 5000 keeps reverse KL exactly
     # Diffusion-DPO's beta = 5000, while the other divergences see log-ratios of order 1 (see docs/training.md).
     beta: float = 500.0
     gamma: float = 10.0
@@ -91,8 +96,16 @@ def check_make_pairs(folder: Path, pairs: int, sampling_steps: int, overwrite: b
         raise FileExistsError(f"{folder} already exists; choose another output folder or pass --overwrite")
 
 
-def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_steps: int,
-               overwrite: bool = False, progress: bool = True, label_temperature: float = 0.0) -> Path:
+def make_pairs(
+    pipe: Pipeline,
+    folder: Path,
+    pairs: int,
+    seed: int,
+    sampling_steps: int,
+    overwrite: bool = False,
+    progress: bool = True,
+    label_temperature: float = 0.0,
+) -> Path:
     """Sample two images per training prompt from ``pipe``, label them with the task reward, save Pick-a-Pic.
 
     ``label_temperature`` 0: the higher reward wins (hard labels; equal rewards are a tie). T > 0: Bradley-Terry
@@ -118,10 +131,15 @@ def make_pairs(pipe: Pipeline, folder: Path, pairs: int, seed: int, sampling_ste
         p_0 = torch.sigmoid((r0 - r1).double() / label_temperature).float()
         labels = torch.Generator().manual_seed(derived_seed(seed, "labels", 0))
         label_0 = torch.bernoulli(p_0, generator=labels)
-    extra = {"reward_0": r0.tolist(), "reward_1": r1.tolist(), "p_label_0": p_0.tolist(),
-             "label_temperature": [float(label_temperature)] * pairs}
-    return write_pairs(folder, captions, images[:pairs], images[pairs:], label_0.tolist(), extra=extra,
-                       overwrite=overwrite)
+    extra = {
+        "reward_0": r0.tolist(),
+        "reward_1": r1.tolist(),
+        "p_label_0": p_0.tolist(),
+        "label_temperature": [float(label_temperature)] * pairs,
+    }
+    return write_pairs(
+        folder, captions, images[:pairs], images[pairs:], label_0.tolist(), extra=extra, overwrite=overwrite
+    )
 
 
 def check_label_temperature(value) -> None:
@@ -133,12 +151,23 @@ def check_label_temperature(value) -> None:
 
 
 # Normalisation of the object-attribute spreads: each in units of the reward's tolerance for that attribute.
-_SPREAD_UNITS = {"colour": task.COLOUR_TOLERANCE, "position": task.POSITION_TOLERANCE, "size": task.SIZE_TOLERANCE,
-                 "shape": task.SHAPE_MARGIN}
+_SPREAD_UNITS = {
+    "colour": task.COLOUR_TOLERANCE,
+    "position": task.POSITION_TOLERANCE,
+    "size": task.SIZE_TOLERANCE,
+    "shape": task.SHAPE_MARGIN,
+}
 
 
-def evaluate(pipe: Pipeline, specs: list[task.Spec], samples: int, seed: int, sampling_steps: int,
-             desc: str = "evaluate", progress: bool = True) -> tuple[dict, torch.Tensor]:
+def evaluate(
+    pipe: Pipeline,
+    specs: list[task.Spec],
+    samples: int,
+    seed: int,
+    sampling_steps: int,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> tuple[dict, torch.Tensor]:
     """Alignment and diversity of ``samples`` images per prompt, from noise fixed by ``seed`` (shared by models).
 
     Returns the metrics (mean and standard error over prompts) and the images.
@@ -166,8 +195,9 @@ def evaluate(pipe: Pipeline, specs: list[task.Spec], samples: int, seed: int, sa
     per_prompt["object_spread"] = sum(spread[k] / unit for k, unit in _SPREAD_UNITS.items()) / len(_SPREAD_UNITS)
     # Means over prompts with their standard errors (prompts are the independent units); the per-prompt values
     # are kept for paired comparisons between models (all models share prompts and initial noise).
-    metrics = {k: {"mean": v.mean().item(), "se": _standard_error(v), "per_prompt": v.tolist()}
-               for k, v in per_prompt.items()}
+    metrics = {
+        k: {"mean": v.mean().item(), "se": _standard_error(v), "per_prompt": v.tolist()} for k, v in per_prompt.items()
+    }
     return metrics, images
 
 
@@ -206,15 +236,31 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
     eval_specs = held_out[: cfg.eval_prompts]
     # The fine-tunes' flags (beta, gamma, ...) are checked here, before minutes of sampling.
     train_cfg = TrainConfig(
-        pipeline=cfg.base, dataset=cfg.output / "pairs", output=cfg.output / "runs", max_steps=cfg.steps,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, beta=cfg.beta, gamma=cfg.gamma, seed=cfg.seed,
-        log_every=max(1, cfg.steps // 10), cpu=True, progress=cfg.progress,
+        pipeline=cfg.base,
+        dataset=cfg.output / "pairs",
+        output=cfg.output / "runs",
+        max_steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        beta=cfg.beta,
+        gamma=cfg.gamma,
+        seed=cfg.seed,
+        log_every=max(1, cfg.steps // 10),
+        cpu=True,
+        progress=cfg.progress,
     )
     with atomic_folder(cfg.output, overwrite=overwrite) as out:
         base = load_pipeline(cfg.base)
         tick = time.perf_counter()
-        make_pairs(base, out / "pairs", cfg.pairs, cfg.seed, cfg.sampling_steps, progress=cfg.progress,
-                   label_temperature=cfg.label_temperature)
+        make_pairs(
+            base,
+            out / "pairs",
+            cfg.pairs,
+            cfg.seed,
+            cfg.sampling_steps,
+            progress=cfg.progress,
+            label_temperature=cfg.label_temperature,
+        )
         timings["make_pairs"] = time.perf_counter() - tick
 
         train_cfg = replace(train_cfg, dataset=out / "pairs", output=out / "runs")
@@ -223,28 +269,45 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
         timings["reference_errors"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        metrics, base_images = evaluate(base, eval_specs, cfg.eval_samples, cfg.seed, cfg.sampling_steps,
-                                        "evaluate base", cfg.progress)
+        metrics, base_images = evaluate(
+            base, eval_specs, cfg.eval_samples, cfg.seed, cfg.sampling_steps, "evaluate base", cfg.progress
+        )
         rows = [{"model": "base", "divergence": None, "alpha": None, **metrics}]
         timings["evaluate base"] = time.perf_counter() - tick
         grids = {"base": base_images}
         for divergence, alpha in tqdm(RUNS, desc="study", disable=not cfg.progress, dynamic_ncols=True):
             name = run_name(divergence, alpha)
             tick = time.perf_counter()
-            result = train(replace(train_cfg, divergence=divergence, alpha=alpha or 0.5, output=out / "runs" / name,
-                                   ref_errors=ref_errors))
+            result = train(
+                replace(
+                    train_cfg,
+                    divergence=divergence,
+                    alpha=alpha or 0.5,
+                    output=out / "runs" / name,
+                    ref_errors=ref_errors,
+                )
+            )
             timings[f"train {name}"] = time.perf_counter() - tick
             tick = time.perf_counter()
             tuned = load_pipeline(cfg.base, unet=out / "runs" / name / "unet")
-            metrics, grids[name] = evaluate(tuned, eval_specs, cfg.eval_samples, cfg.seed, cfg.sampling_steps,
-                                            f"evaluate {name}", cfg.progress)
+            metrics, grids[name] = evaluate(
+                tuned, eval_specs, cfg.eval_samples, cfg.seed, cfg.sampling_steps, f"evaluate {name}", cfg.progress
+            )
             timings[f"evaluate {name}"] = time.perf_counter() - tick
             last = result.records[-1]
-            rows.append({"model": name, "divergence": divergence, "alpha": alpha, **metrics,
-                         "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")}})
+            rows.append(
+                {
+                    "model": name,
+                    "divergence": divergence,
+                    "alpha": alpha,
+                    **metrics,
+                    "final_train": {k: last[k] for k in ("loss", "implicit_acc", "reward_margin")},
+                }
+            )
         # One seed: the flags and intervals are over prompts only (stats.bootstrap with S = 1).
-        flags = stats.pareto_flags([[r["reward"]["per_prompt"]] for r in rows],
-                                   [[r["pairwise_distance"]["per_prompt"]] for r in rows])
+        flags = stats.pareto_flags(
+            [[r["reward"]["per_prompt"]] for r in rows], [[r["pairwise_distance"]["per_prompt"]] for r in rows]
+        )
         for row, optimal, flag in zip(rows, pareto_front(rows), flags):
             row["pareto_optimal"] = optimal
             row["pareto"] = flag
@@ -256,7 +319,11 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
             "rows": rows,
             "paired_vs_reverse_kl": differences,
             "timings_s": timings,
-            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+            "machine": {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+            },
         }
         (out / "study.json").write_text(json.dumps(results, indent=1))
         (out / "study.md").write_text(markdown_table(results))
@@ -267,6 +334,7 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
 
 def markdown_table(results: dict) -> str:
     """The study table: one row per model, means over held-out prompts ± standard error over prompts (one seed)."""
+
     def cell(metric: dict, digits: int = 3) -> str:
         return f"{metric['mean']:.{digits}f} ± {metric['se']:.{digits}f}"
 
@@ -275,11 +343,14 @@ def markdown_table(results: dict) -> str:
 
     pareto_note = (
         "Pareto: yes = on the front; no = dominated, significantly (paired 95% bootstrap over prompts); tie =\n"
-        "dominated within noise." if any("pareto" in r for r in results["rows"]) else
-        "Pareto: point estimates only (this file predates per-prompt values): yes = no other row is at least as\n"
-        "good in both reward and pairwise distance.")
+        "dominated within noise."
+        if any("pareto" in r for r in results["rows"])
+        else "Pareto: point estimates only (this file predates per-prompt values): yes = no other row is at least as\n"
+        "good in both reward and pairwise distance."
+    )
     lines = [
-        "| model | reward (alignment) | fidelity | style | pairwise distance | Vendi score | Pareto | final implicit_acc |",
+        "| model | reward (alignment) | fidelity | style | pairwise distance | Vendi score | Pareto "
+        "| final implicit_acc |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
@@ -304,9 +375,11 @@ def markdown_table(results: dict) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for row in results["rows"]:
-            lines.append(f"| {row['model']} | {cell(row['object_spread'])} | "
-                         + " | ".join(cell(row[f"{k}_spread"]) for k in ("colour", "position", "size", "shape"))
-                         + f" | {cell(row['background_spread'])} |")
+            lines.append(
+                f"| {row['model']} | {cell(row['object_spread'])} | "
+                + " | ".join(cell(row[f"{k}_spread"]) for k in ("colour", "position", "size", "shape"))
+                + f" | {cell(row['background_spread'])} |"
+            )
     lines += [
         "",
         "Paired differences from reverse_kl (Diffusion-DPO), mean ± standard error over the same prompts and noise",
@@ -344,12 +417,22 @@ def plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     markers = "sovD^<>ph"
-    for ax, key, label in ((axes[0], "pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
-                           (axes[1], "vendi", "Vendi score (effective distinct samples)")):
+    for ax, key, label in (
+        (axes[0], "pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
+        (axes[1], "vendi", "Vendi score (effective distinct samples)"),
+    ):
         for row, marker in zip(results["rows"], markers):
             base = row["model"] == "base"
-            ax.errorbar(row["reward"]["mean"], row[key]["mean"], xerr=row["reward"]["se"], yerr=row[key]["se"],
-                        fmt=marker, color="black" if base else None, capsize=2, label=row["model"])
+            ax.errorbar(
+                row["reward"]["mean"],
+                row[key]["mean"],
+                xerr=row["reward"]["se"],
+                yerr=row[key]["se"],
+                fmt=marker,
+                color="black" if base else None,
+                capsize=2,
+                label=row["model"],
+            )
         ax.set_xlabel("mean reward on held-out prompts (alignment)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -360,8 +443,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def save_sample_grid(grids: dict[str, torch.Tensor], captions: list[str], samples: int, path: Path,
-                     shown: int = 6) -> None:
+def save_sample_grid(
+    grids: dict[str, torch.Tensor], captions: list[str], samples: int, path: Path, shown: int = 6
+) -> None:
     """One row per model: ``shown`` samples of each of the first prompts (``captions``); same noise per column."""
     import matplotlib
 
@@ -378,10 +462,12 @@ def save_sample_grid(grids: dict[str, torch.Tensor], captions: list[str], sample
     fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 40 + 1.5, mosaic.shape[0] / 40 + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([side * (i + 0.5) for i in range(len(grids))], list(grids))
-    ax.set_xticks([side * shown * (i + 0.5) for i in range(prompts)],
-                  [c.replace(" at the ", "\nat the ") for c in captions], fontsize=7)
+    ax.set_xticks(
+        [side * shown * (i + 0.5) for i in range(prompts)],
+        [c.replace(" at the ", "\nat the ") for c in captions],
+        fontsize=7,
+    )
     ax.tick_params(length=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-

@@ -73,9 +73,7 @@ class Spec:
         return f"a {self.size} {self.colour} {self.shape} at the {self.position}"
 
 
-ALL_SPECS: tuple[Spec, ...] = tuple(
-    Spec(c, s, z, p) for c in COLOURS for s in SHAPES for z in SIZES for p in POSITIONS
-)
+ALL_SPECS: tuple[Spec, ...] = tuple(Spec(c, s, z, p) for c in COLOURS for s in SHAPES for z in SIZES for p in POSITIONS)
 
 
 def split_specs() -> tuple[list[Spec], list[Spec]]:
@@ -96,8 +94,9 @@ def _spec_tensors(specs: list[Spec]) -> tuple[torch.Tensor, ...]:
     return colour, shape, size, position
 
 
-def shape_coverage(shape: torch.Tensor, centroid: torch.Tensor, radius: torch.Tensor, res: int,
-                   supersample: int = 4) -> torch.Tensor:
+def shape_coverage(
+    shape: torch.Tensor, centroid: torch.Tensor, radius: torch.Tensor, res: int, supersample: int = 4
+) -> torch.Tensor:
     """Anti-aliased coverage [N, res, res] in [0, 1] of each shape, placed by its centroid (pixel units).
 
     ``radius`` is the half-extent: circle radius, half the square's side, half the triangle's base and height.
@@ -110,7 +109,9 @@ def shape_coverage(shape: torch.Tensor, centroid: torch.Tensor, radius: torch.Te
     square = ((x - cx).abs() <= r) & ((y - cy).abs() <= r)
     top = cy - r - r / 3  # apex; the base is at cy + r - r / 3
     triangle = (y >= top) & (y <= top + 2 * r) & ((x - cx).abs() <= (y - top) / 2)
-    inside = torch.stack([circle, square, triangle], 1).gather(1, shape[:, None, None, None].expand(-1, 1, *circle.shape[1:]))
+    inside = torch.stack([circle, square, triangle], 1).gather(
+        1, shape[:, None, None, None].expand(-1, 1, *circle.shape[1:])
+    )
     return torch.nn.functional.avg_pool2d(inside.float(), supersample)[:, 0]
 
 
@@ -159,8 +160,15 @@ def detect(images: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = torch.full((n,), s)
         template = shape_coverage(ids, centroid, torch.sqrt(safe_area / _shape_area(ids, torch.ones(n))), res)
         ious.append(torch.minimum(weight, template).sum((1, 2)) / torch.maximum(weight, template).sum((1, 2)))
-    return {"background": background, "weight": weight, "found": found, "area": safe_area, "centroid": centroid,
-            "colour": mean_colour, "ious": torch.stack(ious, 1)}
+    return {
+        "background": background,
+        "weight": weight,
+        "found": found,
+        "area": safe_area,
+        "centroid": centroid,
+        "colour": mean_colour,
+        "ious": torch.stack(ious, 1),
+    }
 
 
 def reward(images: torch.Tensor, specs: list[Spec]) -> dict[str, torch.Tensor]:
@@ -189,8 +197,15 @@ def reward(images: torch.Tensor, specs: list[Spec]) -> dict[str, torch.Tensor]:
     fidelity = found * (colour + shape + size + position) / 4
     style = (1 - background.mean(1) / STYLE_DARKEST_PREFERRED).clamp(0, 1)
     total = (1 - STYLE_WEIGHT) * fidelity + STYLE_WEIGHT * style
-    return {"reward": total, "fidelity": fidelity, "style": style, "colour": found * colour,
-            "shape": found * shape, "size": found * size, "position": found * position}
+    return {
+        "reward": total,
+        "fidelity": fidelity,
+        "style": style,
+        "colour": found * colour,
+        "shape": found * shape,
+        "size": found * size,
+        "position": found * position,
+    }
 
 
 def pairwise_distance(samples: torch.Tensor) -> torch.Tensor:
@@ -234,8 +249,11 @@ def attribute_spread(samples: torch.Tensor) -> dict[str, torch.Tensor]:
     det = detect(samples.flatten(0, 1))
     res = samples.shape[-1]
     per = {
-        "colour": det["colour"], "position": det["centroid"] / res, "size": det["area"].log()[:, None],
-        "shape": det["ious"], "background": det["background"],
+        "colour": det["colour"],
+        "position": det["centroid"] / res,
+        "size": det["area"].log()[:, None],
+        "shape": det["ious"],
+        "background": det["background"],
     }
     found = det["found"].view(p, n).float()
     both = (found[:, :, None] * found[:, None, :]) * (1 - torch.eye(n))
