@@ -63,7 +63,7 @@ examples: kernels
 LINT_STAMP := $(VENV)/.fdiv_kernels-lint-tools
 $(LINT_STAMP):
 	@test -x $(PY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install $(PIP_FLAGS) ruff clang-format
+	$(PY) -m pip install $(PIP_FLAGS) "ruff==0.17.6" "clang-format==23.1.5"
 	@touch $@
 
 lint: $(LINT_STAMP)
