@@ -469,7 +469,7 @@ def test_cli_ref_errors_then_train_with_them(assets, tmp_path):
 def _run_cli(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [*launcher, "-m", "fdiv_kernels.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [*launcher, "-m", "fdiv_kernels.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
 
 
