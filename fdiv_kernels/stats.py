@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 
 
-@dataclass
 class FDPOStats:
     """Statistics of one loss call (detached; on the inputs' device; no host sync to build them).
 
@@ -15,39 +12,45 @@ class FDPOStats:
     ``ref_err`` e_ref, ``logratio`` d (after ``logratio_clip``), ``reward`` psi(d). Scalars:
     ``implicit_acc`` (mean of z > 0; ties count 1/2 unless ``implicit_acc_ties="strict"``),
     ``raw_model_loss`` (mean of e), ``raw_ref_loss`` (mean of e_ref).
+
+    It holds the kernels' three outputs as they come (``logits`` [B], ``sample_stats`` [4, 2B], ``summary`` [3]);
+    each statistic is a view taken when it is read, so ``return_stats=True`` costs a training step nothing it
+    does not use.
     """
 
-    logits: torch.Tensor
-    model_err: torch.Tensor
-    ref_err: torch.Tensor
-    logratio: torch.Tensor
-    reward: torch.Tensor
-    implicit_acc: torch.Tensor
-    raw_model_loss: torch.Tensor
-    raw_ref_loss: torch.Tensor
+    __slots__ = ("logits", "sample_stats", "summary")
+    NAMES = ("logits", "model_err", "ref_err", "logratio", "reward", "implicit_acc", "raw_model_loss", "raw_ref_loss")
+
+    def __init__(self, logits: torch.Tensor, sample_stats: torch.Tensor, summary: torch.Tensor):
+        self.logits = logits
+        self.sample_stats = sample_stats  # rows: model_err, ref_err, logratio, reward
+        self.summary = summary  # implicit_acc, raw_model_loss, raw_ref_loss
+
+    model_err = property(lambda self: self.sample_stats[0])
+    ref_err = property(lambda self: self.sample_stats[1])
+    logratio = property(lambda self: self.sample_stats[2])
+    reward = property(lambda self: self.sample_stats[3])
+    implicit_acc = property(lambda self: self.summary[0])
+    raw_model_loss = property(lambda self: self.summary[1])
+    raw_ref_loss = property(lambda self: self.summary[2])
 
     @classmethod
-    def from_tensors(cls, logits, model_err, ref_err, logratio, reward, implicit_acc_ties: str = "half"):
+    def from_kernel(cls, logits, sample_stats, summary) -> FDPOStats:
+        """From the kernels' outputs (already non-differentiable): no copy, no kernel launch."""
+        return cls(logits, sample_stats, summary)
+
+    @classmethod
+    def from_tensors(cls, logits, model_err, ref_err, logratio, reward, implicit_acc_ties: str = "half") -> FDPOStats:
+        """Computed here from the per-sample values (the reference's path, independent of the kernels' head)."""
         wins = (logits > 0).to(logits.dtype)
         if implicit_acc_ties == "half":
             wins = wins + 0.5 * (logits == 0).to(logits.dtype)
-        return cls(
-            logits=logits.detach(),
-            model_err=model_err.detach(),
-            ref_err=ref_err.detach(),
-            logratio=logratio.detach(),
-            reward=reward.detach(),
-            implicit_acc=wins.mean().detach(),
-            raw_model_loss=model_err.detach().mean(),
-            raw_ref_loss=ref_err.detach().mean(),
-        )
-
-    @classmethod
-    def from_kernel(cls, logits, sample_stats, summary):
-        """From the kernels' outputs (already non-differentiable): views only, no kernel launch."""
-        model_err, ref_err, logratio, reward = sample_stats.unbind(0)
-        implicit_acc, raw_model_loss, raw_ref_loss = summary.unbind(0)
-        return cls(logits, model_err, ref_err, logratio, reward, implicit_acc, raw_model_loss, raw_ref_loss)
+        sample = torch.stack([model_err, ref_err, logratio, reward]).detach()
+        summary = torch.stack([wins.mean(), model_err.mean(), ref_err.mean()]).detach()
+        return cls(logits.detach(), sample, summary)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    def __repr__(self) -> str:
+        return f"FDPOStats({', '.join(f'{n}={getattr(self, n)!r}' for n in self.NAMES)})"
