@@ -21,6 +21,7 @@ __all__ = [
     "get_divergence",
     "psi",
     "psi_slope",
+    "row_errors",
     "psi_diff",
     "clipped_psi_diff",
     "clipped_psi_slope",
@@ -311,3 +312,26 @@ def clipped_psi_slope(div: Divergence, r: torch.Tensor, clip: float | None) -> t
     """d psi(soft_clip(r)) / dr = psi'(c tanh(r/c)) * sech^2(r/c) (psi'(r) without a clip): evaluated directly, or
     as exp(log psi' + log sech^2) where one factor would over- and the other underflow. Differentiable."""
     return _slope_times(torch.ones_like(r), div, r, clip)
+
+
+def row_errors(pred, ref, target, mask, ref_err, err_reduction: str):
+    """Per-sample errors of [rows, D] tensors already in the arithmetic dtype (spec §2): ``(e, e_ref, e_ref - e,
+    inv)``, with ``e_ref - e`` accumulated directly as (ref - pred)(ref + pred - 2t), no cancellation, and ``inv``
+    the per-row 1/count (0 for an empty mask; a NaN total stays NaN, as in the kernels). ``ref`` or ``ref_err``
+    (cached errors) gives the reference. Shared by the reference and the torch backend."""
+    if mask is None or err_reduction == "mean_all":  # mean_all: masked sum over all D elements / D
+        count = torch.full((pred.shape[0],), pred.shape[1], dtype=pred.dtype, device=pred.device)
+    else:
+        count = mask.sum(dim=1)
+    if err_reduction == "sum":
+        inv = torch.ones_like(count)
+    else:
+        inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+
+    def reduce(x):
+        return (x if mask is None else x * mask).sum(dim=1) * inv
+
+    model_err = reduce((pred - target) ** 2)
+    if ref is not None:
+        return model_err, reduce((ref - target) ** 2), reduce((ref - pred) * (ref + pred - 2 * target)), inv
+    return model_err, ref_err, ref_err - model_err, inv

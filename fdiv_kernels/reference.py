@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import FDPOProblem, validate
-from .divergences import _mul0, clipped_psi_diff, psi, soft_clip
+from .divergences import _mul0, clipped_psi_diff, psi, row_errors, soft_clip
 from .stats import FDPOStats
 
 
@@ -54,27 +54,7 @@ class _RowErrors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, ref, target, mask, ref_err, err_reduction: str):
-        if mask is None or err_reduction == "mean_all":  # mean_all: masked sum over all D elements / D
-            count = torch.full((pred.shape[0],), pred.shape[1], dtype=pred.dtype, device=pred.device)
-        else:
-            count = mask.sum(dim=1)
-        # inv = 1/count, 0 for an empty mask (e := 0); total * inv keeps a NaN total NaN (as the kernels do).
-        inv = (
-            torch.ones_like(count)
-            if err_reduction == "sum"
-            else torch.where(count > 0, 1.0 / count.clamp_min(1e-30), 0.0)
-        )
-
-        def reduce(x):
-            return (x if mask is None else x * mask).sum(dim=1) * inv
-
-        model_err = reduce((pred - target) ** 2)
-        if ref is not None:
-            ref_err_ = reduce((ref - target) ** 2)
-            err_gap = reduce((ref - pred) * (ref + pred - 2 * target))  # e_ref - e without cancellation
-        else:
-            ref_err_ = ref_err
-            err_gap = ref_err - model_err
+        model_err, ref_err_, err_gap, inv = row_errors(pred, ref, target, mask, ref_err, err_reduction)
         ctx.save_for_backward(pred, target, mask, inv)
         return model_err, ref_err_, err_gap
 

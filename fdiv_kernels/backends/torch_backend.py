@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, soft_clip_slope, softplus
+from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, row_errors, soft_clip_slope, softplus
 from .common import KernelParams, accumulate_dtype, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
+_ERR_REDUCTIONS = {0: "mean", 1: "sum", 2: "mean_all"}  # ids of csrc/fdpo_math.h
 
 
 def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pair_weight: torch.Tensor | None):
@@ -74,25 +75,10 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     tgt = target.to(acc)[t_rows]
     m = None if mask is None else mask.to(acc)[target_rows(rows, mask.shape[0], params.interleaved, mask.device)]
 
-    def row_sum(x):
-        return (x if m is None else x * m).sum(dim=1)
-
-    if m is None or params.err_reduction == 2:  # mean over all D elements
-        count = torch.full((rows,), float(pred.shape[1]), dtype=acc, device=pred.device)
-    else:
-        count = m.sum(dim=1)
-    if params.err_reduction == 1:
-        inv = torch.ones_like(count)
-    else:
-        inv = torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
-    model_err = row_sum((pred - tgt) ** 2) * inv
-    if ref_pred is not None:
-        ref = ref_pred.to(acc)
-        ref_err_ = row_sum((ref - tgt) ** 2) * inv
-        err_gap = row_sum((ref - pred) * (ref + pred - 2 * tgt)) * inv
-    else:
-        ref_err_ = ref_err.to(acc)
-        err_gap = ref_err_ - model_err
+    ref = None if ref_pred is None else ref_pred.to(acc)
+    model_err, ref_err_, err_gap, inv = row_errors(
+        pred, ref, tgt, m, None if ref_err is None else ref_err.to(acc), _ERR_REDUCTIONS[params.err_reduction]
+    )
     loss, logits, logratio, reward, coef = pair_head(params, err_gap, inv, pair_weight)
     wins = (logits > 0).to(acc)
     if not params.strict_ties:
