@@ -75,6 +75,23 @@ def _read_parquet(file: Path) -> dict[str, list]:
     return pq.read_table(file, columns=list(COLUMNS)).to_pydict()
 
 
+def check_row(where: str, caption, label) -> None:
+    """A row's caption and label_0, with one error naming the file and row (both readers use it)."""
+    if not isinstance(caption, str):
+        raise DatasetError(f"{where}: column 'caption' must be a string, got {type(caption).__name__}")
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
+        soft = isinstance(label, (int, float)) and not isinstance(label, bool) and 0 < label < 1
+        raise DatasetError(
+            f"{where}: column 'label_0' must be 1, 0 or 0.5; got {label!r}"
+            + (
+                " (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
+                "tie to drop it)"
+                if soft
+                else ""
+            )
+        )
+
+
 def _missing_message(file: Path, missing: list[str], found) -> str:
     return (
         f"{file}: missing column(s) {missing}; a Pick-a-Pic preference table needs {list(COLUMNS)} "
@@ -117,19 +134,7 @@ class PreferenceDataset(Dataset):
     def _add_rows(self, file: Path, columns: dict[str, list]) -> None:
         for row, (caption, jpg_0, jpg_1, label) in enumerate(zip(*(columns[c] for c in COLUMNS))):
             where = f"{file} row {row}"
-            if not isinstance(caption, str):
-                raise DatasetError(f"{where}: column 'caption' must be a string, got {type(caption).__name__}")
-            if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
-                soft = isinstance(label, (int, float)) and not isinstance(label, bool) and 0 < label < 1
-                raise DatasetError(
-                    f"{where}: column 'label_0' must be 1, 0 or 0.5; got {label!r}"
-                    + (
-                        " (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
-                        "tie to drop it)"
-                        if soft
-                        else ""
-                    )
-                )
+            check_row(where, caption, label)
             self._table_digest.update(f"{len(caption)}:{caption}\0{float(label)!r}\0".encode())
             if label == 0.5:
                 self.dropped_ties += 1

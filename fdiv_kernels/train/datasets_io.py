@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from .data import COLUMNS, DatasetError, PreferenceDataset, _missing_message, table_files
+from .data import COLUMNS, DatasetError, PreferenceDataset, _missing_message, check_row, table_files
 
 BACKENDS = ("auto", "memory", "datasets")
 AUTO_BYTES = 64 << 20  # parquet tables above this size (all shards together) go through datasets under "auto"
@@ -184,7 +184,7 @@ class ArrowPreferenceDataset(PreferenceDataset):
         files, rows, swaps = array("i"), array("q"), array("b")  # 13 bytes a pair, not Python ints
         for f, r, caption, jpg_0, jpg_1, label in self._scan():
             where = f"{self.files[f]} row {r}"
-            self._check_row(where, caption, label)
+            check_row(where, caption, label)
             digest.update(f"{len(caption)}:{caption}\0{float(label)!r}\0".encode())
             if label == 0.5:
                 self.dropped_ties += 1
@@ -254,22 +254,6 @@ class ArrowPreferenceDataset(PreferenceDataset):
                 batch = table.slice(start, SCAN_ROWS).to_pydict()
                 for i, row in enumerate(zip(*(batch[c] for c in COLUMNS))):
                     yield (f, start + i, *row)
-
-    @staticmethod
-    def _check_row(where: str, caption, label) -> None:
-        if not isinstance(caption, str):
-            raise DatasetError(f"{where}: column 'caption' must be a string, got {type(caption).__name__}")
-        if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 0.5, 1):
-            soft = isinstance(label, (int, float)) and not isinstance(label, bool) and 0 < label < 1
-            raise DatasetError(
-                f"{where}: column 'label_0' must be 1, 0 or 0.5; got {label!r}"
-                + (
-                    " (soft preference labels are not supported: round them to 0 or 1, or mark the pair a 0.5 "
-                    "tie to drop it)"
-                    if soft
-                    else ""
-                )
-            )
 
     def _pair(self, f: int, r: int, caption, jpg_0, jpg_1, swap: bool, check: bool = False, digest=None):
         """``(caption, winner, loser, where)``: image paths resolved against the table's folder, checked and
