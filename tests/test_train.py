@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,135 +11,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from PIL import Image
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
+from train_helpers import (
+    TWO_CPU_PROCESSES,
+    assert_logs_match,
+    config,
+    make_dataset,
+    make_pipeline,
+    run_cli,
+    train_argv,
+    unet_weights,
+)
 
 from fdiv_kernels.train import task
 from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.data import DatasetError, PreferenceDataset
-from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
+from fdiv_kernels.train.loop import cache_reference_errors, train
 from fdiv_kernels.train.model import (
     NoiseProcess,
     PipelineError,
-    TinyTextEncoder,
-    WordTokenizer,
     load_pipeline,
-    tiny_unet,
 )
 from fdiv_kernels.train.study import BASE_PIPELINE
-
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["a", "red", "blue", "cat", "dog", "on", "grass"]
-CAPTIONS = ["a red cat", "a blue dog", "a cat on grass", "a red dog on grass"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny pipelines and datasets, written the way diffusers and Pick-a-Pic lay them out.
-
-
-def make_pipeline(
-    folder: Path, *, vae: bool = True, scheduler: str = "ddpm", prediction_type: str = "epsilon", unet: bool = True
-) -> Path:
-    """A diffusers pipeline folder: tiny UNet, optional tiny VAE (16 px -> 4x8x8 latents), embedded text encoder."""
-    torch.manual_seed(0)
-    folder.mkdir(parents=True)
-    index = {
-        "_class_name": "TinyTestPipeline",
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["fdiv_kernels.train", "TinyTextEncoder"],
-        "tokenizer": ["fdiv_kernels.train", "WordTokenizer"],
-    }
-    if unet:
-        index["unet"] = ["diffusers", "UNet2DConditionModel"]
-        tiny_unet(
-            8 if vae else 16, channels=4 if vae else 3, cross_attention_dim=16, block_out_channels=(8, 16)
-        ).save_pretrained(folder / "unet")
-    if vae:
-        index["vae"] = ["diffusers", "AutoencoderKL"]
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=16,
-        ).save_pretrained(folder / "vae")
-    if scheduler == "flow":
-        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-        FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
-    else:
-        DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type).save_pretrained(folder / "scheduler")
-    WordTokenizer(WORDS, 6).save_pretrained(folder / "tokenizer")
-    TinyTextEncoder(len(WORDS), 6, width=16, layers=1, heads=2).save_pretrained(folder / "text_encoder")
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
-
-
-def _jpeg(seed: int, size=(20, 24)) -> bytes:
-    array = torch.randint(
-        0, 256, (size[1], size[0], 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
-    )
-    buffer = io.BytesIO()
-    Image.fromarray(array.numpy()).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def make_dataset(folder: Path, pairs: int = 12, fmt: str = "jsonl", labels=None) -> Path:
-    """A Pick-a-Pic table: jsonl with image paths (folder of JPEGs) or parquet with image bytes."""
-    folder.mkdir(parents=True)
-    labels = labels or [float(i % 2) for i in range(pairs)]
-    rows = []
-    for i, label in enumerate(labels):
-        row = {"caption": CAPTIONS[i % len(CAPTIONS)], "label_0": label}
-        for side in (0, 1):
-            data = _jpeg(2 * i + side)
-            if fmt == "jsonl":
-                (folder / "images").mkdir(exist_ok=True)
-                (folder / "images" / f"{i}_{side}.jpg").write_bytes(data)
-                row[f"jpg_{side}"] = f"images/{i}_{side}.jpg"
-            else:
-                row[f"jpg_{side}"] = data
-        rows.append(row)
-    if fmt == "jsonl":
-        (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
-        pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return {
-        "pipeline": make_pipeline(root / "pipe"),
-        "pixel_pipeline": make_pipeline(root / "pixel_pipe", vae=False),
-        "dataset": make_dataset(root / "data"),
-        "root": root,
-    }
-
-
-def config(assets, output: Path, **overrides) -> TrainConfig:
-    args = dict(
-        pipeline=assets["pipeline"],
-        dataset=assets["dataset"],
-        output=output,
-        max_steps=3,
-        batch_size=4,
-        learning_rate=1e-3,
-        log_every=1,
-        cpu=True,
-        progress=False,
-    )
-    return TrainConfig(**{**args, **overrides})
-
-
-def unet_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The embedded task.
@@ -466,57 +357,15 @@ def test_cli_ref_errors_then_train_with_them(assets, tmp_path):
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["divergence"] == "alpha"
 
 
-def _run_cli(args: list[str], cwd: Path, launcher: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [*launcher, "-m", "fdiv_kernels.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-
-
 def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
-    common = [
-        "train",
-        "--pipeline",
-        str(assets["pipeline"]),
-        "--dataset",
-        str(assets["dataset"]),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        "--log-every",
-        "1",
-        "--cpu",
-        "--no-progress",
-    ]
-    # accelerate's own --cpu launcher starts several processes only through mpirun; its torchrun-based launcher
-    # (--multi_gpu) with the trainer's --cpu runs CPU processes over gloo.
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
-    two = _run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, [*accelerate, "--num_processes", "2"])
+    common = train_argv(assets, None, "--max-steps", "3", "--learning-rate", "1e-3")
+    two = run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, TWO_CPU_PROCESSES)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = _run_cli([*common, "--output", str(tmp_path / "one")], tmp_path, [sys.executable])
+    one = run_cli([*common, "--output", str(tmp_path / "one")], tmp_path, [sys.executable])
     assert one.returncode == 0, one.stderr[-3000:]
     run_two = json.loads((tmp_path / "two" / "train_config.json").read_text())
     assert (run_two["num_processes"], run_two["distributed_backend"]) == (2, "gloo")
-    logs = [
-        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")
-    ]
-    for a, b in zip(*logs):
-        for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert_logs_match(tmp_path / "one", tmp_path / "two")
     # Parameters: gradients agree to float rounding (all-reduce order), but Adam's first steps are sign-like and
     # turn rounding in near-zero gradients into +-lr; compare the whole update, relative to its size.
     base = load_file(assets["pipeline"] / "unet" / "diffusion_pytorch_model.safetensors")
@@ -528,7 +377,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
 
 def test_bf16_mixed_precision(assets, tmp_path):
     # A subprocess: Accelerate fixes mixed precision once per process.
-    run = _run_cli(
+    run = run_cli(
         [
             "train",
             "--pipeline",
@@ -570,7 +419,7 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
 
 def test_quick_study_end_to_end(tmp_path):
     out = tmp_path / "study"
-    run = _run_cli(["study", "--quick", "--output", str(out), "--no-progress"], tmp_path, [sys.executable])
+    run = run_cli(["study", "--quick", "--output", str(out), "--no-progress"], tmp_path, [sys.executable])
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((out / "study.json").read_text())
     models = [row["model"] for row in results["rows"]]

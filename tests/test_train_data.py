@@ -282,7 +282,7 @@ def test_memory_stays_flat_from_1k_to_10k_rows(tmp_path):
 def test_two_processes_from_the_ddp_config_with_the_datasets_reader_match_one_with_the_memory_reader(tmp_path):
     """``accelerate launch --config_file examples/accelerate/ddp.yaml`` (2 gloo processes on CPU) training from
     parquet shards through datasets gives the numbers of one process reading them into memory."""
-    from test_train import CAPTIONS, config, make_pipeline
+    from train_helpers import CAPTIONS, assert_logs_match, config, make_pipeline, run_cli, train_argv
 
     from fdiv_kernels.train.loop import train
 
@@ -302,23 +302,7 @@ def test_two_processes_from_the_ddp_config_with_the_datasets_reader_match_one_wi
             ),
             data / f"train-{k:05d}.parquet",
         )
-    common = [
-        "train",
-        "--pipeline",
-        str(pipeline),
-        "--dataset",
-        str(data),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--learning-rate",
-        "1e-3",
-        "--log-every",
-        "1",
-        "--cpu",
-        "--no-progress",
-    ]
+    common = train_argv({"pipeline": pipeline, "dataset": data}, None, "--learning-rate", "1e-3")
     launch = [
         sys.executable,
         "-m",
@@ -330,14 +314,11 @@ def test_two_processes_from_the_ddp_config_with_the_datasets_reader_match_one_wi
         "--mixed_precision",
         "no",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    two = subprocess.run(
-        [*launch, "-m", "fdiv_kernels.train", *common, "--data-backend", "datasets", "--output", str(tmp_path / "two")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    two = run_cli(
+        [*common, "--data-backend", "datasets", "--output", str(tmp_path / "two")],
+        tmp_path,
+        launch,
+        HF_DATASETS_CACHE=str(tmp_path / "hf"),
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert list((tmp_path / "hf").rglob("*.arrow")), "the datasets reader was not used"
@@ -345,13 +326,7 @@ def test_two_processes_from_the_ddp_config_with_the_datasets_reader_match_one_wi
     assert (record["num_processes"], record["distributed_backend"], record["data_backend"]) == (2, "gloo", "datasets")
     assets = {"pipeline": pipeline, "dataset": data}
     train(config(assets, tmp_path / "one", max_steps=2, data_backend="memory"))
-    logs = [
-        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")
-    ]
-    assert len(logs[0]) == len(logs[1]) == 2
-    for a, b in zip(*logs):
-        for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert_logs_match(tmp_path / "one", tmp_path / "two")
 
 
 def test_shipped_accelerate_configs_parse():

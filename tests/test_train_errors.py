@@ -20,18 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train import ROOT, config, make_dataset, make_pipeline  # the tiny builders
+from train_helpers import ROOT, cli_error, config, make_dataset, read_log, train_argv
 
 from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.data import DatasetError, PreferenceDataset
 from fdiv_kernels.train.io import atomic_folder, lock_folder, unlock_folder, write_checksums
 from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors")
-    return {"pipeline": make_pipeline(root / "pipe"), "dataset": make_dataset(root / "data"), "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -48,41 +42,6 @@ def _copy_run(run: Path, tmp_path: Path, drop=("unet",)) -> Path:
     for name in drop:
         shutil.rmtree(out / name)
     return out
-
-
-def _log_steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def _cli_error(argv: list[str], capsys) -> str:
-    """Run the CLI, expect exit status 2 and one line on stderr; return that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def _train_argv(assets, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--pipeline",
-        str(assets["pipeline"]),
-        "--dataset",
-        str(assets["dataset"]),
-        "--output",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--log-every",
-        "1",
-        "--cpu",
-        "--no-progress",
-        *extra,
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +67,7 @@ def _train_argv(assets, out: Path, *extra: str) -> list[str]:
 )
 def test_bad_train_flags_fail_before_anything_is_written(assets, tmp_path, capsys, flags, message):
     out = tmp_path / "run"
-    assert message in _cli_error(_train_argv(assets, out, *flags), capsys)
+    assert message in cli_error(train_argv(assets, out, *flags), capsys)
     assert not out.exists()
 
 
@@ -126,7 +85,7 @@ def test_bad_train_flags_fail_before_anything_is_written(assets, tmp_path, capsy
 )
 def test_bad_flags_of_the_other_commands(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
-    assert message in _cli_error([*argv, "--output", str(out)], capsys)
+    assert message in cli_error([*argv, "--output", str(out)], capsys)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -134,8 +93,8 @@ def test_bad_flags_of_the_other_commands(tmp_path, capsys, argv, message):
 def test_output_naming_an_existing_file_is_refused(assets, tmp_path, capsys, command):
     out = tmp_path / "file.txt"
     out.write_text("keep")
-    argv = _train_argv(assets, out) if command == "train" else [command, "--output", str(out), "--overwrite"]
-    assert "is a file" in _cli_error(argv, capsys)
+    argv = train_argv(assets, out) if command == "train" else [command, "--output", str(out), "--overwrite"]
+    assert "is a file" in cli_error(argv, capsys)
     assert out.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
@@ -151,7 +110,7 @@ def test_ref_errors_output_naming_a_folder_is_refused(assets, tmp_path, capsys):
         "--cpu",
         "--no-progress",
     ]
-    assert "already exists (a folder; --output names the cache file" in _cli_error(argv, capsys)
+    assert "already exists (a folder; --output names the cache file" in cli_error(argv, capsys)
 
 
 def test_numpy_numbers_are_numbers():
@@ -179,9 +138,9 @@ def test_truncated_png_is_named(assets, tmp_path, capsys):
     with pytest.raises(DatasetError, match=r"images/2_1.jpg: not a readable image, it fails PIL's verification"):
         PreferenceDataset(data, 16)
     out = tmp_path / "run"
-    argv = _train_argv(assets, out)
+    argv = train_argv(assets, out)
     argv[argv.index("--dataset") + 1] = str(data)
-    assert "images/2_1.jpg: not a readable image" in _cli_error(argv, capsys)
+    assert "images/2_1.jpg: not a readable image" in cli_error(argv, capsys)
     assert not out.exists()
 
 
@@ -230,7 +189,7 @@ def test_folder_of_a_run_that_stopped_before_its_first_checkpoint_is_reused(asse
     for image in (data / "images").iterdir():
         image.write_bytes(good)
     result = train(config(assets, out, dataset=data, max_steps=2))
-    assert [r["step"] for r in result.records] == [1, 2] and _log_steps(out) == [1, 2]
+    assert [r["step"] for r in result.records] == [1, 2] and [r["step"] for r in read_log(out)] == [1, 2]
     assert "starting it over" in capsys.readouterr().out
     # A finished run is not overwritten.
     with pytest.raises(FileExistsError, match=r"holds a finished run \(unet/\)"):
@@ -355,7 +314,7 @@ def test_resume_refuses_flags_that_change_the_run(run_with_checkpoints, assets, 
     with pytest.raises(ValueError, match=rf"--resume .*checkpoint-2: refused, .*{message}.*Flags that may change"):
         train(config(assets, out, max_steps=3, resume="latest", **overrides))
     assert (out / "train_config.json").read_text() == recorded
-    assert _log_steps(out) == [1, 2]
+    assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
 def test_resume_refuses_a_changed_dataset(run_with_checkpoints, assets, tmp_path):
@@ -389,8 +348,8 @@ def test_resume_applies_and_records_the_flags_that_may_change(run_with_checkpoin
 def test_resume_with_max_steps_below_the_checkpoint_is_refused(run_with_checkpoints, assets, tmp_path, capsys):
     out = _copy_run(run_with_checkpoints, tmp_path)
     recorded = (out / "train_config.json").read_text()
-    line = _cli_error(
-        _train_argv(assets, out, "--max-steps", "1", "--learning-rate", "1e-3", "--resume", "latest"), capsys
+    line = cli_error(
+        train_argv(assets, out, "--max-steps", "1", "--learning-rate", "1e-3", "--resume", "latest"), capsys
     )
     assert "--max-steps 1 is below the step of" in line and "pass --max-steps 2 or more" in line
     assert (out / "train_config.json").read_text() == recorded
@@ -405,7 +364,7 @@ def test_log_is_cut_back_to_the_checkpoint_on_resume(assets, tmp_path):
     with (out / "log.jsonl").open("a") as log:
         log.write('{"step": 4, "loss": 0.')  # and a line cut short
     resumed = train(config(assets, out, max_steps=3, checkpoint_every=2, resume="latest"))
-    assert _log_steps(out) == [1, 2, 3]
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
     assert [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] == full.records
     assert resumed.records == full.records[2:]
 
@@ -450,7 +409,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(run_with_checkpoints, ass
     out = _copy_run(run_with_checkpoints, tmp_path)
     damage(out / "checkpoint-2")
     recorded = (out / "train_config.json").read_text()
-    line = _cli_error(_train_argv(assets, out, "--learning-rate", "1e-3", "--resume", "latest"), capsys)
+    line = cli_error(train_argv(assets, out, "--learning-rate", "1e-3", "--resume", "latest"), capsys)
     assert re.search(message, line), line
     assert f"--resume {out / 'checkpoint-1'}" in line  # the way out: the earlier checkpoint
     assert (out / "train_config.json").read_text() == recorded

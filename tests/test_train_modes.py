@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from diffusers import ModelMixin
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import config, make_dataset, make_pipeline  # noqa: F401  (the tiny SD1.x-shaped builders)
+from train_helpers import TWO_CPU_PROCESSES, assert_logs_match, config, read_log, run_cli
 
 from fdiv_kernels.train import loop
 from fdiv_kernels.train.cli import main
@@ -22,16 +21,6 @@ from fdiv_kernels.train.loop import TrainConfig, train
 from fdiv_kernels.train.model import load_pipeline
 
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("modes")
-    return {"pipeline": make_pipeline(root / "pipe"), "dataset": make_dataset(root / "data"), "root": root}
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +174,7 @@ def test_a_runs_train_config_json_repeats_the_run(assets, tmp_path):
     assert main(["train", "--config", str(first / "train_config.json"), "--output", str(again)]) == 0
     a, b = (json.loads((run / "train_config.json").read_text()) for run in (first, again))
     assert b == {**a, "output": str(again)}
-    assert _log(again) == _log(first)
+    assert read_log(again) == read_log(first)
 
 
 def test_command_line_flags_override_the_config_file(assets, tmp_path):
@@ -198,7 +187,7 @@ def test_command_line_flags_override_the_config_file(assets, tmp_path):
     assert main(["train", "--config", str(file), "--output", str(run), "--max-steps", "1", "--alpha", "0.7"]) == 0
     written = json.loads((run / "train_config.json").read_text())
     assert [written[k] for k in ("max_steps", "alpha", "divergence", "batch_size")] == [1, 0.7, "alpha", 4]
-    assert [r["step"] for r in _log(run)] == [1]
+    assert [r["step"] for r in read_log(run)] == [1]
 
 
 @pytest.mark.parametrize(
@@ -535,35 +524,17 @@ def test_compile_compiles_the_model_and_gives_the_same_run(assets, tmp_path):
 
 @pytest.mark.parametrize("mode", ["lora", "sd3"])
 def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
-    from test_train import _run_cli
-
     pipeline = sd3 if mode == "sd3" else assets["pipeline"]
     common = ["train", *_cli_data(assets), "--pipeline", str(pipeline), "--max-steps", "2", "--learning-rate", "1e-3"]
     if mode == "lora":
         common += ["--learning-rate", "1e-2", "--lora-rank", "2"]  # (the last --learning-rate counts)
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_processes",
-        "2",
-    ]
-    two = _run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, accelerate)
+    two = run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, TWO_CPU_PROCESSES)
     assert two.returncode == 0, two.stderr[-3000:]
     # The one-process run in this process (the same flags; a subprocess only costs start-up time).
     lora = {"learning_rate": 1e-2, "lora_rank": 2} if mode == "lora" else {}
     train(config(assets, tmp_path / "one", pipeline=pipeline, max_steps=2, **lora))
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["distributed_backend"] == "gloo"
-    for a, b in zip(_log(tmp_path / "one"), _log(tmp_path / "two")):
-        for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert_logs_match(tmp_path / "one", tmp_path / "two")
     # The trained weights (the adapters, or the transformer): equal up to what Adam's sign-like first steps make
     # of all-reduce rounding, relative to the update.
     if mode == "lora":
