@@ -42,6 +42,7 @@
 
 #include "fdpo_math.h"
 #include "fdpo_op.h"
+#include "static_switch.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -71,7 +72,7 @@ struct Wide8 {
   f64x4 lo, hi;
 };
 
-// Element-type tags (fp16/bf16 are handled as raw 16-bit words).
+// Element-type tags of the kernels (fp16/bf16 are handled as raw 16-bit words), per storage dtype.
 struct F32 {
   using S = float;
 };
@@ -84,7 +85,25 @@ struct BF16 {
 struct F16 {
   using S = uint16_t;
 };
-enum class Dtype { kF32, kF64, kBF16, kF16 };
+using Dtype = at::ScalarType;  // float32, float64, bfloat16 or float16 (dtype_of refuses the others)
+template <typename T>
+struct TagOf;
+template <>
+struct TagOf<float> {
+  using type = F32;
+};
+template <>
+struct TagOf<double> {
+  using type = F64;
+};
+template <>
+struct TagOf<at::BFloat16> {
+  using type = BF16;
+};
+template <>
+struct TagOf<at::Half> {
+  using type = F16;
+};
 
 constexpr int64_t kChunk = 4096;  // elements of D per work item (fixed: results do not depend on thread count)
 constexpr int64_t kBlock = 1024;  // elements accumulated in float lanes before a flush into double lanes
@@ -132,41 +151,20 @@ using fdpo::loser_row;
 using fdpo::pair_of_row;
 using fdpo::winner_row;
 
-// Run f(std::integral_constant<bool, b>).
-template <typename F>
-inline void bool_dispatch(bool b, F&& f) {
-  if (b)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
+using fdpo::bool_switch;
 
-// The layout variants of a call, as compile-time bools: f(mask, shared_target, shared_mask) with std::true_type /
-// std::false_type arguments (shared_mask is false without a mask). Every kernel family dispatches through this.
+// The layout variants of a call (fdpo::layout_switch): f(mask, shared_target, shared_mask) as std::true_type /
+// std::false_type arguments. Every kernel family dispatches through this.
 template <typename Args, typename F>
-inline void layout_dispatch(const Args& a, F&& f) {
-  bool_dispatch(a.target_shared, [&](auto shared_t) {
-    if (a.mask == nullptr) {
-      f(std::false_type{}, shared_t, std::false_type{});
-    } else {
-      bool_dispatch(a.mask_shared, [&](auto shared_m) { f(std::true_type{}, shared_t, shared_m); });
-    }
-  });
+inline void layout_switch(const Args& a, F&& f) {
+  fdpo::layout_switch(a.mask != nullptr, a.target_shared, a.mask_shared, f);
 }
 
-// Run f(Tag{}) for the storage dtype's tag.
+// Run f(Tag{}) with the kernels' tag for the storage dtype.
 template <typename F>
-inline void dtype_dispatch(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::kF32:
-      return f(F32{});
-    case Dtype::kF64:
-      return f(F64{});
-    case Dtype::kBF16:
-      return f(BF16{});
-    case Dtype::kF16:
-      return f(F16{});
-  }
+inline void dtype_switch(Dtype dtype, F&& f) {
+  fdpo::storage_switch</*kAllowDouble=*/true>(
+      dtype, "cpu", [&](auto type) { f(typename TagOf<typename decltype(type)::type>::type{}); });
 }
 
 namespace generic {
@@ -228,20 +226,10 @@ inline void run_backward_items(const BwdArgs& a, bool overflow_safe) {
 }
 
 Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return Dtype::kF32;
-    case at::kDouble:
-      return Dtype::kF64;
-    case at::kBFloat16:
-      return Dtype::kBF16;
-    case at::kHalf:
-      return Dtype::kF16;
-    default:
-      TORCH_CHECK(false, "fdiv_kernels (cpu): unsupported dtype ", t.scalar_type(),
-                  "; expected float32, float16, bfloat16 or float64");
-  }
-  return Dtype::kF32;
+  const Dtype dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "fdiv_kernels (cpu): unsupported dtype ", dt, "; expected float32, float16, bfloat16 or float64");
+  return dt;
 }
 
 template <typename T>
@@ -309,7 +297,7 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, ref_pred, target, mask);
   const int64_t B = v.B, D = v.D, rows = 2 * B;
   const Dtype dt = dtype_of(v.pred);
-  const at::ScalarType acc = dt == Dtype::kF64 ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor rerr, pw;
   if (ref_err.has_value()) rerr = fdpo::small_vector(*ref_err, model_pred, acc, rows, "cpu", "ref_err");
   if (pair_weight.has_value()) pw = fdpo::small_vector(*pair_weight, model_pred, acc, B, "cpu", "pair_weight");
@@ -389,7 +377,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
               " elements; got ", grad_loss.numel());
   const at::Tensor g = grad_loss.to(at::kCPU, at::kDouble).contiguous().reshape({-1});
   const at::Tensor cf =
-      fdpo::small_vector(grad_coef, model_pred, dt == Dtype::kF64 ? at::kDouble : at::kFloat, rows, "cpu", "grad_coef");
+      fdpo::small_vector(grad_coef, model_pred, dt == at::kDouble ? at::kDouble : at::kFloat, rows, "cpu", "grad_coef");
   // Per-row scale coef * G, rounded to the accumulate type as the product in that type would be; 0 where either
   // factor is 0 (an overflowed coefficient times a zero upstream gradient is 0, not NaN).
   std::vector<double> scale(static_cast<size_t>(rows));
@@ -424,7 +412,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   a.interleaved = interleaved;
   a.scale = scale.data();
   {
-    const int64_t vec_bytes = (dt == Dtype::kF32 || dt == Dtype::kF64) ? 32 : 16;  // bytes of one stored vector
+    const int64_t vec_bytes = (dt == at::kFloat || dt == at::kDouble) ? 32 : 16;  // bytes of one stored vector
     const bool aligned = reinterpret_cast<uintptr_t>(a.grad) % vec_bytes == 0 &&
                          (D * static_cast<int64_t>(pred.element_size())) % vec_bytes == 0;
     const char* env = std::getenv("FDIV_KERNELS_CPU_STREAM_STORES");

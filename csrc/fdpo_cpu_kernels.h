@@ -328,8 +328,8 @@ void forward_typed(const FwdArgs& a) {
 
 template <typename Tag>
 void forward_tag(const FwdArgs& a) {
-  bool_dispatch(a.ref != nullptr, [&](auto ref) {
-    layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+  bool_switch(a.ref != nullptr, [&](auto ref) {
+    layout_switch(a, [&](auto mask, auto shared_t, auto shared_m) {
       forward_typed<Tag, decltype(ref)::value, decltype(mask)::value, decltype(shared_t)::value,
                     decltype(shared_m)::value>(a);
     });
@@ -347,7 +347,7 @@ using ComputeTag = std::conditional_t<std::is_same<A, double>::value, F64, F32>;
 
 template <typename A>
 constexpr Dtype compute_dtype() {
-  return std::is_same<A, double>::value ? Dtype::kF64 : Dtype::kF32;
+  return std::is_same<A, double>::value ? at::kDouble : at::kFloat;
 }
 
 // Row `row`, elements [lo, lo + n), of a [rows, D] input of dtype `dt`, as A: a pointer into the input when it is
@@ -355,7 +355,7 @@ constexpr Dtype compute_dtype() {
 template <typename A>
 const A* chunk_as(Dtype dt, const void* base, int64_t D, int64_t row, int64_t lo, int64_t n, A* scratch) {
   if (dt == compute_dtype<A>()) return static_cast<const A*>(base) + row * D + lo;
-  dtype_dispatch(dt, [&](auto tag) {
+  dtype_switch(dt, [&](auto tag) {
     using Tag = decltype(tag);
     const typename Tag::S* src = static_cast<const typename Tag::S*>(base) + row * D + lo;
     for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<A>(Cvt<Tag>::load1(src + i));
@@ -399,8 +399,8 @@ void forward_mixed_typed(const FwdArgs& a) {
 
 template <typename A>
 void forward_mixed(const FwdArgs& a) {
-  bool_dispatch(a.ref != nullptr, [&](auto ref) {
-    layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+  bool_switch(a.ref != nullptr, [&](auto ref) {
+    layout_switch(a, [&](auto mask, auto shared_t, auto shared_m) {
       forward_mixed_typed<A, decltype(ref)::value, decltype(mask)::value, decltype(shared_t)::value,
                           decltype(shared_m)::value>(a);
     });
@@ -409,10 +409,10 @@ void forward_mixed(const FwdArgs& a) {
 
 inline void forward_items(const FwdArgs& a) {
   if (a.mixed()) {
-    if (a.dtype == Dtype::kF64) return forward_mixed<double>(a);
+    if (a.dtype == at::kDouble) return forward_mixed<double>(a);
     return forward_mixed<float>(a);
   }
-  dtype_dispatch(a.dtype, [&](auto tag) { forward_tag<decltype(tag)>(a); });
+  dtype_switch(a.dtype, [&](auto tag) { forward_tag<decltype(tag)>(a); });
 }
 
 // ---- backward: grad = scale[row] * (pred - target) [* mask], both rows of a pair per item.
@@ -472,8 +472,8 @@ void backward_typed(const BwdArgs& a) {
 
 template <typename Tag>
 void backward_tag(const BwdArgs& a) {
-  bool_dispatch(a.stream_stores, [&](auto nt) {
-    layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+  bool_switch(a.stream_stores, [&](auto nt) {
+    layout_switch(a, [&](auto mask, auto shared_t, auto shared_m) {
       backward_typed<Tag, decltype(mask)::value, decltype(shared_t)::value, decltype(shared_m)::value,
                      decltype(nt)::value>(a);
     });
@@ -481,7 +481,7 @@ void backward_tag(const BwdArgs& a) {
 }
 
 inline void backward_items(const BwdArgs& a) {
-  dtype_dispatch(a.dtype, [&](auto tag) { backward_tag<decltype(tag)>(a); });
+  dtype_switch(a.dtype, [&](auto tag) { backward_tag<decltype(tag)>(a); });
 }
 
 // Scalar backward with mul0 semantics, for calls where some row's scale is +-inf: grad = mul0(mul0(s, p - t), m).
@@ -513,7 +513,7 @@ void backward_safe_typed(const BwdArgs& a) {
 }
 
 inline void backward_items_safe(const BwdArgs& a) {
-  dtype_dispatch(a.dtype, [&](auto tag) { backward_safe_typed<decltype(tag)>(a); });
+  dtype_switch(a.dtype, [&](auto tag) { backward_safe_typed<decltype(tag)>(a); });
 }
 
 // Mixed input dtypes: grad = mul0(mul0(s, pred - target), m) in A over converted chunks (see forward_mixed), rounded
@@ -555,15 +555,15 @@ void backward_mixed_typed(const BwdArgs& a) {
 
 template <typename A, typename PredTag>
 void backward_mixed(const BwdArgs& a) {
-  layout_dispatch(a, [&](auto mask, auto shared_t, auto shared_m) {
+  layout_switch(a, [&](auto mask, auto shared_t, auto shared_m) {
     backward_mixed_typed<A, PredTag, decltype(mask)::value, decltype(shared_t)::value, decltype(shared_m)::value>(a);
   });
 }
 
 inline void backward_items_mixed(const BwdArgs& a) {
-  dtype_dispatch(a.dtype, [&](auto tag) {
+  dtype_switch(a.dtype, [&](auto tag) {
     using PredTag = decltype(tag);
-    if (a.dtype == Dtype::kF64)
+    if (a.dtype == at::kDouble)
       backward_mixed<double, PredTag>(a);
     else
       backward_mixed<float, PredTag>(a);

@@ -49,6 +49,7 @@
 
 #include "fdpo_math.h"
 #include "fdpo_op.h"
+#include "static_switch.h"
 
 namespace {
 
@@ -508,17 +509,11 @@ void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaSt
 template <typename T, int VEC, bool MIXED = false>
 void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
                       cudaStream_t stream) {
-  if (has_ref) {
-    if (has_mask)
-      launch_forward<T, VEC, true, true, MIXED>(a, opts, device, stream);
-    else
-      launch_forward<T, VEC, true, false, MIXED>(a, opts, device, stream);
-  } else {
-    if (has_mask)
-      launch_forward<T, VEC, false, true, MIXED>(a, opts, device, stream);
-    else
-      launch_forward<T, VEC, false, false, MIXED>(a, opts, device, stream);
-  }
+  fdpo::bool_switch(has_ref, [&](auto ref) {
+    fdpo::bool_switch(has_mask, [&](auto masked) {
+      launch_forward<T, VEC, decltype(ref)::value, decltype(masked)::value, MIXED>(a, opts, device, stream);
+    });
+  });
 }
 
 // MIXED: the mixed-dtype kernel (then VEC = 1).
@@ -600,41 +595,23 @@ fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::
     dispatch_forward<float, 1, /*MIXED=*/true>(a, has_ref, has_mask, fopts, device, stream);
     return out;
   }
-  const int64_t elem = model_pred.element_size();
-  const int64_t vec = 16 / elem;
+  const int64_t vec = 16 / model_pred.element_size();  // elements per 16-byte vector
   const bool vectorized =
       D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) && aligned16(a.mask);
-  switch (model_pred.scalar_type()) {
-    case at::kFloat:
-      if (vectorized)
-        dispatch_forward<float, 4>(a, has_ref, has_mask, fopts, device, stream);
-      else
-        dispatch_forward<float, 1>(a, has_ref, has_mask, fopts, device, stream);
-      break;
-    case at::kHalf:
-      if (vectorized)
-        dispatch_forward<at::Half, 8>(a, has_ref, has_mask, fopts, device, stream);
-      else
-        dispatch_forward<at::Half, 1>(a, has_ref, has_mask, fopts, device, stream);
-      break;
-    case at::kBFloat16:
-      if (vectorized)
-        dispatch_forward<at::BFloat16, 8>(a, has_ref, has_mask, fopts, device, stream);
-      else
-        dispatch_forward<at::BFloat16, 1>(a, has_ref, has_mask, fopts, device, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable dtype");
-  }
+  fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
+    using T = typename decltype(type)::type;
+    if (vectorized)
+      dispatch_forward<T, 16 / sizeof(T)>(a, has_ref, has_mask, fopts, device, stream);
+    else
+      dispatch_forward<T, 1>(a, has_ref, has_mask, fopts, device, stream);
+  });
   return out;
 }
 
 template <typename T, int VEC, bool MIXED = false>
 void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
-  if (has_mask)
-    launch_backward<T, VEC, true, MIXED>(a, rows, stream);
-  else
-    launch_backward<T, VEC, false, MIXED>(a, rows, stream);
+  fdpo::bool_switch(has_mask,
+                    [&](auto masked) { launch_backward<T, VEC, decltype(masked)::value, MIXED>(a, rows, stream); });
 }
 
 at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
@@ -674,34 +651,15 @@ at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& mod
   const int64_t vec = 16 / model_pred.element_size();
   const bool vectorized =
       D % vec == 0 && aligned16(a.pred) && aligned16(a.target) && aligned16(a.mask) && aligned16(a.grad);
-  switch (model_pred.scalar_type()) {
-    case at::kFloat:
-      if (mixed)
-        dispatch_backward<float, 1, true>(a, has_mask, rows, stream);
-      else if (vectorized)
-        dispatch_backward<float, 4>(a, has_mask, rows, stream);
-      else
-        dispatch_backward<float, 1>(a, has_mask, rows, stream);
-      break;
-    case at::kHalf:
-      if (mixed)
-        dispatch_backward<at::Half, 1, true>(a, has_mask, rows, stream);
-      else if (vectorized)
-        dispatch_backward<at::Half, 8>(a, has_mask, rows, stream);
-      else
-        dispatch_backward<at::Half, 1>(a, has_mask, rows, stream);
-      break;
-    case at::kBFloat16:
-      if (mixed)
-        dispatch_backward<at::BFloat16, 1, true>(a, has_mask, rows, stream);
-      else if (vectorized)
-        dispatch_backward<at::BFloat16, 8>(a, has_mask, rows, stream);
-      else
-        dispatch_backward<at::BFloat16, 1>(a, has_mask, rows, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "unreachable dtype");
-  }
+  fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
+    using T = typename decltype(type)::type;
+    if (mixed)
+      dispatch_backward<T, 1, /*MIXED=*/true>(a, has_mask, rows, stream);
+    else if (vectorized)
+      dispatch_backward<T, 16 / sizeof(T)>(a, has_mask, rows, stream);
+    else
+      dispatch_backward<T, 1>(a, has_mask, rows, stream);
+  });
   return grad.view(model_pred.sizes());
 }
 
