@@ -106,18 +106,21 @@ FDPO_HD T psi(int divergence, T alpha, T d) {
   }
 }
 
-// psi'(d) = d psi / d d.
+// psi'(d) * exp(log_scale), the slope of the clipped reward (log_scale = log sech^2 of the clip, 0 without one).
+// In the exponential family exp(-k d) overflows (float: from -k d ~ 88) where sech^2 underflows (from |d/c| ~ 44),
+// so the product is formed as one exp(log(s k) - k d + log_scale): finite wherever the slope is, and not 0 * inf.
 template <typename T>
-FDPO_HD T psi_slope(int divergence, T alpha, T d) {
+FDPO_HD T scaled_psi_slope(int divergence, T alpha, T d, T log_scale) {
   switch (divergence) {
     case kReverseKL:
-      return T(1);
+      return fexp(log_scale);
     case kJS:
-      return sigmoid(-d);
+      return sigmoid(-d) * fexp(log_scale);  // both factors <= 1: no overflow to avoid
     default: {
       T k, s;
       exp_family(divergence, alpha, &k, &s);
-      return s * k * fexp(-k * d);
+      const T log_sk = divergence == kHellinger ? T(-0.693147180559945309417) : T(0);  // s k = 1/2, else 1
+      return fexp(log_scale - k * d + log_sk);
     }
   }
 }
@@ -133,10 +136,14 @@ FDPO_HD T psi_diff(int divergence, T alpha, T d_w, T d_l) {
     default: {
       T k, s;
       exp_family(divergence, alpha, &k, &s);
-      const T a = -k * d_w, b = -k * d_l;  // psi_w - psi_l = s * (exp(b) - exp(a))
+      // psi_w - psi_l = s * (exp(b) - exp(a)) = -+ s * exp(hi) * expm1(lo - hi), with exp(hi) formed as
+      // exp(hi/2)^2 so that the product stays finite wherever it is (a near-tie past exp's range).
+      const T a = -k * d_w, b = -k * d_l;
       if (a == b) return T(0);
-      if (b > a) return -s * fexp(b) * fexpm1(a - b);
-      return s * fexp(a) * fexpm1(b - a);
+      const T hi = b > a ? b : a, lo = b > a ? a : b;
+      const T half = fexp(T(0.5) * hi);
+      const T magnitude = s * (half * (half * fexpm1(lo - hi)));  // <= 0
+      return b > a ? -magnitude : magnitude;
     }
   }
 }
@@ -145,22 +152,24 @@ FDPO_HD T psi_diff(int divergence, T alpha, T d_w, T d_l) {
 FDPO_HD float tanh_is_x_below(float) { return 2.44140625e-4f; }  // 2^-12
 FDPO_HD double tanh_is_x_below(double) { return 1e-8; }
 
-// d -> c*tanh(d/c) and its slope sech^2(d/c), both accurate to a few ulps for every |x| = |d/c|, tiny to huge.
-// With t = exp(-2|x|) in (0, 1]: tanh|x| = -expm1(-2|x|) / (1 + t), which does not cancel for small |x| (the
-// (1 - t) / (1 + t) form lost everything below c * 6e-8: d = 0 from c ~ 1e9 in float), and sech^2 = 4t / (1 + t)^2
-// (never 1 - tanh^2: non-zero as long as T holds it). Below tanh_is_x_below, d passes unchanged (exact also
-// where d/c would be subnormal). Twins: soft_clip_slope in divergences.py, _soft_clip in triton_kernels.py.
+// d -> c*tanh(d/c) and the log of its slope, log sech^2(d/c), both accurate to a few ulps for every |x| = |d/c|,
+// tiny to huge. With t = exp(-2|x|) in (0, 1]: tanh|x| = -expm1(-2|x|) / (1 + t), which does not cancel for small
+// |x| (the (1 - t) / (1 + t) form lost everything below c * 6e-8: d = 0 from c ~ 1e9 in float), and
+// log sech^2 = log 4 - 2|x| - 2 log1p(t), finite wherever x is (sech^2 itself underflows from |x| ~ 44 in float,
+// while psi' may overflow: scaled_psi_slope multiplies them in log space). Below tanh_is_x_below, d passes
+// unchanged (exact also where d/c would be subnormal). Without a clip (c <= 0) the log slope is 0. Twins:
+// soft_clip_slope / log_sech2 in divergences.py, _soft_clip in triton_kernels.py.
 template <typename T>
-FDPO_HD void soft_clip(T c, T* d, T* slope) {
+FDPO_HD void soft_clip(T c, T* d, T* log_slope) {
   if (!(c > T(0))) {
-    *slope = T(1);
+    *log_slope = T(0);
     return;
   }
   const T x = *d / c;
   const T ax = fabs_(x);
-  const T t = fexp(T(-2) * ax);  // in (0, 1]
-  *slope = T(4) * t / ((T(1) + t) * (T(1) + t));
-  if (ax < tanh_is_x_below(ax)) return;  // NaN goes on below, and stays NaN
+  const T t = fexp(T(-2) * ax);                                            // in (0, 1]
+  *log_slope = T(1.386294361119890618834) - T(2) * ax - T(2) * flog1p(t);  // log 4 - 2|x| - 2 log1p(t)
+  if (ax < tanh_is_x_below(ax)) return;                                    // NaN goes on below, and stays NaN
   *d = fcopysign(c * (-fexpm1(T(-2) * ax) / (T(1) + t)), x);
 }
 
@@ -186,11 +195,11 @@ FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T in
   const T alpha = static_cast<T>(p.alpha), gamma = static_cast<T>(p.gamma);
   const T clip = static_cast<T>(p.logratio_clip), eps = static_cast<T>(p.label_smoothing);
   const T half_beta_w = T(0.5) * static_cast<T>(p.beta) * w;
-  T clip_w, clip_l;
+  T log_clip_w, log_clip_l;  // log of the clip's slope sech^2(d/c)
   h.d_w = half_beta_w * diff_w;
   h.d_l = half_beta_w * diff_l;
-  soft_clip(clip, &h.d_w, &clip_w);
-  soft_clip(clip, &h.d_l, &clip_l);
+  soft_clip(clip, &h.d_w, &log_clip_w);
+  soft_clip(clip, &h.d_l, &log_clip_l);
   h.reward_w = psi(p.divergence, alpha, h.d_w);
   h.reward_l = psi(p.divergence, alpha, h.d_l);
   const T z = gamma * psi_diff(p.divergence, alpha, h.d_w, h.d_l);
@@ -216,8 +225,8 @@ FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T in
   h.loss = loss;
   const T red = (p.reduction == kMean) ? T(1) / static_cast<T>(p.num_pairs) : T(1);
   const T outer = half_beta_w * red * T(2);
-  const T slope_w = mul0(psi_slope(p.divergence, alpha, h.d_w), clip_w);
-  const T slope_l = mul0(psi_slope(p.divergence, alpha, h.d_l), clip_l);
+  const T slope_w = scaled_psi_slope(p.divergence, alpha, h.d_w, log_clip_w);
+  const T slope_l = scaled_psi_slope(p.divergence, alpha, h.d_l, log_clip_l);
   h.coef_w = mul0(mul0(g, -gamma * slope_w), outer * inv_w);
   h.coef_l = mul0(mul0(g, gamma * slope_l), outer * inv_l);
   return h;

@@ -29,7 +29,8 @@ __all__ = [
     "log_psi_slope",
     "log_sech2",
     "soft_clip",
-    "soft_clip_slope",
+    "soft_clip_log_slope",
+    "scaled_psi_slope",
     "softplus",
 ]
 
@@ -265,16 +266,30 @@ def clipped_psi_diff(
     return _psi_diff_value(div, r_w, r_l)
 
 
-def soft_clip_slope(d: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c * tanh(d / c), sech^2(d / c)), both accurate to a few ulps for every |x| = |d / c|, tiny to huge.
+def soft_clip_log_slope(d: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c * tanh(d / c), log sech^2(d / c)), both accurate to a few ulps for every |x| = |d / c|, tiny to huge.
 
     With t = exp(-2|x|) in (0, 1]: tanh|x| = -expm1(-2|x|) / (1 + t), which does not cancel for small |x| (the
-    (1 - t) / (1 + t) form lost everything below c * 6e-8: d = 0 from c ~ 1e9 in fp32), and sech^2 x =
-    4t / (1 + t)^2 (never 1 - tanh^2: non-zero as long as the dtype holds it). Below |x| = sqrt(eps / 2),
-    tanh x = x to within half an ulp, so d passes unchanged (exact even where d / c would be subnormal).
-    The twins: soft_clip in csrc/fdpo_math.h and _soft_clip in backends/triton_kernels.py. Forward only.
+    (1 - t) / (1 + t) form lost everything below c * 6e-8: d = 0 from c ~ 1e9 in fp32), and log sech^2 x =
+    log 4 - 2|x| - 2 log1p(t), finite where sech^2 itself underflows (scaled_psi_slope multiplies it with psi' in
+    log space). Below |x| = sqrt(eps / 2), tanh x = x to within half an ulp, so d passes unchanged (exact even
+    where d / c would be subnormal). The twins: soft_clip in csrc/fdpo_math.h and _soft_clip in
+    backends/triton_kernels.py. Forward only.
     """
-    return _soft_clip_value(d, clip)
+    return _soft_clip_value(d, clip)[0], log_sech2(d / clip)
+
+
+def scaled_psi_slope(div: Divergence, d: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """psi'(d) * exp(log_scale): the kernels' slope of the clipped reward (log_scale = log sech^2(d_raw / c), 0
+    without a clip). In the exponential family it is one exp(log(s k) - k d + log_scale), finite wherever the
+    product is (psi' alone overflows from -k d ~ 88 in fp32, where sech^2 may underflow). Twin of
+    scaled_psi_slope in csrc/fdpo_math.h. Forward only."""
+    if div.name == "reverse_kl":
+        return torch.exp(log_scale)
+    if div.name == "js":
+        return torch.sigmoid(-d) * torch.exp(log_scale)
+    k, s = _exp_family(div)
+    return torch.exp(log_scale - k * d + math.log(s * k))
 
 
 def soft_clip(d: torch.Tensor, clip: float | None) -> torch.Tensor:

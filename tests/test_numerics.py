@@ -142,6 +142,88 @@ def test_huge_clip_leaves_logratios_alone(backend):
     torch.testing.assert_close(loss_c, loss, rtol=2e-7, atol=0)
 
 
+# ----------------------------------------------------------------------- the exponential family past exp's range
+
+# (divergence, alpha, k): psi(d) = s (1 - exp(-k d)), s k = 1 (alpha, forward KL) or 1/2 (hellinger).
+EXP_FAMILY = [("forward_kl", 0.5, 1.0), ("hellinger", 0.5, 0.5), ("alpha", 0.5, 0.5)]
+
+
+def _exp_family_cases():
+    for backend in BACKENDS:
+        for dtype in [torch.float32] + ([torch.float64] if backend in ("cpu", "torch") else []):
+            for name, alpha, k in EXP_FAMILY:
+                yield pytest.param(backend, dtype, name, alpha, k, id=f"{backend}-{str(dtype)[6:]}-{name}")
+
+
+def _head_through_backend(backend, dtype, d_w, d_l, **kw):
+    """(logits, loss, gradient rows) of pairs with log-ratios exactly d_w, d_l (float64 lists, representable in
+    dtype): D = 1, model_pred - target = 1, ref_err = d + 1 and beta = 2, so the kernel's d = ref_err - 1 exactly,
+    and with reduction none and an upstream gradient of 1 the gradient is the per-row coefficient itself."""
+    n = len(d_w)
+    rows = torch.tensor(list(d_w) + list(d_l), dtype=torch.float64)
+    pred = torch.ones(2 * n, 1, dtype=dtype, device=DEVICE, requires_grad=True)
+    target = torch.zeros(2 * n, 1, dtype=dtype, device=DEVICE)
+    ref_err = (rows + 1).to(dtype).to(DEVICE)
+    assert torch.equal(ref_err.double().cpu() - 1, rows)
+    loss, stats = fused_fdpo_loss(
+        pred, target=target, ref_err=ref_err, beta=2.0, reduction="none", return_stats=True, backend=backend, **kw
+    )
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    return stats.logits.double().cpu(), loss.double().cpu(), grad[:, 0].double().cpu()
+
+
+@pytest.mark.parametrize("backend, dtype, divergence, alpha, k", list(_exp_family_cases()))
+def test_clipped_slope_past_exp_range(backend, dtype, divergence, alpha, k):
+    """psi'(c tanh(x)) sech^2(x) where psi' alone overflows (k c past exp's range) and sech^2 underflows: the
+    gradient is the finite product, not inf (the factors multiplied) and not 0 (mul0 of inf and an underflowed
+    sech^2); inf only where the product itself is out of range. Ties (d_w = d_l), so z = 0 and dloss/dz = -1/2."""
+    info = torch.finfo(dtype)
+    log_max = math.log(info.max)
+    c = 2.25 * log_max / k  # k c = 200 in fp32, 1597 in fp64
+    xs = [0.5, 2.0, 0.4 * k * c, 0.5 * k * c, 0.55 * k * c, 0.6 * k * c, 0.75 * k * c, 0.9 * k * c]
+    d = [float(torch.tensor(-x * c, dtype=dtype)) for x in xs]
+    _, loss, grad = _head_through_backend(backend, dtype, d, d, divergence=divergence, alpha=alpha, logratio_clip=c)
+    assert torch.allclose(loss, torch.full_like(loss, math.log(2)), rtol=4 * info.eps, atol=0)
+    mpmath.mp.dps = 40
+    s_k = 0.5 if divergence == "hellinger" else 1.0
+    checked = 0
+    for i, di in enumerate(d):
+        x = mpmath.mpf(di) / mpmath.mpf(float(torch.tensor(c, dtype=dtype)))
+        cc = mpmath.mpf(float(torch.tensor(c, dtype=dtype)))
+        want = s_k * mpmath.exp(-k * cc * mpmath.tanh(x)) * mpmath.sech(x) ** 2
+        got_w, got_l = grad[i].item(), grad[len(d) + i].item()
+        assert got_l == -got_w, (got_w, got_l)
+        if want > info.max:
+            assert got_w == math.inf, (di, got_w)
+        elif want > info.tiny:
+            # exp of an argument ~ k c + 2|x| carries that many ulps of its rounding
+            bound = 8 * info.eps * (1 + k * float(cc) + 2 * abs(float(x)))
+            assert abs(got_w / float(want) - 1) <= bound, (di, got_w, float(want))
+            checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("backend, dtype, divergence, alpha, k", list(_exp_family_cases()))
+def test_near_tie_logit_past_exp_range(backend, dtype, divergence, alpha, k):
+    """z = s (exp(-k d_l) - exp(-k d_w)) for a near-tie where exp(-k d) alone overflows but z does not: finite and
+    accurate, in the logit and the loss (softplus(-z) = -z here)."""
+    info = torch.finfo(dtype)
+    hi = math.log(info.max) + 1.5  # exp(hi) overflows, exp(hi) * (k * gap) does not
+    d_w = float(torch.tensor(-hi / k, dtype=dtype))
+    gaps = [2.0**-10, 2.0**-6]
+    d_l = [d_w + g for g in gaps]
+    assert all(float(torch.tensor(v, dtype=dtype)) == v for v in d_l)
+    logits, loss, _ = _head_through_backend(backend, dtype, [d_w] * len(gaps), d_l, divergence=divergence, alpha=alpha)
+    mpmath.mp.dps = 40
+    s = 1.0 if divergence == "forward_kl" else (1.0 / alpha if divergence == "alpha" else 1.0)
+    for i, dl in enumerate(d_l):
+        want = s * (mpmath.exp(-k * mpmath.mpf(dl)) - mpmath.exp(-k * mpmath.mpf(d_w)))
+        assert -info.max < want < 0
+        bound = 8 * info.eps * (1 + hi)
+        assert abs(logits[i].item() / float(want) - 1) <= bound, (dl, logits[i].item(), float(want))
+        assert abs(loss[i].item() / float(-want) - 1) <= bound, (dl, loss[i].item(), float(-want))
+
+
 # ------------------------------------------------------------------------------- the reference against mpmath
 
 # f'(u) and f''(u) of each divergence, written out independently of divergences.py; psi(d) = f'(e^d) and

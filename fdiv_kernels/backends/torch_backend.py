@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from ..divergences import DIVERGENCES, Divergence, psi, psi_diff, psi_slope, row_errors, soft_clip_slope, softplus
+from ..divergences import (
+    DIVERGENCES,
+    Divergence,
+    psi,
+    psi_diff,
+    row_errors,
+    scaled_psi_slope,
+    soft_clip_log_slope,
+    softplus,
+)
 from .common import KernelParams, accumulate_dtype, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
@@ -25,14 +34,14 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     d = torch.empty_like(err_gap)
     d[w_rows] = half_beta_w * err_gap[w_rows]
     d[l_rows] = half_beta_w * err_gap[l_rows]
-    clip_slope = torch.ones_like(d)
-    if params.logratio_clip > 0:  # c * tanh(d/c) and sech^2(d/c), both to a few ulps for every |d/c|
-        d, clip_slope = soft_clip_slope(d, params.logratio_clip)
+    log_clip_slope = torch.zeros_like(d)
+    if params.logratio_clip > 0:  # c * tanh(d/c) and log sech^2(d/c), both to a few ulps for every |d/c|
+        d, log_clip_slope = soft_clip_log_slope(d, params.logratio_clip)
     z = params.gamma * psi_diff(div, d[w_rows], d[l_rows])
     loss, g = link_loss(params, z)
     reduced = {0: lambda: loss, 1: loss.mean, 2: loss.sum}[params.reduction]()
     red = 1.0 / num_pairs if params.reduction == 1 else 1.0
-    slope = _mul0(psi_slope(div, d), clip_slope)
+    slope = scaled_psi_slope(div, d, log_clip_slope)
     sign = torch.ones_like(d)
     sign[w_rows] = -1.0
     g_rows = torch.empty_like(d)

@@ -125,15 +125,19 @@ def _psi(d, alpha, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _psi_slope(d, alpha, DIVERGENCE: tl.constexpr):
-    """psi'(d)."""
+def _scaled_psi_slope(d, log_scale, alpha, DIVERGENCE: tl.constexpr):
+    """psi'(d) * exp(log_scale) (log_scale: log sech^2 of the clip); in the exponential family as one
+    exp(log(s k) - k d + log_scale), finite wherever the product is (exp(-k d) alone overflows from ~88)."""
     if DIVERGENCE == _REVERSE_KL:
-        return tl.full(d.shape, 1.0, tl.float32)
+        return tl.exp(log_scale)
     elif DIVERGENCE == _JS:
-        return _sigmoid(-d)
+        return _sigmoid(-d) * tl.exp(log_scale)
     else:
         k, s = _exp_family(alpha, DIVERGENCE)
-        return s * k * tl.exp(-k * d)
+        if DIVERGENCE == _HELLINGER:  # log(s k): s k = 1/2 for hellinger, 1 for forward KL and alpha
+            return tl.exp(log_scale - k * d - 0.6931471805599453)
+        else:
+            return tl.exp(log_scale - k * d)
 
 
 @triton.jit
@@ -150,24 +154,25 @@ def _psi_diff(d_w, d_l, alpha, DIVERGENCE: tl.constexpr):
         hi = tl.maximum(a, b)
         lo = tl.minimum(a, b)
         same = a == b  # exp(hi) may be inf there: keep inf * 0 out of the side not taken
-        magnitude = -s * tl.exp(hi) * _expm1(tl.where(same, -1.0, lo - hi))
+        half = tl.exp(0.5 * hi)  # exp(hi) = half^2: the product stays finite wherever it is (near-ties past ~88)
+        magnitude = -s * (half * (half * _expm1(tl.where(same, -1.0, lo - hi))))
         return tl.where(same, 0.0, tl.where(b > a, magnitude, -magnitude))
 
 
 @triton.jit
 def _soft_clip(d, clip):
-    """d -> c*tanh(d/c) and its slope sech^2(d/c), both accurate to a few ulps for every |x| = |d/c|.
+    """d -> c*tanh(d/c) and log sech^2(d/c), both accurate to a few ulps for every |x| = |d/c|.
 
     Twin of soft_clip in csrc/fdpo_math.h: with t = exp(-2|x|), tanh|x| = -expm1(-2|x|) / (1 + t) (no
-    cancellation for small |x|) and sech^2 = 4t / (1 + t)^2; below |x| = 2^-12, tanh x = x to within half an ulp
-    and d passes unchanged.
+    cancellation for small |x|) and log sech^2 = log 4 - 2|x| - 2 log1p(t) (finite where sech^2 underflows);
+    below |x| = 2^-12, tanh x = x to within half an ulp and d passes unchanged.
     """
     x = d / clip
     ax = tl.abs(x)
     t = tl.exp(-2.0 * ax)  # in (0, 1]
     clipped = clip * (-_expm1(-2.0 * ax) / (1.0 + t))
     clipped = tl.where(ax < 2.44140625e-4, d, tl.where(x < 0, -clipped, clipped))
-    return clipped, 4.0 * t / ((1.0 + t) * (1.0 + t))
+    return clipped, 1.3862943611198906 - 2.0 * ax - 2.0 * _log1p(t)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,8 +405,8 @@ def _head_kernel(
         d_w = half_beta_w * gap_w
         d_l = half_beta_w * gap_l
         if HAS_CLIP:
-            d_w, clip_w = _soft_clip(d_w, logratio_clip)
-            d_l, clip_l = _soft_clip(d_l, logratio_clip)
+            d_w, log_clip_w = _soft_clip(d_w, logratio_clip)
+            d_l, log_clip_l = _soft_clip(d_l, logratio_clip)
         z = gamma * _psi_diff(d_w, d_l, alpha, DIVERGENCE)
         if LOSS_TYPE == _HINGE:
             loss = tl.where(z < 1.0, 1.0 - z, 0.0)
@@ -417,11 +422,12 @@ def _head_kernel(
                 loss += label_smoothing * _softplus(z)
                 g += label_smoothing * _sigmoid(z)
         outer = half_beta_w * red * 2.0
-        slope_w = _psi_slope(d_w, alpha, DIVERGENCE)
-        slope_l = _psi_slope(d_l, alpha, DIVERGENCE)
         if HAS_CLIP:
-            slope_w = _mul0(slope_w, clip_w)
-            slope_l = _mul0(slope_l, clip_l)
+            slope_w = _scaled_psi_slope(d_w, log_clip_w, alpha, DIVERGENCE)
+            slope_l = _scaled_psi_slope(d_l, log_clip_l, alpha, DIVERGENCE)
+        else:
+            slope_w = _scaled_psi_slope(d_w, tl.zeros_like(d_w), alpha, DIVERGENCE)
+            slope_l = _scaled_psi_slope(d_l, tl.zeros_like(d_l), alpha, DIVERGENCE)
         coef_w = _mul0(_mul0(g, -gamma * slope_w), outer * inv_w)
         coef_l = _mul0(_mul0(g, gamma * slope_l), outer * inv_l)
 
