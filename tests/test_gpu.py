@@ -454,32 +454,40 @@ def _free_gib():
     return free / 2**30
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("D", [2**30 + 3, 2**30 + 8], ids=["odd_scalar_path", "vector_path"])
-def test_over_2_pow_31_elements(backend, D):
-    """bf16 [2, D] model_pred (2^31+ elements) with a shared target and ref_err: 64-bit indexing end to end."""
-    _backend(backend)
-    if _free_gib() < 16:
-        pytest.skip(f"needs ~16 GiB free GPU memory, {_free_gib():.1f} GiB free")
-    gc.collect()
-    torch.cuda.empty_cache()
-    gen = torch.Generator(device="cuda").manual_seed(51)
-    target = torch.randn(1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-    pred = torch.randn(2, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+def _check_64bit_indexing(backend: str, D: int, layout: str, device: str = "cuda") -> None:
+    """bf16 [2, D] model_pred with ref_err, against float64 sums taken in chunks: the per-sample errors, the head
+    and every gradient element. layout "shared_target": one [1, D] target row for the pair; "target_and_mask":
+    a [2, D] target and a [2, D] bf16 mask (0 on ~1/4 of the elements), whose second rows lie past 2^31 elements
+    when D > 2^30. (Run with a small D on the CPU backend, it checks the test itself.)"""
+    gen = torch.Generator(device=device).manual_seed(51)
+    shared = layout == "shared_target"
+    target = torch.randn(1 if shared else 2, D, generator=gen, device=device, dtype=torch.bfloat16)
+    pred = torch.randn(2, D, generator=gen, device=device, dtype=torch.bfloat16)
     pred[1].mul_(1.25)  # winner and loser differ
-    assert pred.numel() > 2**31
+    mask = None
+    if not shared:
+        mask = (torch.randint(0, 4, (2, D), generator=gen, device=device, dtype=torch.uint8) > 0).to(torch.bfloat16)
 
-    # float64 per-row sums, chunked
+    def rows(s, e):  # (pred, target, mask) of columns [s, e) of both rows, in float64
+        t = target[:, s:e].double().expand(2, -1)
+        m = torch.ones_like(t) if mask is None else mask[:, s:e].double()
+        return pred[:, s:e].detach().double(), t, m
+
     step = 2**26
-    e = torch.zeros(2, dtype=torch.float64, device="cuda")
+    sq = torch.zeros(2, dtype=torch.float64, device=device)
+    count = torch.zeros(2, dtype=torch.float64, device=device)
     for s in range(0, D, step):
-        e += ((pred[:, s : s + step].double() - target[:, s : s + step].double()) ** 2).sum(1)
-    e /= D
+        p, t, m = rows(s, s + step)
+        sq += (m * (p - t) ** 2).sum(1)
+        count += m.sum(1)
+    e = sq / count  # the masked mean of each row (the plain mean without a mask)
     beta = 100.0  # d = O(1) while e's own fp32 rounding (~1e-5 relative over 2^30 terms) stays out of the way
-    ref_err = (e + torch.tensor([2e-2, -1.5e-2], device="cuda", dtype=torch.float64)).float()
+    ref_err = (e + torch.tensor([2e-2, -1.5e-2], device=device, dtype=torch.float64)).float()
 
     x = pred.requires_grad_()
-    loss, stats = fused_fdpo_loss(x, None, target, ref_err=ref_err, beta=beta, return_stats=True, backend=backend)
+    loss, stats = fused_fdpo_loss(
+        x, None, target, ref_err=ref_err, mask=mask, beta=beta, return_stats=True, backend=backend
+    )
     loss.backward()
 
     torch.testing.assert_close(stats.model_err.double(), e, rtol=2e-5, atol=0)
@@ -491,20 +499,41 @@ def test_over_2_pow_31_elements(backend, D):
     d64 = 0.5 * beta * (ref_err.double() - e)
     torch.testing.assert_close(loss.double(), torch.nn.functional.softplus(-(d64[0] - d64[1])), rtol=2e-3, atol=2e-3)
 
-    # every gradient element, chunked: grad = coef * (pred - target), coef = dloss/de * 2/D
+    # every gradient element, chunked: grad = coef * m * (pred - target), coef = dloss/de * 2 / (mask count)
     g = -torch.sigmoid(-z)
-    coef = torch.stack([-g, g]) * (0.5 * beta) * 2.0 / D
+    coef = torch.stack([-g, g]) * (0.5 * beta) * 2.0 / count
     grad = x.grad
     assert grad.dtype == torch.bfloat16
     worst = 0.0
     for s in range(0, D, step):
-        expect = coef[:, None] * (pred[:, s : s + step].detach().double() - target[:, s : s + step].double())
+        p, t, m = rows(s, s + step)
+        expect = coef[:, None] * m * (p - t)
         got = grad[:, s : s + step].double()
         worst = max(worst, ((got - expect).abs() / (expect.abs() + 1e-30 + coef.abs().max() * 1e-3)).max().item())
+        assert torch.equal(got[m == 0], torch.zeros_like(got[m == 0]))  # masked elements get exactly 0
     assert worst < 4e-3, worst  # one bf16 rounding (2^-9 relative) plus the coefficient's fp32 error
-    del x, pred, target, grad, loss, stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "D, layout",
+    [(2**30 + 3, "shared_target"), (2**30 + 8, "shared_target"), (2**30 + 3, "target_and_mask")],
+    ids=["odd_scalar_path", "vector_path", "target_and_mask_rows_past_2_pow_31"],
+)
+def test_over_2_pow_31_elements(backend, D, layout):
+    """More than 2^31 elements in model_pred (and, with a [2, D] target and mask, second rows that end past
+    element 2^31 of their tensors): 64-bit indexing end to end."""
+    _backend(backend)
+    need = 16 if layout == "shared_target" else 28
+    if _free_gib() < need:
+        pytest.skip(f"needs ~{need} GiB free GPU memory, {_free_gib():.1f} GiB free")
     gc.collect()
     torch.cuda.empty_cache()
+    try:
+        _check_64bit_indexing(backend, D, layout)
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def test_cuda_backend_rejects_float64():
