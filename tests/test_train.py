@@ -16,9 +16,11 @@ from safetensors.torch import load_file
 from train_helpers import (
     TWO_CPU_PROCESSES,
     assert_logs_match,
+    cli_error,
     config,
     make_dataset,
     make_pipeline,
+    read_log,
     run_cli,
     train_argv,
     unet_weights,
@@ -176,37 +178,10 @@ def test_bad_pipeline_is_named_and_nothing_is_written(assets, tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(assets, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "train",
-                "--pipeline",
-                str(tmp_path / "missing"),
-                "--dataset",
-                str(assets["dataset"]),
-                "--output",
-                str(tmp_path / "run"),
-                "--cpu",
-                "--no-progress",
-            ]
-        )
-    assert exit_info.value.code == 2
-    assert "fdpo-train train: error: pipeline folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "train",
-                "--pipeline",
-                str(assets["pipeline"]),
-                "--dataset",
-                str(assets["dataset"]),
-                "--output",
-                str(tmp_path / "run"),
-                "--divergence",
-                "chi2",
-            ]
-        )
-    assert "divergence='chi2' violates the f-DPO condition" in capsys.readouterr().err
+    missing = {**assets, "pipeline": tmp_path / "missing"}
+    assert "fdpo-train train: error: pipeline folder" in cli_error(train_argv(missing, tmp_path / "run"), capsys)
+    line = cli_error(train_argv(assets, tmp_path / "run", "--divergence", "chi2"), capsys)
+    assert "divergence='chi2' violates the f-DPO condition" in line
 
 
 def test_existing_output_is_not_overwritten(assets, tmp_path):
@@ -377,31 +352,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
 
 def test_bf16_mixed_precision(assets, tmp_path):
     # A subprocess: Accelerate fixes mixed precision once per process.
-    run = run_cli(
-        [
-            "train",
-            "--pipeline",
-            str(assets["pipeline"]),
-            "--dataset",
-            str(assets["dataset"]),
-            "--output",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--log-every",
-            "1",
-            "--mixed-precision",
-            "bf16",
-            "--cpu",
-            "--no-progress",
-        ],
-        tmp_path,
-        [sys.executable],
-    )
+    run = run_cli(train_argv(assets, tmp_path / "run", "--mixed-precision", "bf16"), tmp_path, [sys.executable])
     assert run.returncode == 0, run.stderr[-3000:]
-    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = read_log(tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
 
 

@@ -13,7 +13,7 @@ import torch
 from diffusers import ModelMixin
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import TWO_CPU_PROCESSES, assert_logs_match, config, read_log, run_cli
+from train_helpers import TWO_CPU_PROCESSES, assert_logs_match, cli_error, config, read_log, run_cli, train_argv
 
 from fdiv_kernels.train import loop
 from fdiv_kernels.train.cli import main
@@ -102,22 +102,8 @@ def test_lora_bad_flags_fail_before_anything_is_written(assets, tmp_path, capsys
         config(assets, out, lora_alpha=8.0)
     with pytest.raises(ValueError, match="--lora-alpha must be > 0"):
         config(assets, out, lora_rank=4, lora_alpha=0.0)
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "train",
-                "--pipeline",
-                str(assets["pipeline"]),
-                "--dataset",
-                str(assets["dataset"]),
-                "--output",
-                str(out),
-                "--lora-rank",
-                "0",
-                "--cpu",
-            ]
-        )
-    assert "fdpo-train train: error: --lora-rank must be a positive integer; got 0" in capsys.readouterr().err
+    line = cli_error(train_argv(assets, out, "--lora-rank", "0"), capsys)
+    assert "fdpo-train train: error: --lora-rank must be a positive integer; got 0" in line
     assert not out.exists()
 
 
