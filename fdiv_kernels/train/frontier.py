@@ -44,10 +44,11 @@ from .study import BASE_PIPELINE, evaluate, make_pairs
 DEFAULT_GAMMAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DEFAULT_DIVERGENCES = ("reverse_kl", "js")
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
-# Measured per-item times on 2 quiet CPU cores (torch 2.14, 2 threads; results/study/study.json): one fine-tune
-# plus its evaluation ~31 s; per seed, the pairs, reference errors and base evaluation ~43 s.
-SECONDS_PER_MODEL = 31.0
-SECONDS_PER_SEED = 43.0
+# Measured per-item times on 2 quiet CPU cores (torch 2.14, 2 threads; seed 3 of the committed frontier,
+# results/study/frontier): one fine-tune plus its evaluation ~68 s; per seed, the pairs, reference errors and
+# base evaluation ~88 s.
+SECONDS_PER_MODEL = 68.0
+SECONDS_PER_SEED = 88.0
 # The diversity measures the frontier can be drawn against (per-prompt metrics of the evaluation).
 DIVERSITY = ("pairwise_distance", "vendi", "object_spread", "background_spread")
 
