@@ -387,6 +387,15 @@ def write_device_report(json_path: Path) -> list[Path]:
     return written
 
 
+def _is_run(path: Path) -> bool:
+    """Whether ``path`` is a ``benchmarks.run`` results file (results, and meta naming the device type)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "results" in data and "device_type" in data.get("meta", {})
+
+
 # ----------------------------------------------------------------------------------------------------- README
 def pick_results(results_dir: Path) -> dict[str, Path]:
     """Per device type the results a README shows: full runs before partial/smoke ones, then the newest."""
@@ -452,7 +461,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-splice", action="store_true", help="with --readme: write README_table.md only")
     args = ap.parse_args(argv)
     results = Path(args.results)
-    for path in args.json or sorted(results.glob("*.json")):
+    # The folder also holds other benchmarks' JSON (benchmarks.host, benchmarks.train_step): skip what is not a run.
+    for path in args.json or [p for p in sorted(results.glob("*.json")) if _is_run(p)]:
         for out in write_device_report(Path(path)):
             print(f"wrote {_rel(out)}")
     if args.readme:

@@ -111,11 +111,12 @@ constexpr int kSlots = 8;         // workspace doubles per item: S, R, Q, M of t
 // Gradients of at least this many bytes are written with non-temporal (streaming) stores: a fresh multi-MB output
 // is not in cache, and a plain store first reads every line it writes (read-for-ownership), an extra pass.
 // Measured on the 2-core Xeon (Sapphire Rapids) dev machine, full fwd+bwd step: fp32 1.06-1.33x faster at 1 thread
-// and up to 2.1x at 2 threads (SD1.5 to video shapes); fp16/bf16 outputs gain less (0.94-1.04x up to 4 MiB, 1.03-1.04x
-// at 16 MiB), so they stream only from 8 MiB (smaller ones stay in cache for the next consumer).
-// Env FDIV_KERNELS_CPU_STREAM_STORES=0 / 1 forces them off / on (when rows are aligned to the vector width).
+// and up to 2.1x at 2 threads (SD1.5 to video shapes). fp16/bf16 gradients are written with plain stores: their
+// 16-byte streaming stores (four per cache line) gained at most 1.04x on that machine one day and were 5-6x
+// SLOWER on it another (a [16, 4M] bf16 backward: 230-250 ms streaming, 35-45 ms plain, 2026-11-30), a risk
+// not worth that gain. Env FDIV_KERNELS_CPU_STREAM_STORES=0 / 1 forces streaming off / on (when rows are aligned
+// to the vector width), for any dtype.
 constexpr int64_t kStreamMinBytes = int64_t(1) << 20;
-constexpr int64_t kStreamMinBytes16 = int64_t(8) << 20;
 
 struct FwdArgs {
   Dtype dtype;  // model_pred's; the other inputs may each have their own (mixed precision, see forward_mixed)
@@ -416,10 +417,9 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
     const bool aligned = reinterpret_cast<uintptr_t>(a.grad) % vec_bytes == 0 &&
                          (D * static_cast<int64_t>(pred.element_size())) % vec_bytes == 0;
     const char* env = std::getenv("FDIV_KERNELS_CPU_STREAM_STORES");
-    const bool want =
-        env != nullptr && env[0] != '\0'
-            ? std::strcmp(env, "0") != 0
-            : grad.numel() * pred.element_size() >= (pred.element_size() >= 4 ? kStreamMinBytes : kStreamMinBytes16);
+    const bool want = env != nullptr && env[0] != '\0'
+                          ? std::strcmp(env, "0") != 0
+                          : pred.element_size() >= 4 && grad.numel() * pred.element_size() >= kStreamMinBytes;
     a.stream_stores = aligned && want;
   }
   // An overflowed (+-inf) coefficient (forward_kl/alpha/hellinger past exp's range, see docs/architecture.md)
