@@ -13,7 +13,16 @@ import torch
 from diffusers import ModelMixin
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import TWO_CPU_PROCESSES, assert_logs_match, cli_error, config, read_log, run_cli, train_argv
+from train_helpers import (
+    TWO_CPU_PROCESSES,
+    assert_logs_match,
+    cli_error,
+    config,
+    read_log,
+    run_cli,
+    tiny_vae,
+    train_argv,
+)
 
 from fdiv_kernels.train import loop
 from fdiv_kernels.train.cli import main
@@ -250,7 +259,6 @@ def make_sd3_pipeline(folder: Path) -> Path:
     encoders with projection, no T5 (as diffusers allows)."""
     transformers = pytest.importorskip("transformers")
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -289,19 +297,7 @@ def make_sd3_pipeline(folder: Path) -> Path:
             pos_embed_max_size=8,
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=16,
-            shift_factor=0.1,
-            scaling_factor=1.5,
-        ),
+        vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
         text_encoder_3=None,
         tokenizer_3=None,
         **parts,
@@ -545,7 +541,7 @@ def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
 def make_sdxl_pipeline(folder: Path) -> Path:
     """A tiny StableDiffusionXLPipeline folder: text_time UNet, tiny VAE (16 px -> 4x8x8), two tiny CLIP encoders."""
     transformers = pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
     parts = {}
@@ -582,17 +578,7 @@ def make_sdxl_pipeline(folder: Path) -> Path:
     StableDiffusionXLPipeline(
         unet=unet,
         scheduler=DDPMScheduler(num_train_timesteps=100),
-        vae=AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=16,
-        ),
+        vae=tiny_vae(),
         **parts,
     ).save_pretrained(folder)
     return folder

@@ -46,6 +46,22 @@ TWO_CPU_PROCESSES = [
 ]
 
 
+def tiny_vae(**overrides) -> AutoencoderKL:
+    """The tests' tiny VAE: 16 px RGB images -> 4x8x8 latents."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+        **overrides,
+    )
+
+
 def make_pipeline(
     folder: Path, *, vae: bool = True, scheduler: str = "ddpm", prediction_type: str = "epsilon", unet: bool = True
 ) -> Path:
@@ -65,17 +81,7 @@ def make_pipeline(
         ).save_pretrained(folder / "unet")
     if vae:
         index["vae"] = ["diffusers", "AutoencoderKL"]
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=16,
-        ).save_pretrained(folder / "vae")
+        tiny_vae().save_pretrained(folder / "vae")
     if scheduler == "flow":
         index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
