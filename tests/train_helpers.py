@@ -192,15 +192,19 @@ def run_cli(args: list[str], cwd: Path, launcher: list[str], **env: str) -> subp
 def assert_logs_match(one: Path, two: Path) -> None:
     """Two runs of the same training (one process and two, say) logged the same numbers up to float rounding.
 
-    At the first step the policy is the reference, so every logit is rounding noise (|logit| ~ 1e-4 at beta 5000)
-    and implicit_acc, the fraction of positive logits, is a coin toss per pair that any change in summation order
-    (a batch split over processes) may flip: it is compared from the second step on, when the logits are far from
-    zero. The reward margin shows the first step is such a tie."""
+    At the first step the policy is the reference, so every logit is rounding noise (|logit| ~ 1e-4 at beta 5000,
+    from summation orders that a batch split over processes changes). What is a function of the logits is then
+    compared as a tie: the loss and the reward margin to within 1e-3 of each other (both runs' margins within
+    1e-3 of 0), and implicit_acc, the fraction of positive logits, not at all (a coin toss per pair). The errors
+    (raw losses) are compared tightly at every step, and everything from the second step on."""
     logs = read_log(one), read_log(two)
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] and len(logs[0]) >= 2
-    assert abs(logs[0][0]["reward_margin"]) < 1e-3, logs[0][0]
+    assert abs(logs[0][0]["reward_margin"]) < 1e-3 and abs(logs[1][0]["reward_margin"]) < 1e-3, (logs[0][0], logs[1][0])
     for a, b in zip(*logs):
         for key in LOGGED:
-            if key == "implicit_acc" and a["step"] == 1:
+            if a["step"] == 1 and key == "implicit_acc":
                 continue
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+            if a["step"] == 1 and key in ("loss", "reward_margin"):
+                assert b[key] == pytest.approx(a[key], rel=0, abs=1e-3), (a["step"], key)
+            else:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
