@@ -158,7 +158,7 @@ FDPO_HD double tanh_is_x_below(double) { return 1e-8; }
 // log sech^2 = log 4 - 2|x| - 2 log1p(t), finite wherever x is (sech^2 itself underflows from |x| ~ 44 in float,
 // while psi' may overflow: scaled_psi_slope multiplies them in log space). Below tanh_is_x_below, d passes
 // unchanged (exact also where d/c would be subnormal). Without a clip (c <= 0) the log slope is 0. Twins:
-// soft_clip_slope / log_sech2 in divergences.py, _soft_clip in triton_kernels.py.
+// soft_clip_log_slope in divergences.py, _soft_clip in triton_kernels.py.
 template <typename T>
 FDPO_HD void soft_clip(T c, T* d, T* log_slope) {
   if (!(c > T(0))) {
