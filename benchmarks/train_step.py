@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -36,6 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from .run import _slug, cpu_name  # results named as benchmarks.run names its own
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("eager-copy", "fused-copy", "fused-lora", "fused-cached")
@@ -215,21 +215,6 @@ def run_one(args) -> dict:
     return result
 
 
-def _slug(text: str) -> str:  # as benchmarks/run.py names its results
-    text = re.sub(r"\((r|tm|c)\)|\bcpu\b|@.*$", "", text, flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.train_step",
@@ -336,7 +321,7 @@ def main(argv=None) -> int:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(f"{mode}: {r['median_ms']:.1f} ms/step, peak {r['peak_mb']:.0f} MB", flush=True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     meta = {
         "model": args.model,
         "batch_size": args.batch_size,
