@@ -14,22 +14,13 @@ import math
 import mpmath
 import pytest
 import torch
+from harness import DIV_IDS, DIVERGENCES
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss, get_divergence
 from fdiv_kernels.backends import resolve_backend
 from fdiv_kernels.divergences import clipped_psi_diff, psi_diff, psi_slope, soft_clip
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DIVERGENCE_CASES = [
-    ("reverse_kl", 0.5),
-    ("forward_kl", 0.5),
-    ("js", 0.5),
-    ("alpha", 0.1),
-    ("alpha", 0.5),
-    ("alpha", 0.9),
-    ("hellinger", 0.5),
-]
-DIV_IDS = [f"{n}-{a}" if n == "alpha" else n for n, a in DIVERGENCE_CASES]
 
 
 def _available(backend: str, device: str = DEVICE) -> bool:
@@ -346,7 +337,7 @@ def _reference_with(d_w, d_l, **kw):
     return d_used, loss.detach(), grad[:, 0]
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("clip", [None, 150.0, 720.0], ids=["no_clip", "clip150", "clip720"])
 @pytest.mark.parametrize("gamma, eps", [(1.0, 0.0), (1.3, 0.1)], ids=["plain", "gamma_smoothing"])
 def test_reference_matches_mpmath(name, alpha, clip, gamma, eps):
@@ -409,7 +400,7 @@ def test_reference_matches_mpmath(name, alpha, clip, gamma, eps):
 def test_mpmath_tables():
     """F2 is the derivative of F1 (and psi_slope agrees with both at moderate d)."""
     mpmath.mp.dps = 40
-    for name, alpha in DIVERGENCE_CASES:
+    for name, alpha in DIVERGENCES:
         a = mpmath.mpf(alpha)
         div = get_divergence(name, alpha)
         for u in (mpmath.mpf("0.01"), mpmath.mpf("0.7"), mpmath.mpf(3), mpmath.mpf(50)):
@@ -453,7 +444,7 @@ def test_reference_gradient_beyond_expm1_cancellation(backend):
         torch.testing.assert_close(loss, kernel_loss.detach(), rtol=1e-13, atol=0)
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("path", ["ref_pred", "ref_err"])
 def test_reference_has_no_nan_at_extreme_logratios(name, alpha, path):
     """|d| = 1e4 through the real error paths (ref_pred: the direct form (ref - pred)(ref + pred - 2t), whose
@@ -569,7 +560,7 @@ def _gradgrad_case(seed, shared=False, masked=False, ref_err=False, layout="halv
     return pred, kw
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES, ids=DIV_IDS)
 @pytest.mark.parametrize("case", ["plain", "clip_smoothing_masked", "ref_err_shared_interleaved_none", "ipo_clip"])
 def test_reference_gradgradcheck(name, alpha, case):
     """The reference's backward is differentiable: gradgradcheck in float64 (the fused backends refuse double
@@ -617,7 +608,7 @@ def test_reference_double_backward_is_the_exact_second_derivative():
 # ------------------------------------------------------------------------------------- the divergences API
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES, ids=DIV_IDS)
 def test_psi_diff_and_soft_clip_gradients_are_psi_prime_and_sech2(name, alpha):
     """Under autograd, psi_diff's gradient is (psi'(d_w), -psi'(d_l)) exactly (also at ties and beyond expm1's
     cancellation), and soft_clip's is sech^2 (not 1 - tanh^2, which is 0 beyond |d/c| ~ 19)."""

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import DIVERGENCES
 
 from fdiv_kernels import fdpo_loss_reference, get_divergence
 from fdiv_kernels.divergences import psi, psi_diff, psi_slope
@@ -19,18 +20,9 @@ F_PRIME = {
     "alpha": lambda u, a: (1 - u ** (-a)) / a,
     "hellinger": lambda u, a: 1 - u**-0.5,
 }
-DIVERGENCE_CASES = [
-    ("reverse_kl", 0.5),
-    ("forward_kl", 0.5),
-    ("js", 0.5),
-    ("alpha", 0.1),
-    ("alpha", 0.5),
-    ("alpha", 0.9),
-    ("hellinger", 0.5),
-]
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES)
 def test_psi_is_f_prime_of_exp_up_to_a_constant(name, alpha):
     div = get_divergence(name, alpha)
     d = torch.linspace(-6, 6, 97, dtype=torch.float64)
@@ -42,7 +34,7 @@ def test_psi_is_f_prime_of_exp_up_to_a_constant(name, alpha):
     torch.testing.assert_close(psi_slope(div, d), slope, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES)
 def test_psi_diff_matches_the_plain_difference_and_stays_finite(name, alpha):
     div = get_divergence(name, alpha)
     g = torch.Generator().manual_seed(1)
@@ -87,7 +79,7 @@ PSI_PRIME = {
 }
 
 
-@pytest.mark.parametrize("name, alpha", DIVERGENCE_CASES)
+@pytest.mark.parametrize("name, alpha", DIVERGENCES)
 @pytest.mark.parametrize("layout", ["halves", "interleaved"])
 def test_reference_gradient_is_the_spec_formula(name, alpha, layout):
     """The reference's autograd gradient against spec §2's closed form, written out here from f' and the table:
