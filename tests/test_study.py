@@ -4,6 +4,8 @@ a tiny resumable frontier and the generated doc tables."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,14 @@ from fdiv_kernels.train import frontier as frontier_mod
 from fdiv_kernels.train import report, stats, task
 from fdiv_kernels.train.cli import main as cli_main
 from fdiv_kernels.train.frontier import FrontierConfig, run_frontier, summarise
-from fdiv_kernels.train.study import BASE_PIPELINE, check_label_temperature, make_pairs
+from fdiv_kernels.train.study import (
+    BASE_PIPELINE,
+    NOVEL_BASE,
+    check_label_temperature,
+    make_pairs,
+    markdown_table,
+    prompt_groups,
+)
 
 # ---------------------------------------------------------------- statistics
 
@@ -213,9 +222,20 @@ def test_frontier_cli_errors(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def _base_without(tmp_path, specs) -> Path:
+    """The shipped base, recorded as pretrained without ``specs`` (the prompt groups need only the record)."""
+    base = tmp_path / "base"
+    shutil.copytree(BASE_PIPELINE, base)
+    record = json.loads((base / "pretraining.json").read_text())
+    record["prompts_held_out"] = sorted(s.caption for s in specs)
+    (base / "pretraining.json").write_text(json.dumps(record))
+    return base
+
+
 def test_tiny_frontier_resumes(tmp_path, monkeypatch):
+    base = _base_without(tmp_path, task.novel_specs())
     cfg = FrontierConfig(
-        output=tmp_path / "f", divergences=("reverse_kl", "js"), gammas=(1.0, 30.0), seeds=(0, 1), **TINY
+        output=tmp_path / "f", divergences=("reverse_kl", "js"), gammas=(1.0, 30.0), seeds=(0, 1), base=base, **TINY
     )
     summary = run_frontier(cfg)
     results = sorted(p.name for p in (tmp_path / "f" / "results").glob("*.json"))
@@ -228,6 +248,18 @@ def test_tiny_frontier_resumes(tmp_path, monkeypatch):
     assert set(summary["frontiers"]) >= {"js vs reverse_kl: pairwise_distance"}
     assert (tmp_path / "f" / "frontier.png").is_file() and "| model |" in (tmp_path / "f" / "frontier.md").read_text()
     assert not (tmp_path / "f" / "work").exists()
+    # The first 3 held-out prompts: 2 novel to this base, 1 seen; each group's statistics over its own prompts.
+    groups = summary["prompt_groups"]
+    novel = {s.caption for s in task.novel_specs()}
+    assert [set(g["prompts"]) <= novel for g in groups.values()] == [False, True]
+    assert [len(g["prompts"]) for g in groups.values()] == [1, 2]
+    first = json.loads((tmp_path / "f" / "results" / "js_g30_s0.json").read_text())["metrics"]["reward"]["per_prompt"]
+    second = json.loads((tmp_path / "f" / "results" / "js_g30_s1.json").read_text())["metrics"]["reward"]["per_prompt"]
+    js30 = next(i for i, r in enumerate(summary["rows"]) if r["model"] == "js gamma 30")
+    assert groups["seen"]["rows"][js30]["reward"]["mean"] == pytest.approx((first[2] + second[2]) / 2)
+    assert groups["novel"]["rows"][js30]["reward"]["mean"] == pytest.approx(np.mean(first[:2] + second[:2]))
+    assert set(groups["novel"]["frontiers"]) == set(summary["frontiers"])
+    assert "By prompt group (1 seen and 2 novel)" in (tmp_path / "f" / "frontier.md").read_text()
     # A killed run: one result missing and a half-trained model left behind. Only that model is trained again.
     kept = json.loads((tmp_path / "f" / "results" / "reverse_kl_g1_s0.json").read_text())
     (tmp_path / "f" / "results" / "js_g1_s1.json").unlink()
@@ -252,11 +284,68 @@ def test_tiny_frontier_resumes(tmp_path, monkeypatch):
         os.close(fd)
     # Other settings into the same folder are refused before anything runs.
     with pytest.raises(ValueError, match="steps"):
-        run_frontier(FrontierConfig(output=tmp_path / "f", gammas=(1.0, 30.0), seeds=(0, 1), **{**TINY, "steps": 3}))
+        run_frontier(
+            FrontierConfig(output=tmp_path / "f", gammas=(1.0, 30.0), seeds=(0, 1), base=base, **{**TINY, "steps": 3})
+        )
+    with pytest.raises(ValueError, match="base"):
+        run_frontier(FrontierConfig(output=tmp_path / "f", gammas=(1.0, 30.0), seeds=(0, 1), **TINY))
     # The report from the same results, without training.
     again = summarise(cfg, n_boot=100)
     assert again["complete_seeds"] == [0, 1]
     assert "tie" in report.frontier_tables(again) or "dominates" in report.frontier_tables(again)
+
+
+def test_frontier_records_shipped_bases_relative_to_the_package(tmp_path):
+    assert frontier_mod.portable_path(BASE_PIPELINE) == "fdiv_kernels/train/assets/base"
+    assert frontier_mod.portable_path(NOVEL_BASE) == "fdiv_kernels/train/assets/base_novel"
+    assert frontier_mod.portable_path(tmp_path / "b") == str((tmp_path / "b").resolve())
+    recorded = json.loads((report.RESULTS / "frontier" / "frontier_config.json").read_text())
+    assert recorded == FrontierConfig(output=tmp_path / "f").shared()  # the committed run resumes from any checkout
+
+
+def test_prompt_groups_and_the_study_table():
+    captions = [s.caption for s in task.split_specs()[1][:3]]
+    assert prompt_groups(BASE_PIPELINE, captions) == {}
+    assert prompt_groups(NOVEL_BASE, captions) == {"seen": [2], "novel": [0, 1]}
+    rng = np.random.default_rng(3)
+
+    def metric(values):
+        return {"mean": float(np.mean(values)), "se": 0.01, "per_prompt": list(values)}
+
+    rows = [
+        {
+            "model": name,
+            **{k: metric(rng.uniform(size=4)) for k in ("reward", "fidelity", "style", "pairwise_distance", "vendi")},
+            "pareto": "yes",
+            **({"final_train": {"implicit_acc": 0.7}} if name != "base" else {}),
+        }
+        for name in ("base", "reverse_kl", "js")
+    ]
+    results = {
+        "rows": rows,
+        "eval_prompts": ["p"] * 4,
+        "prompt_groups": {"seen": [0, 3], "novel": [1, 2]},
+        "paired_vs_reverse_kl": [],
+        "config": {
+            "eval_samples": 2,
+            "sampling_steps": 2,
+            "pairs": 8,
+            "steps": 2,
+            "batch_size": 4,
+            "learning_rate": 1e-5,
+            "beta": 500.0,
+            "gamma": 10.0,
+            "seed": 0,
+        },
+        "timings_s": {"total": 1.0},
+    }
+    table = markdown_table(results)
+    assert "By prompt group (2 seen, 2 novel)" in table
+    js = rows[2]
+    novel_reward = np.mean([js["reward"]["per_prompt"][i] for i in (1, 2)])
+    seen_distance = np.mean([js["pairwise_distance"]["per_prompt"][i] for i in (0, 3)])
+    line = next(line for line in table.splitlines() if line.startswith("| js |") and line.count("|") == 6)
+    assert f"{novel_reward:.3f} ± " in line.split("|")[3] and f"{seen_distance:.3f} ± " in line.split("|")[4]
 
 
 # ---------------------------------------------------------------- generated docs

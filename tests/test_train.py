@@ -35,7 +35,8 @@ from fdiv_kernels.train.model import (
     PipelineError,
     load_pipeline,
 )
-from fdiv_kernels.train.study import BASE_PIPELINE
+from fdiv_kernels.train.pretrain import prompts_held_out
+from fdiv_kernels.train.study import BASE_PIPELINE, NOVEL_BASE
 
 # ---------------------------------------------------------------------------------------------------------------
 # The embedded task.
@@ -86,13 +87,19 @@ def test_split_is_fixed_and_disjoint():
     assert len(train_specs) == 144 and len(held_out) == 36
     assert not set(train_specs) & set(held_out)
     assert task.split_specs() == (train_specs, held_out)
+    novel = task.novel_specs()
+    assert len(novel) == 18 and set(novel) < set(held_out) and task.novel_specs() == novel
 
 
-def test_shipped_base_model_is_small_and_loads():
-    size = sum(f.stat().st_size for f in BASE_PIPELINE.rglob("*") if f.is_file())
+@pytest.mark.parametrize(
+    "base, held_out", [(BASE_PIPELINE, set()), (NOVEL_BASE, {s.caption for s in task.novel_specs()})]
+)
+def test_shipped_base_models_are_small_load_and_record_their_prompts(base, held_out):
+    size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
     assert size < 4 * 2**20
-    pipe = load_pipeline(BASE_PIPELINE)
+    pipe = load_pipeline(base)
     assert pipe.vae is None and pipe.resolution == task.RESOLUTION
+    assert prompts_held_out(base) == held_out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,8 +373,27 @@ def test_pretrain_writes_a_loadable_pipeline(tmp_path):
     assert main(["pretrain", "--output", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4"]) == 0
     pipe = load_pipeline(tmp_path / "base")
     assert pipe.text.token_ids([task.ALL_SPECS[0].caption]).shape == (1, 7)
+    assert prompts_held_out(tmp_path / "base") == set()
     with pytest.raises(SystemExit):
         main(["pretrain", "--output", str(tmp_path / "base"), "--steps", "2"])
+
+
+def test_pretrain_can_hold_out_the_novel_prompts(tmp_path, monkeypatch):
+    drawn = []
+    render = task.render
+    monkeypatch.setattr(task, "render", lambda specs, *a, **k: drawn.extend(specs) or render(specs, *a, **k))
+    argv = ["pretrain", "--output", str(tmp_path / "base"), "--steps", "3", "--hold-out-novel"]
+    assert main(argv) == 0
+    novel = set(task.novel_specs())
+    # 192 draws from 162 prompts; were the 18 novel ones drawn at their share, none missing has odds ~1e-9.
+    assert len(drawn) == 3 * 64 and not novel & set(drawn)
+    assert prompts_held_out(tmp_path / "base") == {s.caption for s in novel}
+    record = json.loads((tmp_path / "base" / "pretraining.json").read_text())
+    assert record["settings"]["hold_out_novel"] is True and record["settings"]["steps"] == 3
+    (tmp_path / "base" / "pretraining.json").write_text("{not json")
+    with pytest.raises(ValueError, match="pretraining.json"):
+        prompts_held_out(tmp_path / "base")
+    assert prompts_held_out(tmp_path) is None  # a pipeline not made by pretrain: what it saw is unknown
 
 
 def test_quick_study_end_to_end(tmp_path):

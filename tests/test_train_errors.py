@@ -81,6 +81,8 @@ def test_bad_train_flags_fail_before_anything_is_written(assets, tmp_path, capsy
         (["pretrain", "--steps", "0"], "--steps must be an integer >= 1"),
         (["study", "--quick", "--beta", "-1"], "--beta must be a finite number > 0"),
         (["study", "--quick", "--gamma", "nan"], "--gamma must be a finite number"),
+        (["study", "--quick", "--base", "no-such-base"], "--base no-such-base is not a pipeline folder"),
+        (["study", "--frontier", "--quick", "--base", "nowhere"], "--base nowhere is not a pipeline folder"),
     ],
 )
 def test_bad_flags_of_the_other_commands(tmp_path, capsys, argv, message):

@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hold-out-novel",
+        action="store_true",
+        help="leave the 18 'novel' evaluation prompts out of pretraining (the shipped assets/base_novel)",
+    )
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("make-pairs", help="sample pairs from a base model, label them with the task reward")
@@ -171,6 +176,13 @@ def _parser() -> argparse.ArgumentParser:
         help="folder to write: study.md, study.json, study.png, the runs (default fdpo-study[-quick])",
     )
     p.add_argument("--quick", action="store_true", help="a smoke-test sized study (under 3 minutes)")
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="base pipeline from `pretrain` (default: the embedded one, assets/base; assets/base_novel has "
+        "never seen half of the evaluation prompts)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta", type=float, default=None, help="inner beta (default 500; see docs/training.md)")
     p.add_argument("--gamma", type=float, default=None, help="outer scale of the logit (default 10)")
@@ -298,6 +310,7 @@ def _run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 learning_rate=args.learning_rate,
                 seed=args.seed,
+                hold_out_novel=args.hold_out_novel,
             ),
             overwrite=args.overwrite,
         )
@@ -345,7 +358,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{only[0].replace('_', '-')} needs --frontier")
 
         output = args.output or Path("fdpo-study-quick" if args.quick else "fdpo-study")
-        loss = {k: getattr(args, k) for k in ("beta", "gamma", "label_temperature") if getattr(args, k) is not None}
+        loss = {
+            k: getattr(args, k) for k in ("base", "beta", "gamma", "label_temperature") if getattr(args, k) is not None
+        }
         cfg = StudyConfig(
             output=output, seed=args.seed, progress=args.progress, **loss, **(QUICK if args.quick else {})
         )
@@ -369,7 +384,7 @@ def _frontier(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in QUICK.items()} if args.quick else {}
     settings = {
         k: getattr(args, k)
-        for k in ("divergences", "gammas", "seeds", "beta", "label_temperature")
+        for k in ("divergences", "gammas", "seeds", "base", "beta", "label_temperature")
         if getattr(args, k) is not None
     }
     output = args.output or Path("fdpo-frontier-quick" if args.quick else "fdpo-frontier")

@@ -36,7 +36,7 @@ from .. import DIVERGENCES
 from . import stats, task
 from .loop import TrainConfig, cache_reference_errors, train
 from .model import load_pipeline
-from .study import BASE_PIPELINE, evaluate, make_pairs
+from .study import BASE_PIPELINE, check_base, evaluate, make_pairs, portable_path, prompt_groups
 
 # Chosen from a pilot (seed 0, reverse KL and JS; results/study/frontier_pilot.jsonl, docs/training.md "Frontiers"):
 # reverse KL's reward peaks near gamma 1 and falls at 0.3 while diversity keeps falling (over-optimisation); at 100
@@ -114,13 +114,16 @@ class FrontierConfig:
             raise ValueError(f"--alpha must be in (0, 1); got {self.alpha!r}")
         if self.output.exists() and not self.output.is_dir():
             raise FileExistsError(f"--output {self.output} is a file; the frontier is written as a folder")
-        if not (self.base / "model_index.json").is_file():
-            raise FileNotFoundError(f"base pipeline {self.base} has no model_index.json")
+        check_base(self.base)
 
     def shared(self) -> dict:
         """The settings every result of one output folder must share (the lists may grow between runs)."""
         skip = {"output", "divergences", "gammas", "seeds", "progress", "keep_runs"}
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k not in skip}
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
+        return {**settings, "base": portable_path(self.base)}
+
+    def eval_captions(self) -> list[str]:
+        return [s.caption for s in task.split_specs()[1][: self.eval_prompts]]
 
 
 def _unique(flag: str, values) -> None:
@@ -218,7 +221,7 @@ def _run_frontier(cfg: FrontierConfig) -> dict:
     _write_json(out / "frontier_config.json", shared)
     # The pairs, reference errors and half-trained models are rebuilt from the seeds; only results are kept.
     (out / ".gitignore").write_text("cache/\nwork/\n")
-    eval_specs = task.split_specs()[1][: cfg.eval_prompts]
+    eval_specs = task.split_specs()[1][: cfg.eval_prompts]  # the order of cfg.eval_captions()
     todo = [
         (s, d, g)
         for s in cfg.seeds
@@ -379,6 +382,30 @@ def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
     keys = list(next(iter(bases.values()))["metrics"])
     rows = [("base", None, None, [bases[s] for s in complete])]
     rows += [(d, d, g, [models[(d, g, s)] for s in complete]) for d in cfg.divergences for g in cfg.gammas]
+    summary["rows"], summary["frontiers"] = _statistics(cfg, rows, keys, slice(None), n_boot)
+    # The same statistics on the prompts the base saw in pretraining and on those it never saw (a base pretrained
+    # with --hold-out-novel; nothing for a base that saw every evaluation prompt).
+    captions = cfg.eval_captions()
+    summary["prompt_groups"] = {}
+    for group, indices in prompt_groups(cfg.base, captions).items():
+        group_rows, gaps = _statistics(cfg, rows, keys, indices, n_boot)
+        summary["prompt_groups"][group] = {
+            "prompts": [captions[i] for i in indices],
+            "rows": group_rows,
+            "frontiers": gaps,
+        }
+    _write_summary(cfg, summary)
+    return summary
+
+
+def _statistics(cfg: FrontierConfig, rows: list[tuple], keys: list[str], prompts, n_boot: int) -> tuple[list, dict]:
+    """Per model, each metric over seeds x ``prompts`` (indices or a slice) with its Pareto flag; and the
+    frontier gaps of every divergence against reverse KL (or the first one), for each diversity measure."""
+
+    def array(records: list[dict], key: str) -> np.ndarray:
+        return _array(records, key)[:, prompts]
+
+    out = []
     for label, divergence, gamma, records in rows:
         row = {
             "model": label if gamma is None else f"{label} gamma {gamma:g}",
@@ -386,32 +413,31 @@ def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
             "gamma": gamma,
         }
         for key in keys:
-            row[key] = stats.bootstrap(_array(records, key), n_boot=n_boot).as_dict()
+            row[key] = stats.bootstrap(array(records, key), n_boot=n_boot).as_dict()
         if gamma is not None:
             row["final_implicit_acc"] = float(np.mean([r["final_train"]["implicit_acc"] for r in records]))
-        summary["rows"].append(row)
-    arrays = {(label, gamma): records for label, _, gamma, records in rows}
+        out.append(row)
     flags = stats.pareto_flags(
-        [_array(r, "reward") for r in arrays.values()],
-        [_array(r, "pairwise_distance") for r in arrays.values()],
+        [array(records, "reward") for *_, records in rows],
+        [array(records, "pairwise_distance") for *_, records in rows],
         n_boot=n_boot,
     )
-    for row, flag in zip(summary["rows"], flags):
+    for row, flag in zip(out, flags):
         row["pareto"] = flag
-    # Frontier gaps of every divergence against reverse KL (or the first one), for each diversity measure.
+    by_model = {(divergence, gamma): records for _, divergence, gamma, records in rows}
     baseline = "reverse_kl" if "reverse_kl" in cfg.divergences else cfg.divergences[0]
+    gaps = {}
     for other in cfg.divergences:
         if other == baseline:
             continue
         for key in DIVERSITY:
             if key not in keys:
                 continue
-            cube = lambda d, k: np.stack([_array(arrays[(d, g)], k) for g in cfg.gammas], 1)  # noqa: E731 [S,G,P]
-            summary["frontiers"][f"{other} vs {baseline}: {key}"] = stats.frontier_gap(
+            cube = lambda d, k: np.stack([array(by_model[(d, g)], k) for g in cfg.gammas], 1)  # noqa: E731 [S,G,P]
+            gaps[f"{other} vs {baseline}: {key}"] = stats.frontier_gap(
                 cube(baseline, "reward"), cube(baseline, key), cube(other, "reward"), cube(other, key), n_boot=n_boot
             )
-    _write_summary(cfg, summary)
-    return summary
+    return out, gaps
 
 
 def _write_summary(cfg: FrontierConfig, summary: dict) -> None:
@@ -447,7 +473,7 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
     """Reward vs diversity, one curve per divergence through its gammas (labels): mean over seeds (points), each
     seed's curve (faint) and the seed-level 95% band of the curve read at equal reward (shaded: bootstrap over
     seeds; the prompts and their noise are shared by all models, so prompt difficulty is common to every curve);
-    the base model as black squares."""
+    the base model as black squares. For a base that never saw some of the prompts, a last panel on those only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,7 +482,7 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
     models, bases = load_results(cfg)
     seeds = summary["complete_seeds"]
     panels = [
-        (k, label)
+        (k, label, None)
         for k, label in (
             ("pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
             ("object_spread", "object-attribute spread (tolerance units)"),
@@ -464,12 +490,27 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
         )
         if k in bases[seeds[0]]["metrics"]
     ]
+    novel = (summary.get("prompt_groups") or {}).get("novel")
+    if novel:  # the same curves on the prompts the base never saw
+        captions = cfg.eval_captions()
+        panels.append(
+            (
+                "pairwise_distance",
+                "pairwise distance, novel prompts only",
+                [captions.index(c) for c in novel["prompts"]],
+            )
+        )
+
+    def mean(record: dict, key: str, prompts: list[int] | None) -> float:
+        values = record["metrics"][key]["per_prompt"]
+        return float(np.mean(values if prompts is None else [values[i] for i in prompts]))
+
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
+    for ax, (key, label, prompts) in zip(axes[0], panels):
         for i, divergence in enumerate(cfg.divergences):
             colour = f"C{i}"
             r, v = (
-                np.array([[models[(divergence, g, s)]["metrics"][k]["mean"] for g in cfg.gammas] for s in seeds])
+                np.array([[mean(models[(divergence, g, s)], k, prompts) for g in cfg.gammas] for s in seeds])
                 for k in ("reward", key)
             )  # [S, G]
             for s in range(len(seeds)):
@@ -477,17 +518,17 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
                 ax.plot(r[s][order], v[s][order], "-", color=colour, alpha=0.15, lw=1)
             band = seed_band(r, v)
             if band is not None:
-                levels, mean, lo, hi = band
+                levels, mean_curve, lo, hi = band
                 ax.fill_between(levels, lo, hi, color=colour, alpha=0.25, lw=0)
-                ax.plot(levels, mean, "-", color=colour, lw=1.5)
+                ax.plot(levels, mean_curve, "-", color=colour, lw=1.5)
             order = np.argsort(r.mean(0))
             ax.plot(r.mean(0)[order], v.mean(0)[order], "o--", color=colour, ms=4, lw=0.8, label=divergence)
             for g, xi, yi in zip(cfg.gammas, r.mean(0), v.mean(0)):
                 ax.annotate(f"{g:g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7, color=colour)
-        base_r = [bases[s]["metrics"]["reward"]["mean"] for s in seeds]
-        base_v = [bases[s]["metrics"][key]["mean"] for s in seeds]
+        base_r = [mean(bases[s], "reward", prompts) for s in seeds]
+        base_v = [mean(bases[s], key, prompts) for s in seeds]
         ax.plot(base_r, base_v, "ks", ms=4, label="base (per seed)")
-        ax.set_xlabel("mean reward on held-out prompts (alignment)")
+        ax.set_xlabel(f"mean reward on {'novel' if prompts else 'held-out'} prompts (alignment)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -24,8 +24,11 @@ from .data import write_pairs
 from .io import atomic_folder
 from .loop import TrainConfig, cache_reference_errors, derived_seed, train
 from .model import Pipeline, load_pipeline, sample
+from .pretrain import prompts_held_out
 
 BASE_PIPELINE = Path(__file__).parent / "assets" / "base"
+# The same pretraining without task.novel_specs(): half of the evaluation prompts are new to it.
+NOVEL_BASE = BASE_PIPELINE.parent / "base_novel"
 RUNS: tuple[tuple[str, float | None], ...] = (
     ("reverse_kl", None),
     ("forward_kl", None),
@@ -67,10 +70,24 @@ class StudyConfig:
         if self.eval_prompts > held_out:
             raise ValueError(f"eval_prompts must be at most {held_out} (the held-out prompts); got {self.eval_prompts}")
         _check_count("eval_samples", self.eval_samples, low=2)  # diversity compares a prompt's samples in pairs
+        check_base(self.base)
         for name in ("learning_rate", "beta", "gamma"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value!r}")
+
+
+def portable_path(path: Path) -> str:
+    """A base's path as results record it: a shipped base relative to the package's parent folder (so that a
+    frontier's committed runs resume and re-summarise in a checkout or install anywhere), any other one absolute."""
+    path = Path(path).resolve()
+    package = Path(__file__).resolve().parents[1]  # fdiv_kernels/
+    return str(path.relative_to(package.parent)) if path.is_relative_to(package) else str(path)
+
+
+def check_base(base: Path) -> None:
+    if not (Path(base) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--base {base} is not a pipeline folder (it has no model_index.json)")
 
 
 def _check_count(flag: str, value, low: int = 1) -> None:
@@ -201,6 +218,17 @@ def evaluate(
     return metrics, images
 
 
+def prompt_groups(base: Path, captions: list[str]) -> dict[str, list[int]]:
+    """Indices of the evaluation prompts that ``base`` saw in pretraining (``seen``) and never saw (``novel``), from
+    its ``pretraining.json``; empty when it saw every one of them or does not record what it saw."""
+    held = prompts_held_out(base) or set()
+    novel = [i for i, caption in enumerate(captions) if caption in held]
+    if not novel:
+        return {}
+    seen = [i for i, caption in enumerate(captions) if caption not in held]
+    return {"seen": seen, "novel": novel} if seen else {"novel": novel}
+
+
 def _standard_error(values: torch.Tensor) -> float:
     return (values.std() / len(values) ** 0.5).item()
 
@@ -313,9 +341,11 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
             row["pareto"] = flag
         differences = paired_differences(rows)
         timings["total"] = time.perf_counter() - started
+        captions = [s.caption for s in eval_specs]
         results = {
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-            "eval_prompts": [s.caption for s in eval_specs],
+            "config": {**asdict(cfg), "output": str(cfg.output), "base": portable_path(cfg.base)},
+            "eval_prompts": captions,
+            "prompt_groups": prompt_groups(cfg.base, captions),
             "rows": rows,
             "paired_vs_reverse_kl": differences,
             "timings_s": timings,
@@ -380,6 +410,24 @@ def markdown_table(results: dict) -> str:
                 + " | ".join(cell(row[f"{k}_spread"]) for k in ("colour", "position", "size", "shape"))
                 + f" | {cell(row['background_spread'])} |"
             )
+    groups = results.get("prompt_groups") or {}
+    if groups:
+        sizes = ", ".join(f"{len(v)} {k}" for k, v in groups.items())
+        lines += [
+            "",
+            f"By prompt group ({sizes}): novel prompts were never seen by the base model's pretraining (nor by the",
+            "preference pairs); seen ones only by pretraining. Mean ± standard error over the group's prompts:",
+            "",
+            "| model | " + " | ".join(f"{m} ({g})" for m in ("reward", "pairwise distance") for g in groups) + " |",
+            "|---|" + "---|" * (2 * len(groups)),
+        ]
+        for row in results["rows"]:
+            cells = [
+                cell(_subset(row[key], indices))
+                for key in ("reward", "pairwise_distance")
+                for indices in groups.values()
+            ]
+            lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Paired differences from reverse_kl (Diffusion-DPO), mean ± standard error over the same prompts and noise",
@@ -406,6 +454,11 @@ def markdown_table(results: dict) -> str:
         f"total {results['timings_s']['total']:.0f} s."
     )
     return "\n".join(lines) + "\n"
+
+
+def _subset(metric: dict, indices: list[int]) -> dict:
+    values = torch.tensor([metric["per_prompt"][i] for i in indices])
+    return {"mean": values.mean().item(), "se": _standard_error(values) if len(values) > 1 else float("nan")}
 
 
 def plot(results: dict, path: Path) -> None:

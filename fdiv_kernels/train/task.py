@@ -76,14 +76,30 @@ class Spec:
 ALL_SPECS: tuple[Spec, ...] = tuple(Spec(c, s, z, p) for c in COLOURS for s in SHAPES for z in SIZES for p in POSITIONS)
 
 
+# The fixed order of the prompts that decides the splits below (seeded, so every checkout agrees).
+_SPLIT_ORDER = torch.randperm(len(ALL_SPECS), generator=torch.Generator().manual_seed(20240915)).tolist()
+HELD_OUT_PROMPTS = 36
+NOVEL_PROMPTS = 18
+
+
 def split_specs() -> tuple[list[Spec], list[Spec]]:
     """The fixed split of the 180 prompts: 144 for preference pairs, 36 held out for evaluation.
 
-    The base model is pretrained on all prompts; "held out" means unseen by preference fine-tuning.
+    Held out means unseen by the preference fine-tuning; half of them are also unseen by pretraining in a base
+    pretrained with ``hold_out_novel`` (see :func:`novel_specs`).
     """
-    order = torch.randperm(len(ALL_SPECS), generator=torch.Generator().manual_seed(20240915)).tolist()
-    held = set(order[:36])
+    held = set(_SPLIT_ORDER[:HELD_OUT_PROMPTS])
     return [s for i, s in enumerate(ALL_SPECS) if i not in held], [s for i, s in enumerate(ALL_SPECS) if i in held]
+
+
+def novel_specs() -> list[Spec]:
+    """18 of the 36 held-out prompts, fixed: the ones ``pretrain --hold-out-novel`` leaves out of pretraining.
+
+    A base pretrained without them (the shipped ``assets/base_novel``) has never seen these compositions of
+    words it knows, in pretraining or in preference pairs: evaluation on them measures generalisation.
+    """
+    novel = set(_SPLIT_ORDER[:NOVEL_PROMPTS])
+    return [s for i, s in enumerate(ALL_SPECS) if i in novel]
 
 
 def _spec_tensors(specs: list[Spec]) -> tuple[torch.Tensor, ...]:
