@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from fdiv_kernels.train import frontier as frontier_mod
-from fdiv_kernels.train import report, stats, task
+from fdiv_kernels.train import report, reward_model, stats, task
 from fdiv_kernels.train.cli import main as cli_main
 from fdiv_kernels.train.frontier import FrontierConfig, run_frontier, summarise
 from fdiv_kernels.train.study import (
     BASE_PIPELINE,
     NOVEL_BASE,
     check_label_temperature,
+    label_agreement,
     make_pairs,
     markdown_table,
     prompt_groups,
@@ -178,6 +179,55 @@ def test_label_temperature(tmp_path):
     for bad in (-1.0, float("nan"), True, "0.1"):
         with pytest.raises(ValueError, match="--label-temperature"):
             check_label_temperature(bad)
+    agreement = {name: label_agreement(tmp_path / name)["agreement_with_reward"] for name in tables}
+    assert agreement["hard"] == agreement["cold"] == 1.0 and agreement["hot"] < 1.0
+    assert label_agreement(tmp_path / "mid")["labeller"] == "task reward"
+
+
+def _rendered_pairs(n: int, seed: int):
+    """Pairs of one prompt's rendering and another prompt's (in random order), labelled by the task reward."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [task.ALL_SPECS[i] for i in torch.randint(len(task.ALL_SPECS), (n,), generator=g)]
+    others = [task.ALL_SPECS[i] for i in torch.randint(len(task.ALL_SPECS), (n,), generator=g)]
+    right, wrong = task.render(specs, g), task.render(others, g)
+    swap = (torch.rand(n, generator=g) < 0.5)[:, None, None, None]
+    x0, x1 = torch.where(swap, wrong, right), torch.where(swap, right, wrong)
+    r0, r1 = task.reward(x0, specs)["reward"], task.reward(x1, specs)["reward"]
+    return x0, x1, [s.caption for s in specs], (r0 > r1).float()
+
+
+def test_reward_model_learns_the_task_reward_from_labelled_pairs():
+    x0, x1, captions, labels = _rendered_pairs(512, 0)
+    model = reward_model.fit(x0, x1, captions, labels, seed=0, steps=300)
+    y0, y1, held_captions, held_labels = _rendered_pairs(512, 1)
+    predicted = (reward_model.score(model, y0, held_captions) > reward_model.score(model, y1, held_captions)).float()
+    assert (predicted == held_labels).float().mean() > 0.75  # chance is 0.5; 0.93 measured
+    quick = [reward_model.fit(x0[:8], x1[:8], captions[:8], labels[:8], seed=3, steps=2) for _ in range(2)]
+    assert torch.equal(*(reward_model.score(m, y0[:8], held_captions[:8]) for m in quick))  # seeded
+    with pytest.raises(ValueError, match="as many"):
+        reward_model.fit(x0[:3], x1[:2], captions[:3], labels[:3], seed=0)
+    with pytest.raises(ValueError, match="'purple'"):
+        reward_model.score(model, y0[:1], ["a small purple circle at the top"])
+
+
+def test_make_pairs_labelled_by_a_learned_reward_model(tmp_path, monkeypatch):
+    import functools
+
+    import pyarrow.parquet as pq
+
+    from fdiv_kernels.train.model import load_pipeline
+
+    monkeypatch.setattr(reward_model, "fit", functools.partial(reward_model.fit, steps=3))
+    make_pairs(load_pipeline(BASE_PIPELINE), tmp_path / "p", 8, 0, 2, progress=False, reward_model_pairs=16)
+    table = pq.read_table(tmp_path / "p" / "pairs.parquet").to_pydict()
+    l0, l1, label = (np.array(table[k]) for k in ("learned_reward_0", "learned_reward_1", "label_0"))
+    assert (label == np.where(l0 > l1, 1.0, np.where(l0 < l1, 0.0, 0.5))).all()
+    assert table["reward_model_pairs"] == [16] * 8 and len(table["reward_0"]) == 8
+    stats_ = label_agreement(tmp_path / "p")
+    assert stats_["labeller"] == "learned reward model (16 pairs)" and 0 <= stats_["agreement_with_reward"] <= 1
+    with pytest.raises(ValueError, match="--reward-model-pairs"):
+        make_pairs(None, tmp_path / "q", 8, 0, 2, reward_model_pairs=-1)
+    assert not (tmp_path / "q").exists()
 
 
 # ---------------------------------------------------------------- the frontier

@@ -63,6 +63,12 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+REWARD_MODEL_HELP = (
+    "label the pairs with a small reward model fitted to this many other pairs labelled by the task reward "
+    "(0, default: the task reward labels them); the task reward stays the judge"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fdpo-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="Bradley-Terry label noise (0: the higher reward wins); see docs/training.md",
     )
+    p.add_argument("--reward-model-pairs", type=int, default=0, help=REWARD_MODEL_HELP)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("ref-errors", help="cache the reference model's errors over a run's data stream")
@@ -193,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Bradley-Terry label noise: image 0 wins with probability sigmoid((r0 - r1) / T); "
         "0 (default): the higher reward wins",
     )
+    p.add_argument("--reward-model-pairs", type=int, default=None, help=REWARD_MODEL_HELP)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
@@ -319,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         from .model import load_pipeline
         from .study import BASE_PIPELINE, check_make_pairs, make_pairs
 
-        check_make_pairs(args.output, args.pairs, args.sampling_steps, overwrite=args.overwrite)
+        check_make_pairs(args.output, args.pairs, args.sampling_steps, args.overwrite, args.reward_model_pairs)
         pipe = load_pipeline(args.pipeline or BASE_PIPELINE)
         make_pairs(
             pipe,
@@ -329,6 +337,7 @@ def _run(args: argparse.Namespace) -> int:
             args.sampling_steps,
             overwrite=args.overwrite,
             label_temperature=args.label_temperature,
+            reward_model_pairs=args.reward_model_pairs,
         )
         print(f"wrote {args.pairs} labelled pairs to {args.output} (pairs.parquet + images/)")
     elif args.command == "ref-errors":
@@ -359,7 +368,9 @@ def _run(args: argparse.Namespace) -> int:
 
         output = args.output or Path("fdpo-study-quick" if args.quick else "fdpo-study")
         loss = {
-            k: getattr(args, k) for k in ("base", "beta", "gamma", "label_temperature") if getattr(args, k) is not None
+            k: getattr(args, k)
+            for k in ("base", "beta", "gamma", "label_temperature", "reward_model_pairs")
+            if getattr(args, k) is not None
         }
         cfg = StudyConfig(
             output=output, seed=args.seed, progress=args.progress, **loss, **(QUICK if args.quick else {})
@@ -381,6 +392,8 @@ def _frontier(args: argparse.Namespace) -> int:
         raise ValueError("--frontier resumes into --output and never overwrites: remove the folder to start afresh")
     if args.seed != 0:
         raise ValueError("--frontier takes --seeds (a list), not --seed")
+    if args.reward_model_pairs is not None:
+        raise ValueError("--reward-model-pairs is a setting of the single study, not of --frontier (yet)")
     sizes = {k: v for k, v in QUICK.items()} if args.quick else {}
     settings = {
         k: getattr(args, k)

@@ -60,6 +60,7 @@ class StudyConfig:
     eval_samples: int = 12  # per prompt
     progress: bool = True
     label_temperature: float = 0.0  # 0: hard labels from the reward; > 0: Bradley-Terry sampled (see make_pairs)
+    reward_model_pairs: int = 0  # > 0: a reward model learned from this many labelled pairs labels the pairs
 
     def __post_init__(self):
         self.output, self.base = Path(self.output), Path(self.base)
@@ -70,6 +71,7 @@ class StudyConfig:
         if self.eval_prompts > held_out:
             raise ValueError(f"eval_prompts must be at most {held_out} (the held-out prompts); got {self.eval_prompts}")
         _check_count("eval_samples", self.eval_samples, low=2)  # diversity compares a prompt's samples in pairs
+        _check_count("--reward-model-pairs", self.reward_model_pairs, low=0)
         check_base(self.base)
         for name in ("learning_rate", "beta", "gamma"):
             value = getattr(self, name)
@@ -102,10 +104,13 @@ def run_name(divergence: str, alpha: float | None) -> str:
     return divergence if alpha is None else f"{divergence}_{alpha:g}"
 
 
-def check_make_pairs(folder: Path, pairs: int, sampling_steps: int, overwrite: bool = False) -> None:
+def check_make_pairs(
+    folder: Path, pairs: int, sampling_steps: int, overwrite: bool = False, reward_model_pairs: int = 0
+) -> None:
     """The checks of :func:`make_pairs`'s arguments, before anything is sampled or written."""
     _check_count("--pairs", pairs)
     _check_count("--sampling-steps", sampling_steps)
+    _check_count("--reward-model-pairs", reward_model_pairs, low=0)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"--output {folder} is a file; the pairs are written as a folder: choose another path")
@@ -122,41 +127,92 @@ def make_pairs(
     overwrite: bool = False,
     progress: bool = True,
     label_temperature: float = 0.0,
+    reward_model_pairs: int = 0,
 ) -> Path:
-    """Sample two images per training prompt from ``pipe``, label them with the task reward, save Pick-a-Pic.
+    """Sample two images per training prompt from ``pipe``, label them, save Pick-a-Pic.
 
-    ``label_temperature`` 0: the higher reward wins (hard labels; equal rewards are a tie). T > 0: Bradley-Terry
-    sampling, image 0 wins with probability sigmoid((r0 - r1) / T), from its own seeded generator, so that the
-    labels are as noisy as human ones (the programmatic reward stays the gold standard for evaluation).
+    Labels come from the task reward. ``label_temperature`` 0: the higher reward wins (hard labels; equal rewards
+    are a tie). T > 0: Bradley-Terry sampling, image 0 wins with probability sigmoid((r0 - r1) / T), from its own
+    seeded generator, so that the labels are as noisy as human ones (the programmatic reward stays the gold
+    standard for evaluation). ``reward_model_pairs`` N > 0: the task reward labels N other pairs instead (same
+    rule), a :class:`reward_model.RewardModel` is fitted to them, and its scores label these pairs (the higher
+    wins); ``learned_reward_0/1`` record them beside the task's ``reward_0/1``.
     """
     check_label_temperature(label_temperature)
-    check_make_pairs(folder, pairs, sampling_steps, overwrite)
-    train_specs, _ = task.split_specs()
-    generator = torch.Generator().manual_seed(derived_seed(seed, "pairs", 0))
-    specs = [train_specs[i] for i in torch.randint(len(train_specs), (pairs,), generator=generator)]
-    captions = [s.caption for s in specs]
-    side = pipe.resolution // pipe.vae_scale
-    noise = torch.randn(2 * pairs, pipe.unet.config.in_channels, side, side, generator=generator)
-    with tqdm(total=2 * pairs, desc="sample pairs", disable=not progress, dynamic_ncols=True) as bar:
-        images = sample(pipe, captions + captions, noise, sampling_steps, progress=bar)
-    images = (images * 255).round() / 255  # score exactly what is saved (8-bit PNG)
-    scores = task.reward(images, specs + specs)["reward"]
-    r0, r1 = scores[:pairs], scores[pairs:]
-    hard = torch.where(r0 > r1, 1.0, torch.where(r0 < r1, 0.0, 0.5))
-    label_0, p_0 = hard, hard
-    if label_temperature > 0:
-        p_0 = torch.sigmoid((r0 - r1).double() / label_temperature).float()
-        labels = torch.Generator().manual_seed(derived_seed(seed, "labels", 0))
-        label_0 = torch.bernoulli(p_0, generator=labels)
+    check_make_pairs(folder, pairs, sampling_steps, overwrite, reward_model_pairs)
+    captions, images, r0, r1 = _sample_pairs(pipe, pairs, seed, "pairs", sampling_steps, progress)
+    label_0, p_0 = _labels(r0, r1, label_temperature, seed, "labels")
     extra = {
         "reward_0": r0.tolist(),
         "reward_1": r1.tolist(),
         "p_label_0": p_0.tolist(),
         "label_temperature": [float(label_temperature)] * pairs,
     }
+    if reward_model_pairs:
+        from . import reward_model
+
+        rm_captions, rm_images, rm_r0, rm_r1 = _sample_pairs(
+            pipe, reward_model_pairs, seed, "reward model pairs", sampling_steps, progress
+        )
+        rm_label, _ = _labels(rm_r0, rm_r1, label_temperature, seed, "reward model labels")
+        n = reward_model_pairs
+        model = reward_model.fit(rm_images[:n], rm_images[n:], rm_captions, rm_label, seed)
+        learned = reward_model.score(model, images, captions + captions)
+        l0, l1 = learned[:pairs], learned[pairs:]
+        label_0 = p_0 = torch.where(l0 > l1, 1.0, torch.where(l0 < l1, 0.0, 0.5))
+        extra.update(
+            p_label_0=p_0.tolist(),
+            learned_reward_0=l0.tolist(),
+            learned_reward_1=l1.tolist(),
+            reward_model_pairs=[reward_model_pairs] * pairs,
+        )
     return write_pairs(
         folder, captions, images[:pairs], images[pairs:], label_0.tolist(), extra=extra, overwrite=overwrite
     )
+
+
+def _sample_pairs(
+    pipe: Pipeline, pairs: int, seed: int, stream: str, sampling_steps: int, progress: bool
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two images of each of ``pairs`` training prompts drawn from the seeded ``stream``; returns the captions, the
+    images [2 * pairs] (all first images, then all second ones, as saved: 8-bit) and their task rewards r0, r1."""
+    train_specs, _ = task.split_specs()
+    generator = torch.Generator().manual_seed(derived_seed(seed, stream, 0))
+    specs = [train_specs[i] for i in torch.randint(len(train_specs), (pairs,), generator=generator)]
+    captions = [s.caption for s in specs]
+    side = pipe.resolution // pipe.vae_scale
+    noise = torch.randn(2 * pairs, pipe.unet.config.in_channels, side, side, generator=generator)
+    with tqdm(total=2 * pairs, desc=f"sample {stream}", disable=not progress, dynamic_ncols=True) as bar:
+        images = sample(pipe, captions + captions, noise, sampling_steps, progress=bar)
+    images = (images * 255).round() / 255  # score exactly what is saved (8-bit PNG)
+    scores = task.reward(images, specs + specs)["reward"]
+    return captions, images, scores[:pairs], scores[pairs:]
+
+
+def _labels(r0: torch.Tensor, r1: torch.Tensor, temperature: float, seed: int, stream: str):
+    """(label_0, P(label_0 = 1)) from the task rewards: hard at temperature 0, else Bradley-Terry sampled."""
+    hard = torch.where(r0 > r1, 1.0, torch.where(r0 < r1, 0.0, 0.5))
+    if temperature == 0:
+        return hard, hard
+    p_0 = torch.sigmoid((r0 - r1).double() / temperature).float()
+    return torch.bernoulli(p_0, generator=torch.Generator().manual_seed(derived_seed(seed, stream, 0))), p_0
+
+
+def label_agreement(folder: Path) -> dict:
+    """How often a pairs folder's labels agree with the task reward's ordering (pairs with a strict winner by both)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(folder) / "pairs.parquet").to_pydict()
+    r0, r1, label = (torch.tensor(table[k]) for k in ("reward_0", "reward_1", "label_0"))
+    decided = (r0 != r1) & (label != 0.5)
+    agree = (label[decided] == (r0[decided] > r1[decided]).float()).float().mean().item() if decided.any() else None
+    learned = "reward_model_pairs" in table
+    return {
+        "labeller": f"learned reward model ({table['reward_model_pairs'][0]} pairs)" if learned else "task reward",
+        "label_temperature": table["label_temperature"][0],
+        "agreement_with_reward": agree,
+        "pairs_compared": int(decided.sum()),
+    }
 
 
 def check_label_temperature(value) -> None:
@@ -288,6 +344,7 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
             cfg.sampling_steps,
             progress=cfg.progress,
             label_temperature=cfg.label_temperature,
+            reward_model_pairs=cfg.reward_model_pairs,
         )
         timings["make_pairs"] = time.perf_counter() - tick
 
@@ -346,6 +403,7 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
             "config": {**asdict(cfg), "output": str(cfg.output), "base": portable_path(cfg.base)},
             "eval_prompts": captions,
             "prompt_groups": prompt_groups(cfg.base, captions),
+            "labels": label_agreement(out / "pairs"),
             "rows": rows,
             "paired_vs_reverse_kl": differences,
             "timings_s": timings,
@@ -446,6 +504,14 @@ def markdown_table(results: dict) -> str:
     for diff in results["paired_vs_reverse_kl"]:
         lines.append(f"| {diff['model']} | {diff_cell(diff['reward'])} | {diff_cell(diff['pairwise_distance'])} |")
     cfg = results["config"]
+    labels = results.get("labels")
+    if labels:
+        agree = labels["agreement_with_reward"]
+        lines += [
+            "",
+            f"Labels: {labels['labeller']}, temperature {labels['label_temperature']:g}; they agree with the task "
+            f"reward's ordering on {'-' if agree is None else f'{agree:.1%}'} of {labels['pairs_compared']} pairs.",
+        ]
     lines.append("")
     lines.append(
         f"{len(results['eval_prompts'])} held-out prompts x {cfg['eval_samples']} samples ({cfg['sampling_steps']} "
