@@ -406,6 +406,8 @@ def test_quick_study_end_to_end(tmp_path):
     table = (out / "study.md").read_text()
     assert table.splitlines()[2].startswith("| base |") and table in run.stdout
     assert (out / "study.png").stat().st_size > 10_000
+    assert results["prompt_groups"] == {}  # the default base saw every prompt in pretraining
+    assert results["labels"]["agreement_with_reward"] == 1.0 and "agree with the task reward's ordering" in table
     # The study's preference data is in the Pick-a-Pic schema the real path reads.
     assert len(PreferenceDataset(out / "pairs", task.RESOLUTION)) > 0
 

@@ -159,7 +159,7 @@ def make_pairs(
         model = reward_model.fit(rm_images[:n], rm_images[n:], rm_captions, rm_label, seed)
         learned = reward_model.score(model, images, captions + captions)
         l0, l1 = learned[:pairs], learned[pairs:]
-        label_0 = p_0 = torch.where(l0 > l1, 1.0, torch.where(l0 < l1, 0.0, 0.5))
+        label_0 = p_0 = _winner(l0, l1)
         extra.update(
             p_label_0=p_0.tolist(),
             learned_reward_0=l0.tolist(),
@@ -189,11 +189,15 @@ def _sample_pairs(
     return captions, images, scores[:pairs], scores[pairs:]
 
 
+def _winner(score_0: torch.Tensor, score_1: torch.Tensor) -> torch.Tensor:
+    """Hard labels: 1 where image 0 scores higher, 0 where lower, 0.5 (a tie, dropped in training) where equal."""
+    return torch.where(score_0 > score_1, 1.0, torch.where(score_0 < score_1, 0.0, 0.5))
+
+
 def _labels(r0: torch.Tensor, r1: torch.Tensor, temperature: float, seed: int, stream: str):
     """(label_0, P(label_0 = 1)) from the task rewards: hard at temperature 0, else Bradley-Terry sampled."""
-    hard = torch.where(r0 > r1, 1.0, torch.where(r0 < r1, 0.0, 0.5))
     if temperature == 0:
-        return hard, hard
+        return _winner(r0, r1), _winner(r0, r1)
     p_0 = torch.sigmoid((r0 - r1).double() / temperature).float()
     return torch.bernoulli(p_0, generator=torch.Generator().manual_seed(derived_seed(seed, stream, 0))), p_0
 
