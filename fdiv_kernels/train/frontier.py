@@ -122,8 +122,9 @@ class FrontierConfig:
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         return {**settings, "base": portable_path(self.base)}
 
-    def eval_captions(self) -> list[str]:
-        return [s.caption for s in task.split_specs()[1][: self.eval_prompts]]
+    def eval_specs(self) -> list[task.Spec]:
+        """The evaluation prompts, in the order of every result's per-prompt values."""
+        return task.split_specs()[1][: self.eval_prompts]
 
 
 def _unique(flag: str, values) -> None:
@@ -221,7 +222,7 @@ def _run_frontier(cfg: FrontierConfig) -> dict:
     _write_json(out / "frontier_config.json", shared)
     # The pairs, reference errors and half-trained models are rebuilt from the seeds; only results are kept.
     (out / ".gitignore").write_text("cache/\nwork/\n")
-    eval_specs = task.split_specs()[1][: cfg.eval_prompts]  # the order of cfg.eval_captions()
+    eval_specs = cfg.eval_specs()
     todo = [
         (s, d, g)
         for s in cfg.seeds
@@ -385,7 +386,7 @@ def summarise(cfg: FrontierConfig, n_boot: int = stats.DEFAULT_BOOT) -> dict:
     summary["rows"], summary["frontiers"] = _statistics(cfg, rows, keys, slice(None), n_boot)
     # The same statistics on the prompts the base saw in pretraining and on those it never saw (a base pretrained
     # with --hold-out-novel; nothing for a base that saw every evaluation prompt).
-    captions = cfg.eval_captions()
+    captions = [s.caption for s in cfg.eval_specs()]
     summary["prompt_groups"] = {}
     for group, indices in prompt_groups(cfg.base, captions).items():
         group_rows, gaps = _statistics(cfg, rows, keys, indices, n_boot)
@@ -492,7 +493,7 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
     ]
     novel = (summary.get("prompt_groups") or {}).get("novel")
     if novel:  # the same curves on the prompts the base never saw
-        captions = cfg.eval_captions()
+        captions = [s.caption for s in cfg.eval_specs()]
         panels.append(
             (
                 "pairwise_distance",
