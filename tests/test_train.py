@@ -22,6 +22,7 @@ from train_helpers import (
     make_pipeline,
     read_log,
     run_cli,
+    tiny_clip_config,
     train_argv,
     unet_weights,
 )
@@ -441,18 +442,7 @@ def test_transformers_clip_text_encoder_pipeline(tmp_path, assets):
         )
     )
     shutil.rmtree(folder / "text_encoder")
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=24,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    transformers.CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
+    transformers.CLIPTextModel(tiny_clip_config(len(vocab), width=16)).save_pretrained(folder / "text_encoder")
     index = json.loads((folder / "model_index.json").read_text())
     index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
     (folder / "model_index.json").write_text(json.dumps(index))

@@ -20,6 +20,7 @@ from train_helpers import (
     config,
     read_log,
     run_cli,
+    tiny_clip_config,
     tiny_vae,
     train_argv,
 )
@@ -254,25 +255,6 @@ def _char_clip_tokenizer(folder: Path, max_length: int = 24):
     return tokenizer, len(vocab)
 
 
-def _tiny_clip_config(vocab_size: int):
-    """The tiny CLIP text encoders' config of the SD3 and SDXL test pipelines (whose callers import-skip
-    transformers)."""
-    import transformers
-
-    return transformers.CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=8,
-        intermediate_size=16,
-        projection_dim=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=24,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-
-
 def make_sd3_pipeline(folder: Path) -> Path:
     """A tiny StableDiffusion3Pipeline folder: 1-layer SD3 transformer, tiny VAE (16 px -> 4x8x8), two tiny CLIP text
     encoders with projection, no T5 (as diffusers allows)."""
@@ -287,7 +269,7 @@ def make_sd3_pipeline(folder: Path) -> Path:
     parts = {}
     for suffix in ("", "_2"):
         tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
-        text_config = _tiny_clip_config(vocab_size)
+        text_config = tiny_clip_config(vocab_size)
         parts[f"text_encoder{suffix}"] = transformers.CLIPTextModelWithProjection(text_config)
         parts[f"tokenizer{suffix}"] = tokenizer
     StableDiffusion3Pipeline(
@@ -555,7 +537,7 @@ def make_sdxl_pipeline(folder: Path) -> Path:
     parts = {}
     for suffix, cls in (("", transformers.CLIPTextModel), ("_2", transformers.CLIPTextModelWithProjection)):
         tokenizer, vocab_size = _char_clip_tokenizer(folder.parent / f"{folder.name}-tok{suffix}")
-        text_config = _tiny_clip_config(vocab_size)
+        text_config = tiny_clip_config(vocab_size)
         parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = cls(text_config), tokenizer
     unet = UNet2DConditionModel(
         sample_size=8,

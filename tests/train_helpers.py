@@ -208,3 +208,22 @@ def assert_logs_match(one: Path, two: Path) -> None:
                 assert b[key] == pytest.approx(a[key], rel=0, abs=1e-3), (a["step"], key)
             else:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def tiny_clip_config(vocab_size: int, width: int = 8):
+    """A tiny transformers CLIP text-encoder config (the test pipelines' CLIP text sides; callers import-skip
+    transformers). ``projection_dim`` serves CLIPTextModelWithProjection and is ignored by CLIPTextModel."""
+    import transformers
+
+    return transformers.CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=24,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
