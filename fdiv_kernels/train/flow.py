@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import Pipeline, PipelineError, _read_json
+from .pipeline import Pipeline, PipelineError, read_json
 
 # What the SD3 pipeline needs; text_encoder_3 / tokenizer_3 (T5) are optional, as in diffusers.
 SD3_COMPONENTS = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -52,7 +52,7 @@ def load_sd3_pipeline(path: Path, index: dict, transformer: str | Path | None = 
 
     missing = [c for c in SD3_COMPONENTS if not index.get(c) or index[c][0] is None]
     transformer_dir = Path(transformer) if transformer is not None else path / "transformer"
-    denoiser = _read_json(transformer_dir / "config.json", "the transformer's config").get("_class_name")
+    denoiser = read_json(transformer_dir / "config.json", "the transformer's config").get("_class_name")
     if denoiser != "SD3Transformer2DModel":
         raise PipelineError(
             f"{transformer_dir / 'config.json'}: the denoiser is {denoiser!r}; this trainer fine-tunes "
@@ -62,7 +62,7 @@ def load_sd3_pipeline(path: Path, index: dict, transformer: str | Path | None = 
         raise PipelineError(
             f"{path / 'model_index.json'}: an SD3 pipeline needs {list(SD3_COMPONENTS)}; it lacks {missing}"
         )
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the noise scheduler's config")
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the noise scheduler's config")
     model = SD3Transformer2DModel.from_pretrained(transformer_dir).float()
     # Components the folder lists as absent (T5, image encoder) must be passed as None explicitly.
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}

@@ -10,7 +10,6 @@ task's :class:`TinyTextEncoder` with its :class:`WordTokenizer`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,22 +23,12 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .flow import load_sd3_pipeline
+from .pipeline import Pipeline, PipelineError, place, read_json
+from .sdxl import load_sdxl_pipeline
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 _OWN_LIBRARY = "fdiv_kernels.train"
-
-
-def place(module: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Move and cast a module. Casts go through ``.float()``/``.half()``/``.bfloat16()``: diffusers' ``.to(dtype)``
-    warns about fp32-pinned modules even for models that have none."""
-    if device is not None:
-        module.to(device)
-    if dtype is not None:
-        getattr(module, {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}[dtype])()
-    return module
-
-
-class PipelineError(ValueError):
-    """A pipeline folder that cannot be used for training; the message names the file and the fix."""
 
 
 class WordTokenizer:
@@ -156,76 +145,15 @@ def tiny_unet(
     )
 
 
-@dataclass
-class Pipeline:
-    """The components of a local pipeline folder that training and sampling use."""
-
-    path: Path
-    unet: UNet2DConditionModel
-    scheduler_config: dict
-    text: TextConditioner
-    vae: AutoencoderKL | None
-
-    @property
-    def vae_scale(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self) -> int:
-        """Default training image size: the UNet's native sample size in pixels."""
-        return self.unet.config.sample_size * self.vae_scale
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this for the UNet's down/up-sampling (a transformer's patches) to
-        line up."""
-        if "patch_size" in self.unet.config:
-            return self.vae_scale * self.unet.config.patch_size
-        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    def frozen_parts_to(self, device: torch.device, dtype: torch.dtype) -> None:
-        for module in (self.text.encoder, self.vae):
-            if module is not None:
-                place(module.requires_grad_(False).eval(), device, dtype)
-
-    def encode(self, pixels: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> the UNet's input space (VAE latents, scaled; or the pixels themselves)."""
-        if self.vae is None:
-            return pixels
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator=generators)
-        shift = self.vae.config.shift_factor or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).float()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`encode`, to images in [-1, 1]."""
-        if self.vae is None:
-            return latents
-        shift = self.vae.config.shift_factor or 0.0
-        return self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample.float()
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: {what}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"{path} is not valid JSON ({err})") from err
-
-
 def load_pipeline(path: str | Path, unet: str | Path | None = None) -> Pipeline:
     """Load a local pipeline folder for training; ``unet`` replaces its UNet with a fine-tuned one (a folder)."""
     path = Path(path)
     if not path.is_dir():
         raise PipelineError(f"pipeline folder {path} does not exist")
-    index = _read_json(path / "model_index.json", "a diffusers pipeline folder has a model_index.json")
+    index = read_json(path / "model_index.json", "a diffusers pipeline folder has a model_index.json")
     if index.get("transformer") and index["transformer"][0] is not None:
-        from .flow import load_sd3_pipeline
-
         return load_sd3_pipeline(path, index, transformer=unet)
     if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
-        from .sdxl import load_sdxl_pipeline
-
         return load_sdxl_pipeline(path, index, unet=unet)
     for component in ("unet", "scheduler", "text_encoder", "tokenizer"):
         if not index.get(component) or index[component][0] is None:
@@ -235,13 +163,13 @@ def load_pipeline(path: str | Path, unet: str | Path | None = None) -> Pipeline:
                 "this trainer needs a UNet2DConditionModel pipeline with unet, scheduler, text_encoder, tokenizer"
             )
     unet_dir = Path(unet) if unet is not None else path / "unet"
-    unet_config = _read_json(unet_dir / "config.json", "the UNet's config")
+    unet_config = read_json(unet_dir / "config.json", "the UNet's config")
     if unet_config.get("_class_name") != "UNet2DConditionModel":
         raise PipelineError(
             f"{unet_dir / 'config.json'}: the denoiser is {unet_config.get('_class_name')!r}; "
             "this trainer fine-tunes UNet2DConditionModel"
         )
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the noise scheduler's config")
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the noise scheduler's config")
     vae = None
     if index.get("vae") and index["vae"][0] is not None:
         vae = AutoencoderKL.from_pretrained(path / "vae").float()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import Pipeline, PipelineError, _read_json
+from .pipeline import Pipeline, PipelineError, read_json
 
 SDXL_COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -46,7 +46,7 @@ def load_sdxl_pipeline(path: Path, index: dict, unet: str | Path | None = None) 
             f"{path / 'model_index.json'}: an SDXL pipeline needs {list(SDXL_COMPONENTS)}; it lacks {missing}"
         )
     unet_dir = Path(unet) if unet is not None else path / "unet"
-    unet_config = _read_json(unet_dir / "config.json", "the UNet's config")
+    unet_config = read_json(unet_dir / "config.json", "the UNet's config")
     kind = (unet_config.get("_class_name"), unet_config.get("addition_embed_type"))
     if kind != ("UNet2DConditionModel", "text_time"):
         raise PipelineError(
@@ -54,7 +54,7 @@ def load_sdxl_pipeline(path: Path, index: dict, unet: str | Path | None = None) 
             f"addition_embed_type 'text_time'; found {unet_config.get('_class_name')!r} with "
             f"{unet_config.get('addition_embed_type')!r}"
         )
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the noise scheduler's config")
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the noise scheduler's config")
     model = UNet2DConditionModel.from_pretrained(unet_dir).float()
     absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None}
     pipe = StableDiffusionXLPipeline.from_pretrained(path, **{**absent, "unet": model})
