@@ -1,7 +1,7 @@
 # Set-up and the two main jobs (README, "Two commands"). Each target creates or reuses the local environment
 # $(VENV) on first use and installs what it needs; nothing else has to be installed first but Python 3.
 #
-#   make study      the main job: the divergence study (python -m fdiv_kernels.train study); ARGS=--quick for a short one
+#   make study      the main job: the divergence study (python -m fdpo_study study); ARGS=--quick for a short one
 #   make test       the tests (python -m pytest tests -q); ARGS="-k cpu" to select
 #   make bench      microbenchmarks with pytest-benchmark (pytest benchmarks/ --benchmark-only); ARGS to filter
 #   make examples   run examples/ with quick settings
@@ -47,7 +47,7 @@ kernels: $(STAMP)
 	$(PY) -m fdiv_kernels._build
 
 study: kernels
-	$(PY) -m fdiv_kernels.train study $(ARGS)
+	$(PY) -m fdpo_study study $(ARGS)
 
 test: kernels
 	$(PY) -m pytest tests -q $(ARGS)

@@ -32,10 +32,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import DIVERGENCES
-from . import stats, task
-from .loop import TrainConfig, cache_reference_errors, train
-from .model import load_pipeline
+from fdiv_kernels import DIVERGENCES
+from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
+from fdiv_kernels.train.model import load_pipeline
+
+from . import bootstrap as stats
+from . import task
 from .study import BASE_PIPELINE, check_base, evaluate, make_pairs, portable_path, prompt_groups
 
 # Chosen from a pilot (seed 0, reverse KL and JS; results/study/frontier_pilot.jsonl, docs/training.md "Frontiers"):
@@ -450,7 +452,7 @@ def _write_summary(cfg: FrontierConfig, summary: dict) -> None:
 
 def frontier_markdown(summary: dict) -> str:
     """The frontier table and the verdicts."""
-    from .report import frontier_tables
+    from .study_report import frontier_tables
 
     return frontier_tables(summary)
 

@@ -2,7 +2,7 @@
 
 Plain denoising (epsilon) training on freshly rendered images of the task's prompts, on CPU, seeded. Its output
 is a pipeline folder (weights stored in float16) with a ``pretraining.json`` that records the settings and the
-prompts left out. Shipped: ``fdiv_kernels/train/assets/base`` (all 180 prompts) and ``assets/base_novel``
+prompts left out. Shipped: ``fdpo_study/assets/base`` (all 180 prompts) and ``assets/base_novel``
 (``--hold-out-novel``: without the 18 prompts of :func:`task.novel_specs`).
 """
 
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from fdiv_kernels.train.io import atomic_folder
+from fdiv_kernels.train.model import TinyTextEncoder, WordTokenizer, save_pipeline, tiny_unet
+
 from . import task
-from .io import atomic_folder
-from .model import TinyTextEncoder, WordTokenizer, save_pipeline, tiny_unet
 
 CAPTION_WORDS = 7  # "a {size} {colour} {shape} at the {position}"
 # Written into the pipeline folder: what the base was pretrained on (read by the study's prompt groups).

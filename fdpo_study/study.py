@@ -19,11 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import stats, task
-from .data import write_pairs
-from .io import atomic_folder
-from .loop import TrainConfig, cache_reference_errors, derived_seed, train
-from .model import Pipeline, load_pipeline, sample
+from fdiv_kernels.train.data import write_pairs
+from fdiv_kernels.train.io import atomic_folder
+from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, derived_seed, train
+from fdiv_kernels.train.model import load_pipeline, sample
+from fdiv_kernels.train.pipeline import Pipeline
+
+from . import bootstrap as stats
+from . import task
 from .pretrain import prompts_held_out
 
 BASE_PIPELINE = Path(__file__).parent / "assets" / "base"
@@ -81,9 +84,9 @@ class StudyConfig:
 
 def portable_path(path: Path) -> str:
     """A base's path as results record it: a shipped base relative to the package's parent folder (so that a
-    frontier's committed runs resume and re-summarise in a checkout or install anywhere), any other one absolute."""
+    frontier's committed runs resume and re-summarise in a checkout anywhere), any other one absolute."""
     path = Path(path).resolve()
-    package = Path(__file__).resolve().parents[1]  # fdiv_kernels/
+    package = Path(__file__).resolve().parent  # fdpo_study/
     return str(path.relative_to(package.parent)) if path.is_relative_to(package) else str(path)
 
 

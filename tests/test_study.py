@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fdiv_kernels.train import frontier as frontier_mod
-from fdiv_kernels.train import report, reward_model, stats, task
-from fdiv_kernels.train.cli import main as cli_main
-from fdiv_kernels.train.frontier import FrontierConfig, run_frontier, summarise
-from fdiv_kernels.train.study import (
+from fdpo_study import bootstrap as stats
+from fdpo_study import frontier as frontier_mod
+from fdpo_study import reward_model, task
+from fdpo_study import study_report as report
+from fdpo_study.cli import main as cli_main
+from fdpo_study.frontier import FrontierConfig, run_frontier, summarise
+from fdpo_study.study import (
     BASE_PIPELINE,
     NOVEL_BASE,
     check_label_temperature,
@@ -346,8 +348,8 @@ def test_tiny_frontier_resumes(tmp_path, monkeypatch):
 
 
 def test_frontier_records_shipped_bases_relative_to_the_package(tmp_path):
-    assert frontier_mod.portable_path(BASE_PIPELINE) == "fdiv_kernels/train/assets/base"
-    assert frontier_mod.portable_path(NOVEL_BASE) == "fdiv_kernels/train/assets/base_novel"
+    assert frontier_mod.portable_path(BASE_PIPELINE) == "fdpo_study/assets/base"
+    assert frontier_mod.portable_path(NOVEL_BASE) == "fdpo_study/assets/base_novel"
     assert frontier_mod.portable_path(tmp_path / "b") == str((tmp_path / "b").resolve())
     recorded = json.loads((report.RESULTS / "frontier" / "frontier_config.json").read_text())
     assert recorded == FrontierConfig(output=tmp_path / "f").shared()  # the committed run resumes from any checkout
@@ -417,3 +419,33 @@ def test_splice_and_blocks(tmp_path):
 
 def test_committed_docs_are_generated():
     assert report.regenerate(check=True) == []
+
+
+# ---------------------------------------------------------------- where the study lives
+
+
+def test_the_kernel_package_never_imports_the_study():
+    """fdpo_study is not in the wheel: nothing under fdiv_kernels/ may import it (the wheel would break)."""
+    root = Path(__file__).resolve().parents[1]
+    importers = [
+        str(path.relative_to(root))
+        for path in (root / "fdiv_kernels").rglob("*.py")
+        if any(line.lstrip().startswith(("import fdpo_study", "from fdpo_study")) for line in path.open())
+    ]
+    assert importers == []
+
+
+def test_fdpo_train_names_where_the_study_commands_went(capsys):
+    from fdiv_kernels.train.cli import STUDY_COMMANDS
+    from fdiv_kernels.train.cli import main as train_main
+
+    for command in STUDY_COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            train_main([command, "--quick"])
+        assert exit_info.value.code == 2
+        assert f"python -m fdpo_study {command}" in capsys.readouterr().err
+        # ... and the study's CLI has each of them.
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([command, "--help"])
+        usage = capsys.readouterr().out
+        assert exit_info.value.code == 0 and usage.startswith(f"usage: python -m fdpo_study {command}")

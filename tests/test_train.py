@@ -27,7 +27,6 @@ from train_helpers import (
     unet_weights,
 )
 
-from fdiv_kernels.train import task
 from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.data import DatasetError, PreferenceDataset
 from fdiv_kernels.train.loop import cache_reference_errors, train
@@ -36,8 +35,10 @@ from fdiv_kernels.train.model import (
     PipelineError,
     load_pipeline,
 )
-from fdiv_kernels.train.pretrain import prompts_held_out
-from fdiv_kernels.train.study import BASE_PIPELINE, NOVEL_BASE
+from fdpo_study import task
+from fdpo_study.cli import main as study_main
+from fdpo_study.pretrain import prompts_held_out
+from fdpo_study.study import BASE_PIPELINE, NOVEL_BASE
 
 # ---------------------------------------------------------------------------------------------------------------
 # The embedded task.
@@ -371,12 +372,12 @@ def test_bf16_mixed_precision(assets, tmp_path):
 
 
 def test_pretrain_writes_a_loadable_pipeline(tmp_path):
-    assert main(["pretrain", "--output", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4"]) == 0
+    assert study_main(["pretrain", "--output", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4"]) == 0
     pipe = load_pipeline(tmp_path / "base")
     assert pipe.text.token_ids([task.ALL_SPECS[0].caption]).shape == (1, 7)
     assert prompts_held_out(tmp_path / "base") == set()
     with pytest.raises(SystemExit):
-        main(["pretrain", "--output", str(tmp_path / "base"), "--steps", "2"])
+        study_main(["pretrain", "--output", str(tmp_path / "base"), "--steps", "2"])
 
 
 def test_pretrain_can_hold_out_the_novel_prompts(tmp_path, monkeypatch):
@@ -384,7 +385,7 @@ def test_pretrain_can_hold_out_the_novel_prompts(tmp_path, monkeypatch):
     render = task.render
     monkeypatch.setattr(task, "render", lambda specs, *a, **k: drawn.extend(specs) or render(specs, *a, **k))
     argv = ["pretrain", "--output", str(tmp_path / "base"), "--steps", "3", "--hold-out-novel"]
-    assert main(argv) == 0
+    assert study_main(argv) == 0
     novel = set(task.novel_specs())
     # 192 draws from 162 prompts; were the 18 novel ones drawn at their share, none missing has odds ~1e-9.
     assert len(drawn) == 3 * 64 and not novel & set(drawn)
@@ -399,7 +400,7 @@ def test_pretrain_can_hold_out_the_novel_prompts(tmp_path, monkeypatch):
 
 def test_quick_study_end_to_end(tmp_path):
     out = tmp_path / "study"
-    run = run_cli(["study", "--quick", "--output", str(out), "--no-progress"], tmp_path, [sys.executable])
+    run = run_cli(["study", "--quick", "--output", str(out), "--no-progress"], tmp_path, [sys.executable], "fdpo_study")
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((out / "study.json").read_text())
     models = [row["model"] for row in results["rows"]]

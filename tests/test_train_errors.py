@@ -26,6 +26,7 @@ from fdiv_kernels.train.cli import main
 from fdiv_kernels.train.data import DatasetError, PreferenceDataset
 from fdiv_kernels.train.io import atomic_folder, lock_folder, unlock_folder, write_checksums
 from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
+from fdpo_study.cli import main as study_main
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_bad_train_flags_fail_before_anything_is_written(assets, tmp_path, capsy
 )
 def test_bad_flags_of_the_other_commands(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
-    assert message in cli_error([*argv, "--output", str(out)], capsys)
+    assert message in cli_error([*argv, "--output", str(out)], capsys, study_main)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -96,7 +97,7 @@ def test_output_naming_an_existing_file_is_refused(assets, tmp_path, capsys, com
     out = tmp_path / "file.txt"
     out.write_text("keep")
     argv = train_argv(assets, out) if command == "train" else [command, "--output", str(out), "--overwrite"]
-    assert "is a file" in cli_error(argv, capsys)
+    assert "is a file" in cli_error(argv, capsys, main if command == "train" else study_main)
     assert out.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
 
 
@@ -463,7 +464,7 @@ def test_resume_removes_a_killed_runs_temporary_folders(run_with_checkpoints, as
 
 def test_sigterm_exits_through_the_cleanup(tmp_path, monkeypatch):
     """SIGTERM in the middle of a command's write: SystemExit(143), and the temporary folder is gone."""
-    from fdiv_kernels.train import study
+    from fdpo_study import study
 
     seen = []
 
@@ -477,7 +478,7 @@ def test_sigterm_exits_through_the_cleanup(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "run_study", interrupted_study)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        main(["study", "--quick", "--no-progress", "--output", str(tmp_path / "study")])
+        study_main(["study", "--quick", "--no-progress", "--output", str(tmp_path / "study")])
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert seen and list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before

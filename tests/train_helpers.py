@@ -171,21 +171,24 @@ def train_argv(assets, out: Path | None, *extra: str) -> list[str]:
     ]
 
 
-def cli_error(argv: list[str], capsys) -> str:
-    """Run the CLI, expect exit status 2 and one line on stderr; return that line."""
+def cli_error(argv: list[str], capsys, cli=main) -> str:
+    """Run the CLI (``fdpo-train``'s, or ``cli`` = the study's), expect exit status 2 and one line on stderr; return
+    that line."""
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        cli(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
 
 
-def run_cli(args: list[str], cwd: Path, launcher: list[str], **env: str) -> subprocess.CompletedProcess:
-    """``launcher -m fdiv_kernels.train args`` in a subprocess (one thread per process: the runner has 2 cores)."""
+def run_cli(
+    args: list[str], cwd: Path, launcher: list[str], module: str = "fdiv_kernels.train", **env: str
+) -> subprocess.CompletedProcess:
+    """``launcher -m module args`` in a subprocess (one thread per process: the runner has 2 cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [*launcher, "-m", "fdiv_kernels.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        [*launcher, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
 
 

@@ -1,7 +1,8 @@
-"""f-DPO fine-tuning of diffusers text-to-image models, and the embedded text-to-image default with its study.
+"""f-DPO fine-tuning of diffusers text-to-image models (UNet, SDXL, SD3 flow; LoRA; Accelerate).
 
-Modules: ``loop`` (the training loop, Accelerate + ``fused_fdpo_loss``), ``data`` (Pick-a-Pic preference
-tables), ``model`` (pipeline folders, the noise process, sampling, the embedded text encoder), ``task`` (the
-embedded prompts, renderer and programmatic reward), ``pretrain`` (the embedded base model), ``study`` (the
-divergence study), ``cli`` (``fdpo-train`` / ``python -m fdiv_kernels.train``). See docs/training.md.
+Modules: ``loop`` (the training loop, Accelerate + ``fused_fdpo_loss``), ``data`` and ``datasets_io``
+(Pick-a-Pic preference tables), ``pipeline`` (the pipeline type the loaders return), ``model`` (pipeline
+folders, the noise process, sampling, the embedded text encoder), ``sdxl`` and ``flow`` (SDXL and SD3 layouts),
+``lora``, ``timesteps``, ``config``, ``io``, ``cli`` (``fdpo-train`` / ``python -m fdiv_kernels.train``). The
+divergence study that uses this loop is the repository's ``fdpo_study`` package. See docs/training.md.
 """
