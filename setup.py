@@ -176,8 +176,13 @@ else:
         "(FDIV_KERNELS_BUILD=aot with --no-build-isolation compiles them now)"
     )
 
+# The divergence study (fdpo_study/, with 4 MB of base models) belongs to the repository, not to the kernel wheel:
+# an editable install (`pip install -e .`, which `make` runs) maps it for `python -m fdpo_study`; wheels and
+# sdists leave it out (MANIFEST.in too).
+STUDY = ["fdpo_study"] if {"editable_wheel", "develop"} & set(sys.argv) else []
+
 setup(
-    packages=find_packages(include=["fdiv_kernels", "fdiv_kernels.*"]),
+    packages=find_packages(include=["fdiv_kernels", "fdiv_kernels.*"]) + STUDY,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
