@@ -1,8 +1,9 @@
-"""End-to-end f-DPO training step: step time and peak memory of four ways to get the reference.
+"""End-to-end f-DPO training step: step time and peak memory of five ways to get the reference.
 
     OMP_NUM_THREADS=1 python -m benchmarks.train_step --quick     # smoke test, tiny UNet on CPU (about a minute)
     python -m benchmarks.train_step                                # tiny UNet, on CUDA if there is one, else CPU
     python -m benchmarks.train_step --model sd15 --batch-size 4    # SD1.5-size UNet (random weights, 64x64 latents)
+    python -m benchmarks.train_step --model sd15-narrow --batch-size 2   # SD1.5's blocks at 1/5 width, 32x32 (CPU)
     python -m benchmarks.train_step --model sdxl --batch-size 2 --dtype bf16   # SDXL-size UNet (128x128 latents)
 
 Modes (each in its own process, so that each peak is its own):
@@ -10,6 +11,7 @@ Modes (each in its own process, so that each peak is its own):
   fused-copy   fused_fdpo_loss with the same frozen reference copy
   fused-lora   fused_fdpo_loss, LoRA adapters (rank --lora-rank) trained, the reference is the adapters-off model
   fused-cached fused_fdpo_loss with cached reference errors (no reference forward at all)
+  fused-lora-cached  LoRA adapters trained, cached reference errors: no reference forward and no copy
 
 One step: the trained model's forward on [winners; losers] (shared noise and timestep per pair), the reference
 (forward under no_grad, or the cached errors), the loss, backward, AdamW step, zero_grad. Inputs are latents,
@@ -38,7 +40,7 @@ import torch
 from .run import _slug, cpu_name  # results named as benchmarks.run names its own
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("eager-copy", "fused-copy", "fused-lora", "fused-cached")
+MODES = ("eager-copy", "fused-copy", "fused-lora", "fused-cached", "fused-lora-cached")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # UNet configs: the embedded default's size, and SD1.5 / SDXL sizes (diffusers' configs of those models).
@@ -60,6 +62,19 @@ MODELS = {
         in_channels=4,
         out_channels=4,
         block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    # SD1.5's block structure (3 cross-attention down blocks, 2 layers each, 768-wide text) at a width a CPU
+    # trains in about a second per step: 35 M parameters instead of 860 M.
+    "sd15-narrow": dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 256, 256),
         layers_per_block=2,
         cross_attention_dim=768,
         attention_head_dim=8,
@@ -145,7 +160,9 @@ def run_one(args) -> dict:
         ref = UNet2DConditionModel(**config).requires_grad_(False).eval()
         ref.load_state_dict(unet.state_dict())
         ref.to(device, dtype)
-    if args.mode == "fused-lora":
+    lora = args.mode in ("fused-lora", "fused-lora-cached")
+    cached = args.mode in ("fused-cached", "fused-lora-cached")
+    if lora:
         unet.to(device, dtype)
         add_lora(unet, args.lora_rank, seed=0)  # base frozen in dtype, adapters trainable in fp32
     else:
@@ -163,7 +180,7 @@ def run_one(args) -> dict:
     def step():
         with autocast():
             model_pred = forward(unet)
-            if args.mode == "fused-cached":
+            if cached:
                 reference = {"ref_err": ref_err}
             else:
                 with torch.no_grad(), adapters_disabled(unet) if ref is None else nullcontext(ref) as r:
@@ -178,7 +195,7 @@ def run_one(args) -> dict:
         return loss
 
     ref_err = None
-    if args.mode == "fused-cached":  # the starting model's per-sample errors, [winners; losers] in fp32, as cached
+    if cached:  # the starting (adapters-off) model's per-sample errors, [winners; losers] in fp32, as cached
         with torch.no_grad(), autocast():
             ref_err = (forward(unet).float() - target.float()).square().flatten(1).mean(1)
     for _ in range(args.warmup):
@@ -231,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=5000.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--rounds", type=int, default=1, help="run the modes in rotation this many times (median)")
     p.add_argument("--quick", action="store_true", help="smoke test: few small steps")
     p.add_argument("--tag", default=None, help="results name (default: the device's name, -quick with --quick)")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
@@ -247,7 +265,7 @@ def _check(args, parser) -> None:
     for name, default, quick in (("batch_size", 8, 2), ("steps", 20, 3), ("warmup", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
-    for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("lora_rank", 1)):
+    for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("lora_rank", 1), ("rounds", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}; got {getattr(args, name)}")
     if args.device is None:
@@ -264,6 +282,11 @@ def _markdown(meta: dict, results: list[dict]) -> str:
         "",
         f"{meta['date']}, torch {meta['torch']}, {meta['threads']} thread(s)"
         + (", quick (smoke test: few steps, small batch; not a measurement to quote)" if meta["quick"] else "")
+        + (
+            f", {meta['rounds']} rounds of the modes in rotation (medians over rounds)"
+            if meta.get("rounds", 1) > 1
+            else ""
+        )
         + f". Command: `{meta['command']}`",
         "",
         "| mode | step ms (median) | 20-80 % ms | peak memory MB | trainable M params | x eager-copy time |"
@@ -285,6 +308,30 @@ def _markdown(meta: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_mode(args, mode: str, passthrough: list[str]) -> dict:
+    """One mode in a fresh process (so that its peak memory is its own)."""
+    cmd = [sys.executable, "-m", "benchmarks.train_step", *passthrough, "--one", mode, "--device", args.device]
+    for flag in ("batch_size", "steps", "warmup"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        return {"mode": mode, "error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _over_rounds(mode: str, runs: list[dict]) -> dict:
+    """A mode's rounds as one result: median step time (and of the quantiles), the largest peak."""
+    good = [r for r in runs if "error" not in r]
+    if len(good) < len(runs):
+        return next(r for r in runs if "error" in r)
+    result = dict(good[0])
+    for key in ("median_ms", "q20_ms", "q80_ms"):
+        result[key] = statistics.median(r[key] for r in good)
+    result["peak_mb"] = max(r["peak_mb"] for r in good)
+    result["round_medians_ms"] = [r["median_ms"] for r in good]
+    return result
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -293,34 +340,21 @@ def main(argv=None) -> int:
         args.mode = args.one
         print(json.dumps(run_one(args)))
         return 0
-    results = []
     passthrough = [a for a in (sys.argv[1:] if argv is None else argv)]
-    for mode in args.modes:
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.train_step",
-            *passthrough,
-            "--one",
-            mode,
-            "--device",
-            args.device,
-            "--batch-size",
-            str(args.batch_size),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-        ]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if out.returncode:
-            tail = (out.stderr.strip().splitlines() or ["?"])[-1]
-            results.append({"mode": mode, "error": tail})
-            print(f"{mode}: failed: {tail}", file=sys.stderr)
-            continue
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"{mode}: {r['median_ms']:.1f} ms/step, peak {r['peak_mb']:.0f} MB", flush=True)
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    # Modes in rotation, --rounds times: each round's processes see the same machine state, so a drift in the
+    # machine's speed (shared cores) moves every mode alike; each mode's figure is the median over its rounds.
+    for round_ in range(args.rounds):
+        for mode in args.modes:
+            runs[mode].append(_run_mode(args, mode, passthrough))
+            r = runs[mode][-1]
+            if "error" in r:
+                print(f"{mode}: failed: {r['error']}", file=sys.stderr)
+            else:
+                print(
+                    f"round {round_ + 1}: {mode}: {r['median_ms']:.1f} ms/step, peak {r['peak_mb']:.0f} MB", flush=True
+                )
+    results = [_over_rounds(mode, runs[mode]) for mode in args.modes]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     meta = {
         "model": args.model,
@@ -331,6 +365,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "lora_rank": args.lora_rank,
         "gradient_checkpointing": args.gradient_checkpointing,
         "threads": torch.get_num_threads(),
