@@ -277,10 +277,10 @@ FDPO_HD SampleErrors<T> sample_errors(A s, A r, A q, A scale, bool has_ref, T re
 // The forward's per-pair and per-row outputs (fdpo_op.h empty_forward_outputs).
 template <typename T>
 struct PairOutputs {
-  T* loss;     // [] or [B]
-  T* logits;   // [B]
-  T* stats;    // [4, 2B]: e, e_ref, d, psi(d)
-  T* coef;     // [2B]
+  T* loss;    // [] or [B]
+  T* logits;  // [B]
+  T* stats;   // [4, 2B]: e, e_ref, d, psi(d)
+  T* coef;    // [2B]
 };
 
 // The head of pair p and its stores: logit, statistics and coefficients of rows rw, rl, and the per-pair loss

@@ -187,7 +187,6 @@ class FDPOProblem:
     num_pairs: int
 
 
-
 def _finite_float(
     name: str, value, *, positive: bool = False, allow_none: bool = False, float32: bool = False
 ) -> float | None:

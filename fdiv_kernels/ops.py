@@ -36,7 +36,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .backends import AUTO_CUDA_ORDER, BACKENDS, HAS_TRITON, _why_unavailable, cpp, get_implementation
+from . import backends
+from .backends import AUTO_CUDA_ORDER, BACKENDS, HAS_TRITON, cpp, get_implementation
 from .backends.common import KernelParams, accumulate_dtype, empty_forward_outputs
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,15 +51,22 @@ _NATIVE_KERNEL: dict[str, Optional[str]] = {}  # device type -> the backend behi
 def dispatch(requested: str, device: torch.device) -> tuple[str, Callable]:
     """The concrete backend and the forward op of a call on ``device`` (raises with the reason if ``requested``
     cannot run there). A dict read once filled; filled on first use, eagerly also under torch.compile."""
-    entry = _TABLE.get((requested, device.type))
-    if entry is not None:
-        return entry
-    concrete = _fill(requested, device.type)
-    return concrete, _op_for(concrete, device.type)
+    if torch.compiler.is_compiling():
+        # _fill runs eagerly (a constant to Dynamo; no guard on the table, which it may change), then _op_for reads
+        # what it filled.
+        concrete = _fill(requested, device.type)
+        return concrete, _op_for(concrete, device.type)
+    key = (requested, device.type)
+    entry = _TABLE.get(key)
+    if entry is None:
+        _fill(*key)
+        entry = _TABLE[key]
+    return entry
 
 
-@torch._dynamo.assume_constant_result  # under torch.compile: run eagerly (it loads and registers), result a constant
+@torch._dynamo.assume_constant_result
 def _fill(requested: str, device_type: str) -> str:
+    """Fill the table's entry (loading the extension, registering Triton where needed); the concrete backend."""
     concrete = _resolve(requested, torch.device(device_type))
     _TABLE[(requested, device_type)] = (concrete, _op_for(concrete, device_type))
     return concrete
@@ -69,14 +77,14 @@ def _resolve(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend={requested!r}; expected one of {list(BACKENDS)}")
     if requested != "auto":
-        why = _why_unavailable(requested, device)
+        why = backends._why_unavailable(requested, device)
         if why is not None:
             raise RuntimeError(f"backend={requested!r} is unavailable: {why}")
         return requested
     candidates = AUTO_CUDA_ORDER if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
     reasons = []
     for candidate in candidates:
-        why = _why_unavailable(candidate, device)
+        why = backends._why_unavailable(candidate, device)
         if why is None:
             return candidate
         reasons.append(why)
@@ -96,7 +104,7 @@ def _warn_fallback(device: torch.device, reasons: list[str]) -> None:
             f"fdiv_kernels: no fused kernel for {device.type} tensors ({'; '.join(reasons) or 'unsupported device'}); "
             "backend='auto' uses the eager PyTorch backend",
             RuntimeWarning,
-            stacklevel=6,
+            stacklevel=5,
         )
 
 

@@ -27,7 +27,7 @@ class LossOptions:
 
     beta: float = _option(
         5000.0,
-        "Diffusion-DPO beta; ``d = beta/2 * w * (e_ref - e)`` (``beta_convention=\"half\"``, original code and "
+        'Diffusion-DPO beta; ``d = beta/2 * w * (e_ref - e)`` (``beta_convention="half"``, original code and '
         "diffusers' SDXL script) or ``d = beta * (e_ref - e)`` (``\"full\"``, diffusers' SD1.5 script).",
     )
     divergence: str = _option(
@@ -35,18 +35,20 @@ class LossOptions:
         "``reverse_kl`` (Diffusion-DPO), ``forward_kl``, ``js``, ``alpha``, ``hellinger``.",
         tuple(DIVERGENCES),
     )
-    alpha: float = _option(0.5, "the alpha of ``divergence=\"alpha\"``, in (0, 1).")
+    alpha: float = _option(0.5, 'the alpha of ``divergence="alpha"``, in (0, 1).')
     gamma: float = _option(1.0, "outer scale of the logit ``z = gamma * (psi(d_w) - psi(d_l))``.")
     label_smoothing: float = _option(0.0, "conservative-DPO eps in [0, 0.5).")
     err_reduction: str = _option(
         "mean",
         "per-sample error as the ``mean`` over elements (default; with a mask, the masked mean), their ``sum``, "
         "or ``mean_all``: the masked sum over all elements divided by their count (trainers that average "
-        "``err * mask`` over every element, e.g. SimpleTuner's ``norm_type=\"mean\"``).",
+        '``err * mask`` over every element, e.g. SimpleTuner\'s ``norm_type="mean"``).',
         ("mean", "sum", "mean_all"),
     )
     layout: str = _option(
-        "halves", "``halves`` (rows ``[w; l]``) or ``interleaved`` (rows ``[w0, l0, w1, l1, ...]``).", ("halves", "interleaved")
+        "halves",
+        "``halves`` (rows ``[w; l]``) or ``interleaved`` (rows ``[w0, l0, w1, l1, ...]``).",
+        ("halves", "interleaved"),
     )
     beta_convention: str = _option("half", "``half`` or ``full``: see ``beta``.", ("half", "full"))
     logratio_clip: float | None = _option(None, "``c`` > 0 soft-clamps ``d -> c * tanh(d / c)``.")
@@ -62,7 +64,7 @@ class LossOptions:
         "``hinge`` (``relu(1 - z)``) or ``ipo`` (``(z - 1 / (2 ipo_tau))^2``).",
         ("sigmoid", "hinge", "ipo"),
     )
-    ipo_tau: float | None = _option(None, "the regularization of ``loss_type=\"ipo\"``.")
+    ipo_tau: float | None = _option(None, 'the regularization of ``loss_type="ipo"``.')
 
 
 OPTIONS: dict = {f.name: f for f in fields(LossOptions)}

@@ -223,9 +223,9 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 def _cpp_enum(header: str, name: str, prefix: str = "k") -> dict[str, int]:
-    """The members of ``enum name : int { ... }`` (or ``struct name { enum : int { ... } }``) in csrc/<header>, normalized (kLabelSmoothing ->
-    labelsmoothing; kErrMeanAll -> meanall with prefix "kErr"), with their values (explicit, or counted as C++
-    does)."""
+    """The members of ``enum name : int { ... }`` (or ``struct name { enum : int { ... } }``) in csrc/<header>,
+    normalized (kLabelSmoothing -> labelsmoothing; kErrMeanAll -> meanall with prefix "kErr"), with their values
+    (explicit, or counted as C++ does)."""
     pattern = rf"(?:enum {name} : int|struct {name} \{{\s*enum : int) \{{([^}}]*)\}}"
     body = re.search(pattern, (_CSRC / header).read_text()).group(1)
     members, value = {}, 0

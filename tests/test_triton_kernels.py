@@ -56,8 +56,8 @@ def test_math_helpers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2^31+ elements need a GPU")
 def test_int64_indexing():
     """Tensors of more than 2^31 elements: rows (and shared target rows) that start past 2^31 are right."""
-    from fdiv_kernels.backends import triton_kernels
     from fdiv_kernels._validation import make_config
+    from fdiv_kernels.backends import triton_kernels
     from fdiv_kernels.backends.common import KernelParams
 
     num_pairs, row_len = 3, 2**29  # 3 * 2^30 elements per [2B, D] tensor
