@@ -271,7 +271,7 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   const int64_t B = v.B, D = v.D, rows = 2 * B;
   const fdpo::HeadParams hp = fdpo::head_params("cpu", fparams, iparams, B);
   const Dtype dt = dtype_of(v.pred);
-  const at::ScalarType acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = fdpo::accumulate_type(dt);
   at::Tensor rerr, pw;
   if (ref_err.has_value()) rerr = fdpo::small_vector(*ref_err, model_pred, acc, rows, "cpu", "ref_err");
   if (pair_weight.has_value()) pw = fdpo::small_vector(*pair_weight, model_pred, acc, B, "cpu", "pair_weight");
@@ -338,8 +338,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == B, "fdiv_kernels (cpu): grad_loss must have 1 or B = ", B,
               " elements; got ", grad_loss.numel());
   const at::Tensor g = grad_loss.to(at::kCPU, at::kDouble).contiguous().reshape({-1});
-  const at::Tensor cf =
-      fdpo::small_vector(grad_coef, model_pred, dt == at::kDouble ? at::kDouble : at::kFloat, rows, "cpu", "grad_coef");
+  const at::Tensor cf = fdpo::small_vector(grad_coef, model_pred, fdpo::accumulate_type(dt), rows, "cpu", "grad_coef");
   // Per-row scale coef * G, rounded to the accumulate type as the product in that type would be; 0 where either
   // factor is 0 (an overflowed coefficient times a zero upstream gradient is 0, not NaN).
   std::vector<double> scale(static_cast<size_t>(rows));

@@ -20,10 +20,14 @@ using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // in the kernels' pair head so that statistics cost no extra launch.
 constexpr int64_t kSummaryLen = 3;
 
-// The forward's outputs, allocated once per call in the accumulate dtype (fp64 for fp64 inputs, else fp32).
+// The arithmetic type for inputs whose model_pred has dtype `t`: float64 stays float64, fp32/fp16/bf16 accumulate in
+// float32 (spec §2). The one home of this rule in C++; fdiv_kernels/backends/common.py has the Python twin.
+inline at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The forward's outputs, allocated once per call in the accumulate dtype.
 inline ForwardOutputs empty_forward_outputs(const at::Tensor& model_pred, int64_t reduction) {
   const int64_t rows = model_pred.size(0), B = rows / 2;
-  const auto opts = model_pred.options().dtype(model_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto opts = model_pred.options().dtype(accumulate_type(model_pred.scalar_type()));
   return {reduction == 0 ? at::empty({B}, opts) : at::empty({}, opts), at::empty({B}, opts), at::empty({4, rows}, opts),
           at::empty({kSummaryLen}, opts), at::empty({rows}, opts)};
 }

@@ -61,7 +61,7 @@ class FDPOConfig:
             "reduction": REDUCTIONS[self.reduction],
             "loss_type": LOSS_TYPES[self.loss_type],
             "ipo_margin": self.ipo_margin,
-            "interleaved": self.layout == "interleaved",
+            "interleaved": self.interleaved,
             "strict_ties": self.implicit_acc_ties == "strict",
         }
         packed = ([float(values[k]) for k in OP_FLOATS], [int(values[k]) for k in OP_INTS])
@@ -70,14 +70,6 @@ class FDPOConfig:
     @property
     def interleaved(self) -> bool:
         return self.layout == "interleaved"
-
-    @property
-    def reduction_id(self) -> int:
-        return REDUCTIONS[self.reduction]
-
-    @property
-    def strict_ties(self) -> bool:
-        return self.implicit_acc_ties == "strict"
 
     def op_scalars(self) -> tuple[list[float], list[int]]:
         """The configuration arguments of fdiv_kernels::fdpo_forward: ``(fparams, iparams)``, laid out as
