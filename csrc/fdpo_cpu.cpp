@@ -1,6 +1,6 @@
-// CPU implementations of fdiv_kernels_C::forward / fdiv_kernels_C::backward (schemas in ops.cpp), the kernel
-// contract of docs/architecture.md. The divergence math and the per-pair head come from fdpo_math.h, shared with
-// the CUDA kernels.
+// CPU implementations of fdiv_kernels::fdpo_forward / fdpo_backward (schemas in ops.cpp), the kernel contract of
+// docs/spec.md. The divergence math, the per-pair head and its epilogue come from fdpo_math.h, shared with the CUDA
+// kernels.
 //
 // Forward: one pass over the inputs.
 //   * Work item = (pair p, chunk c of kChunk elements of D). The chunking is FIXED (independent of the thread

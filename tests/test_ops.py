@@ -305,3 +305,17 @@ def test_both_op_families_refuse_double_backward_with_one_message():
             grad.square().sum().backward()
         messages.append(str(err.value))
     assert all(ops.DOUBLE_BACKWARD_ERROR in m for m in messages), messages
+
+
+def test_import_dispatches_and_registers_nothing():
+    """The dispatch table fills on first use: importing the package neither resolves a backend nor registers the
+    Triton kernels as the native op's CUDA kernel (ops.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fdiv_kernels\n"
+        "from fdiv_kernels import ops\n"
+        "assert not ops._TABLE and not ops._NATIVE_KERNEL and not ops._libraries, (ops._TABLE, ops._NATIVE_KERNEL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
