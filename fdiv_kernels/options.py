@@ -2,9 +2,10 @@
 
 ``fused_fdpo_loss``, ``FDPOLoss`` and ``fdpo_loss_reference`` take these by keyword; their signatures and the
 ``Args`` of their docstrings are generated from :class:`LossOptions` (``with_options``), and
-``_validation.make_config`` validates them into the frozen ``FDPOConfig`` the kernels get. Adding an option means a
-field here, its check in ``make_config`` (and, for the kernels, an entry in ``OP_PARAMS``), nothing in the
-signatures. tests/test_errors.py checks the three signatures and docstrings against this class.
+``_validation.make_config`` validates them into the frozen ``FDPOConfig`` the kernels get. An option the kernels
+read is a field here, its check and packed value in ``_validation.py`` (``make_config``, ``FDPOConfig``), an entry
+in ``OP_FLOATS`` / ``OP_INTS`` (and its twin in csrc/fdpo_op.h), and its math in the kernels and the reference;
+never the signatures. tests/test_errors.py checks the three signatures and docstrings against this class.
 """
 
 from __future__ import annotations
