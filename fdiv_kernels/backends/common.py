@@ -25,7 +25,8 @@ class KernelParams(namedtuple("KernelParams", OP_FLOATS + OP_INTS)):
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The arithmetic type for inputs whose model_pred has ``dtype``: float64 stays float64, fp32/fp16/bf16
-    accumulate in float32 (spec §2). The one home of this rule in Python; csrc/fdpo_op.h accumulate_type is the C++ twin."""
+    accumulate in float32 (spec §2). The one home of this rule in Python; the C++ twin is csrc/fdpo_op.h's
+    accumulate_type."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
