@@ -1,6 +1,6 @@
-// CPU implementations of fdiv_kernels_C::forward / fdiv_kernels_C::backward (schemas in ops.cpp), the kernel
-// contract of docs/architecture.md. The divergence math and the per-pair head come from fdpo_math.h, shared with
-// the CUDA kernels.
+// CPU implementations of fdiv_kernels::fdpo_forward / fdpo_backward (schemas in ops.cpp), the kernel contract of
+// docs/spec.md. The divergence math, the per-pair head and its epilogue come from fdpo_math.h, shared with the CUDA
+// kernels.
 //
 // Forward: one pass over the inputs.
 //   * Work item = (pair p, chunk c of kChunk elements of D). The chunking is FIXED (independent of the thread
@@ -234,71 +234,44 @@ Dtype dtype_of(const at::Tensor& t) {
 }
 
 template <typename T>
-void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, int err_reduction, bool strict_ties,
-                const T* ref_err, const T* pair_weight, T* loss, T* logits, T* stats, T* summary, T* coef) {
-  const int64_t B = a.B, rows = 2 * B, nc = a.chunks, D = a.D;
+void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, const T* ref_err, const T* pair_weight,
+                const fdpo::PairOutputs<T>& out, T* summary) {
+  const int64_t B = a.B, nc = a.chunks;
   const bool has_mask = a.mask != nullptr;
+  const double inv_d = 1.0 / static_cast<double>(a.D);
   double total = 0.0, wins = 0.0, e_total = 0.0, eref_total = 0.0;
   for (int64_t p = 0; p < B; ++p) {
-    double sums[kSlots] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double sums[kSlots] = {0, 0, 0, 0, 0, 0, 0, 0};  // S, R, Q, M of the winner, then of the loser
     const double* ws = a.ws + p * nc * kSlots;
     for (int64_t c = 0; c < nc; ++c)
       for (int k = 0; k < kSlots; ++k) sums[k] += ws[c * kSlots + k];
     const int64_t rw = winner_row(p, B, a.interleaved), rl = loser_row(p, B, a.interleaved);
-    T e[2], eref[2], diff[2], inv[2];
-    for (int h = 0; h < 2; ++h) {
-      const double* s = sums + 4 * h;
-      const double count = (has_mask && err_reduction == fdpo::kErrMean) ? s[3] : static_cast<double>(D);
-      const double inv_d = err_reduction == fdpo::kErrSum ? 1.0 : (count > 0.0 ? 1.0 / count : 0.0);
-      const int64_t row = h == 0 ? rw : rl;
-      e[h] = static_cast<T>(s[0] * inv_d);
-      inv[h] = static_cast<T>(inv_d);
-      if (has_ref) {
-        eref[h] = static_cast<T>(s[1] * inv_d);
-        diff[h] = static_cast<T>(s[2] * inv_d);
-      } else {
-        eref[h] = ref_err[row];
-        diff[h] = eref[h] - e[h];
-      }
-    }
+    const auto errors = [&](const double* s, int64_t row) {
+      const double scale = fdpo::error_scale(hp.err_reduction, has_mask, s[3], inv_d);
+      return fdpo::sample_errors<T>(s[0], s[1], s[2], scale, has_ref, has_ref ? T(0) : ref_err[row]);
+    };
+    const fdpo::SampleErrors<T> ew = errors(sums, rw), el = errors(sums + 4, rl);
     const T w = pair_weight != nullptr ? pair_weight[p] : T(1);
-    const fdpo::PairHead<T> r = fdpo::fdpo_pair_head<T>(hp, diff[0], diff[1], inv[0], inv[1], w);
-    logits[p] = r.logit;
-    if (hp.reduction == fdpo::kNone) loss[p] = r.loss;
-    total += static_cast<double>(r.loss);
-    wins += static_cast<double>(fdpo::implicit_win(r.logit, strict_ties));
-    e_total += static_cast<double>(e[0]) + static_cast<double>(e[1]);
-    eref_total += static_cast<double>(eref[0]) + static_cast<double>(eref[1]);
-    const int64_t idx[2] = {rw, rl};
-    const T d[2] = {r.d_w, r.d_l}, rew[2] = {r.reward_w, r.reward_l}, cf[2] = {r.coef_w, r.coef_l};
-    for (int h = 0; h < 2; ++h) {
-      stats[0 * rows + idx[h]] = e[h];
-      stats[1 * rows + idx[h]] = eref[h];
-      stats[2 * rows + idx[h]] = d[h];
-      stats[3 * rows + idx[h]] = rew[h];
-      coef[idx[h]] = cf[h];
-    }
+    const fdpo::PairHead<T> h = fdpo::pair_epilogue<T>(hp, p, rw, rl, ew, el, w, out);
+    total += static_cast<double>(h.loss);
+    wins += static_cast<double>(fdpo::implicit_win(h.logit, hp.strict_ties));
+    e_total += static_cast<double>(ew.e) + static_cast<double>(el.e);
+    eref_total += static_cast<double>(ew.e_ref) + static_cast<double>(el.e_ref);
   }
-  if (hp.reduction == fdpo::kMean) loss[0] = static_cast<T>(total / static_cast<double>(B));
-  if (hp.reduction == fdpo::kSum) loss[0] = static_cast<T>(total);
-  summary[0] = static_cast<T>(wins / static_cast<double>(B));
-  summary[1] = static_cast<T>(e_total / static_cast<double>(rows));
-  summary[2] = static_cast<T>(eref_total / static_cast<double>(rows));
+  fdpo::store_reduced(hp, total, wins, e_total, eref_total, out.loss, summary);
 }
 
 fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
                                  const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& pair_weight,
-                                 double beta, int64_t divergence, double alpha, double gamma, double label_smoothing,
-                                 int64_t err_reduction, double logratio_clip, int64_t reduction, int64_t loss_type,
-                                 double ipo_margin, bool interleaved, bool strict_ties) {
+                                 c10::ArrayRef<double> fparams, c10::ArrayRef<int64_t> iparams) {
   TORCH_CHECK(model_pred.device().is_cpu(), "fdiv_kernels (cpu): model_pred must be a CPU tensor");
-  fdpo::check_forward_ids("cpu", ref_pred.has_value(), ref_err.has_value(), divergence, reduction, err_reduction,
-                          loss_type);
+  fdpo::check_reference("cpu", ref_pred.has_value(), ref_err.has_value());
   const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, ref_pred, target, mask);
   const int64_t B = v.B, D = v.D, rows = 2 * B;
+  const fdpo::HeadParams hp = fdpo::head_params("cpu", fparams, iparams, B);
   const Dtype dt = dtype_of(v.pred);
-  const at::ScalarType acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = fdpo::accumulate_type(dt);
   at::Tensor rerr, pw;
   if (ref_err.has_value()) rerr = fdpo::small_vector(*ref_err, model_pred, acc, rows, "cpu", "ref_err");
   if (pair_weight.has_value()) pw = fdpo::small_vector(*pair_weight, model_pred, acc, B, "cpu", "pair_weight");
@@ -320,29 +293,17 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   a.chunks = chunks;
   a.target_shared = tgt.size(0) == B;
   a.mask_shared = msk.defined() && msk.size(0) == B;
-  a.interleaved = interleaved;
+  a.interleaved = hp.interleaved;
   a.ws = ws.data();
   run_forward_items(a);
 
-  fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(pred, reduction);
+  fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(pred, hp.reduction);
   auto& [loss, logits, stats, summary, coef] = out;
-  fdpo::HeadParams hp;
-  hp.beta = beta;
-  hp.divergence = static_cast<int>(divergence);
-  hp.alpha = alpha;
-  hp.gamma = gamma;
-  hp.label_smoothing = label_smoothing;
-  hp.logratio_clip = logratio_clip;
-  hp.reduction = static_cast<int>(reduction);
-  hp.loss_type = static_cast<int>(loss_type);
-  hp.ipo_margin = ipo_margin;
-  hp.num_pairs = B;
   const auto heads = [&](auto zero) {
     using T = decltype(zero);
-    pair_heads<T>(hp, a, ref.defined(), static_cast<int>(err_reduction), strict_ties,
-                  rerr.defined() ? rerr.data_ptr<T>() : nullptr, pw.defined() ? pw.data_ptr<T>() : nullptr,
-                  loss.data_ptr<T>(), logits.data_ptr<T>(), stats.data_ptr<T>(), summary.data_ptr<T>(),
-                  coef.data_ptr<T>());
+    const fdpo::PairOutputs<T> po{loss.data_ptr<T>(), logits.data_ptr<T>(), stats.data_ptr<T>(), coef.data_ptr<T>()};
+    pair_heads<T>(hp, a, ref.defined(), rerr.defined() ? rerr.data_ptr<T>() : nullptr,
+                  pw.defined() ? pw.data_ptr<T>() : nullptr, po, summary.data_ptr<T>());
   };
   if (acc == at::kDouble)
     heads(0.0);
@@ -377,8 +338,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& model_pre
   TORCH_CHECK(grad_loss.numel() == 1 || grad_loss.numel() == B, "fdiv_kernels (cpu): grad_loss must have 1 or B = ", B,
               " elements; got ", grad_loss.numel());
   const at::Tensor g = grad_loss.to(at::kCPU, at::kDouble).contiguous().reshape({-1});
-  const at::Tensor cf =
-      fdpo::small_vector(grad_coef, model_pred, dt == at::kDouble ? at::kDouble : at::kFloat, rows, "cpu", "grad_coef");
+  const at::Tensor cf = fdpo::small_vector(grad_coef, model_pred, fdpo::accumulate_type(dt), rows, "cpu", "grad_coef");
   // Per-row scale coef * G, rounded to the accumulate type as the product in that type would be; 0 where either
   // factor is 0 (an overflowed coefficient times a zero upstream gradient is 0, not NaN).
   std::vector<double> scale(static_cast<size_t>(rows));

@@ -162,51 +162,22 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
   }
   __syncthreads();
 
-  // 2. per-pair head, one thread per pair.
-  const int64_t rows = 2 * B;
+  // 2. per-pair head, one thread per pair (the epilogue shared with the CPU kernels, fdpo_math.h).
+  const fdpo::PairOutputs<float> out{a.loss, a.logits, a.stats, a.coef};
   for (int64_t p = threadIdx.x; p < B; p += kThreads) {
-    const float* v = a.combined + p * kNQ;
+    const float* v = a.combined + p * kNQ;  // S, R, Q, M of the winner, then of the loser
     const int64_t rw = fdpo::winner_row(p, B, a.interleaved), rl = fdpo::loser_row(p, B, a.interleaved);
-    float inv_w, inv_l;
-    if (a.err_reduction == fdpo::kErrSum) {
-      inv_w = inv_l = 1.0f;
-    } else if (HAS_MASK && a.err_reduction == fdpo::kErrMean) {
-      inv_w = v[3] > 0.0f ? 1.0f / v[3] : 0.0f;
-      inv_l = v[7] > 0.0f ? 1.0f / v[7] : 0.0f;
-    } else {
-      inv_w = inv_l = a.inv_d;
-    }
-    const float e_w = v[0] * inv_w, e_l = v[4] * inv_l;
-    float eref_w, eref_l, diff_w, diff_l;
-    if (HAS_REF) {
-      eref_w = v[1] * inv_w;
-      eref_l = v[5] * inv_l;
-      diff_w = v[2] * inv_w;
-      diff_l = v[6] * inv_l;
-    } else {
-      eref_w = a.ref_err[rw];
-      eref_l = a.ref_err[rl];
-      diff_w = eref_w - e_w;
-      diff_l = eref_l - e_l;
-    }
+    const auto errors = [&](const float* s, int64_t row) {
+      const float scale = fdpo::error_scale(a.err_reduction, HAS_MASK, s[3], a.inv_d);
+      return fdpo::sample_errors<float>(s[0], s[1], s[2], scale, HAS_REF, HAS_REF ? 0.0f : a.ref_err[row]);
+    };
+    const fdpo::SampleErrors<float> ew = errors(v, rw), el = errors(v + 4, rl);
     const float w = a.pair_weight != nullptr ? a.pair_weight[p] : 1.0f;
-    const fdpo::PairHead<float> h = fdpo::fdpo_pair_head<float>(a.hp, diff_w, diff_l, inv_w, inv_l, w);
-    a.logits[p] = h.logit;
-    a.stats[rw] = e_w;
-    a.stats[rl] = e_l;
-    a.stats[rows + rw] = eref_w;
-    a.stats[rows + rl] = eref_l;
-    a.stats[2 * rows + rw] = h.d_w;
-    a.stats[2 * rows + rl] = h.d_l;
-    a.stats[3 * rows + rw] = h.reward_w;
-    a.stats[3 * rows + rl] = h.reward_l;
-    a.coef[rw] = h.coef_w;
-    a.coef[rl] = h.coef_l;
-    if (a.hp.reduction == fdpo::kNone) a.loss[p] = h.loss;
+    const fdpo::PairHead<float> h = fdpo::pair_epilogue<float>(a.hp, p, rw, rl, ew, el, w, out);
     a.pair_sums[p] = h.loss;
     a.pair_sums[B + p] = fdpo::implicit_win(h.logit, a.strict_ties);
-    a.pair_sums[2 * B + p] = e_w + e_l;
-    a.pair_sums[3 * B + p] = eref_w + eref_l;
+    a.pair_sums[2 * B + p] = ew.e + el.e;
+    a.pair_sums[3 * B + p] = ew.e_ref + el.e_ref;
   }
   __syncthreads();
 
@@ -217,12 +188,7 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
     for (int k = 0; k < kPairSums; ++k) s[k] += a.pair_sums[k * B + p];
   }
   block_sum<kPairSums>(s, smem);
-  if (threadIdx.x == 0) {
-    if (a.hp.reduction != fdpo::kNone) a.loss[0] = a.hp.reduction == fdpo::kMean ? s[0] / static_cast<float>(B) : s[0];
-    a.summary[0] = s[1] / static_cast<float>(B);
-    a.summary[1] = s[2] / static_cast<float>(rows);
-    a.summary[2] = s[3] / static_cast<float>(rows);
-  }
+  if (threadIdx.x == 0) fdpo::store_reduced(a.hp, s[0], s[1], s[2], s[3], a.loss, a.summary);
 }
 
 // One element of a pair's two rows into the partial sums S, R, Q, M (winner in acc[0..3], loser in acc[4..7]).
@@ -533,15 +499,13 @@ void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
 fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
                                        const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
                                        const std::optional<at::Tensor>& mask,
-                                       const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence,
-                                       double alpha, double gamma, double label_smoothing, int64_t err_reduction,
-                                       double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
-                                       bool interleaved, bool strict_ties) {
+                                       const std::optional<at::Tensor>& pair_weight, c10::ArrayRef<double> fparams,
+                                       c10::ArrayRef<int64_t> iparams) {
   TORCH_CHECK(model_pred.is_cuda(), "fdiv_kernels (cuda): model_pred must be a CUDA tensor");
-  fdpo::check_forward_ids("cuda", ref_pred.has_value(), ref_err.has_value(), divergence, reduction, err_reduction,
-                          loss_type);
+  fdpo::check_reference("cuda", ref_pred.has_value(), ref_err.has_value());
   const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, ref_pred, target, mask);
   const int64_t rows = 2 * v.B, D = v.D, B = v.B;
+  const fdpo::HeadParams hp = fdpo::head_params("cuda", fparams, iparams, B);
 
   const c10::cuda::CUDAGuard guard(model_pred.device());
   const int device = model_pred.get_device();
@@ -552,7 +516,7 @@ fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::
   if (ref_err) ref_err_f = fdpo::small_vector(*ref_err, model_pred, at::kFloat, rows, "cuda", "ref_err");
   if (pair_weight) pair_weight_f = fdpo::small_vector(*pair_weight, model_pred, at::kFloat, B, "cuda", "pair_weight");
 
-  fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(v.pred, reduction);
+  fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(v.pred, hp.reduction);
   auto& [loss, logits, stats, summary, coef] = out;
 
   FwdArgs a{};
@@ -564,22 +528,13 @@ fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::
   a.pair_weight = pair_weight ? pair_weight_f.data_ptr<float>() : nullptr;
   a.D = D;
   a.B = B;
-  a.interleaved = interleaved;
+  a.interleaved = hp.interleaved;
   a.target_shared = v.target_shared;
   a.mask_shared = v.mask_shared;
-  a.err_reduction = static_cast<int>(err_reduction);
-  a.strict_ties = strict_ties;
+  a.err_reduction = hp.err_reduction;
+  a.strict_ties = hp.strict_ties;
   a.inv_d = D > 0 ? static_cast<float>(1.0 / static_cast<double>(D)) : 0.0f;
-  a.hp.beta = beta;
-  a.hp.divergence = static_cast<int>(divergence);
-  a.hp.alpha = alpha;
-  a.hp.gamma = gamma;
-  a.hp.label_smoothing = label_smoothing;
-  a.hp.logratio_clip = logratio_clip;
-  a.hp.reduction = static_cast<int>(reduction);
-  a.hp.loss_type = static_cast<int>(loss_type);
-  a.hp.ipo_margin = ipo_margin;
-  a.hp.num_pairs = B;
+  a.hp = hp;
   a.loss = loss.data_ptr<float>();
   a.logits = logits.data_ptr<float>();
   a.stats = stats.data_ptr<float>();

@@ -23,6 +23,8 @@ enum ErrReduction : int { kErrMean = 0, kErrSum = 1, kErrMeanAll = 2 };
 // The link from the pair logit z to the pair loss (diffusers' --loss_type): -log sigmoid(z), relu(1 - z), (z - m)^2.
 enum LossType : int { kSigmoid = 0, kHinge = 1, kIPO = 2 };
 
+// The op's configuration, parsed once from its packed arguments (fdpo::head_params in fdpo_op.h) and shared by
+// the CPU and CUDA kernels.
 struct HeadParams {
   double beta;             // Diffusion-DPO beta; d = beta/2 * w * (e_ref - e)
   int divergence;          // Divergence
@@ -33,6 +35,9 @@ struct HeadParams {
   int reduction;           // Reduction
   int loss_type;           // LossType
   double ipo_margin;       // m = 1 / (2 tau) of loss_type kIPO
+  int err_reduction;       // ErrReduction
+  bool interleaved;        // row layout (spec §1)
+  bool strict_ties;        // implicit_acc counts a tie (z == 0) as 0 instead of 1/2
   int64_t num_pairs;       // B
 };
 
@@ -230,6 +235,86 @@ FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T in
   h.coef_w = mul0(mul0(g, -gamma * slope_w), outer * inv_w);
   h.coef_l = mul0(mul0(g, gamma * slope_l), outer * inv_l);
   return h;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The pair-head epilogue, shared by the CPU (fdpo_cpu.cpp pair_heads) and CUDA (fdpo_cuda.cu forward_tail)
+// kernels: per-row sums -> per-sample errors -> fdpo_pair_head -> the stored statistics; then the reduced loss and
+// the summary. A is the type the sums are in (double on CPU, float on CUDA), T the output type.
+// ---------------------------------------------------------------------------------------------------------------
+
+// The factor turning a row's sums into its per-sample error (err_reduction): 1 (sum), 1/M (masked mean; 0 for an
+// empty mask) or 1/D (mean, or mean over all elements), given as inv_d.
+template <typename A>
+FDPO_HD A error_scale(int err_reduction, bool has_mask, A mask_count, A inv_d) {
+  if (err_reduction == kErrSum) return A(1);
+  if (has_mask && err_reduction == kErrMean) return mask_count > A(0) ? A(1) / mask_count : A(0);
+  return inv_d;
+}
+
+template <typename T>
+struct SampleErrors {
+  T e, e_ref, diff, inv;  // e, e_ref, e_ref - e (accumulated directly when ref_pred is given), error_scale
+};
+
+// One sample's errors from its sums S (model), R (reference), Q (e_ref - e) scaled by `scale`; without ref_pred
+// (has_ref false) e_ref is the cached `ref_err` and the gap is formed here.
+template <typename T, typename A>
+FDPO_HD SampleErrors<T> sample_errors(A s, A r, A q, A scale, bool has_ref, T ref_err) {
+  SampleErrors<T> out;
+  out.inv = static_cast<T>(scale);
+  out.e = static_cast<T>(s * scale);
+  if (has_ref) {
+    out.e_ref = static_cast<T>(r * scale);
+    out.diff = static_cast<T>(q * scale);
+  } else {
+    out.e_ref = ref_err;
+    out.diff = out.e_ref - out.e;
+  }
+  return out;
+}
+
+// The forward's per-pair and per-row outputs (fdpo_op.h empty_forward_outputs).
+template <typename T>
+struct PairOutputs {
+  T* loss;    // [] or [B]
+  T* logits;  // [B]
+  T* stats;   // [4, 2B]: e, e_ref, d, psi(d)
+  T* coef;    // [2B]
+};
+
+// The head of pair p and its stores: logit, statistics and coefficients of rows rw, rl, and the per-pair loss
+// when it is not reduced. Returns the head for the caller's reductions.
+template <typename T>
+FDPO_HD PairHead<T> pair_epilogue(const HeadParams& hp, int64_t p, int64_t rw, int64_t rl, const SampleErrors<T>& w,
+                                  const SampleErrors<T>& l, T weight, const PairOutputs<T>& out) {
+  const PairHead<T> h = fdpo_pair_head<T>(hp, w.diff, l.diff, w.inv, l.inv, weight);
+  const int64_t rows = 2 * hp.num_pairs;
+  out.logits[p] = h.logit;
+  out.stats[rw] = w.e;
+  out.stats[rl] = l.e;
+  out.stats[rows + rw] = w.e_ref;
+  out.stats[rows + rl] = l.e_ref;
+  out.stats[2 * rows + rw] = h.d_w;
+  out.stats[2 * rows + rl] = h.d_l;
+  out.stats[3 * rows + rw] = h.reward_w;
+  out.stats[3 * rows + rl] = h.reward_l;
+  out.coef[rw] = h.coef_w;
+  out.coef[rl] = h.coef_l;
+  if (hp.reduction == kNone) out.loss[p] = h.loss;
+  return h;
+}
+
+// The reduced loss (mean or sum of the per-pair losses) and the summary (implicit_acc, mean e, mean e_ref) from
+// their totals over the pairs.
+template <typename T, typename A>
+FDPO_HD void store_reduced(const HeadParams& hp, A loss_total, A wins, A e_total, A eref_total, T* loss, T* summary) {
+  const A B = static_cast<A>(hp.num_pairs), rows = static_cast<A>(2 * hp.num_pairs);
+  if (hp.reduction == kMean) loss[0] = static_cast<T>(loss_total / B);
+  if (hp.reduction == kSum) loss[0] = static_cast<T>(loss_total);
+  summary[0] = static_cast<T>(wins / B);
+  summary[1] = static_cast<T>(e_total / rows);
+  summary[2] = static_cast<T>(eref_total / rows);
 }
 
 }  // namespace fdpo

@@ -10,6 +10,8 @@
 #include <optional>
 #include <tuple>
 
+#include "fdpo_math.h"
+
 namespace fdpo {
 
 // loss ([] or [B]), logits [B], sample_stats [4, 2B] (e, e_ref, d, psi(d)), summary [kSummaryLen], grad_coef [2B]
@@ -18,10 +20,14 @@ using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // in the kernels' pair head so that statistics cost no extra launch.
 constexpr int64_t kSummaryLen = 3;
 
-// The forward's outputs, allocated once per call in the accumulate dtype (fp64 for fp64 inputs, else fp32).
+// The arithmetic type for inputs whose model_pred has dtype `t`: float64 stays float64, fp32/fp16/bf16 accumulate in
+// float32 (spec §2). The one home of this rule in C++; fdiv_kernels/backends/common.py has the Python twin.
+inline at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The forward's outputs, allocated once per call in the accumulate dtype.
 inline ForwardOutputs empty_forward_outputs(const at::Tensor& model_pred, int64_t reduction) {
   const int64_t rows = model_pred.size(0), B = rows / 2;
-  const auto opts = model_pred.options().dtype(model_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto opts = model_pred.options().dtype(accumulate_type(model_pred.scalar_type()));
   return {reduction == 0 ? at::empty({B}, opts) : at::empty({}, opts), at::empty({B}, opts), at::empty({4, rows}, opts),
           at::empty({kSummaryLen}, opts), at::empty({rows}, opts)};
 }
@@ -92,14 +98,49 @@ inline at::Tensor small_vector(const at::Tensor& t, const at::Tensor& pred, at::
   return t.to(acc).contiguous().reshape({numel});
 }
 
-inline void check_forward_ids(const char* backend, bool has_ref_pred, bool has_ref_err, int64_t divergence,
-                              int64_t reduction, int64_t err_reduction, int64_t loss_type) {
-  TORCH_CHECK(err_reduction >= 0 && err_reduction <= 2, "fdiv_kernels (", backend, "): unknown err_reduction id ",
-              err_reduction);
-  TORCH_CHECK(loss_type >= 0 && loss_type <= 2, "fdiv_kernels (", backend, "): unknown loss_type id ", loss_type);
+// Layout of the op's configuration, the packed arguments `float[] fparams, int[] iparams` of fdpo_forward: index
+// of each scalar. The Python twin is OP_FLOATS / OP_INTS in fdiv_kernels/options.py (tests/test_ops.py compares).
+// (Scoped in structs: the names would clash with the ids' enums of fdpo_math.h, e.g. kAlpha.)
+struct FloatParam {
+  enum : int { kBeta, kAlpha, kGamma, kLabelSmoothing, kLogratioClip, kIpoMargin, kCount };
+};
+struct IntParam {
+  enum : int { kDivergence, kErrReduction, kReduction, kLossType, kInterleaved, kStrictTies, kCount };
+};
+
+inline void check_layout(const char* backend, c10::ArrayRef<double> f, c10::ArrayRef<int64_t> i) {
+  TORCH_CHECK(f.size() == static_cast<size_t>(FloatParam::kCount) && i.size() == static_cast<size_t>(IntParam::kCount),
+              "fdiv_kernels (", backend, "): the configuration must be ", FloatParam::kCount, " floats and ",
+              IntParam::kCount, " ints (fdiv_kernels/options.py OP_FLOATS / OP_INTS); got ", f.size(), " and ",
+              i.size());
+}
+
+// The op's configuration, checked (ids in range) and parsed once per call for the CPU and CUDA kernels.
+inline HeadParams head_params(const char* backend, c10::ArrayRef<double> f, c10::ArrayRef<int64_t> i, int64_t B) {
+  check_layout(backend, f, i);
+  const auto id = [&](int k, int64_t last, const char* name) {
+    TORCH_CHECK(i[k] >= 0 && i[k] <= last, "fdiv_kernels (", backend, "): unknown ", name, " id ", i[k]);
+    return static_cast<int>(i[k]);
+  };
+  HeadParams p;
+  p.beta = f[FloatParam::kBeta];
+  p.alpha = f[FloatParam::kAlpha];
+  p.gamma = f[FloatParam::kGamma];
+  p.label_smoothing = f[FloatParam::kLabelSmoothing];
+  p.logratio_clip = f[FloatParam::kLogratioClip];
+  p.ipo_margin = f[FloatParam::kIpoMargin];
+  p.divergence = id(IntParam::kDivergence, kHellinger, "divergence");
+  p.err_reduction = id(IntParam::kErrReduction, kErrMeanAll, "err_reduction");
+  p.reduction = id(IntParam::kReduction, kSum, "reduction");
+  p.loss_type = id(IntParam::kLossType, kIPO, "loss_type");
+  p.interleaved = i[IntParam::kInterleaved] != 0;
+  p.strict_ties = i[IntParam::kStrictTies] != 0;
+  p.num_pairs = B;
+  return p;
+}
+
+inline void check_reference(const char* backend, bool has_ref_pred, bool has_ref_err) {
   TORCH_CHECK(has_ref_pred != has_ref_err, "fdiv_kernels (", backend, "): pass exactly one of ref_pred and ref_err");
-  TORCH_CHECK(divergence >= 0 && divergence <= 4, "fdiv_kernels (", backend, "): unknown divergence id ", divergence);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fdiv_kernels (", backend, "): unknown reduction id ", reduction);
 }
 
 }  // namespace fdpo

@@ -23,9 +23,10 @@ using torch::autograd::variable_list;
 
 fdpo::ForwardOutputs forward_meta(const at::Tensor& model_pred, const std::optional<at::Tensor>&, const at::Tensor&,
                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, double, int64_t, double, double, double, int64_t,
-                                  double, int64_t reduction, int64_t, double, bool, bool) {
-  return fdpo::empty_forward_outputs(model_pred, reduction);
+                                  const std::optional<at::Tensor>&, c10::ArrayRef<double> fparams,
+                                  c10::ArrayRef<int64_t> iparams) {
+  fdpo::check_layout("meta", fparams, iparams);
+  return fdpo::empty_forward_outputs(model_pred, iparams[fdpo::IntParam::kReduction]);
 }
 
 at::Tensor backward_meta(const at::Tensor&, const at::Tensor& model_pred, const at::Tensor&,
@@ -47,31 +48,27 @@ const auto& backward_op() {
   return op;
 }
 
-constexpr int kForwardArgs = 18;
-
 class FdpoForward : public torch::autograd::Function<FdpoForward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& model_pred,
                                const std::optional<at::Tensor>& ref_pred, const at::Tensor& target,
                                const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& mask,
-                               const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence,
-                               double alpha, double gamma, double label_smoothing, int64_t err_reduction,
-                               double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
-                               bool interleaved, bool strict_ties) {
+                               const std::optional<at::Tensor>& pair_weight, c10::ArrayRef<double> fparams,
+                               c10::ArrayRef<int64_t> iparams) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, logits, stats, summary, coef] = forward_op().call(
-        model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence, alpha, gamma, label_smoothing,
-        err_reduction, logratio_clip, reduction, loss_type, ipo_margin, interleaved, strict_ties);
+    auto [loss, logits, stats, summary, coef] =
+        forward_op().call(model_pred, ref_pred, target, ref_err, mask, pair_weight, fparams, iparams);
     // The backward needs the inputs it reads and O(B) coefficients: no activation-sized buffer is kept.
     ctx->save_for_backward({model_pred, target, mask.value_or(at::Tensor()), coef});
-    ctx->saved_data["interleaved"] = interleaved;
+    ctx->saved_data["interleaved"] = iparams[fdpo::IntParam::kInterleaved] != 0;
     ctx->mark_non_differentiable({logits, stats, summary, coef});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for the statistics (a launch each on CUDA)
     return {loss, logits, stats, summary, coef};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(kForwardArgs);
+    // One gradient per input of the op: model_pred's, undefined for the others.
+    variable_list out(forward_op().schema().arguments().size());
     const at::Tensor& grad_loss = grads[0];
     if (grad_loss.defined() && ctx->needs_input_grad(0)) {
       const variable_list saved = ctx->get_saved_variables();
@@ -86,13 +83,10 @@ class FdpoForward : public torch::autograd::Function<FdpoForward> {
 fdpo::ForwardOutputs forward_autograd(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
                                       const at::Tensor& target, const std::optional<at::Tensor>& ref_err,
                                       const std::optional<at::Tensor>& mask,
-                                      const std::optional<at::Tensor>& pair_weight, double beta, int64_t divergence,
-                                      double alpha, double gamma, double label_smoothing, int64_t err_reduction,
-                                      double logratio_clip, int64_t reduction, int64_t loss_type, double ipo_margin,
-                                      bool interleaved, bool strict_ties) {
-  const variable_list r = FdpoForward::apply(model_pred, ref_pred, target, ref_err, mask, pair_weight, beta, divergence,
-                                             alpha, gamma, label_smoothing, err_reduction, logratio_clip, reduction,
-                                             loss_type, ipo_margin, interleaved, strict_ties);
+                                      const std::optional<at::Tensor>& pair_weight, c10::ArrayRef<double> fparams,
+                                      c10::ArrayRef<int64_t> iparams) {
+  const variable_list r =
+      FdpoForward::apply(model_pred, ref_pred, target, ref_err, mask, pair_weight, fparams, iparams);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
@@ -109,6 +103,7 @@ class FdpoBackward : public torch::autograd::Function<FdpoBackward> {
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
+    // The same text as fdiv_kernels/ops.py DOUBLE_BACKWARD_ERROR (tests/test_ops.py checks both).
     TORCH_CHECK(false,
                 "fdiv_kernels: double backward through fused_fdpo_loss is not supported (the fused kernels "
                 "compute first derivatives only). For a loss on the gradient (create_graph=True), use "
@@ -128,10 +123,9 @@ std::string fdpo_cpu_isa();  // fdpo_cpu.cpp
 
 TORCH_LIBRARY(fdiv_kernels, m) {
   m.def(
+      // fparams, iparams: the configuration, laid out as fdpo_op.h FloatParam / IntParam.
       "fdpo_forward(Tensor model_pred, Tensor? ref_pred, Tensor target, Tensor? ref_err, Tensor? mask, "
-      "Tensor? pair_weight, float beta, int divergence, float alpha, float gamma, float label_smoothing, "
-      "int err_reduction, float logratio_clip, int reduction, int loss_type, float ipo_margin, bool interleaved, "
-      "bool strict_ties) "
+      "Tensor? pair_weight, float[] fparams, int[] iparams) "
       "-> (Tensor loss, Tensor logits, Tensor sample_stats, Tensor summary, Tensor grad_coef)");
   m.def(
       "fdpo_backward(Tensor grad_loss, Tensor model_pred, Tensor target, Tensor? mask, Tensor grad_coef, "

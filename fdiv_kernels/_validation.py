@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .divergences import Divergence, get_divergence
+from .options import DEFAULTS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+REDUCTIONS = ids("reduction")
 # Per-sample error: masked mean, sum, or mean over all elements (sum m r^2 / D, e.g. SimpleTuner's norm_type="mean").
-ERR_REDUCTIONS = {"mean": 0, "sum": 1, "mean_all": 2}
-LOSS_TYPES = {"sigmoid": 0, "hinge": 1, "ipo": 2}  # diffusers' --loss_type
-LAYOUTS = ("halves", "interleaved")
-BETA_CONVENTIONS = ("half", "full")
-ACC_TIE_RULES = ("half", "strict")
+ERR_REDUCTIONS = ids("err_reduction")
+LOSS_TYPES = ids("loss_type")  # diffusers' --loss_type
+LAYOUTS = choices("layout")
+BETA_CONVENTIONS = choices("beta_convention")
+ACC_TIE_RULES = choices("implicit_acc_ties")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -43,57 +44,62 @@ class FDPOConfig:
     reduction: str
     layout: str
     implicit_acc_ties: str
-    loss_type: str = "sigmoid"
-    ipo_margin: float = 0.0  # 1 / (2 ipo_tau)
+    loss_type: str
+    ipo_margin: float  # 1 / (2 ipo_tau)
+    # The op's packed configuration (fparams, iparams), built once here: options.OP_FLOATS / OP_INTS.
+    _op: tuple = field(init=False, repr=False, compare=False)
 
-    @property
-    def err_sum(self) -> bool:
-        return self.err_reduction == "sum"
+    def __post_init__(self):
+        values = {
+            "beta": self.beta,
+            "divergence": self.divergence.id,
+            "alpha": self.divergence.alpha,
+            "gamma": self.gamma,
+            "label_smoothing": self.label_smoothing,
+            "err_reduction": ERR_REDUCTIONS[self.err_reduction],
+            "logratio_clip": self.logratio_clip or 0.0,  # <= 0: off
+            "reduction": REDUCTIONS[self.reduction],
+            "loss_type": LOSS_TYPES[self.loss_type],
+            "ipo_margin": self.ipo_margin,
+            "interleaved": self.interleaved,
+            "strict_ties": self.implicit_acc_ties == "strict",
+        }
+        packed = ([float(values[k]) for k in OP_FLOATS], [int(values[k]) for k in OP_INTS])
+        object.__setattr__(self, "_op", packed)
 
     @property
     def interleaved(self) -> bool:
         return self.layout == "interleaved"
 
-    @property
-    def reduction_id(self) -> int:
-        return REDUCTIONS[self.reduction]
-
-    @property
-    def strict_ties(self) -> bool:
-        return self.implicit_acc_ties == "strict"
-
-    def op_scalars(self) -> tuple:
-        """The scalar arguments of fdiv_kernels::fdpo_forward, in schema order."""
-        return (
-            self.beta,
-            self.divergence.id,
-            self.divergence.alpha,
-            self.gamma,
-            self.label_smoothing,
-            ERR_REDUCTIONS[self.err_reduction],
-            self.logratio_clip or 0.0,
-            self.reduction_id,
-            LOSS_TYPES[self.loss_type],
-            self.ipo_margin,
-            self.interleaved,
-            self.strict_ties,
-        )
+    def op_scalars(self) -> tuple[list[float], list[int]]:
+        """The configuration arguments of fdiv_kernels::fdpo_forward: ``(fparams, iparams)``, laid out as
+        options.OP_FLOATS / OP_INTS (shared lists: do not modify)."""
+        return self._op
 
 
-def make_config(
-    beta=5000.0,
-    divergence="reverse_kl",
-    alpha=0.5,
-    gamma=1.0,
-    label_smoothing=0.0,
-    err_reduction="mean",
-    layout="halves",
-    beta_convention="half",
-    logratio_clip=None,
-    reduction="mean",
-    implicit_acc_ties="half",
-    loss_type="sigmoid",
-    ipo_tau=None,
+def make_config(**options) -> FDPOConfig:
+    """Validate the loss's options (options.LossOptions; unset ones take their defaults) into the frozen config."""
+    unknown = [name for name in options if name not in OPTIONS]
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are {list(OPTIONS)}")
+    return _checked_config(**{**DEFAULTS, **options})
+
+
+def _checked_config(
+    *,
+    beta,
+    divergence,
+    alpha,
+    gamma,
+    label_smoothing,
+    err_reduction,
+    layout,
+    beta_convention,
+    logratio_clip,
+    reduction,
+    implicit_acc_ties,
+    loss_type,
+    ipo_tau,
 ) -> FDPOConfig:
     """Validate the loss's scalar arguments (errors name the argument) and return the frozen config."""
     div = get_divergence(divergence, alpha)
@@ -147,16 +153,16 @@ def make_config(
 _cached_config = functools.lru_cache(maxsize=512, typed=True)(make_config)
 
 
-def config_for(*scalars) -> FDPOConfig:
-    """``make_config(*scalars)`` through a cache: a training loop pays for validation once per distinct config."""
+def config_for(options: dict) -> FDPOConfig:
+    """``make_config(**options)`` through a cache: a training loop pays for validation once per distinct config."""
     if torch.compiler.is_compiling():  # traced once per graph anyway; Dynamo warns about cache wrappers
-        return make_config(*scalars)
+        return make_config(**options)
     try:
-        return _cached_config(*scalars)
+        return _cached_config(**options)
     except TypeError as err:
         if "unhashable" not in str(err):
             raise
-        return make_config(*scalars)  # e.g. a tensor passed as beta: the uncached call raises the clear error
+        return make_config(**options)  # e.g. a tensor passed as beta: the uncached call raises the clear error
 
 
 @dataclass(frozen=True)
@@ -171,19 +177,6 @@ class FDPOProblem:
     mask: torch.Tensor | None
     pair_weight: torch.Tensor | None
     num_pairs: int
-
-    def __getattr__(self, name):  # the config's fields: problem.beta, problem.divergence, ...
-        if name == "config":  # not yet set (copy/pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.config, name)
-
-    @property
-    def target_shared(self) -> bool:
-        return self.target.shape[0] == self.num_pairs
-
-    @property
-    def mask_shared(self) -> bool:
-        return self.mask is not None and self.mask.shape[0] == self.num_pairs
 
 
 def _finite_float(
@@ -308,43 +301,8 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
     return num_pairs
 
 
-def validate(
-    model_pred,
-    ref_pred,
-    target,
-    *,
-    ref_err,
-    beta,
-    divergence,
-    alpha,
-    gamma,
-    label_smoothing,
-    pair_weight,
-    err_reduction,
-    mask,
-    layout,
-    beta_convention,
-    logratio_clip,
-    reduction,
-    implicit_acc_ties,
-    loss_type="sigmoid",
-    ipo_tau=None,
-) -> FDPOProblem:
+def validate(model_pred, ref_pred, target, *, ref_err, mask, pair_weight, **options) -> FDPOProblem:
     """Config and tensor checks of one call (the reference's entry point; the fused loss caches the config)."""
-    config = make_config(
-        beta,
-        divergence,
-        alpha,
-        gamma,
-        label_smoothing,
-        err_reduction,
-        layout,
-        beta_convention,
-        logratio_clip,
-        reduction,
-        implicit_acc_ties,
-        loss_type,
-        ipo_tau,
-    )
+    config = make_config(**options)
     num_pairs = check_inputs(config, model_pred, ref_pred, target, ref_err, mask, pair_weight)
     return FDPOProblem(config, model_pred, ref_pred, target, ref_err, mask, pair_weight, num_pairs)

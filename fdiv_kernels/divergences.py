@@ -24,7 +24,6 @@ __all__ = [
     "row_errors",
     "psi_diff",
     "clipped_psi_diff",
-    "clipped_psi_slope",
     "sech2",
     "log_psi_slope",
     "log_sech2",
@@ -151,9 +150,11 @@ def _soft_clip_value(d: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.
     return torch.where(tiny, d, clipped), 4.0 * t / ((1.0 + t) * (1.0 + t))
 
 
-def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a * b, but 0 where one factor is 0 and the other +-inf or NaN (the kernels' mul0: a saturated sigmoid times
-    an overflowed exp is 0, not NaN). Differentiable, with the plain product's gradient wherever both are finite."""
+def _mul0_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, but 0 where one factor is 0 and the other +-inf or NaN: the differentiable variant of the kernels'
+    mul0 (csrc/fdpo_math.h; backends/torch_backend.py ``_mul0``), for the reference's autograd. Deliberately not the
+    same function: mul0 gives 0 wherever a factor is 0, this one the plain product (and its gradient) wherever both
+    factors are finite, so that double backward through the reference sees the product's derivatives."""
     bad = ((a == 0) & ~torch.isfinite(b)) | ((b == 0) & ~torch.isfinite(a))
     return torch.where(bad, 0.0, torch.where(bad, 1.0, a) * torch.where(bad, 1.0, b))
 
@@ -213,7 +214,7 @@ class _SoftClip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (d,) = ctx.saved_tensors
-        return _mul0(grad, sech2(d / ctx.clip)), None
+        return _mul0_diff(grad, sech2(d / ctx.clip)), None
 
 
 class _ClippedPsiDiff(torch.autograd.Function):
@@ -321,12 +322,6 @@ def log_sech2(x: torch.Tensor) -> torch.Tensor:
     """log sech^2(x) = log 4 - 2|x| - 2 log1p(exp(-2|x|)), finite wherever x is."""
     ax = x.abs()
     return math.log(4.0) - 2.0 * ax - 2.0 * torch.log1p(torch.exp(-2.0 * ax))
-
-
-def clipped_psi_slope(div: Divergence, r: torch.Tensor, clip: float | None) -> torch.Tensor:
-    """d psi(soft_clip(r)) / dr = psi'(c tanh(r/c)) * sech^2(r/c) (psi'(r) without a clip): evaluated directly, or
-    as exp(log psi' + log sech^2) where one factor would over- and the other underflow. Differentiable."""
-    return _slope_times(torch.ones_like(r), div, r, clip)
 
 
 def row_errors(pred, ref, target, mask, ref_err, err_reduction: str):

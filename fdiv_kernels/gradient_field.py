@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ._validation import _finite_float
+from ._validation import ERR_REDUCTIONS, LOSS_TYPES, REDUCTIONS, _finite_float
 from .backends.common import KernelParams
 from .backends.torch_backend import pair_head
 from .divergences import get_divergence, psi_slope
@@ -110,12 +110,13 @@ def gradient_weights(
         alpha=div.alpha,
         gamma=gamma,
         label_smoothing=eps,
-        err_reduction=1,  # sum
+        err_reduction=ERR_REDUCTIONS["sum"],
         logratio_clip=clip or 0.0,
-        reduction=0,  # "none": loss_p per pair, no 1/B
-        loss_type=0,  # sigmoid
+        reduction=REDUCTIONS["none"],  # loss_p per pair, no 1/B
+        loss_type=LOSS_TYPES["sigmoid"],
         ipo_margin=0.0,
         interleaved=False,
+        strict_ties=False,
     )
     _, _, _, _, coef = pair_head(params, err_gap, inv, None)
     # coef_i = dloss/de_i * 2 * inv_i (red = 1) and dd_i/de_i = -beta/2 * w = -1, so dloss/dd_i = -coef_i / 2.

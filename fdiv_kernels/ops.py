@@ -1,15 +1,32 @@
-"""The op layer: which op a call runs, and the Python ops for the backends the dispatcher cannot choose.
+"""The op layer: the one table that decides what a call runs, and the Python ops for the backends the dispatcher
+cannot choose.
 
-The fast path is native: ``fdiv_kernels::fdpo_forward`` / ``fdpo_backward`` are defined in C++ (csrc/ops.cpp) with
-their autograd and meta kernels, and the dispatcher picks the kernel from the tensors' device: the C++ CPU kernel,
-the CUDA C++ kernel, or, in a build without the CUDA kernels, the Triton kernels, registered below as the CUDA
-implementation. An eager call is then one dispatcher call forward and one backward, like a native op.
+The dispatch table (docs/architecture.md draws it), requested backend x device type -> concrete backend -> op:
 
-Backends named explicitly that the device's native kernel is not (``backend="torch"`` anywhere, ``"triton"``
-where the CUDA C++ kernels are built or on CPU tensors under ``TRITON_INTERPRET=1``) run through
-``fdiv_kernels_py::fdpo_forward`` / ``fdpo_backward``: ``torch.library`` custom ops with the same schema plus the
-backend's name, the same autograd rules and fake kernels. Both families compile with ``torch.compile(fullgraph=
-True)``, pass ``opcheck``, never synchronize with the host, and refuse double backward with a clear error.
+    requested   CPU tensors                          CUDA tensors
+    auto        cpu    -> native op (C++ kernel)     cuda   -> native op (CUDA C++ kernel), or
+                                                     triton -> native op (Triton registered as its CUDA kernel), or
+                                                     triton -> Python op (no C++ extension)
+                falling back to torch (Python op) with a warning where none of those can run
+    cpu         cpu    -> native op                  error
+    cuda        error                                cuda   -> native op
+    triton      triton -> Python op (TRITON_INTERPRET=1)   triton -> native op where Triton is its CUDA kernel,
+                                                     else Python op
+    torch       torch  -> Python op                  torch  -> Python op
+
+``dispatch`` fills it on first use per (requested, device type): that loads the C++ extension (backends/cpp.py)
+and, in a build without the CUDA kernels, registers the Triton kernels as the native op's CUDA kernel. Nothing
+loads or registers at import.
+
+Two op families, because one cannot serve every backend: the native ``fdiv_kernels::fdpo_forward`` /
+``fdpo_backward`` (csrc/ops.cpp: schema, C++ autograd and meta kernels; the dispatcher picks the kernel from the
+device, so an eager call has no Python below this module), and the Python ``fdiv_kernels_py::`` custom ops with the
+same schema plus the backend's name, for explicitly named backends that are not the device's native kernel and for
+machines without the C++ extension. The Python family's output shapes come from ``backends.common.
+empty_forward_outputs`` (twin of fdpo_op.h's), its double-backward message is ``DOUBLE_BACKWARD_ERROR``
+(tests/test_ops.py checks that the C++ one says the same), and the op's configuration is the packed ``(fparams,
+iparams)`` pair of options.OP_FLOATS / OP_INTS. Both families compile with ``torch.compile(fullgraph=True)``, pass
+``opcheck``, never synchronize with the host, and refuse double backward with a clear error.
 """
 
 from __future__ import annotations
@@ -19,28 +36,121 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .backends import HAS_TRITON, cpp, get_implementation
-from .backends.common import KernelParams, accumulate_dtype
-
-_FORWARD_ARGS = 18  # tensors and scalars of fdpo_forward, before the Python ops' backend name
+from . import backends
+from .backends import AUTO_CUDA_ORDER, BACKENDS, HAS_TRITON, cpp, get_implementation
+from .backends.common import KernelParams, accumulate_dtype, empty_forward_outputs
 
 # ---------------------------------------------------------------------------------------------------------------
-# Native ops (csrc/ops.cpp), present when the C++ extension loaded.
+# The dispatch table.
 # ---------------------------------------------------------------------------------------------------------------
 
-NATIVE = cpp.why_unavailable("cpu") is None
+_TABLE: dict[tuple[str, str], tuple[str, Callable]] = {}  # (requested, device type) -> (concrete backend, op)
+_NATIVE_KERNEL: dict[str, Optional[str]] = {}  # device type -> the backend behind the native op there, or None
 
 
-def _native_cuda_kernel() -> Optional[str]:
-    """The backend behind the native op on CUDA tensors: "cuda", "triton" (registered here) or None."""
-    if not NATIVE:
+def dispatch(requested: str, device: torch.device) -> tuple[str, Callable]:
+    """The concrete backend and the forward op of a call on ``device`` (raises with the reason if ``requested``
+    cannot run there). A dict read once filled; filled on first use, eagerly also under torch.compile."""
+    if torch.compiler.is_compiling():
+        # _fill runs eagerly (a constant to Dynamo; no guard on the table, which it may change), then _op_for reads
+        # what it filled.
+        concrete = _fill(requested, device.type)
+        return concrete, _op_for(concrete, device.type)
+    key = (requested, device.type)
+    entry = _TABLE.get(key)
+    if entry is None:
+        _fill(*key)
+        entry = _TABLE[key]
+    return entry
+
+
+@torch._dynamo.assume_constant_result
+def _fill(requested: str, device_type: str) -> str:
+    """Fill the table's entry (loading the extension, registering Triton where needed); the concrete backend."""
+    concrete = _resolve(requested, torch.device(device_type))
+    _TABLE[(requested, device_type)] = (concrete, _op_for(concrete, device_type))
+    return concrete
+
+
+def _resolve(requested: str, device: torch.device) -> str:
+    """The user's backend choice (or "auto") on ``device`` -> a concrete backend that can run there."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend={requested!r}; expected one of {list(BACKENDS)}")
+    if requested != "auto":
+        why = backends._why_unavailable(requested, device)
+        if why is not None:
+            raise RuntimeError(f"backend={requested!r} is unavailable: {why}")
+        return requested
+    candidates = AUTO_CUDA_ORDER if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
+    reasons = []
+    for candidate in candidates:
+        why = backends._why_unavailable(candidate, device)
+        if why is None:
+            return candidate
+        reasons.append(why)
+    _warn_fallback(device, reasons)
+    return "torch"
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback(device: torch.device, reasons: list[str]) -> None:
+    if device.type not in _warned:
+        _warned.add(device.type)
+        import warnings
+
+        warnings.warn(
+            f"fdiv_kernels: no fused kernel for {device.type} tensors ({'; '.join(reasons) or 'unsupported device'}); "
+            "backend='auto' uses the eager PyTorch backend",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
+def _op_for(concrete: str, device_type: str) -> Callable:
+    """The native op where the dispatcher's kernel for ``device_type`` is ``concrete``, else the Python op."""
+    if native_kernel(device_type) == concrete:
+        return torch.ops.fdiv_kernels.fdpo_forward.default
+    return _python_op(concrete)
+
+
+def native_kernel(device_type: str) -> Optional[str]:
+    """The backend behind the native op on ``device_type`` tensors ("cpu", "cuda", "triton") or None (no C++
+    extension, or no kernel for that device); the first ask on CUDA registers Triton where it is the answer."""
+    if device_type not in _NATIVE_KERNEL:
+        _NATIVE_KERNEL[device_type] = _find_native_kernel(device_type)
+    return _NATIVE_KERNEL[device_type]
+
+
+def _find_native_kernel(device_type: str) -> Optional[str]:
+    if cpp.why_unavailable("cpu") is not None:  # no extension: no native op
         return None
-    if torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "CUDA"):
+    if device_type == "cpu":
+        return "cpu"
+    if device_type != "cuda":
+        return None
+    if cpp.why_unavailable("cuda") is None:
         return "cuda"
     if HAS_TRITON and torch.cuda.is_available():
         _register_triton_as_cuda_kernel()
         return "triton"
     return None
+
+
+def _register_triton_as_cuda_kernel() -> None:
+    lib = torch.library.Library("fdiv_kernels", "IMPL")
+    lib.impl("fdpo_forward", lambda *args: _run_forward("triton", *args), "CUDA")
+    lib.impl("fdpo_backward", lambda *args: _run_backward("triton", *args), "CUDA")
+    _libraries.append(lib)  # a Library deregisters its kernels when collected
+
+
+_libraries: list = []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Python backends behind both op families.
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _rows(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -53,9 +163,8 @@ def _small(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return None if x is None else x.to(accumulate_dtype(like.dtype)).contiguous()
 
 
-def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair_weight, *scalars):
+def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair_weight, fparams, iparams):
     """One backend's forward on the op's arguments (N-D tensors in, the op's five outputs out)."""
-    params = KernelParams(*scalars)
     return tuple(
         get_implementation(backend).forward(
             _rows(model_pred),
@@ -64,7 +173,7 @@ def _run_forward(backend: str, model_pred, ref_pred, target, ref_err, mask, pair
             _small(ref_err, model_pred),
             _rows(mask),
             _small(pair_weight, model_pred),
-            params,
+            KernelParams.unpack(fparams, iparams),
         )
     )
 
@@ -76,18 +185,8 @@ def _run_backward(backend: str, grad_loss, model_pred, target, mask, grad_coef, 
     return grad.view(model_pred.shape)
 
 
-def _register_triton_as_cuda_kernel() -> None:
-    lib = torch.library.Library("fdiv_kernels", "IMPL")
-    lib.impl("fdpo_forward", lambda *args: _run_forward("triton", *args), "CUDA")
-    lib.impl("fdpo_backward", lambda *args: _run_backward("triton", *args), "CUDA")
-    _libraries.append(lib)  # a Library deregisters its kernels when collected
-
-
-_libraries: list = []
-NATIVE_KERNEL = {"cpu": "cpu" if NATIVE else None, "cuda": _native_cuda_kernel()}
-
 # ---------------------------------------------------------------------------------------------------------------
-# Python ops for explicitly named backends.
+# Python ops for explicitly named backends (and machines without the C++ extension).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -99,71 +198,17 @@ def fdpo_forward_py(
     ref_err: Optional[Tensor],
     mask: Optional[Tensor],
     pair_weight: Optional[Tensor],
-    beta: float,
-    divergence: int,
-    alpha: float,
-    gamma: float,
-    label_smoothing: float,
-    err_reduction: int,
-    logratio_clip: float,
-    reduction: int,
-    loss_type: int,
-    ipo_margin: float,
-    interleaved: bool,
-    strict_ties: bool,
+    fparams: list[float],
+    iparams: list[int],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fdiv_kernels::fdpo_forward on the named backend (same outputs)."""
-    return _run_forward(
-        backend,
-        model_pred,
-        ref_pred,
-        target,
-        ref_err,
-        mask,
-        pair_weight,
-        beta,
-        divergence,
-        alpha,
-        gamma,
-        label_smoothing,
-        err_reduction,
-        logratio_clip,
-        reduction,
-        loss_type,
-        ipo_margin,
-        interleaved,
-        strict_ties,
-    )
+    return _run_forward(backend, model_pred, ref_pred, target, ref_err, mask, pair_weight, fparams, iparams)
 
 
 @fdpo_forward_py.register_fake
-def _(
-    model_pred,
-    ref_pred,
-    target,
-    ref_err,
-    mask,
-    pair_weight,
-    beta,
-    divergence,
-    alpha,
-    gamma,
-    label_smoothing,
-    err_reduction,
-    logratio_clip,
-    reduction,
-    loss_type,
-    ipo_margin,
-    interleaved,
-    strict_ties,
-    backend,
-):
-    rows = model_pred.shape[0]
-    pairs = rows // 2
-    acc = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
-    loss = torch.empty((pairs,) if reduction == 0 else (), **acc)
-    return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(3, **acc), torch.empty(rows, **acc)
+def _(model_pred, ref_pred, target, ref_err, mask, pair_weight, fparams, iparams, backend):
+    return empty_forward_outputs(model_pred, KernelParams.unpack(fparams, iparams).reduction)
 
 
 @torch.library.custom_op("fdiv_kernels_py::fdpo_backward", mutates_args=())
@@ -186,8 +231,10 @@ def _(grad_loss, model_pred, target, mask, grad_coef, interleaved, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[2], inputs[4], output[4])  # inputs and O(B) coefficients only
-    ctx.interleaved, ctx.backend = inputs[16], inputs[18]
+    model_pred, _, target, _, mask, _, fparams, iparams, backend = inputs
+    ctx.save_for_backward(model_pred, target, mask, output[4])  # inputs and O(B) coefficients only
+    ctx.interleaved, ctx.backend = bool(KernelParams.unpack(fparams, iparams).interleaved), backend
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
 
@@ -197,9 +244,10 @@ def _backward(ctx, grad_loss, *_stat_grads):
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
         grad = fdpo_backward_py(grad_loss, model_pred, target, mask, grad_coef, ctx.interleaved, ctx.backend)
-    return (grad,) + (None,) * _FORWARD_ARGS
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
+# The C++ twin is in csrc/ops.cpp (FdpoBackward::backward); tests/test_ops.py checks both raise this text.
 DOUBLE_BACKWARD_ERROR = (
     "fdiv_kernels: double backward through fused_fdpo_loss is not supported (the fused kernels compute first "
     "derivatives only). For a loss on the gradient (create_graph=True), use fdiv_kernels.fdpo_loss_reference, "
@@ -214,30 +262,16 @@ def _no_double_backward(ctx, grad):
 fdpo_forward_py.register_autograd(_backward, setup_context=_setup_context)
 fdpo_backward_py.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Which op a call runs.
-# ---------------------------------------------------------------------------------------------------------------
+_python_ops: dict[str, Callable] = {}
 
 
 def _python_op(backend: str) -> Callable:
-    def op(*args):
-        return fdpo_forward_py(*args, backend)
+    op = _python_ops.get(backend)
+    if op is None:
 
+        def op(*args):
+            return fdpo_forward_py(*args, backend)
+
+        if not torch.compiler.is_compiling():
+            _python_ops[backend] = op
     return op
-
-
-# Built once here (not on first use) so that the lookup is a plain dict read under torch.compile.
-_OPS: dict[tuple[str, str], Callable] = {
-    (backend, device_type): (
-        torch.ops.fdiv_kernels.fdpo_forward.default if NATIVE_KERNEL[device_type] == backend else _python_op(backend)
-    )
-    for backend in ("cpu", "cuda", "triton", "torch")
-    for device_type in ("cpu", "cuda")
-}
-
-
-def forward_op(backend: str, device_type: str) -> Callable:
-    """The forward op for a concrete backend on a device type: the native op where the dispatcher's kernel for
-    that device is that backend, else the Python op bound to the backend's name. Same arguments and outputs."""
-    op = _OPS.get((backend, device_type))
-    return op if op is not None else _python_op(backend)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import FDPOProblem, validate
-from .divergences import _mul0, clipped_psi_diff, psi, row_errors, soft_clip
+from .backends.common import accumulate_dtype
+from .divergences import _mul0_diff, clipped_psi_diff, psi, row_errors, soft_clip
+from .options import with_options
 from .stats import FDPOStats
 
 
@@ -29,17 +31,17 @@ def _per_sample(x: torch.Tensor, p: FDPOProblem) -> torch.Tensor:
     """Expand a shared [B, ...] tensor (target or mask) to one row per sample."""
     if x.shape[0] == 2 * p.num_pairs:
         return x
-    return x.repeat_interleave(2, dim=0) if p.interleaved else torch.cat([x, x])
+    return x.repeat_interleave(2, dim=0) if p.config.interleaved else torch.cat([x, x])
 
 
 def _split_pairs(x: torch.Tensor, p: FDPOProblem) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample [2B] -> (winners [B], losers [B])."""
-    return (x[0::2], x[1::2]) if p.interleaved else (x[: p.num_pairs], x[p.num_pairs :])
+    return (x[0::2], x[1::2]) if p.config.interleaved else (x[: p.num_pairs], x[p.num_pairs :])
 
 
 def _join_pairs(w: torch.Tensor, l: torch.Tensor, p: FDPOProblem) -> torch.Tensor:
     """(winners [B], losers [B]) -> per-sample [2B] in storage order."""
-    return torch.stack([w, l], dim=1).flatten() if p.interleaved else torch.cat([w, l])
+    return torch.stack([w, l], dim=1).flatten() if p.config.interleaved else torch.cat([w, l])
 
 
 class _RowErrors(torch.autograd.Function):
@@ -61,10 +63,10 @@ class _RowErrors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_err, _grad_ref_err, grad_gap):
         pred, target, mask, inv = ctx.saved_tensors
-        row = _mul0(grad_err - grad_gap, 2.0 * inv)
-        grad = _mul0(row[:, None], pred - target)
+        row = _mul0_diff(grad_err - grad_gap, 2.0 * inv)
+        grad = _mul0_diff(row[:, None], pred - target)
         if mask is not None:
-            grad = _mul0(grad, mask)
+            grad = _mul0_diff(grad, mask)
         return grad, None, None, None, None, None
 
 
@@ -77,78 +79,56 @@ def denoising_errors(problem: FDPOProblem, dtype: torch.dtype):
     mask = None if p.mask is None else _per_sample(p.mask, p).to(dtype).reshape(rows, -1)
     ref = None if p.ref_pred is None else p.ref_pred.to(dtype).reshape(rows, -1)
     ref_err = None if p.ref_err is None else p.ref_err.to(dtype)
-    return _RowErrors.apply(pred, ref, target, mask, ref_err, p.err_reduction)
+    return _RowErrors.apply(pred, ref, target, mask, ref_err, p.config.err_reduction)
 
 
+@with_options
 def fdpo_loss_reference(
     model_pred: torch.Tensor,
     ref_pred: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
     *,
     ref_err: torch.Tensor | None = None,
-    beta: float = 5000.0,
-    divergence: str = "reverse_kl",
-    alpha: float = 0.5,
-    gamma: float = 1.0,
-    label_smoothing: float = 0.0,
-    pair_weight: torch.Tensor | None = None,
-    err_reduction: str = "mean",
     mask: torch.Tensor | None = None,
-    layout: str = "halves",
-    beta_convention: str = "half",
-    logratio_clip: float | None = None,
-    reduction: str = "mean",
-    implicit_acc_ties: str = "half",
-    loss_type: str = "sigmoid",
-    ipo_tau: float | None = None,
+    pair_weight: torch.Tensor | None = None,
     return_stats: bool = False,
+    **options,
 ):
-    """The f-DPO loss of docs/spec.md in plain PyTorch. Same arguments as :func:`fused_fdpo_loss`."""
-    p = validate(
-        model_pred,
-        ref_pred,
-        target,
-        ref_err=ref_err,
-        beta=beta,
-        divergence=divergence,
-        alpha=alpha,
-        gamma=gamma,
-        label_smoothing=label_smoothing,
-        pair_weight=pair_weight,
-        err_reduction=err_reduction,
-        mask=mask,
-        layout=layout,
-        beta_convention=beta_convention,
-        logratio_clip=logratio_clip,
-        reduction=reduction,
-        implicit_acc_ties=implicit_acc_ties,
-        loss_type=loss_type,
-        ipo_tau=ipo_tau,
-    )
-    dtype = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
+    """The f-DPO loss of docs/spec.md in plain PyTorch. Same arguments as :func:`fused_fdpo_loss` (no ``backend``).
+
+    Args:
+        model_pred, ref_pred, target, ref_err, mask, pair_weight: as in :func:`fused_fdpo_loss`.
+        {options}
+        return_stats: also return :class:`FDPOStats`.
+    """
+    p = validate(model_pred, ref_pred, target, ref_err=ref_err, mask=mask, pair_weight=pair_weight, **options)
+    c = p.config
+    dtype = accumulate_dtype(model_pred.dtype)
     model_err, ref_err_, err_gap = denoising_errors(p, dtype)
 
     gap_w, gap_l = _split_pairs(err_gap, p)
     weight = 1.0 if p.pair_weight is None else p.pair_weight.to(dtype)
-    scale = 0.5 * p.beta * weight  # d = scale * (e_ref - e), then the soft clip
+    scale = 0.5 * c.beta * weight  # d = scale * (e_ref - e), then the soft clip
     # psi(clip(d_w)) - psi(clip(d_l)), differentiated through psi' and sech^2 evaluated directly (divergences.py),
     # times the scale in one log-space product: autograd of the stable forms would cancel (expm1's backward,
     # 1 - tanh^2) or give inf * 0 at overflow, and psi' alone may overflow where dloss/d(e_ref - e) does not.
-    logits = p.gamma * clipped_psi_diff(p.divergence, gap_w, gap_l, p.logratio_clip, scale=scale)
-    if p.loss_type == "hinge":  # diffusers' --loss_type hinge
+    logits = c.gamma * clipped_psi_diff(c.divergence, gap_w, gap_l, c.logratio_clip, scale=scale)
+    # The pair loss, written independently of the kernels' link_loss (backends/torch_backend.py, which also returns
+    # its hand-written derivative): here autograd differentiates it, so the two check each other.
+    if c.loss_type == "hinge":  # diffusers' --loss_type hinge
         losses = torch.relu(1.0 - logits)
-    elif p.loss_type == "ipo":  # (z - 1 / (2 tau))^2
-        losses = (logits - p.ipo_margin) ** 2
+    elif c.loss_type == "ipo":  # (z - 1 / (2 tau))^2
+        losses = (logits - c.ipo_margin) ** 2
     else:
-        eps = p.label_smoothing
+        eps = c.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(logits)
         if eps > 0:
             losses = losses - eps * F.logsigmoid(-logits)
-    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[p.reduction]()
+    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[c.reduction]()
     if not return_stats:
         return loss
-    logratio = soft_clip(_join_pairs(scale * gap_w, scale * gap_l, p).detach(), p.logratio_clip)
+    logratio = soft_clip(_join_pairs(scale * gap_w, scale * gap_l, p).detach(), c.logratio_clip)
     stats = FDPOStats.from_tensors(
-        logits, model_err, ref_err_, logratio, psi(p.divergence, logratio), p.implicit_acc_ties
+        logits, model_err, ref_err_, logratio, psi(c.divergence, logratio), c.implicit_acc_ties
     )
     return loss, stats

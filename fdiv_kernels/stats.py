@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def implicit_wins(logits: torch.Tensor, strict_ties: bool) -> torch.Tensor:
+    """Each pair's vote in implicit_acc: 1 where z > 0, and a tie (z == 0, e.g. policy == reference) 1/2 unless
+    strict. The tie rule in Python (the torch backend and the reference); implicit_win in csrc/fdpo_math.h."""
+    wins = (logits > 0).to(logits.dtype)
+    if not strict_ties:
+        wins = wins + 0.5 * (logits == 0).to(logits.dtype)
+    return wins
+
+
 class FDPOStats:
     """Statistics of one loss call (detached; on the inputs' device; no host sync to build them).
 
@@ -42,9 +51,7 @@ class FDPOStats:
     @classmethod
     def from_tensors(cls, logits, model_err, ref_err, logratio, reward, implicit_acc_ties: str = "half") -> FDPOStats:
         """Computed here from the per-sample values (the reference's path, independent of the kernels' head)."""
-        wins = (logits > 0).to(logits.dtype)
-        if implicit_acc_ties == "half":
-            wins = wins + 0.5 * (logits == 0).to(logits.dtype)
+        wins = implicit_wins(logits, strict_ties=implicit_acc_ties == "strict")
         sample = torch.stack([model_err, ref_err, logratio, reward]).detach()
         summary = torch.stack([wins.mean(), model_err.mean(), ref_err.mean()]).detach()
         return cls(logits.detach(), sample, summary)

@@ -5,7 +5,8 @@
   tests/test_build_present.py fails the suite (see tests/README.md, FDIV_KERNELS_TESTS_ALLOW_MISSING_BUILD).
 - ``make_inputs``: fresh random inputs, never zeros, with the reference noise scaled so that the log-ratio
   d = beta/2 (e_ref - e) is O(1) whatever the shape, mask and error reduction (as tests/test_gpu.py's make_case).
-- ``TOL``: one per-dtype tolerance table for the loss, the statistics and the gradient.
+- ``TOL``: the one per-dtype tolerance table for the loss, the statistics and the gradient (also used by
+  test_gpu.py, test_trainer_parity.py and test_accelerate_dtypes.py).
 - ``check_against_reference``: a backend against ``fdpo_loss_reference`` run in float64 on copies of the very same
   (rounded) inputs, so the only differences are the kernel's fp32 arithmetic and the gradient's final rounding.
 """
@@ -102,6 +103,16 @@ TOL = {
     BF16: Tol(loss=2e-5, grad=2.0**-7, d=1e-3),
     F64: Tol(loss=1e-12, grad=1e-11, d=1e-9),
 }
+
+
+def assert_grad_rows_close(grad, expected, dtype=None):
+    """A gradient against its float64 expectation, each row against its own scale (max |expected| of the row):
+    |grad - expected| <= TOL[dtype].grad * row scale, the dtype's rounding (dtype: grad's own by default). The
+    trainer-parity and drop-in tests' check."""
+    tol = TOL[dtype or grad.dtype].grad
+    scale = expected.abs().amax(dim=tuple(range(1, expected.dim())), keepdim=True)
+    assert (scale > 0).all()
+    torch.testing.assert_close(grad.to(F64) / scale, expected.to(F64) / scale, rtol=0, atol=tol)
 
 
 def assert_close(actual, expected, rtol, name, *, row_scale=False, elementwise=False):

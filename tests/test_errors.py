@@ -157,3 +157,42 @@ def test_module_validates_at_construction():
         FDPOLoss(divergence="chi2")
     with pytest.raises(ValueError, match=r"alpha=1.5 is outside"):
         FDPOLoss(divergence="alpha", alpha=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The options are declared once (fdiv_kernels/options.py): the entry points' signatures and docs come from there.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", [fused_fdpo_loss, FDPOLoss, fdpo_loss_reference], ids=lambda f: f.__name__)
+def test_entry_points_take_the_declared_options_by_keyword_with_their_defaults_and_docs(entry):
+    import inspect
+
+    from fdiv_kernels.options import OPTIONS
+
+    params = inspect.signature(entry).parameters
+    doc = " ".join(entry.__doc__.split())
+    for name, option in OPTIONS.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == option.default, name
+        assert " ".join(f"{name}: {option.metadata['doc']}".split()) in doc, name
+    assert not [p for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    positional = [p.name for p in params.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert positional == ([] if entry is FDPOLoss else ["model_pred", "ref_pred", "target"])
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+def test_options_are_keyword_only_and_unknown_ones_are_named(loss_fn):
+    pred, ref, target = _inputs()
+    with pytest.raises(TypeError):
+        loss_fn(pred, ref, target, None, 5000.0)  # a fourth positional argument is no option
+    with pytest.raises(TypeError, match="unknown option 'err_reductoin'"):
+        loss_fn(pred, ref, target, err_reductoin="sum")
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+def test_every_default_passed_explicitly_is_the_default(loss_fn):
+    from fdiv_kernels.options import DEFAULTS
+
+    pred, ref, target = _inputs()
+    torch.testing.assert_close(loss_fn(pred, ref, target, **DEFAULTS), loss_fn(pred, ref, target), rtol=0, atol=0)

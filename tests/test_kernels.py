@@ -515,12 +515,13 @@ def test_auto_picks_the_cpu_kernel_on_cpu_tensors():
 def test_auto_falls_back_to_torch_with_one_warning_that_says_why(monkeypatch):
     """Without a fused kernel for the device, "auto" warns once (with the reasons) and runs the torch backend."""
     import fdiv_kernels.backends as registry
+    from fdiv_kernels import ops
 
     reason = "the C++ extension fdiv_kernels._C failed to load (simulated)"
     real = registry._why_unavailable
     monkeypatch.setattr(registry, "_why_unavailable", lambda n, d: reason if n == "cpu" else real(n, d))
-    monkeypatch.setattr(registry, "_resolved", {})
-    monkeypatch.setattr(registry, "_warned", set())
+    monkeypatch.setattr(ops, "_TABLE", {})  # the dispatch table, refilled with the patched registry
+    monkeypatch.setattr(ops, "_warned", set())
     inputs = make_inputs(B=2, shape=(3, 5, 7), seed=41)
     with pytest.warns(
         RuntimeWarning,

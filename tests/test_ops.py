@@ -1,6 +1,9 @@
 """The op layer: native and Python ops, opcheck, torch.compile without graph breaks, autograd wiring, the module,
 the statistics out of the kernels' pair head, double backward."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from harness import cpu_backend_params
@@ -41,15 +44,17 @@ def _op_and_args(backend, reduction=1, mask=False, ref_err=False, strict_ties=Fa
         torch.rand(rows // 2) + 0.5,
         *config.op_scalars(),
     )
-    if ops.NATIVE_KERNEL["cpu"] == backend:
+    if ops.native_kernel("cpu") == backend:
         return torch.ops.fdiv_kernels.fdpo_forward.default, args
     return torch.ops.fdiv_kernels_py.fdpo_forward.default, args + (backend,)
 
 
 def test_native_op_serves_the_cpu_backend():
     """With the extension built, backend='cpu' is the C++ op with C++ autograd: no Python on the call path."""
-    assert ops.NATIVE, "the C++ extension failed to load; see fdiv_kernels.backends.cpp.why_unavailable('cpu')"
-    assert ops.forward_op("cpu", "cpu") is torch.ops.fdiv_kernels.fdpo_forward.default
+    assert ops.native_kernel("cpu") == "cpu", (
+        "the C++ extension failed to load; see fdiv_kernels.backends.cpp.why_unavailable('cpu')"
+    )
+    assert ops.dispatch("cpu", torch.device("cpu")) == ("cpu", torch.ops.fdiv_kernels.fdpo_forward.default)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "Autograd")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fdiv_kernels::fdpo_forward", "Meta")
     pred, ref, target = _inputs()
@@ -68,7 +73,7 @@ def test_opcheck_forward(backend, reduction, mask, ref_err):
 def test_opcheck_backward(backend):
     pred, _, target = _inputs()
     coef = torch.randn(pred.shape[0])
-    native = ops.NATIVE_KERNEL["cpu"] == backend
+    native = ops.native_kernel("cpu") == backend
     op = torch.ops.fdiv_kernels.fdpo_backward.default if native else torch.ops.fdiv_kernels_py.fdpo_backward.default
     for grad_loss in (torch.tensor(0.7), torch.rand(pred.shape[0] // 2)):
         args = (grad_loss, pred, target, None, coef, False) + (() if native else (backend,))
@@ -208,3 +213,109 @@ def test_beta_beyond_float32_is_an_error_naming_beta(beta, convention):
     pred, ref, target = _inputs()
     with pytest.raises(ValueError, match=r"beta=.*beyond float32's range"):
         fused_fdpo_loss(pred, ref, target, beta=beta, beta_convention=convention)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One declaration per language: the op's configuration layout and the ids, Python against C++ and Triton.
+# ---------------------------------------------------------------------------------------------------------------
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _cpp_enum(header: str, name: str, prefix: str = "k") -> dict[str, int]:
+    """The members of ``enum name : int { ... }`` (or ``struct name { enum : int { ... } }``) in csrc/<header>,
+    normalized (kLabelSmoothing -> labelsmoothing; kErrMeanAll -> meanall with prefix "kErr"), with their values
+    (explicit, or counted as C++ does)."""
+    pattern = rf"(?:enum {name} : int|struct {name} \{{\s*enum : int) \{{([^}}]*)\}}"
+    body = re.search(pattern, (_CSRC / header).read_text()).group(1)
+    members, value = {}, 0
+    for item in (part.strip() for part in body.split(",") if part.strip()):
+        key, _, explicit = (x.strip() for x in item.partition("="))
+        value = int(explicit) if explicit else value
+        members[key.removeprefix(prefix).lower()] = value
+        value += 1
+    return members
+
+
+def _normalized(ids: dict[str, int]) -> dict[str, int]:
+    return {name.replace("_", ""): i for name, i in ids.items()}
+
+
+def test_op_configuration_layout_matches_the_cpp_one():
+    """options.OP_FLOATS / OP_INTS (Python packs the op's fparams, iparams) against fdpo_op.h's FloatParam /
+    IntParam (C++ unpacks them)."""
+    from fdiv_kernels.options import OP_FLOATS, OP_INTS
+
+    for header_enum, names in (("FloatParam", OP_FLOATS), ("IntParam", OP_INTS)):
+        cpp = _cpp_enum("fdpo_op.h", header_enum)
+        assert cpp.pop("count") == len(names)
+        assert cpp == {name.replace("_", ""): i for i, name in enumerate(names)}
+
+
+def test_ids_match_the_cpp_enums_and_the_triton_constants():
+    from fdiv_kernels._validation import ERR_REDUCTIONS, LOSS_TYPES, REDUCTIONS
+    from fdiv_kernels.divergences import DIVERGENCES
+
+    pairs = [("Divergence", DIVERGENCES, "k"), ("Reduction", REDUCTIONS, "k"), ("LossType", LOSS_TYPES, "k")]
+    pairs.append(("ErrReduction", ERR_REDUCTIONS, "kErr"))
+    for enum, python, prefix in pairs:
+        assert _cpp_enum("fdpo_math.h", enum, prefix) == _normalized(python), enum
+    triton_kernels = pytest.importorskip("fdiv_kernels.backends.triton_kernels")
+    constants = {
+        "_REVERSE_KL": DIVERGENCES["reverse_kl"],
+        "_FORWARD_KL": DIVERGENCES["forward_kl"],
+        "_JS": DIVERGENCES["js"],
+        "_ALPHA": DIVERGENCES["alpha"],
+        "_HELLINGER": DIVERGENCES["hellinger"],
+        "_NONE": REDUCTIONS["none"],
+        "_MEAN": REDUCTIONS["mean"],
+        "_ERR_MEAN": ERR_REDUCTIONS["mean"],
+        "_ERR_SUM": ERR_REDUCTIONS["sum"],
+        "_HINGE": LOSS_TYPES["hinge"],
+        "_IPO": LOSS_TYPES["ipo"],
+    }
+    for name, expected in constants.items():
+        assert getattr(triton_kernels, name).value == expected, name
+
+
+def test_python_ops_have_the_native_schema_plus_the_backend():
+    """The two op families take the same arguments (one packed configuration), the Python one a backend name."""
+    assert ops.native_kernel("cpu") == "cpu", "the C++ extension failed to load"
+
+    def arguments(op):
+        return [(a.name, str(a.type)) for a in op._schema.arguments]
+
+    def returns(op):
+        return [str(r.type) for r in op._schema.returns]
+
+    for name in ("fdpo_forward", "fdpo_backward"):
+        native = getattr(torch.ops.fdiv_kernels, name).default
+        python = getattr(torch.ops.fdiv_kernels_py, name).default
+        assert arguments(python) == arguments(native) + [("backend", "str")]
+        assert returns(python) == returns(native)
+
+
+def test_both_op_families_refuse_double_backward_with_one_message():
+    pred, ref, target = _inputs()
+    messages = []
+    for backend in ("cpu", "torch"):  # the C++ autograd and the Python one
+        p = pred.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(fused_fdpo_loss(p, ref, target, backend=backend), p, create_graph=True)
+        with pytest.raises(RuntimeError) as err:
+            grad.square().sum().backward()
+        messages.append(str(err.value))
+    assert all(ops.DOUBLE_BACKWARD_ERROR in m for m in messages), messages
+
+
+def test_import_dispatches_and_registers_nothing():
+    """The dispatch table fills on first use: importing the package neither resolves a backend nor registers the
+    Triton kernels as the native op's CUDA kernel (ops.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fdiv_kernels\n"
+        "from fdiv_kernels import ops\n"
+        "assert not ops._TABLE and not ops._NATIVE_KERNEL and not ops._libraries, (ops._TABLE, ops._NATIVE_KERNEL)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import assert_grad_rows_close
 
 from fdiv_kernels import fused_fdpo_loss
 from fdiv_kernels.integrations import (
@@ -219,10 +220,7 @@ def _fused(model, ref, target, backend, **kwargs):
 def _assert_grad_close(grad, expected, dtype):
     """Gradient in model_pred's dtype against the float64 formula: the dtype's rounding, each row against its own
     scale (a row with small gradients is held to its own size, not to the largest row's)."""
-    rtol = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-    scale = expected.abs().amax(dim=tuple(range(1, expected.dim())), keepdim=True)
-    assert (scale > 0).all()
-    torch.testing.assert_close(grad.to(F64) / scale, expected / scale, rtol=0, atol=rtol)
+    assert_grad_rows_close(grad, expected, dtype)
 
 
 def _assert_stats_match(loss, stats, expected, num_pairs):

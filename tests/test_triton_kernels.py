@@ -56,6 +56,7 @@ def test_math_helpers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2^31+ elements need a GPU")
 def test_int64_indexing():
     """Tensors of more than 2^31 elements: rows (and shared target rows) that start past 2^31 are right."""
+    from fdiv_kernels._validation import make_config
     from fdiv_kernels.backends import triton_kernels
     from fdiv_kernels.backends.common import KernelParams
 
@@ -66,7 +67,7 @@ def test_int64_indexing():
     model_pred = torch.randn(2 * num_pairs, row_len, device="cuda", dtype=torch.bfloat16, generator=gen)
     ref_pred = model_pred + 0.05 * torch.randn(model_pred.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     target = torch.randn(num_pairs, row_len, device="cuda", dtype=torch.bfloat16, generator=gen)  # shared
-    params = KernelParams(BETA, 0, 0.5, 1.0, 0.0, 0, 0.0, 1, 0, 0.0, False)
+    params = KernelParams.unpack(*make_config(beta=BETA).op_scalars())
     _, _, stats, _, coef = triton_kernels.forward(model_pred, ref_pred, target, None, None, None, params)
     grad = triton_kernels.backward(torch.ones((), device="cuda"), model_pred, target, None, coef, False)
     for row in range(2 * num_pairs):

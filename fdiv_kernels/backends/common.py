@@ -1,34 +1,43 @@
-"""What every backend shares: the scalar parameters of the kernel contract and the row/pair mapping."""
+"""What every backend shares: the op's configuration by name, its outputs, and the row/pair mapping."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 import torch
 
+from ..options import OP_FLOATS, OP_INTS
 
-class KernelParams(NamedTuple):
-    """Scalars of the kernel contract, in the order of fdiv_kernels::fdpo_forward's schema (docs/spec.md); ids
-    match csrc/fdpo_math.h."""
 
-    beta: float
-    divergence: int
-    alpha: float
-    gamma: float
-    label_smoothing: float
-    err_reduction: int  # 0 masked mean, 1 sum, 2 mean over all elements
-    logratio_clip: float  # <= 0: off
-    reduction: int  # 0 none, 1 mean, 2 sum
-    loss_type: int  # 0 sigmoid, 1 hinge, 2 ipo
-    ipo_margin: float  # m = 1 / (2 tau) of ipo
-    interleaved: bool
-    strict_ties: bool = False  # implicit_acc counts ties (z == 0) as 0 instead of 1/2
+class KernelParams(namedtuple("KernelParams", OP_FLOATS + OP_INTS)):
+    """The op's configuration by name (options.OP_FLOATS / OP_INTS; ids of csrc/fdpo_math.h, as options.ids):
+    beta, alpha, gamma, label_smoothing, logratio_clip (<= 0: off), ipo_margin (m = 1 / (2 tau) of ipo);
+    divergence, err_reduction, reduction, loss_type, interleaved (0/1), strict_ties (0/1: implicit_acc counts ties
+    z == 0 as 0 instead of 1/2)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def unpack(cls, fparams, iparams) -> KernelParams:
+        """From the op's packed ``(fparams, iparams)``."""
+        return cls(*fparams, *iparams)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The arithmetic type for inputs whose model_pred has ``dtype``: float64 stays float64, fp32/fp16/bf16
-    accumulate in float32 (spec §2). The one home of this rule in Python; csrc/fdpo_op.h has the C++ twin."""
+    accumulate in float32 (spec §2). The one home of this rule in Python; the C++ twin is csrc/fdpo_op.h's
+    accumulate_type."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_forward_outputs(model_pred: torch.Tensor, reduction: int) -> tuple[torch.Tensor, ...]:
+    """The forward op's outputs, uninitialized, in the accumulate dtype: loss ([] or [B] for reduction "none"),
+    logits [B], sample_stats [4, 2B], summary [3], grad_coef [2B]. The Python twin of csrc/fdpo_op.h's."""
+    rows = model_pred.shape[0]
+    pairs = rows // 2
+    acc = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
+    loss = torch.empty((pairs,) if reduction == 0 else (), **acc)
+    return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(3, **acc), torch.empty(rows, **acc)
 
 
 def pair_rows(num_pairs: int, interleaved: bool, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,10 +18,12 @@ from ..divergences import (
     soft_clip_log_slope,
     softplus,
 )
+from ..options import choices
+from ..stats import implicit_wins
 from .common import KernelParams, accumulate_dtype, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
-_ERR_REDUCTIONS = {0: "mean", 1: "sum", 2: "mean_all"}  # ids of csrc/fdpo_math.h
+_ERR_REDUCTIONS = choices("err_reduction")  # by id
 
 
 def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pair_weight: torch.Tensor | None):
@@ -72,7 +74,8 @@ def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _mul0(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a * b, but 0 where either is 0 (a saturated sigmoid times an overflowed exp is 0, not NaN)."""
+    """a * b, but 0 where either is 0 (a saturated sigmoid times an overflowed exp is 0, not NaN): the kernels' mul0
+    (csrc/fdpo_math.h, Triton ``_mul0``). The reference uses a differentiable variant, divergences._mul0_diff."""
     return torch.where((a == 0) | (b == 0), torch.zeros_like(a), a * b)
 
 
@@ -89,9 +92,7 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
         pred, ref, tgt, m, None if ref_err is None else ref_err.to(acc), _ERR_REDUCTIONS[params.err_reduction]
     )
     loss, logits, logratio, reward, coef = pair_head(params, err_gap, inv, pair_weight)
-    wins = (logits > 0).to(acc)
-    if not params.strict_ties:
-        wins = wins + 0.5 * (logits == 0).to(acc)
+    wins = implicit_wins(logits, bool(params.strict_ties))
     summary = torch.stack([wins.mean(), model_err.mean(), ref_err_.mean()])
     return loss, logits, torch.stack([model_err, ref_err_, logratio, reward]), summary, coef
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import KernelParams
+from .common import KernelParams, empty_forward_outputs
 
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -558,11 +558,7 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     device = model_pred.device
     _check_row_length(row_len)
     f32 = dict(dtype=torch.float32, device=device)
-    loss = torch.empty((num_pairs,) if params.reduction == 0 else (), **f32)
-    logits = torch.empty(num_pairs, **f32)
-    sample_stats = torch.empty(4, rows, **f32)
-    summary = torch.empty(3, **f32)
-    grad_coef = torch.empty(rows, **f32)
+    loss, logits, sample_stats, summary, grad_coef = empty_forward_outputs(model_pred, params.reduction)
     block, chunk_len, num_chunks = _split_rows(device, row_len, num_pairs, _FWD_BLOCK)
     workspace = torch.empty(4, rows, num_chunks, **f32)
     has_ref, has_mask = ref_pred is not None, mask is not None

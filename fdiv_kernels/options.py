@@ -1,0 +1,116 @@
+"""The loss's options, declared once: name, default, allowed values and doc of each.
+
+``fused_fdpo_loss``, ``FDPOLoss`` and ``fdpo_loss_reference`` take these by keyword; their signatures and the
+``Args`` of their docstrings are generated from :class:`LossOptions` (``with_options``), and
+``_validation.make_config`` validates them into the frozen ``FDPOConfig`` the kernels get. An option the kernels
+read is a field here, its check and packed value in ``_validation.py`` (``make_config``, ``FDPOConfig``), an entry
+in ``OP_FLOATS`` / ``OP_INTS`` (and its twin in csrc/fdpo_op.h), and its math in the kernels and the reference;
+never the signatures. tests/test_errors.py checks the three signatures and docstrings against this class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from dataclasses import dataclass, field, fields
+
+from .divergences import DIVERGENCES
+
+
+def _option(default, doc: str, choices: tuple | None = None):
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The scalar options of the loss, in the order help() shows them. ``choices`` are listed in id order where the
+    kernels take an id (csrc/fdpo_math.h; tests/test_ops.py compares)."""
+
+    beta: float = _option(
+        5000.0,
+        'Diffusion-DPO beta; ``d = beta/2 * w * (e_ref - e)`` (``beta_convention="half"``, original code and '
+        "diffusers' SDXL script) or ``d = beta * (e_ref - e)`` (``\"full\"``, diffusers' SD1.5 script).",
+    )
+    divergence: str = _option(
+        "reverse_kl",
+        "``reverse_kl`` (Diffusion-DPO), ``forward_kl``, ``js``, ``alpha``, ``hellinger``.",
+        tuple(DIVERGENCES),
+    )
+    alpha: float = _option(0.5, 'the alpha of ``divergence="alpha"``, in (0, 1).')
+    gamma: float = _option(1.0, "outer scale of the logit ``z = gamma * (psi(d_w) - psi(d_l))``.")
+    label_smoothing: float = _option(0.0, "conservative-DPO eps in [0, 0.5).")
+    err_reduction: str = _option(
+        "mean",
+        "per-sample error as the ``mean`` over elements (default; with a mask, the masked mean), their ``sum``, "
+        "or ``mean_all``: the masked sum over all elements divided by their count (trainers that average "
+        '``err * mask`` over every element, e.g. SimpleTuner\'s ``norm_type="mean"``).',
+        ("mean", "sum", "mean_all"),
+    )
+    layout: str = _option(
+        "halves",
+        "``halves`` (rows ``[w; l]``) or ``interleaved`` (rows ``[w0, l0, w1, l1, ...]``).",
+        ("halves", "interleaved"),
+    )
+    beta_convention: str = _option("half", "``half`` or ``full``: see ``beta``.", ("half", "full"))
+    logratio_clip: float | None = _option(None, "``c`` > 0 soft-clamps ``d -> c * tanh(d / c)``.")
+    reduction: str = _option(
+        "mean", "``mean`` (default), ``sum`` or ``none`` (per-pair ``[B]``).", ("none", "mean", "sum")
+    )
+    implicit_acc_ties: str = _option(
+        "half", "``half`` (ties count 1/2, diffusers SDXL) or ``strict`` (original code).", ("half", "strict")
+    )
+    loss_type: str = _option(
+        "sigmoid",
+        "the pair loss of the logit z, as diffusers' ``--loss_type``: ``sigmoid`` (default, ``-log sigmoid(z)``), "
+        "``hinge`` (``relu(1 - z)``) or ``ipo`` (``(z - 1 / (2 ipo_tau))^2``).",
+        ("sigmoid", "hinge", "ipo"),
+    )
+    ipo_tau: float | None = _option(None, 'the regularization of ``loss_type="ipo"``.')
+
+
+OPTIONS: dict = {f.name: f for f in fields(LossOptions)}
+DEFAULTS: dict = {name: f.default for name, f in OPTIONS.items()}
+
+
+def choices(name: str) -> tuple:
+    return OPTIONS[name].metadata["choices"]
+
+
+def ids(name: str) -> dict[str, int]:
+    """The kernels' id of each allowed value of option ``name`` (its position in ``choices``)."""
+    return {value: i for i, value in enumerate(choices(name))}
+
+
+# The op's configuration (fdiv_kernels::fdpo_forward's ``float[] fparams, int[] iparams``), one entry per scalar the
+# kernels read, in the order of the packed lists: the C++ twin is ``enum FloatParam`` / ``enum IntParam`` in
+# csrc/fdpo_op.h (tests/test_ops.py compares them). ``FDPOConfig.op_params`` fills them; ids as in ``ids``.
+OP_FLOATS = ("beta", "alpha", "gamma", "label_smoothing", "logratio_clip", "ipo_margin")
+OP_INTS = ("divergence", "err_reduction", "reduction", "loss_type", "interleaved", "strict_ties")
+
+
+def options_doc(indent: int = 8) -> str:
+    """The ``Args`` lines of the options, for the docstrings of the three entry points."""
+    lines = []
+    for name, f in OPTIONS.items():
+        lines.append(textwrap.fill(f"{name}: {f.metadata['doc']}", 112, subsequent_indent="    "))
+    return textwrap.indent("\n".join(lines), " " * indent)
+
+
+def option_parameters() -> list[inspect.Parameter]:
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for name, f in OPTIONS.items()
+    ]
+
+
+def with_options(obj):
+    """Give ``fn(..., **options)`` (or a class whose ``__init__`` is so) its real signature, the options as
+    keyword-only parameters before ``return_stats`` and ``backend``, and its docstring's ``{options}`` line the
+    options' docs."""
+    fn = obj.__init__ if isinstance(obj, type) else obj
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    split = next((i for i, p in enumerate(params) if p.name in ("return_stats", "backend")), len(params))
+    fn.__signature__ = sig.replace(parameters=params[:split] + option_parameters() + params[split:])
+    obj.__doc__ = obj.__doc__.replace("{options}\n", options_doc().lstrip(" ") + "\n")
+    return obj
