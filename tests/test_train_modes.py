@@ -15,11 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from train_helpers import (
     TWO_CPU_PROCESSES,
-    assert_logs_match,
+    assert_gradients_synchronised,
+    assert_runs_match,
+    assert_same_trained_model,
     cli_error,
     config,
     read_log,
-    run_cli,
+    read_steps,
+    record_steps,
+    run_recorded,
     tiny_clip_config,
     tiny_vae,
     train_argv,
@@ -495,33 +499,22 @@ def test_compile_compiles_the_model_and_gives_the_same_run(assets, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lora", "sd3"])
-def test_two_processes_match_one_process(assets, sd3, tmp_path, mode):
+def test_two_processes_match_one_process(assets, sd3, tmp_path, monkeypatch, mode):
     pipeline = sd3 if mode == "sd3" else assets["pipeline"]
     common = ["train", *_cli_data(assets), "--pipeline", str(pipeline), "--max-steps", "2", "--learning-rate", "1e-3"]
     if mode == "lora":
         common += ["--learning-rate", "1e-2", "--lora-rank", "2"]  # (the last --learning-rate counts)
-    two = run_cli([*common, "--output", str(tmp_path / "two")], tmp_path, TWO_CPU_PROCESSES)
+    two = run_recorded([*common, "--output", str(tmp_path / "two")], tmp_path, TWO_CPU_PROCESSES, tmp_path / "s2")
     assert two.returncode == 0, two.stderr[-3000:]
     # The one-process run in this process (the same flags; a subprocess only costs start-up time).
     lora = {"learning_rate": 1e-2, "lora_rank": 2} if mode == "lora" else {}
+    record_steps(tmp_path / "s1", monkeypatch.setattr)
     train(config(assets, tmp_path / "one", pipeline=pipeline, max_steps=2, **lora))
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["distributed_backend"] == "gloo"
-    assert_logs_match(tmp_path / "one", tmp_path / "two")
-    # The trained weights (the adapters, or the transformer): equal up to what Adam's sign-like first steps make
-    # of all-reduce rounding, relative to the update.
-    if mode == "lora":
-        one, two = (load_file(tmp_path / run / "lora" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
-        base = {k: torch.zeros_like(v) if ".lora.up." in k else v for k, v in one.items()}  # B starts at zero
-        keys = [k for k in one if ".lora.up." in k]
-    else:
-        one, two = (
-            load_file(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors") for run in ("one", "two")
-        )
-        base = load_file(sd3 / "transformer" / "diffusion_pytorch_model.safetensors")
-        keys = list(base)
-    update = torch.cat([(one[k] - base[k]).flatten() for k in keys])
-    gap = torch.cat([(two[k] - one[k]).flatten() for k in keys])
-    assert update.norm() > 0 and gap.norm() < 1e-2 * update.norm()
+    steps_two = read_steps(tmp_path / "s2")
+    assert_runs_match(tmp_path / "one", tmp_path / "two", read_steps(tmp_path / "s1"), steps_two)
+    assert_gradients_synchronised(steps_two)
+    assert_same_trained_model(pipeline, assets["dataset"], tmp_path / "one", tmp_path / "two")
 
 
 # ---------------------------------------------------------------------------------------------------------------
