@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -367,6 +368,22 @@ def assert_runs_match(one: Path, two: Path, steps_one: list[dict], steps_two: li
             assert b[key] == pytest.approx(a[key], rel=errors_rtol), (a["step"], key)
         for key, bound in bounds.items():
             assert abs(b[key] - a[key]) <= bound, (a["step"], key, a[key], b[key], bound)
+
+
+def assert_starts_at_reference(run: Path, steps: list[dict]) -> None:
+    """At step 1 the policy is the reference: per sample, the gap g = e_ref - e is float rounding (ERRORS_RTOL of
+    e + e_ref; the two may run other kernels, with and without autograd), and the logged loss is log 2 within
+    what beta/2 makes of it: -log sigmoid(z) = log 2 - z/2 + log cosh(z/2) (label smoothing scales the z/2), so
+    |loss - log 2| <= mean(|z|/2 + z^2/8) with |z| <= gamma * beta/2 * w * (|g_w| + |g_l|)."""
+    assert_log_matches_stats(run, steps)
+    (record, micro), *_ = _per_record(run, steps)
+    assert record["step"] == 1 and len(micro) == 1
+    first = micro[0]
+    g, size = torch.cat(first["g"]).abs(), torch.cat(first["e"]) + torch.cat(first["e_ref"])
+    assert (g <= ERRORS_RTOL * size).all(), (g / size).max().item()
+    z = first["gamma"] * first["scale"] * (first["g"][0].abs() + first["g"][1].abs())
+    bound = (z / 2 + z**2 / 8).mean().item() + LOG_SLACK
+    assert abs(record["loss"] - math.log(2)) <= bound, (record["loss"], bound)
 
 
 def assert_gradients_synchronised(steps: list[dict]) -> None:
