@@ -263,15 +263,18 @@ def test_pixel_space_pipeline_with_gradient_accumulation(assets, tmp_path):
 
 
 def test_same_seed_same_numbers_and_resume_continues_the_run(assets, tmp_path):
-    full = train(config(assets, tmp_path / "full", max_steps=4, checkpoint_every=2))
-    again = train(config(assets, tmp_path / "again", max_steps=4))
+    # A warm-up longer than the checkpoint's step: the resumed run must continue the schedule, not restart it.
+    warm = {"lr_warmup_steps": 3}
+    full = train(config(assets, tmp_path / "full", max_steps=4, checkpoint_every=2, **warm))
+    assert [r["lr"] for r in full.records] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    again = train(config(assets, tmp_path / "again", max_steps=4, **warm))
     assert again.records == full.records
     # Interrupt after step 2: keep checkpoint-2 only, then resume.
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
     for name in ("checkpoint-4", "unet", "log.jsonl"):
         shutil.rmtree(cut / name) if (cut / name).is_dir() else (cut / name).unlink()
-    resumed = train(config(assets, cut, max_steps=4, checkpoint_every=2, resume="latest"))
+    resumed = train(config(assets, cut, max_steps=4, checkpoint_every=2, resume="latest", **warm))
     assert resumed.records == full.records[2:]
     for key, value in unet_weights(tmp_path / "full").items():
         assert torch.equal(value, unet_weights(cut)[key]), key
