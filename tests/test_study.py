@@ -125,6 +125,18 @@ def test_frontier_gap_known_answers():
         stats.frontier_gap(r_a[:, :1], d_a[:, :1], r_a[:, :1], d_a[:, :1])
 
 
+def test_frontier_gap_resamples_prompts_paired():
+    """Each prompt's own diversity, shared by both divergences, is far larger than their gap: drawing the same
+    prompts for both (paired) sees b exactly 0.01 above a in every draw; drawing them independently would not."""
+    rng = np.random.default_rng(0)
+    seeds, prompts = 3, 40
+    gammas = np.linspace(0.5, 0.7, 5)
+    reward = np.broadcast_to(gammas[None, :, None], (seeds, 5, prompts)) + rng.normal(0, 0.01, (seeds, 5, prompts))
+    diversity_a = 0.6 - 0.5 * reward + rng.normal(0, 1.0, (1, 1, prompts))
+    out = stats.frontier_gap(reward, diversity_a, reward, diversity_a + 0.01, n_boot=200)
+    assert out["verdict"] == "b dominates" and out["ci"] == pytest.approx([0.01, 0.01], abs=1e-9)
+
+
 # ---------------------------------------------------------------- task: attribute spread, labels
 
 
