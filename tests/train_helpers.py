@@ -215,7 +215,8 @@ LOG_SLACK = 16 * 2.0**-24
 def record_steps(prefix: Path, patch=setattr) -> None:
     """Make the training loop append, per micro-step, what its logged numbers are computed from to
     ``prefix.RANK.jsonl``: the pair positions, the loss settings, the per-sample statistics, and a digest of the
-    gradients after backward. ``patch``: ``monkeypatch.setattr`` in a test's own process."""
+    gradients after backward (this process's shards of them under --fsdp). ``patch``: ``monkeypatch.setattr`` in
+    a test's own process."""
     import hashlib
 
     from accelerate import Accelerator
@@ -224,7 +225,13 @@ def record_steps(prefix: Path, patch=setattr) -> None:
 
     rank = os.environ.get("RANK", "0")
     pending: dict = {}
+    sharded: list = []  # --fsdp's model, which Accelerate does not hold
     noised_batch, fused_fdpo_loss, backward = loop.noised_batch, loop.fused_fdpo_loss, Accelerator.backward
+    shard_model = loop.shard_model
+
+    def shard(model, *args, **kwargs):
+        sharded.append(model)
+        return shard_model(model, *args, **kwargs)
 
     def noised(setup, batch, *args, **kwargs):
         pending["positions"] = batch["position"].tolist()
@@ -244,7 +251,7 @@ def record_steps(prefix: Path, patch=setattr) -> None:
 
     def backward_and_record(self, loss, **kwargs):
         backward(self, loss, **kwargs)
-        grads = [p.grad for model in self._models for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for model in [*self._models, *sharded] for p in model.parameters() if p.grad is not None]
         local = [getattr(g, "to_local", lambda g=g: g)().detach().float().cpu().contiguous() for g in grads]
         digest = hashlib.sha256(b"".join(g.numpy().tobytes() for g in local)).hexdigest()
         with open(f"{prefix}.{rank}.jsonl", "a") as file:
@@ -254,6 +261,7 @@ def record_steps(prefix: Path, patch=setattr) -> None:
     patch(loop, "noised_batch", noised)
     patch(loop, "fused_fdpo_loss", loss_fn)
     patch(Accelerator, "backward", backward_and_record)
+    patch(loop, "shard_model", shard)
 
 
 def read_steps(prefix: Path) -> list[dict]:

@@ -146,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (and the reference copy)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the trained model over the launched processes with FSDP2 (fully_shard, one unit per block) "
+        "instead of DDP; checkpoints and the final unet/ hold the full weights",
+    )
     return parser
 
 

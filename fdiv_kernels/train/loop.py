@@ -22,6 +22,7 @@ import re
 import shutil
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,14 @@ from .. import fused_fdpo_loss, get_divergence
 from .data import DatasetError, PreferenceDataset
 from .datasets_io import BACKENDS as DATA_BACKENDS
 from .datasets_io import open_preferences
+from .fsdp import (
+    FullCheckpointState,
+    check_fsdp_flags,
+    check_fsdp_processes,
+    full_model_state,
+    shard_model,
+    unsharded_copy,
+)
 from .io import (
     atomic_folder,
     file_sha256,
@@ -113,6 +122,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the trained model and the reference copy
     compile_backend: str = "inductor"
+    fsdp: bool = False  # shard the trained model with FSDP2 (fully_shard) over the processes instead of DDP
 
     def __post_init__(self):
         for name in ("pipeline", "dataset", "output", "ref_errors"):
@@ -134,6 +144,7 @@ class TrainConfig:
         check_timestep_flags(self.weighting_scheme, self.snr_gamma, self.logit_std)
         if self.compile:
             check_compile_backend(self.compile_backend)
+        check_fsdp_flags(self)
 
     @property
     def stream_length(self) -> int:
@@ -747,6 +758,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         ref_errors = _load_ref_errors(cfg, setup, state["resolved"]["pipeline_sha256"])
     accelerator = _accelerator(cfg)
     _check_batch(cfg, accelerator)
+    if cfg.fsdp:
+        check_fsdp_processes(accelerator.num_processes)
     device, dtype = accelerator.device, MIXED_PRECISION[cfg.mixed_precision]
 
     pipe = setup.pipe
@@ -769,6 +782,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     speed_switches(unet, cfg.gradient_checkpointing, cfg.compile, cfg.compile_backend)
     if ref_unet is not None:
         speed_switches(ref_unet, compile=cfg.compile, compile_backend=cfg.compile_backend)
+    if cfg.fsdp:
+        shard_model(unet, device)  # the reference copy above stays whole
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
@@ -778,9 +793,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
     start = start_step * cfg.gradient_accumulation_steps * cfg.batch_size
-    unet, optimizer, loader, schedule = accelerator.prepare(
-        unet, optimizer, _stream_loader(cfg, setup, start), schedule
-    )
+    prepare = partial(_prepare_sharded, accelerator) if cfg.fsdp else accelerator.prepare
+    unet, optimizer, loader, schedule = prepare(unet, optimizer, _stream_loader(cfg, setup, start), schedule)
     if checkpoint is not None:
         _load_checkpoint(accelerator, checkpoint)
     accelerator.wait_for_everyone()  # every process checked the output folder before the first one writes to it
@@ -876,7 +890,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar.close()
     if cfg.checkpoint_every:
         _save_checkpoint(accelerator, cfg.output, step, state)
-    _save_unet(accelerator, unet, cfg.output)
+    (_save_sharded_unet if cfg.fsdp else _save_unet)(accelerator, unet, cfg.output)
     accelerator.end_training()
     return result
 
@@ -935,6 +949,28 @@ def _save_unet(accelerator: Accelerator, unet, output: Path) -> None:
                 save_lora(model, tmp, denoiser_name(model))
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
+def _prepare_sharded(accelerator: Accelerator, unet, optimizer, loader, schedule):
+    """``accelerator.prepare`` for a model sharded by :func:`shard_model`: no DDP wrapping, and the model's and
+    optimizer's states checkpointed whole (:class:`FullCheckpointState`) rather than by Accelerate, which would
+    write only the main process's shards. The optimizer still skips its step on accumulation micro-steps."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerator.register_for_checkpointing(FullCheckpointState(unet, optimizer))
+    wrapped = AcceleratedOptimizer(optimizer, device_placement=False, scaler=accelerator.scaler)
+    loader, schedule = accelerator.prepare(loader, schedule)
+    return unet, wrapped, loader, schedule
+
+
+def _save_sharded_unet(accelerator: Accelerator, unet, output: Path) -> None:
+    """:func:`_save_unet` for a sharded model: the full weights gathered on the main process, which writes them."""
+    state = full_model_state(unet)  # a collective: every process takes part
+    if accelerator.is_main_process:
+        model = unsharded_copy(unet, state)
+        with atomic_folder(output / denoiser_name(model), overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()
 
 
