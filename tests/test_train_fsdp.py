@@ -25,7 +25,8 @@ from fdiv_kernels.train.loop import TrainConfig, train
 
 
 def test_two_sharded_processes_match_one_process_save_full_weights_and_resume(assets, tmp_path, monkeypatch):
-    common = train_argv(assets, None, "--learning-rate", "1e-3", "--fsdp")
+    # Two micro-steps per step: the optimizer steps on the gradients FSDP reduce-scattered and summed over both.
+    common = train_argv(assets, None, "--learning-rate", "1e-3", "--gradient-accumulation-steps", "2", "--fsdp")
     two = run_recorded(
         [*common, "--checkpoint-every", "1", "--output", str(tmp_path / "two")],
         tmp_path,
@@ -43,7 +44,7 @@ def test_two_sharded_processes_match_one_process_save_full_weights_and_resume(as
     # beta/2 times the measured error differences gives, and the same trained model, loaded by one process from
     # the sharded run's unet/ (the full weights: every tensor of the pipeline's UNet, at its full shape).
     record_steps(tmp_path / "s1", monkeypatch.setattr)
-    train(config(assets, tmp_path / "one", max_steps=2))
+    train(config(assets, tmp_path / "one", max_steps=2, gradient_accumulation_steps=2))
     assert_runs_match(tmp_path / "one", tmp_path / "two", read_steps(tmp_path / "s1"), steps_two)
     one_weights, two_weights = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
     assert {k: v.shape for k, v in two_weights.items()} == {k: v.shape for k, v in one_weights.items()}
@@ -67,6 +68,15 @@ def test_fsdp_refusals(assets, tmp_path, capsys):
         TrainConfig(pipeline=tmp_path, dataset=tmp_path, output=tmp_path, fsdp=True, lora_rank=4)
     with pytest.raises(ValueError, match="--fsdp does not run with --mixed-precision"):
         TrainConfig(pipeline=tmp_path, dataset=tmp_path, output=tmp_path, fsdp=True, mixed_precision="bf16")
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fdiv_kernels.train.fsdp import check_fsdp_launch
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # launches that need GPUs: checked directly
+        with pytest.raises(ValueError, match=f"this launch is Accelerate's {kind.value}: launch with a plain"):
+            check_fsdp_launch(SimpleNamespace(num_processes=2, distributed_type=kind))
     err = cli_error(train_argv(assets, tmp_path / "run", "--fsdp"), capsys)
     assert "--fsdp shards the model over processes and this run has one" in err
     assert not (tmp_path / "run").exists()

@@ -39,11 +39,19 @@ def check_fsdp_flags(cfg) -> None:
             raise ValueError(f"--fsdp does not run with {name} ({why}); drop one of the two")
 
 
-def check_fsdp_processes(num_processes: int) -> None:
-    if num_processes < 2:
+def check_fsdp_launch(accelerator) -> None:
+    """``--fsdp`` needs several processes of a plain (DDP-type) launch: the loop shards the model itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes < 2:
         raise ValueError(
             "--fsdp shards the model over processes and this run has one: launch it with accelerate launch "
             "--multi_gpu --num_processes N (N >= 2; with --cpu, gloo processes), or drop --fsdp"
+        )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"--fsdp shards the model itself, and this launch is Accelerate's {accelerator.distributed_type.value}: "
+            "launch with a plain multi-process config (examples/accelerate/ddp.yaml), or drop --fsdp"
         )
 
 

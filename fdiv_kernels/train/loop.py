@@ -41,7 +41,7 @@ from .datasets_io import open_preferences
 from .fsdp import (
     FullCheckpointState,
     check_fsdp_flags,
-    check_fsdp_processes,
+    check_fsdp_launch,
     full_model_state,
     shard_model,
     unsharded_copy,
@@ -759,7 +759,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = _accelerator(cfg)
     _check_batch(cfg, accelerator)
     if cfg.fsdp:
-        check_fsdp_processes(accelerator.num_processes)
+        check_fsdp_launch(accelerator)
     device, dtype = accelerator.device, MIXED_PRECISION[cfg.mixed_precision]
 
     pipe = setup.pipe
