@@ -362,6 +362,7 @@ def _changed(field: str, assets, tmp_path: Path) -> tuple[dict, str]:
         "logit_std": 2.0,
         "mode_scale": 1.0,
         "snr_gamma": 5.0,
+        "fsdp": True,
     }
     overrides = {field: values[field], **({"lora_rank": 2} if field == "lora_alpha" else {})}
     return overrides, f"--{field.replace('_', '-')} {values[field]} (the run has "

@@ -80,11 +80,3 @@ def test_fsdp_refusals(assets, tmp_path, capsys):
     err = cli_error(train_argv(assets, tmp_path / "run", "--fsdp"), capsys)
     assert "--fsdp shards the model over processes and this run has one" in err
     assert not (tmp_path / "run").exists()
-
-
-def test_a_sharded_run_cannot_resume_a_ddp_checkpoint(assets, tmp_path, capsys):
-    """The flag fixes the checkpoint format (full states keyed by name vs Accelerate's), so it may not change."""
-    out = tmp_path / "run"
-    train(config(assets, out, max_steps=1, checkpoint_every=1))
-    err = cli_error(train_argv(assets, out, "--resume", "latest", "--fsdp"), capsys)
-    assert "--fsdp True (the run has False)" in err
