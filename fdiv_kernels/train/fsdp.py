@@ -10,20 +10,20 @@ sharded: every process holds it whole (or pass ``--ref-errors``)."""
 from __future__ import annotations
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+
+# torch.distributed's modules are imported where used: builds without distributed support still train without
+# --fsdp.
 
 # Blocks sharded one unit each (UNet2DConditionModel's and SD3's transformer's), then the root holds the rest.
 _BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 _BLOCKS = ("mid_block",)
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _options(gather: bool = True):
+    """Full (unsharded) state dicts; gathered onto the main process's CPU, or (loading) given to every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=gather)
 
 
 def check_fsdp_flags(cfg) -> None:
@@ -58,6 +58,9 @@ def check_fsdp_launch(accelerator) -> None:
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Shard ``model`` in place over all processes: each block its own unit, then the root (parameters become
     DTensors, so the optimizer is made afterwards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for name in _BLOCK_LISTS:
         for block in getattr(model, name, None) or []:
@@ -71,11 +74,15 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full weights, on the CPU of the main process (an empty dict elsewhere); every process must call it."""
-    return get_model_state_dict(model, options=_GATHER)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
 
 
 def unsharded_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain (unsharded) model of ``model``'s class and config holding ``state``, to save as diffusers does."""
+    from torch.distributed.fsdp import FSDPModule
+
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     plain = cls.from_config(model.config)
     plain.load_state_dict(state, strict=True)
@@ -91,12 +98,16 @@ class FullCheckpointState:
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
         return {
             "model": full_model_state(self.model),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_GATHER),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=_options()),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        options = StateDictOptions(full_state_dict=True)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        options = _options(gather=False)
         set_model_state_dict(self.model, state["model"], options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
