@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 
 from .. import DIVERGENCES
+from .io import OutputWriteError
 
-_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
+_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, OutputWriteError)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
