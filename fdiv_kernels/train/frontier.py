@@ -186,8 +186,8 @@ def _result_fields(data: dict, prompts: int) -> None:
         float(metric["mean"])
         if len(np.asarray(metric["per_prompt"], dtype=float)) != prompts:
             raise ValueError(f"per_prompt holds {len(metric['per_prompt'])} values for {prompts} prompts")
-    timings = data["timings_s"]
-    float(timings["evaluate"]) + float(timings["prepare" if data["model"] == "base" else "train"])
+    for key in ("evaluate", "prepare" if data["model"] == "base" else "train"):
+        float(data["timings_s"][key])
     if data["model"] != "base":
         float(data["final_train"]["implicit_acc"])
     dict(data["machine"])
