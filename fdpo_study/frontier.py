@@ -17,7 +17,6 @@ saturates early and the model stays near the reference (under-optimisation).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import numbers
@@ -33,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdiv_kernels import DIVERGENCES
+from fdiv_kernels.train.io import WRITER_FILE, WriterLock, from_json, read_json
 from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
 from fdiv_kernels.train.model import load_pipeline
 
@@ -171,13 +171,28 @@ def _write_json(path: Path, data: dict) -> None:
 def _read_result(path: Path, shared: dict) -> dict | None:
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    data = read_json(path)
     if data.get("settings") != shared:
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
         raise ValueError(
             f"{path} was made with other settings than this run's; use another --output "
-            f"(differing: {', '.join(sorted(_differing(data.get('settings') or {}, shared)))})"
+            f"(differing: {', '.join(sorted(_differing(settings, shared)))})"
         )
+    from_json([path], _result_fields, data, shared["eval_prompts"])
     return data
+
+
+def _result_fields(data: dict, prompts: int) -> None:
+    """Read every field a summary reads from a result (a damaged one fails here, where its file is known)."""
+    for metric in data["metrics"].values():
+        float(metric["mean"])
+        if len(np.asarray(metric["per_prompt"], dtype=float)) != prompts:
+            raise ValueError(f"per_prompt holds {len(metric['per_prompt'])} values for {prompts} prompts")
+    for key in ("evaluate", "prepare" if data["model"] == "base" else "train"):
+        float(data["timings_s"][key])
+    if data["model"] != "base":
+        float(data["final_train"]["implicit_acc"])
+    dict(data["machine"])
 
 
 def _differing(a: dict, b: dict) -> set:
@@ -188,13 +203,13 @@ def _check_folder(cfg: FrontierConfig) -> None:
     """Start or resume ``cfg.output``: it must be empty, new, or a frontier made with the same shared settings."""
     marker = cfg.output / "frontier_config.json"
     if marker.is_file():
-        recorded = json.loads(marker.read_text())
+        recorded = read_json(marker)
         if recorded != cfg.shared():
             raise ValueError(
                 f"{cfg.output} holds a frontier made with other settings (differing: "
                 f"{', '.join(sorted(_differing(recorded, cfg.shared())))}); use another --output"
             )
-    elif cfg.output.exists() and any(cfg.output.iterdir()):
+    elif cfg.output.exists() and any(p.name != WRITER_FILE for p in cfg.output.iterdir()):
         raise FileExistsError(f"{cfg.output} exists and is not a frontier folder; choose another --output")
 
 
@@ -206,15 +221,8 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     """Train and evaluate every (divergence, gamma, seed) not yet in ``cfg.output/results``; then summarise."""
     _check_folder(cfg)
     cfg.output.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.output, os.O_RDONLY)
-    try:
-        try:  # one writer per folder: a second run would train the same models
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"another process is running a frontier into {cfg.output}") from None
+    with WriterLock(cfg.output, "study --frontier"):  # one writer per folder: a second run would train the same models
         return _run_frontier(cfg)
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _run_frontier(cfg: FrontierConfig) -> dict:

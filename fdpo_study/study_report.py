@@ -13,9 +13,10 @@ typed by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from fdiv_kernels.train.io import from_json, read_json
 
 from . import bootstrap as stats
 
@@ -373,34 +374,48 @@ def labels_block(studies: dict[str, dict | None]) -> str:
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def blocks(results: Path = RESULTS) -> dict[str, str]:
-    study = _load(results / "study.json")
+    # Each block names the files it is made from when their layout is not the expected one (from_json).
+    paths = {
+        "study": results / "study.json",
+        "seed1": results / "seed1.json",
+        "beta5000": results / "beta5000_gamma1.json",
+        "frontier": results / "frontier" / "frontier.json",
+        "novel": results / "frontier_novel" / "frontier.json",
+        "pilot": results / "frontier_pilot.jsonl",
+        **{name: results / f"{name}.json" for name in LABEL_STUDIES},
+    }
+    study = _load(paths["study"])
     if study is None:
         raise FileNotFoundError(f"{results / 'study.json'} does not exist: run the study first")
-    seed1, beta5000 = _load(results / "seed1.json"), _load(results / "beta5000_gamma1.json")
-    frontier = _load(results / "frontier" / "frontier.json")
-    novel = _load(results / "frontier_novel" / "frontier.json")
+    seed1, beta5000 = _load(paths["seed1"]), _load(paths["beta5000"])
+    frontier, novel = _load(paths["frontier"]), _load(paths["novel"])
+
+    def block(names: tuple[str, ...], make, *args) -> str:
+        return from_json([paths[n] for n in names], make, *args)
+
     out = {
-        "readme": readme_block(study),
-        "table": _study_table(study),
-        "findings": findings_block(study, seed1, beta5000),
-        "frontier-verdict": verdict_line(frontier, novel),
-        "frontier": frontier_tables(frontier)
+        "readme": block(("study",), readme_block, study),
+        "table": block(("study",), _study_table, study),
+        "findings": block(("study", "seed1", "beta5000"), findings_block, study, seed1, beta5000),
+        "frontier-verdict": block(("frontier", "novel"), verdict_line, frontier, novel),
+        "frontier": block(("frontier",), frontier_tables, frontier)
         if frontier
         else "The frontier has not been run in this checkout yet: the first command above, then `study-report`.",
-        "frontier-novel": frontier_tables(novel)
+        "frontier-novel": block(("novel",), frontier_tables, novel)
         if novel
         else "Not run in this checkout yet: the command above, then `study-report`.",
     }
-    pilot_path = results / "frontier_pilot.jsonl"
-    pilot = [json.loads(line) for line in pilot_path.read_text().splitlines()] if pilot_path.is_file() else None
-    out["pilot"] = pilot_block(study, pilot)
-    out["beta5000"] = _study_table(beta5000) if beta5000 else "(results/study/beta5000_gamma1.json not present)"
-    out["seed1"] = _study_table(seed1) if seed1 else "(results/study/seed1.json not present)"
-    out["labels"] = labels_block({name: _load(results / f"{name}.json") for name in LABEL_STUDIES})
+    pilot = read_json(paths["pilot"], lines=True) if paths["pilot"].is_file() else None
+    out["pilot"] = block(("study", "pilot"), pilot_block, study, pilot)
+    out["beta5000"] = (
+        block(("beta5000",), _study_table, beta5000) if beta5000 else "(results/study/beta5000_gamma1.json not present)"
+    )
+    out["seed1"] = block(("seed1",), _study_table, seed1) if seed1 else "(results/study/seed1.json not present)"
+    out["labels"] = block(LABEL_STUDIES, labels_block, {name: _load(paths[name]) for name in LABEL_STUDIES})
     return out
 
 
@@ -412,7 +427,7 @@ def regenerate(results: Path = RESULTS, repo: Path = REPO, check: bool = False) 
         data = _load(results / f"{name}.json")
         if data is not None:
             md = results / f"{name}.md"
-            text = _study_table(data)
+            text = from_json([results / f"{name}.json"], _study_table, data)
             if not md.is_file() or md.read_text() != text:
                 changed.append(str(md))
                 if not check:
