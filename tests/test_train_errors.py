@@ -827,7 +827,7 @@ def test_study_report_names_the_damaged_file(tmp_path, capsys, damage, message):
     results = tmp_path / "study"
     shutil.copytree(ROOT / "results" / "study", results, ignore=shutil.ignore_patterns("*.png"))
     damage(results)
-    line = cli_error(["study-report", "--results", str(results), "--check"], capsys)
+    line = cli_error(["study-report", "--results", str(results), "--check"], capsys, study_main)
     assert re.search(message, line) and str(results) in line, line
 
 
@@ -854,5 +854,7 @@ def test_frontier_report_only_names_the_damaged_file(tmp_path, capsys, damage, m
     folder = tmp_path / "frontier"
     shutil.copytree(ROOT / "results" / "study" / "frontier", folder, ignore=shutil.ignore_patterns("*.png"))
     damage(folder)
-    line = cli_error(["study", "--frontier", "--report-only", "--no-progress", "--output", str(folder)], capsys)
+    line = cli_error(
+        ["study", "--frontier", "--report-only", "--no-progress", "--output", str(folder)], capsys, study_main
+    )
     assert re.search(message, line) and str(folder / "results") in line, line
