@@ -5,5 +5,6 @@ fine-tunes through the wheel's training loop, ``fdiv_kernels.train``. Modules: `
 renderer and programmatic reward), ``pretrain`` (the base models in ``assets/``), ``reward_model`` (a learned
 labeller), ``study`` (one study), ``frontier`` (``study --frontier``: several strengths and seeds),
 ``bootstrap`` (seed x prompt statistics), ``study_report`` (the generated tables of README.md and
-docs/training.md), ``cli`` (``python -m fdpo_study``; ``make study``). See docs/training.md.
+docs/training.md), ``fingerprint`` (a seconds-long check that the committed results match the code), ``cli``
+(``python -m fdpo_study``; ``make study``). See docs/training.md.
 """
