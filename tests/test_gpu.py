@@ -591,11 +591,14 @@ def test_mixed_vector_kernels_equal_casting_to_fp32_first(backend, mix, form, sh
 
     mixed = call(pred, ref, target, mask)
     cast = call(pred, None if ref is None else ref.float(), target.float(), None if mask is None else mask.float())
-    torch.testing.assert_close(mixed[0], cast[0], rtol=1e-6, atol=1e-7)
+    # The harness's forward tolerance (2e-5): the two runs sum in different orders (8- vs 4-wide vectors, other
+    # chunks), and beta = 400 scales the statistics' last-bit differences into the coefficient; a wrong kernel
+    # is off by O(1).
+    torch.testing.assert_close(mixed[0], cast[0], rtol=2e-5, atol=1e-6)
     for name in STAT_NAMES:
-        torch.testing.assert_close(getattr(mixed[1], name), getattr(cast[1], name), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(getattr(mixed[1], name), getattr(cast[1], name), rtol=2e-5, atol=1e-6)
     assert mixed[2].dtype == torch.float32
-    torch.testing.assert_close(mixed[2], cast[2], rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(mixed[2], cast[2], rtol=2e-5, atol=1e-30)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
