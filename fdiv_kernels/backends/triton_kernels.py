@@ -556,6 +556,8 @@ def _resident_programs(kernel, device: torch.device, args: tuple, kwargs: dict) 
     n = _RESIDENT.get(key)
     if n is None:
         compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        if compiled is None:  # a cache hook or async compile deferred it: the grid of one program per SM and wave
+            return 1
         compiled._init_handles()  # loads the module on the device: fills n_regs
         props = torch.cuda.get_device_properties(device)
         warps = compiled.metadata.num_warps
