@@ -333,12 +333,12 @@ def check_cuda(arch: str, funcs: dict[str, Function], errors: list[str]) -> list
         blocks = blocks_per_sm(f.regs, THREADS, f.shared)
         args = template_args(base.split("(")[0])
         budget = MIN_BLOCKS[kind]
-        if base.startswith("fdpo_forward_kernel<"):  # fwd_min_blocks() in fdpo_cuda.cu: 2 at 10+ vectors a thread
+        if base.startswith("fdpo_forward_kernel<"):  # fwd_min_blocks(): 2 if masked and 10+ vectors a thread
             tp, tr, tt, tm, vec, ref, mask = args
             nbytes = int(vec) * (
                 2 * SIZE[tp] + 2 * SIZE[tt] + 2 * SIZE[tr] * (ref == "true") + 2 * SIZE[tm] * (mask == "true")
             )
-            budget = 2 if nbytes >= 10 * 16 else 3
+            budget = 2 if mask == "true" and nbytes >= 10 * 16 else 3
         if blocks < budget:
             errors.append(f"{where}: {f.regs} registers allow {blocks} blocks/SM, the budget is {budget}")
         variant, loads, stores, ipb, inflight = ",".join(SHORT.get(a, a) for a in args), [], [], None, None

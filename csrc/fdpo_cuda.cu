@@ -356,15 +356,15 @@ __device__ __forceinline__ BlockRows block_rows(const FwdArgs& a) {
 // TP, TR, TT, TM: the storage types of model_pred, ref_pred, target and mask (all T for a same-dtype call; an fp32
 // model_pred beside a 16-bit target and reference under mixed precision); VEC elements per row per thread and
 // iteration, read as 16-byte packs (Vec); the arithmetic is fp32 whatever the storage.
-// Resident blocks per SM the forward's register budget keeps: 3, or 2 where one iteration loads 10 or more 16-byte
-// vectors per thread (fp32 pred and ref beside a 16-bit target, or fp32 pred with a 16-bit reference, target and
-// mask: 40+ data registers), which in the 80 registers of 3 blocks leaves a load waiting for an earlier load's
-// registers (SASS, sm_90 and sm_100); 2 x 256 threads x 160 B is still ~2x the bytes in flight an SM needs.
+// Resident blocks per SM the forward's register budget keeps: 3, or 2 for a masked mix loading 10 or more 16-byte
+// vectors per iteration (fp32 pred with a 16-bit target and mask: 40+ data registers), where the 80 registers of 3
+// blocks left a load waiting for an earlier load's registers (SASS on sm_90 and sm_100; the unmasked 10-vector
+// mix keeps all its loads in flight at 3); 2 x 256 threads x 160 B is still ~2x what an SM needs in flight.
 template <typename TP, typename TR, typename TT, typename TM, int VEC, bool HAS_REF, bool HAS_MASK>
 constexpr int fwd_min_blocks() {
   const int bytes = VEC * (2 * static_cast<int>(sizeof(TP) + sizeof(TT)) + (HAS_REF ? 2 * sizeof(TR) : 0) +
                            (HAS_MASK ? 2 * sizeof(TM) : 0));
-  return bytes >= 10 * 16 ? 2 : 3;
+  return HAS_MASK && bytes >= 10 * 16 ? 2 : 3;
 }
 
 template <typename TP, typename TR, typename TT, typename TM, int VEC, bool HAS_REF, bool HAS_MASK>
