@@ -19,7 +19,7 @@ The toolchain is pinned (PINNED below): other versions get a warning (``--strict
 versions disagree on registers and spills. Prints, and with ``--out`` writes, a table of registers, blocks/SM,
 instructions per 16 B and bytes in flight per SM. Exit status 1 on any violation, one line each.
 
-    python -m benchmarks.static_gate                          # both arches + Triton (~2-4 min on 2 cores)
+    python -m benchmarks.static_gate                          # both arches + Triton (76 s on this 2-core VM)
     python -m benchmarks.static_gate --arch 90 --no-triton    # one arch while iterating
     python -m benchmarks.static_gate --out benchmarks/results/static_gate.md
 """
