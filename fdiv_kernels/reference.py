@@ -122,9 +122,10 @@ def fdpo_loss_reference(
     elif c.loss_type == "ipo":  # (z - 1 / (2 tau))^2
         losses = (logits - c.ipo_margin) ** 2
     elif c.loss_type == "dmpo":  # KL(p || q), p = sigmoid(z), q = 1 - dmpo_alpha (Diffusion-SDPO's DMPO)
-        p_win = torch.sigmoid(logits)
+        # p and 1 - p as exp(logsigmoid(+-z)): autograd of sigmoid(-z) would be y (1 - y) = 0 once y rounds to 1
+        log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
         log_q, log_1mq = math.log1p(-c.dmpo_alpha), math.log(c.dmpo_alpha)
-        losses = p_win * (F.logsigmoid(logits) - log_q) + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - log_1mq)
+        losses = torch.exp(log_p) * (log_p - log_q) + torch.exp(log_1mp) * (log_1mp - log_1mq)
     else:
         eps = c.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(logits)
