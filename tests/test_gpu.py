@@ -610,8 +610,13 @@ def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case",
-    [dict(loss_type="hinge"), dict(loss_type="ipo", ipo_tau=0.05), dict(err_reduction="mean_all")],
-    ids=["hinge", "ipo", "mean_all"],
+    [
+        dict(loss_type="hinge"),
+        dict(loss_type="ipo", ipo_tau=0.05),
+        dict(loss_type="dmpo", dmpo_alpha=0.01),
+        dict(err_reduction="mean_all"),
+    ],
+    ids=["hinge", "ipo", "dmpo", "mean_all"],
 )
 def test_loss_types_vs_reference(backend, case):
     _backend(backend)

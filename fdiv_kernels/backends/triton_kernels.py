@@ -40,6 +40,7 @@ _ERR_MEAN = tl.constexpr(0)  # ErrReduction ids (csrc/fdpo_math.h)
 _ERR_SUM = tl.constexpr(1)
 _HINGE = tl.constexpr(1)  # LossType ids (csrc/fdpo_math.h); sigmoid is 0
 _IPO = tl.constexpr(2)
+_DMPO = tl.constexpr(3)
 
 # Launch shapes. GPU: 8 contiguous elements per thread (16-byte accesses for fp16/bf16), grids of _WAVES waves of
 # the kernel's resident programs (_resident_programs) so that few long rows still fill the machine. Interpreter:
@@ -384,6 +385,8 @@ def _head_kernel(
     SMOOTHING: tl.constexpr,
     LOSS_TYPE: tl.constexpr,
     ipo_margin,
+    dmpo_log_q,
+    dmpo_log_1mq,
     INTERLEAVED: tl.constexpr,
     STRICT_TIES: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -426,6 +429,11 @@ def _head_kernel(
         elif LOSS_TYPE == _IPO:
             loss = (z - ipo_margin) * (z - ipo_margin)
             g = 2.0 * (z - ipo_margin)
+        elif LOSS_TYPE == _DMPO:  # KL(p || q) in z, as fdpo_pair_head: 1 - p = sigmoid(-z), d/dz = p(1-p)(z - logit q)
+            p_win = _sigmoid(z)
+            p_lose = _sigmoid(-z)
+            loss = _mul0(p_win, -_softplus(-z) - dmpo_log_q) + _mul0(p_lose, -_softplus(z) - dmpo_log_1mq)
+            g = _mul0(p_win * p_lose, z - (dmpo_log_q - dmpo_log_1mq))
         else:
             # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
             loss = (1.0 - label_smoothing) * _softplus(-z)
@@ -685,6 +693,8 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
             SMOOTHING=params.label_smoothing > 0,
             LOSS_TYPE=params.loss_type,
             ipo_margin=float(params.ipo_margin),
+            dmpo_log_q=float(params.dmpo_log_q),
+            dmpo_log_1mq=float(params.dmpo_log_1mq),
             INTERLEAVED=params.interleaved,
             STRICT_TIES=params.strict_ties,
             BLOCK_B=block_pairs,
