@@ -105,9 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-runs", action="store_true", help="--frontier: keep each fine-tuned UNet")
 
-    p = sub.add_parser(
-        "study-report", help="regenerate the study tables in README.md and docs/training.md from results/study/*.json"
-    )
+    p = sub.add_parser("study-report", help="regenerate the study tables in docs/training.md from results/study/*.json")
     p.add_argument("--results", type=Path, default=None, help="folder of the study JSON (default results/study)")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
 

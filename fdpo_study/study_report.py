@@ -1,4 +1,4 @@
-"""``study-report``: the study's tables in README.md and docs/training.md, generated from the committed JSON.
+"""``study-report``: the study's tables in docs/training.md, generated from the committed JSON.
 
     python -m fdpo_study study-report              # rewrite results/study/*.md from their JSON and splice
                                                   # the tables between <!-- study:NAME:begin/end --> markers
@@ -23,8 +23,8 @@ from . import bootstrap as stats
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "study"
 TARGETS = {
-    "README.md": ("readme", "frontier-verdict"),
     "docs/training.md": (
+        "frontier-verdict",
         "table",
         "findings",
         "beta5000",
@@ -122,37 +122,6 @@ def spread_note(spread: dict | None) -> str:
         "seed: a difference between divergences in a one-seed table is a property of that seed's models, not of "
         "the divergences, unless it is well beyond that SD."
     )
-
-
-def readme_block(study: dict, spread: dict | None = None) -> str:
-    """README's compact table: the main study (seed 0), paired differences with bootstrap intervals over prompts."""
-    lines = [
-        f"One full run (seed 0, {study['timings_s']['total']:.0f} s at {study['machine']['threads']} "
-        f"thread{'s' if study['machine']['threads'] != 1 else ''}; "
-        "[results/study/study.md](results/study/study.md)). One seed: the ± and [95% intervals] are over the 36",
-        "held-out prompts of one trained model per divergence (evaluation noise, not run-to-run variation; the",
-        "frontier below has intervals over seeds).",
-        *(["", spread_note(spread)] if spread else []),
-        "",
-        "| model | reward (alignment) | pairwise distance (diversity) | Vendi score | Δ reward vs reverse_kl | "
-        "Δ distance vs reverse_kl |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in study["rows"]:
-        name = row["model"] + (" (Diffusion-DPO)" if row["model"] == "reverse_kl" else "")
-        cells = [
-            f"{row['reward']['mean']:.3f}",
-            f"{row['pairwise_distance']['mean']:.3f}",
-            f"{row['vendi']['mean']:.2f}",
-        ]
-        if row["model"] == "reverse_kl":
-            cells += ["", ""]
-        else:
-            for key in ("reward", "pairwise_distance"):
-                d = _diff(study, row["model"], key)
-                cells.append(f"{_signed(d)} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def findings_block(study: dict, seed1: dict | None, beta5000: dict | None, spread: dict | None = None) -> str:
@@ -422,11 +391,12 @@ def _correlations(summary: dict, key: str = "pairwise_distance") -> dict[str, fl
 
 
 def verdict_line(summary: dict | None, novel: dict | None = None) -> str:
-    """README's frontier claims: the main frontier, and the one on the base that never saw the novel prompts."""
+    """The frontier claims (docs/training.md, "The study at a glance"): the main frontier, and the one on the base
+    that never saw the novel prompts. Links are relative to docs/."""
     if summary is None or not summary.get("complete_seeds"):
         return (
             "Frontier over the regularisation strength (`study --frontier`): not run yet in this checkout; "
-            'see [docs/training.md](docs/training.md), "Frontiers".'
+            'see "Frontiers" below.'
         )
     frontiers = [("default base", summary)]
     groups = (novel or {}).get("prompt_groups") or {}
@@ -435,12 +405,12 @@ def verdict_line(summary: dict | None, novel: dict | None = None) -> str:
     lines = [
         f"Frontier over the regularisation strength ({len(summary['complete_seeds'])} seeds x "
         f"{len(summary['config']['gammas'])} gammas, [results/study/frontier/frontier.md]"
-        "(results/study/frontier/frontier.md))"
+        "(../results/study/frontier/frontier.md))"
         + (
             f" and the same from a base that never saw {len(groups['novel']['prompts'])} of the "
             f"{novel['config']['eval_prompts']} evaluation prompts (`assets/base_novel`, "
             f"{len(novel['complete_seeds'])} more seeds, [results/study/frontier_novel/frontier.md]"
-            "(results/study/frontier_novel/frontier.md))"
+            "(../results/study/frontier_novel/frontier.md))"
             if len(frontiers) > 1 and "novel" in groups
             else ""
         )
@@ -487,7 +457,7 @@ def verdict_line(summary: dict | None, novel: dict | None = None) -> str:
                 f"Novel prompts only (`base_novel`): pairwise distance gap {gap['mean_gap']:+.4f}, 95% bootstrap "
                 f"[{gap['ci'][0]:+.4f}, {gap['ci'][1]:+.4f}] (all measures: docs/training.md).",
             ]
-    return "\n".join(lines) + "\n\n![frontiers](results/study/frontier/frontier.png)"
+    return "\n".join(lines) + "\n\n![frontiers](../results/study/frontier/frontier.png)"
 
 
 def pilot_block(study: dict, pilot: list[dict] | None) -> str:
@@ -708,7 +678,6 @@ def blocks(results: Path = RESULTS) -> dict[str, str]:
         return from_json([paths[n] for n in names], make, *args)
 
     out = {
-        "readme": block(("study",), readme_block, study, spread),
         "table": block(("study",), _study_table, study, spread),
         "findings": block(("study", "seed1", "beta5000"), findings_block, study, seed1, beta5000, spread),
         "frontier-verdict": block(("frontier", "novel"), verdict_line, frontier, novel),

@@ -467,7 +467,7 @@ def test_splice_and_blocks(tmp_path):
     blocks = report.blocks()
     study = json.loads((report.RESULTS / "study.json").read_text())
     js = next(r for r in study["rows"] if r["model"] == "js")
-    assert f"{js['reward']['mean']:.3f}" in blocks["readme"]
+    assert f"{js['reward']['mean']:.3f}" in blocks["table"]
     assert "bit-for-bit" in blocks["findings"] and "not bit-for-bit" in blocks["findings"]
 
 
@@ -519,7 +519,7 @@ def test_seed_spread_of_the_committed_frontier():
     assert spread["pairwise_distance"]["sd"] == pytest.approx(0.014, abs=5e-4)
     assert "SD 0.014 in reward" in report.spread_note(spread)
     blocks = report.blocks()
-    assert "SD 0.014 in reward" in blocks["readme"] and "seed SD" in blocks["labels"]
+    assert "SD 0.014 in reward" in blocks["table"] and "seed SD" in blocks["labels"]
     assert "JS minus Hellinger paired directly" in blocks["findings"]
 
 
