@@ -1,7 +1,8 @@
 """Smoke test of an installed fdiv_kernels (CI runs it from outside the repository, in a fresh venv holding only
 the wheel and its dependencies): import, one fused call on each CPU backend with backward, against the reference.
 
-Prints "smoke ok" last. The C++ kernel compiles on first use here (no prebuilt library in a wheel).
+Prints "smoke ok" last. The C++ kernel compiles on first use here (no prebuilt library in a wheel): not at import,
+not for backend="torch", but on the first call that needs it (backend="auto").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ assert fdiv_kernels.__version__ == metadata.version("fdiv_kernels"), "version in
 assert (where.parent / "py.typed").is_file(), "py.typed missing"
 assert list((where.parent / "_csrc").glob("*.cpp")), "C++ sources missing from the wheel"
 assert not list(where.parent.glob("_C*.so")), "a pure-Python wheel carries a prebuilt library"
+assert "fdiv_kernels._C" not in sys.modules, "the import loaded the C++ kernels"
 
 g = torch.Generator().manual_seed(0)
 pred = torch.randn(8, 4, 6, 6, generator=g)
@@ -34,7 +36,7 @@ x64 = pred.double().requires_grad_(True)
 expected = fdpo_loss_reference(x64, ref.double(), target.double(), beta=50.0, divergence="js")
 expected.backward()
 
-backends = ["auto", "cpu", "torch"]
+backends = ["torch", "auto", "cpu"]  # torch first: it must run without loading the C++ kernels
 try:
     import triton  # noqa: F401
 
@@ -42,7 +44,8 @@ try:
 except ImportError:
     pass
 with warnings.catch_warnings():
-    warnings.simplefilter("error", RuntimeWarning)  # auto must not fall back to the eager path here
+    # auto must not fall back to the eager path here (its first call compiles the kernels: other warnings may pass)
+    warnings.filterwarnings("error", "fdiv_kernels: no fused kernel", RuntimeWarning)
     for backend in backends:
         x = pred.clone().requires_grad_(True)
         loss = fused_fdpo_loss(x, ref, target, beta=50.0, divergence="js", backend=backend)
@@ -50,6 +53,8 @@ with warnings.catch_warnings():
         torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-8)
         print(f"backend={backend}: loss {loss.item():.6f}, grad ok", flush=True)
+        if backend == "torch":
+            assert "fdiv_kernels._C" not in sys.modules, "backend='torch' loaded the C++ kernels"
 
 from fdiv_kernels import _build  # noqa: E402
 

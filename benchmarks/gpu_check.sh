@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU validation in one call, for a GPU machine with torch, Triton and nvcc installed and no network:
-# build the CUDA extension in place, run the GPU tests, the GPU benchmarks (wall and kernel-only time) and the host-
-# overhead benchmark; every log and result goes to OUTDIR.
+# build the CUDA extension in place, run the GPU tests, the GPU benchmarks (wall and kernel-only time, then kernel time
+# beside benchmarks/roofline.py's prediction, > 15 % slower flagged) and the host-overhead benchmark; every log and
+# result goes to OUTDIR.
 #
 #   benchmarks/gpu_check.sh OUTDIR                      # full check, <= 6 min on an H100/H200 (build ~1.5, tests ~1.5,
 #                                                       # benchmarks <= 2.5 by their time budget, host ~0.5)
@@ -59,6 +60,12 @@ run_bench() {
   local rc=${PIPESTATUS[0]}
   stamp "benchmarks exit $rc"
   [ "$rc" -eq 0 ] || status=1
+  # Measured kernel time beside the roofline's prediction (benchmarks/roofline.py); flags kernels > 15 % slower.
+  for json in "$OUT"/cuda-*.json; do
+    [ -e "$json" ] || continue
+    python3 -m benchmarks.roofline --compare "$json" 2>&1 | tee "$OUT/roofline.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { stamp "roofline: kernels slower than predicted (roofline.md)"; status=1; }
+  done
 }
 
 run_host() {

@@ -2,7 +2,7 @@
 
     python -m benchmarks.report                 # regenerate <tag>.md and <tag>.png for every results JSON
     python -m benchmarks.report --readme        # also write results/README_table.md and splice it into
-                                                # README.md between <!-- bench:begin --> and <!-- bench:end -->
+                                                # benchmarks/README.md between the bench:begin/end markers
                                                 # (--no-splice: README_table.md only)
 
 spec §5 (docs/spec.md) targets are shown next to the numbers (a check mark or a cross); nothing asserts them.
@@ -455,9 +455,9 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--readme",
         action="store_true",
-        help="write <results>/README_table.md and splice it into README.md between the bench markers",
+        help="write <results>/README_table.md and splice it into benchmarks/README.md between the bench markers",
     )
-    ap.add_argument("--readme-path", default=str(REPO / "README.md"))
+    ap.add_argument("--readme-path", default=str(REPO / "benchmarks" / "README.md"))
     ap.add_argument("--no-splice", action="store_true", help="with --readme: write README_table.md only")
     args = ap.parse_args(argv)
     results = Path(args.results)

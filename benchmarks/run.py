@@ -45,7 +45,18 @@ from pathlib import Path
 import torch
 
 from .providers import COMPILE_PEER, DEFAULT_PROVIDERS, PROVIDERS, QUICK_EXTRA, Provider
-from .shapes import DTYPES, MODES, VARIANTS, Inputs, Shape, ideal_bytes, make_inputs, shapes_for, tensor_bytes
+from .shapes import (
+    DTYPES,
+    FP32_TENSORS,
+    MODES,
+    VARIANTS,
+    Inputs,
+    Shape,
+    ideal_bytes,
+    make_inputs,
+    shapes_for,
+    tensor_bytes,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CSV_FIELDS = [
@@ -528,7 +539,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="one small shape, bf16, few repeats: a smoke test")
     ap.add_argument("--shapes", help="comma list: sd15,sdxl,flux,video,pixel,large (quick: the smoke shape)")
     ap.add_argument("--dtypes", help="comma list of bf16,fp16,fp32 (default: all)")
-    ap.add_argument("--variants", help="comma list of " + ",".join(VARIANTS) + " (default: full,shared,ref_err)")
+    ap.add_argument("--variants", help="comma list of " + ",".join(VARIANTS) + " (default: full,shared,ref_err,mixed)")
     ap.add_argument(
         "--variant-dtypes",
         default="bf16",
@@ -556,7 +567,7 @@ def parse_args(argv=None):
 
 def build_cases(args, device_type: str):
     filtered = any(v is not None for v in (args.shapes, args.dtypes, args.variants, args.providers, args.modes))
-    defaults = ("quick", "bf16", "full") if args.quick else (None, "bf16,fp16,fp32", "full,shared,ref_err")
+    defaults = ("quick", "bf16", "full") if args.quick else (None, "bf16,fp16,fp32", "full,shared,ref_err,mixed")
     shape_names, dtypes, variants = (
         given or default for given, default in zip((args.shapes, args.dtypes, args.variants), defaults)
     )
@@ -567,7 +578,14 @@ def build_cases(args, device_type: str):
     # Case order = priority (a time budget cuts from the end): every shape in the full variant per dtype, then
     # the shared-target and ref_err variants.
     cases = [(s, d, "full") for d in dtypes for s in shapes] if "full" in variants else []
-    cases += [(s, d, v) for v in variants if v != "full" for d in dtypes if d in variant_dtypes for s in shapes]
+    cases += [
+        (s, d, v)
+        for v in variants
+        if v != "full"
+        for d in dtypes
+        if d in variant_dtypes and not (v in FP32_TENSORS and d == "fp32")  # an fp32 case has nothing to mix
+        for s in shapes
+    ]
     return cases, filtered
 
 

@@ -62,7 +62,19 @@ VARIANTS = {
     "shared": (True, False),
     "ref_err": (False, True),
     "ref_err+shared": (True, True),
+    "mixed": (False, False),
+    "mixed_ref16": (False, False),
 }
+# Mixed-precision variants (Accelerate's AMP, docs/dropin.md): these tensors are stored in fp32 beside a target (and
+# reference) in the case's 16-bit dtype: "mixed" = fp32 model_pred and ref_pred with a 16-bit target, "mixed_ref16"
+# = fp32 model_pred with a 16-bit reference and target. Not run for fp32 cases (nothing to mix).
+FP32_TENSORS = {"mixed": ("model_pred", "ref_pred"), "mixed_ref16": ("model_pred",)}
+
+
+def storage_dtype(dtype: torch.dtype, variant: str, tensor: str) -> torch.dtype:
+    """The dtype `tensor` ("model_pred", "ref_pred", "target") is stored in for a case of `dtype` and `variant`."""
+    return torch.float32 if tensor in FP32_TENSORS.get(variant, ()) else dtype
+
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -76,10 +88,12 @@ def ideal_bytes(shape: Shape, dtype: torch.dtype, variant: str, mode: str) -> in
     ref_err *and* a shared target: 1.5 + 2.5). The O(B) outputs (loss, stats, coefficients) are left out.
     """
     shared, ref_err = VARIANTS[variant]
-    full = shape.numel * torch.finfo(dtype).bits // 8
-    tgt = full // 2 if shared else full
-    fwd = full + tgt + (shape.rows * 4 if ref_err else full)
-    bwd = full + tgt + full
+    pred, ref, tgt = (
+        tensor_bytes(shape, storage_dtype(dtype, variant, t)) for t in ("model_pred", "ref_pred", "target")
+    )
+    tgt = tgt // 2 if shared else tgt
+    fwd = pred + tgt + (shape.rows * 4 if ref_err else ref)
+    bwd = pred + tgt + pred  # the gradient is in model_pred's dtype
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
@@ -112,7 +126,12 @@ def make_inputs(shape: Shape, dtype: torch.dtype, variant: str, device: str, cop
     ref = pred + 0.01 * torch.randn(dims, generator=gen, device=device)
     ref_err = ((ref - noise) ** 2).flatten(1).mean(1) if use_ref_err else None
     target = noise[: shape.rows // 2] if shared else noise
-    base = Inputs(pred.to(dtype), None if use_ref_err else ref.to(dtype), target.to(dtype).contiguous(), ref_err)
+    base = Inputs(
+        pred.to(storage_dtype(dtype, variant, "model_pred")),
+        None if use_ref_err else ref.to(storage_dtype(dtype, variant, "ref_pred")),
+        target.to(storage_dtype(dtype, variant, "target")).contiguous(),
+        ref_err,
+    )
     del noise, pred, ref
     sets = []
     for _ in range(copies):

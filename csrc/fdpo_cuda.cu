@@ -3,13 +3,15 @@
 // the CPU kernels.
 //
 // Forward: ONE kernel (plus a 4-byte cudaMemsetAsync of its block counter when the grid has more than one block).
-//   * Grid = B pairs x C chunks of D, 1-D (block b: pair b / C, chunk b % C). C is chosen so that B*C fills one
-//     wave of resident blocks (SM count x occupancy, read from the device and the kernel, cached) without
-//     exceeding it, so few long rows (video: 2B = 4) still use every SM, and no chunk is shorter than one sweep of
-//     the block (256 threads x one 16-byte vector).
+//   * Grid = B pairs x C chunks of D, 1-D (block b: pair b / C, chunk b % C). C is chosen so that B*C fills
+//     kFwdWaves waves of resident blocks (SM count x occupancy, read from the device and the kernel, cached), so
+//     few long rows (video: 2B = 4) still use every SM; chunks are multiples of the vector width and no chunk is
+//     shorter than one sweep of the block (256 threads x one vector).
 //   * Each block reads the winner and the loser rows of its pair over its chunk, the shared [B, D] target (and
 //     mask) row once, with 16-byte vector loads when every base pointer is 16-byte aligned and D is a multiple
-//     of the vector width (else a scalar path), and accumulates in fp32 per row
+//     of the vector width (else a scalar path), and accumulates in fp32 per row. Mixed storage dtypes (an fp32
+//     model_pred beside a 16-bit target and reference, fdpo::mixed_storage_switch) take the same kernel with a
+//     storage type per tensor and 8 elements per vector; other mixes a generic scalar kernel.
 //       S = sum m (pred - t)^2,  R = sum m (ref - t)^2,  Q = sum m (ref - pred)(ref + pred - 2t),  M = sum m.
 //     A warp-shuffle + shared-memory reduction in a fixed order gives the block's partials, written to a
 //     workspace.
@@ -24,9 +26,10 @@
 //   graph capturable (the allocation comes from the graph's pool during capture). A grid of one block needs no
 //   counter and skips the memset.
 //
-// Backward: ONE elementwise kernel over (row, chunk): grad = grad_coef[row] * G[pair] * m * (pred - target),
-// in model_pred's dtype; 16-byte loads and stores (8 bf16/fp16 or 4 fp32) when aligned, 4 vectors in flight
-// per thread, scalar path otherwise. G (0-dim for mean/sum, [B] for reduction none) is read on the device.
+// Backward: ONE elementwise kernel over (chunk, row), rows fastest (a shared target row is read from DRAM once):
+// grad = grad_coef[row] * G[pair] * m * (pred - target), in model_pred's dtype; 16-byte loads and stores (8
+// bf16/fp16 or 4 fp32, 8 per vector for the mixed-dtype variants) when aligned, 4 vectors of model_pred in
+// flight per thread, scalar path otherwise. G (0-dim for mean/sum, [B] for reduction none) is read on the device.
 //
 // All offsets are int64 (tensors over 2^31 elements work); the current CUDA stream and device are used, every
 // launch is checked, nothing synchronizes with the host. Inputs are fp32/fp16/bf16 (fp64 is rejected: it runs on
@@ -85,6 +88,43 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, const Pack<T, VEC>
   } else {
     *reinterpret_cast<Pack<T, VEC>*>(p) = v;
   }
+}
+
+// N consecutive elements of T held as raw packs (converted element by element when read): 16-byte packs when
+// N * sizeof(T) >= 16 (8 fp32 = two LDG.128, 8 bf16/fp16 = one), else one narrower pack (the scalar path, N = 1).
+// The same loop then serves same-dtype tensors (N = 16 / sizeof(T)) and mixed ones (N = 8: fp32 beside 16-bit).
+template <typename T, int N>
+struct Vec {
+  static constexpr int kPackElems = N * static_cast<int>(sizeof(T)) > 16 ? 16 / static_cast<int>(sizeof(T)) : N;
+  static constexpr int kPacks = N / kPackElems;
+  Pack<T, kPackElems> p[kPacks];
+  __device__ __forceinline__ float operator[](int k) const {
+    return static_cast<float>(p[k / kPackElems].v[k % kPackElems]);
+  }
+  __device__ __forceinline__ void set(int k, float x) { p[k / kPackElems].v[k % kPackElems] = static_cast<T>(x); }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* __restrict__ p) {
+  using V = Vec<T, N>;
+  V r;
+#pragma unroll
+  for (int i = 0; i < V::kPacks; ++i) r.p[i] = load_pack<T, V::kPackElems>(p + i * V::kPackElems);
+  return r;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const Vec<T, N>& v) {
+  using V = Vec<T, N>;
+#pragma unroll
+  for (int i = 0; i < V::kPacks; ++i) store_pack<T, V::kPackElems>(p + i * V::kPackElems, v.p[i]);
+}
+
+// Vectors in flight per thread in the backward: kBwdIters 16-byte vectors of model_pred (the scalar path: kBwdIters
+// elements), so a mixed kernel (8 fp32 elements per vector) makes 2 iterations of 2 vectors. Host and device.
+template <typename TP, int VEC>
+constexpr int bwd_iters() {
+  return VEC == 1 ? kBwdIters : (kBwdIters * 16 / static_cast<int>(sizeof(TP)) + VEC - 1) / VEC;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {  // result in lane 0; fixed order
@@ -155,7 +195,18 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
     if (k < ncomb) {
       const int64_t p = k / kNQ, q = k % kNQ;
       const float* src = a.partials + p * C * kNQ + q;
-      for (int64_t c = li; c < C; c += L) v += __ldcg(src + c * kNQ);
+      // Four independent accumulators (four L2 loads in flight per lane, not one dependent chain), summed in a
+      // fixed order: the same bits every run.
+      float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
+      int64_t c = li;
+      for (; c + 3 * L < C; c += 4 * L) {
+        v0 += __ldcg(src + c * kNQ);
+        v1 += __ldcg(src + (c + L) * kNQ);
+        v2 += __ldcg(src + (c + 2 * L) * kNQ);
+        v3 += __ldcg(src + (c + 3 * L) * kNQ);
+      }
+      for (; c < C; c += L) v0 += __ldcg(src + c * kNQ);
+      v = (v0 + v1) + (v2 + v3);
     }
     for (int m = L / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
     if (k < ncomb && li == 0) a.combined[k] = v;
@@ -268,61 +319,73 @@ __device__ __forceinline__ BlockRows block_rows(const FwdArgs& a) {
           start + a.chunk_len < a.D ? start + a.chunk_len : a.D};
 }
 
-template <typename T, int VEC, bool HAS_REF, bool HAS_MASK>
-__global__ void __launch_bounds__(kThreads, 3) fdpo_forward_kernel(const FwdArgs a) {
+// TP, TR, TT, TM: the storage types of model_pred, ref_pred, target and mask (all T for a same-dtype call; an fp32
+// model_pred beside a 16-bit target and reference under mixed precision); VEC elements per row per thread and
+// iteration, read as 16-byte packs (Vec); the arithmetic is fp32 whatever the storage.
+// Resident blocks per SM the forward's register budget keeps: 3, or 2 for a masked mix loading 10 or more 16-byte
+// vectors per iteration (fp32 pred with a 16-bit target and mask: 40+ data registers), where the 80 registers of 3
+// blocks left a load waiting for an earlier load's registers (SASS on sm_90 and sm_100; the unmasked 10-vector
+// mix keeps all its loads in flight at 3); 2 x 256 threads x 160 B is still ~2x what an SM needs in flight.
+template <typename TP, typename TR, typename TT, typename TM, int VEC, bool HAS_REF, bool HAS_MASK>
+constexpr int fwd_min_blocks() {
+  const int bytes = VEC * (2 * static_cast<int>(sizeof(TP) + sizeof(TT)) + (HAS_REF ? 2 * sizeof(TR) : 0) +
+                           (HAS_MASK ? 2 * sizeof(TM) : 0));
+  return HAS_MASK && bytes >= 10 * 16 ? 2 : 3;
+}
+
+template <typename TP, typename TR, typename TT, typename TM, int VEC, bool HAS_REF, bool HAS_MASK>
+__global__ void __launch_bounds__(kThreads, (fwd_min_blocks<TP, TR, TT, TM, VEC, HAS_REF, HAS_MASK>()))
+    fdpo_forward_kernel(const FwdArgs a) {
   __shared__ float smem[kNQ * kWarps];
   const BlockRows r = block_rows(a);
-  const T* __restrict__ pred = static_cast<const T*>(a.pred);
-  const T* __restrict__ ref = static_cast<const T*>(a.ref);
-  const T* __restrict__ tgt = static_cast<const T*>(a.target);
-  const T* __restrict__ msk = static_cast<const T*>(a.mask);
-  const T* pw = pred + r.w;
-  const T* pl = pred + r.l;
-  const T* qw = HAS_REF ? ref + r.w : nullptr;
-  const T* ql = HAS_REF ? ref + r.l : nullptr;
-  const T* tw = tgt + r.tw;
-  const T* tl = tgt + r.tl;
-  const T* mw = HAS_MASK ? msk + r.mw : nullptr;
-  const T* ml = HAS_MASK ? msk + r.ml : nullptr;
+  const TP* __restrict__ pred = static_cast<const TP*>(a.pred);
+  const TR* __restrict__ ref = static_cast<const TR*>(a.ref);
+  const TT* __restrict__ tgt = static_cast<const TT*>(a.target);
+  const TM* __restrict__ msk = static_cast<const TM*>(a.mask);
+  const TP* pw = pred + r.w;
+  const TP* pl = pred + r.l;
+  const TR* qw = HAS_REF ? ref + r.w : nullptr;
+  const TR* ql = HAS_REF ? ref + r.l : nullptr;
+  const TT* tw = tgt + r.tw;
+  const TT* tl = tgt + r.tl;
+  const TM* mw = HAS_MASK ? msk + r.mw : nullptr;
+  const TM* ml = HAS_MASK ? msk + r.ml : nullptr;
 
   float acc[kNQ];
 #pragma unroll
   for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
 
   const int64_t start = r.start, end = r.end;
-  // No unrolling: each iteration already has 4-6 independent 16-byte loads in flight per thread, and unrolled
+  // No unrolling: each iteration already has 4-10 independent 16-byte loads in flight per thread, and unrolled
   // copies push the register count over the 3-4 resident blocks per SM the launch bounds ask for.
 #pragma unroll 1
   for (int64_t j = start + static_cast<int64_t>(threadIdx.x) * VEC; j < end; j += kThreads * VEC) {
     // Raw packs stay in registers (4 per 16 bytes) and are widened to fp32 element by element below.
-    using P = Pack<T, VEC>;
-    const P xw = load_pack<T, VEC>(pw + j), xl = load_pack<T, VEC>(pl + j);
-    const P zw = load_pack<T, VEC>(tw + j);
-    const P zl = a.target_shared ? zw : load_pack<T, VEC>(tl + j);
-    P yw, yl, uw, ul;
+    const Vec<TP, VEC> xw = load_vec<TP, VEC>(pw + j), xl = load_vec<TP, VEC>(pl + j);
+    const Vec<TT, VEC> zw = load_vec<TT, VEC>(tw + j);
+    const Vec<TT, VEC> zl = a.target_shared ? zw : load_vec<TT, VEC>(tl + j);
+    Vec<TR, VEC> yw, yl;
+    Vec<TM, VEC> uw, ul;
     if (HAS_REF) {
-      yw = load_pack<T, VEC>(qw + j);
-      yl = load_pack<T, VEC>(ql + j);
+      yw = load_vec<TR, VEC>(qw + j);
+      yl = load_vec<TR, VEC>(ql + j);
     }
     if (HAS_MASK) {
-      uw = load_pack<T, VEC>(mw + j);
-      ul = a.mask_shared ? uw : load_pack<T, VEC>(ml + j);
+      uw = load_vec<TM, VEC>(mw + j);
+      ul = a.mask_shared ? uw : load_vec<TM, VEC>(ml + j);
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      accumulate_element<HAS_REF, HAS_MASK>(
-          acc, static_cast<float>(xw.v[k]), static_cast<float>(xl.v[k]), static_cast<float>(zw.v[k]),
-          static_cast<float>(zl.v[k]), HAS_REF ? static_cast<float>(yw.v[k]) : 0.0f,
-          HAS_REF ? static_cast<float>(yl.v[k]) : 0.0f, HAS_MASK ? static_cast<float>(uw.v[k]) : 1.0f,
-          HAS_MASK ? static_cast<float>(ul.v[k]) : 1.0f);
+      accumulate_element<HAS_REF, HAS_MASK>(acc, xw[k], xl[k], zw[k], zl[k], HAS_REF ? yw[k] : 0.0f,
+                                            HAS_REF ? yl[k] : 0.0f, HAS_MASK ? uw[k] : 1.0f, HAS_MASK ? ul[k] : 1.0f);
     }
   }
   finish_forward_block<HAS_REF, HAS_MASK>(a, acc, smem);
 }
 
-// Mixed input dtypes (e.g. Accelerate: fp32 model_pred holding bf16 values beside a bf16 target and reference):
-// each element read in its own dtype (a uniform switch per load), fp32 arithmetic as above, no cast copies. One
-// element per thread per step: a simpler loop than the vectorized one, for the call pattern that needs it.
+// Any other mix of input dtypes (or misaligned / D % 8 != 0 mixed inputs): each element read in its own dtype (a
+// uniform switch per load), fp32 arithmetic as above, no cast copies. One element per thread per step, a scalar loop
+// (~90 instructions per 16 B): the combinations trainers pass take fdpo_forward_kernel instead (mixed_storage_switch).
 template <bool HAS_REF, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_mixed_kernel(const FwdArgs a) {
   __shared__ float smem[kNQ * kWarps];
@@ -357,61 +420,76 @@ struct BwdArgs {
   int target_dtype, mask_dtype;  // fdpo::InputDtype, read by the mixed-dtype kernel
 };
 
-template <typename T, int VEC, bool HAS_MASK>
+// The block's row and chunk, rows fastest: the 2B rows of one chunk run side by side, so the winner and the loser
+// reading one row of a shared [B, D] target (or mask) do so within one wave and the second read hits L2 (chunk-
+// fastest order put them B * chunks blocks apart: on large shapes a second DRAM read, +20 % bytes).
+struct BwdBlock {
+  int64_t row, chunk, pair;
+};
+
+__device__ __forceinline__ BwdBlock bwd_block(const BwdArgs& a) {
+  const int64_t bid = blockIdx.x, rows = 2 * a.B;
+  const int64_t chunk = bid / rows, row = bid - chunk * rows;
+  return {row, chunk, fdpo::pair_of_row(row, a.B, a.interleaved)};
+}
+
+// TP, TT, TM: the storage types of model_pred (and of the gradient), target and mask; VEC elements per thread and
+// iteration as 16-byte packs (Vec), bwd_iters<TP, VEC>() iterations per thread, every load issued before any math.
+template <typename TP, typename TT, typename TM, int VEC, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads) fdpo_backward_kernel(const BwdArgs a) {
-  const int64_t bid = blockIdx.x;
-  const int64_t row = bid / a.chunks, chunk = bid - row * a.chunks;
+  constexpr int kIters = bwd_iters<TP, VEC>();
+  const BwdBlock blk = bwd_block(a);
   const int64_t D = a.D;
-  const int64_t pair = fdpo::pair_of_row(row, a.B, a.interleaved);
-  const T* __restrict__ pr = static_cast<const T*>(a.pred) + row * D;
-  const T* __restrict__ tg = static_cast<const T*>(a.target) + (a.target_shared ? pair : row) * D;
-  const T* __restrict__ mk = HAS_MASK ? static_cast<const T*>(a.mask) + (a.mask_shared ? pair : row) * D : nullptr;
-  T* __restrict__ out = static_cast<T*>(a.grad) + row * D;
+  const TP* __restrict__ pr = static_cast<const TP*>(a.pred) + blk.row * D;
+  const TT* __restrict__ tg = static_cast<const TT*>(a.target) + (a.target_shared ? blk.pair : blk.row) * D;
+  const TM* __restrict__ mk =
+      HAS_MASK ? static_cast<const TM*>(a.mask) + (a.mask_shared ? blk.pair : blk.row) * D : nullptr;
+  TP* __restrict__ out = static_cast<TP*>(a.grad) + blk.row * D;
   // mul0 semantics (see fdpo_math.h): an overflowed +-inf coefficient times a zero upstream gradient, a zero
   // residual or a zero mask is 0, not NaN. One compare-select per element: free in a bandwidth-bound pass.
-  const float c = fdpo::mul0(a.coef[row], a.g[a.g_per_pair ? pair : 0]);
+  const float c = fdpo::mul0(a.coef[blk.row], a.g[a.g_per_pair ? blk.pair : 0]);
 
-  const int64_t start = chunk * a.chunk_len;
+  const int64_t start = blk.chunk * a.chunk_len;
   const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
-  using P = Pack<T, VEC>;
-  P x[kBwdIters], t[kBwdIters], m[kBwdIters];
+  Vec<TP, VEC> x[kIters];
+  Vec<TT, VEC> t[kIters];
+  Vec<TM, VEC> m[kIters];
 #pragma unroll
-  for (int it = 0; it < kBwdIters; ++it) {
+  for (int it = 0; it < kIters; ++it) {
     const int64_t j = start + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
     if (j < end) {
-      x[it] = load_pack<T, VEC>(pr + j);
-      t[it] = load_pack<T, VEC>(tg + j);
-      if (HAS_MASK) m[it] = load_pack<T, VEC>(mk + j);
+      x[it] = load_vec<TP, VEC>(pr + j);
+      t[it] = load_vec<TT, VEC>(tg + j);
+      if (HAS_MASK) m[it] = load_vec<TM, VEC>(mk + j);
     }
   }
 #pragma unroll
-  for (int it = 0; it < kBwdIters; ++it) {
+  for (int it = 0; it < kIters; ++it) {
     const int64_t j = start + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
     if (j < end) {
-      P o;
+      Vec<TP, VEC> o;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        float v = fdpo::mul0(c, static_cast<float>(x[it].v[k]) - static_cast<float>(t[it].v[k]));
-        if (HAS_MASK) v = fdpo::mul0(v, static_cast<float>(m[it].v[k]));
-        o.v[k] = static_cast<T>(v);
+        float v = fdpo::mul0(c, x[it][k] - t[it][k]);
+        if (HAS_MASK) v = fdpo::mul0(v, m[it][k]);
+        o.set(k, v);
       }
-      store_pack<T, VEC>(out + j, o);
+      store_vec<TP, VEC>(out + j, o);
     }
   }
 }
 
-// Mixed input dtypes: target and mask read in their own dtypes, fp32 arithmetic, the gradient in model_pred's T.
+// Any other mix of input dtypes: target and mask read in their own dtypes, fp32 arithmetic, the gradient in
+// model_pred's T; one element per thread per step.
 template <typename T, bool HAS_MASK>
 __global__ void __launch_bounds__(kThreads) fdpo_backward_mixed_kernel(const BwdArgs a) {
-  const int64_t bid = blockIdx.x;
-  const int64_t row = bid / a.chunks, chunk = bid - row * a.chunks;
+  const BwdBlock blk = bwd_block(a);
   const int64_t D = a.D;
-  const int64_t pair = fdpo::pair_of_row(row, a.B, a.interleaved);
-  const T* __restrict__ pr = static_cast<const T*>(a.pred) + row * D;
-  const int64_t t_off = (a.target_shared ? pair : row) * D, m_off = (a.mask_shared ? pair : row) * D;
-  T* __restrict__ out = static_cast<T*>(a.grad) + row * D;
-  const float c = fdpo::mul0(a.coef[row], a.g[a.g_per_pair ? pair : 0]);
-  const int64_t start = chunk * a.chunk_len;
+  const T* __restrict__ pr = static_cast<const T*>(a.pred) + blk.row * D;
+  const int64_t t_off = (a.target_shared ? blk.pair : blk.row) * D, m_off = (a.mask_shared ? blk.pair : blk.row) * D;
+  T* __restrict__ out = static_cast<T*>(a.grad) + blk.row * D;
+  const float c = fdpo::mul0(a.coef[blk.row], a.g[a.g_per_pair ? blk.pair : 0]);
+  const int64_t start = blk.chunk * a.chunk_len;
   const int64_t end = start + a.chunk_len < D ? start + a.chunk_len : D;
   for (int64_t j = start + threadIdx.x; j < end; j += kThreads) {
     float v = fdpo::mul0(c, static_cast<float>(pr[j]) - load_as_float(a.target, a.target_dtype, t_off + j));
@@ -439,24 +517,34 @@ int blocks_per_sm(const void* kernel, int device) {
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// MIXED: the mixed-dtype kernel (then T = float, VEC = 1).
-template <typename T, int VEC, bool HAS_REF, bool HAS_MASK, bool MIXED>
-void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaStream_t stream) {
-  auto kernel = MIXED ? fdpo_forward_mixed_kernel<HAS_REF, HAS_MASK> : fdpo_forward_kernel<T, VEC, HAS_REF, HAS_MASK>;
+using FwdKernel = void (*)(FwdArgs);
+using BwdKernel = void (*)(BwdArgs);
+
+// Waves of resident blocks the forward grid is cut into: several shorter blocks rather than one wave of long ones,
+// so a grid that loses SMs to another stream (NCCL, MPS) adds a quarter wave, not a second full one. The chunk
+// partials this adds (a few thousand floats on the largest shapes) cost the last block's combine little.
+constexpr int64_t kFwdWaves = 4;
+
+// `vec`: the kernel's elements per thread and iteration (chunks are multiples of it, so every vector is aligned).
+void launch_forward(FwdKernel kernel, int64_t vec, FwdArgs a, const at::TensorOptions& opts, int device,
+                    cudaStream_t stream) {
   const int64_t sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const int64_t wave = sms * blocks_per_sm(reinterpret_cast<const void*>(kernel), device);
-  const int64_t unit = static_cast<int64_t>(kThreads) * VEC;
-  const int64_t max_chunks = a.D > 0 ? ceil_div(a.D, unit) : 1;
-  int64_t chunks = wave / a.B;  // fill one wave, never spill a sliver into a second one
+  const int64_t sweep = static_cast<int64_t>(kThreads) * vec;  // no chunk shorter than one sweep of the block
+  const int64_t max_chunks = a.D > 0 ? ceil_div(a.D, sweep) : 1;
+  int64_t chunks = kFwdWaves * wave / a.B;
   chunks = chunks < 1 ? 1 : (chunks > max_chunks ? max_chunks : chunks);
-  int64_t chunk_len = a.D > 0 ? ceil_div(ceil_div(a.D, chunks), unit) * unit : unit;
+  // Rounded to the vector width only (not to whole sweeps, which cut e.g. flux's wanted 99 chunks to 64).
+  int64_t chunk_len = a.D > 0 ? ceil_div(ceil_div(a.D, chunks), vec) * vec : vec;
   chunks = a.D > 0 ? ceil_div(a.D, chunk_len) : 1;
   a.chunks = chunks;
   a.chunk_len = chunk_len;
   const int64_t nblocks = a.B * chunks;
   TORCH_CHECK(nblocks <= INT32_MAX, "fdiv_kernels cuda forward: too many pairs (", a.B, ")");
 
-  // Workspace: partials, combined sums, per-pair sums, then the 4-byte counter.
+  // Workspace: partials, combined sums, per-pair sums, then the 4-byte counter. The counter is zeroed by a memset
+  // node: the workspace is fresh per call (caching allocator), and a persistent self-resetting counter would be
+  // state shared between concurrent streams and CUDA-graph replays.
   const int64_t nfloat = nblocks * kNQ + a.B * kNQ + kPairSums * a.B;
   at::Tensor ws = at::empty({nfloat * 4 + 16}, opts.dtype(at::kByte));
   float* base = reinterpret_cast<float*>(ws.data_ptr());
@@ -472,28 +560,56 @@ void launch_forward(FwdArgs a, const at::TensorOptions& opts, int device, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int VEC, bool MIXED = false>
+// The vectorized forward for storage types (TP, TR, TT), the mask (if any) stored as TT; without ref_pred TR is
+// TP (not read), so the ref_err kernels of two mixes are one instantiation.
+template <typename TP, typename TR, typename TT, int VEC>
 void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
                       cudaStream_t stream) {
   fdpo::bool_switch(has_ref, [&](auto ref) {
     fdpo::bool_switch(has_mask, [&](auto masked) {
-      launch_forward<T, VEC, decltype(ref)::value, decltype(masked)::value, MIXED>(a, opts, device, stream);
+      constexpr bool kRef = decltype(ref)::value, kMask = decltype(masked)::value;
+      using TRk = std::conditional_t<kRef, TR, TP>;
+      launch_forward(fdpo_forward_kernel<TP, TRk, TT, TT, VEC, kRef, kMask>, VEC, a, opts, device, stream);
     });
   });
 }
 
-// MIXED: the mixed-dtype kernel (then VEC = 1).
-template <typename T, int VEC, bool HAS_MASK, bool MIXED>
-void launch_backward(BwdArgs a, int64_t rows, cudaStream_t stream) {
-  const int64_t chunk_len = static_cast<int64_t>(kThreads) * VEC * kBwdIters;
+void dispatch_forward_generic(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
+                              cudaStream_t stream) {
+  fdpo::bool_switch(has_ref, [&](auto ref) {
+    fdpo::bool_switch(has_mask, [&](auto masked) {
+      launch_forward(fdpo_forward_mixed_kernel<decltype(ref)::value, decltype(masked)::value>, 1, a, opts, device,
+                     stream);
+    });
+  });
+}
+
+// `chunk_len`: elements per block (the kernel's threads x vector width x iterations).
+void launch_backward(BwdKernel kernel, int64_t chunk_len, BwdArgs a, int64_t rows, cudaStream_t stream) {
   a.chunk_len = chunk_len;
   a.chunks = a.D > 0 ? ceil_div(a.D, chunk_len) : 0;
   const int64_t nblocks = rows * a.chunks;
   if (nblocks == 0) return;
   TORCH_CHECK(nblocks <= INT32_MAX, "fdiv_kernels cuda backward: tensor too large (", nblocks, " blocks)");
-  auto kernel = MIXED ? fdpo_backward_mixed_kernel<T, HAS_MASK> : fdpo_backward_kernel<T, VEC, HAS_MASK>;
   kernel<<<static_cast<unsigned int>(nblocks), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The vectorized backward for storage types (TP, TT), the mask (if any) stored as TT.
+template <typename TP, typename TT, int VEC>
+void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
+  fdpo::bool_switch(has_mask, [&](auto masked) {
+    launch_backward(fdpo_backward_kernel<TP, TT, TT, VEC, decltype(masked)::value>,
+                    static_cast<int64_t>(kThreads) * VEC * bwd_iters<TP, VEC>(), a, rows, stream);
+  });
+}
+
+template <typename T>
+void dispatch_backward_generic(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
+  fdpo::bool_switch(has_mask, [&](auto masked) {
+    launch_backward(fdpo_backward_mixed_kernel<T, decltype(masked)::value>, static_cast<int64_t>(kThreads) * kBwdIters,
+                    a, rows, stream);
+  });
 }
 
 fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
@@ -546,27 +662,29 @@ fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::
   a.ref_dtype = has_ref ? fdpo::input_dtype(v.ref) : a.pred_dtype;
   a.target_dtype = fdpo::input_dtype(v.target);
   a.mask_dtype = has_mask ? fdpo::input_dtype(v.mask) : a.pred_dtype;
-  if (a.ref_dtype != a.pred_dtype || a.target_dtype != a.pred_dtype || a.mask_dtype != a.pred_dtype) {
-    dispatch_forward<float, 1, /*MIXED=*/true>(a, has_ref, has_mask, fopts, device, stream);
-    return out;
+  const bool same_dtype = a.ref_dtype == a.pred_dtype && a.target_dtype == a.pred_dtype && a.mask_dtype == a.pred_dtype;
+  const auto aligned = [&](int64_t vec) {  // the vector path's gate: whole vectors, 16-byte aligned bases
+    return D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) && aligned16(a.mask);
+  };
+  if (same_dtype) {
+    fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
+      using T = typename decltype(type)::type;
+      if (aligned(16 / sizeof(T)))
+        dispatch_forward<T, T, T, 16 / sizeof(T)>(a, has_ref, has_mask, fopts, device, stream);
+      else
+        dispatch_forward<T, T, T, 1>(a, has_ref, has_mask, fopts, device, stream);
+    });
+  } else if (!aligned(fdpo::kMixedVec) ||
+             !fdpo::mixed_storage_switch(
+                 v.pred.scalar_type(), has_ref ? v.ref.scalar_type() : v.pred.scalar_type(), v.target.scalar_type(),
+                 has_mask ? v.mask.scalar_type() : v.target.scalar_type(), [&](auto tp, auto tr, auto tt) {
+                   dispatch_forward<typename decltype(tp)::type, typename decltype(tr)::type,
+                                    typename decltype(tt)::type, fdpo::kMixedVec>(a, has_ref, has_mask, fopts, device,
+                                                                                  stream);
+                 })) {
+    dispatch_forward_generic(a, has_ref, has_mask, fopts, device, stream);
   }
-  const int64_t vec = 16 / model_pred.element_size();  // elements per 16-byte vector
-  const bool vectorized =
-      D % vec == 0 && aligned16(a.pred) && aligned16(a.ref) && aligned16(a.target) && aligned16(a.mask);
-  fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
-    using T = typename decltype(type)::type;
-    if (vectorized)
-      dispatch_forward<T, 16 / sizeof(T)>(a, has_ref, has_mask, fopts, device, stream);
-    else
-      dispatch_forward<T, 1>(a, has_ref, has_mask, fopts, device, stream);
-  });
   return out;
-}
-
-template <typename T, int VEC, bool MIXED = false>
-void dispatch_backward(const BwdArgs& a, bool has_mask, int64_t rows, cudaStream_t stream) {
-  fdpo::bool_switch(has_mask,
-                    [&](auto masked) { launch_backward<T, VEC, decltype(masked)::value, MIXED>(a, rows, stream); });
 }
 
 at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& model_pred, const at::Tensor& target,
@@ -602,19 +720,29 @@ at::Tensor fdpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& mod
   const int pred_dtype = fdpo::input_dtype(v.pred);
   a.target_dtype = fdpo::input_dtype(v.target);
   a.mask_dtype = has_mask ? fdpo::input_dtype(v.mask) : pred_dtype;
-  const bool mixed = a.target_dtype != pred_dtype || a.mask_dtype != pred_dtype;
-  const int64_t vec = 16 / model_pred.element_size();
-  const bool vectorized =
-      D % vec == 0 && aligned16(a.pred) && aligned16(a.target) && aligned16(a.mask) && aligned16(a.grad);
-  fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
-    using T = typename decltype(type)::type;
-    if (mixed)
-      dispatch_backward<T, 1, /*MIXED=*/true>(a, has_mask, rows, stream);
-    else if (vectorized)
-      dispatch_backward<T, 16 / sizeof(T)>(a, has_mask, rows, stream);
-    else
-      dispatch_backward<T, 1>(a, has_mask, rows, stream);
-  });
+  const bool same_dtype = a.target_dtype == pred_dtype && a.mask_dtype == pred_dtype;
+  const auto aligned = [&](int64_t vec) {  // the vector path's gate: whole vectors, 16-byte aligned bases
+    return D % vec == 0 && aligned16(a.pred) && aligned16(a.target) && aligned16(a.mask) && aligned16(a.grad);
+  };
+  if (same_dtype) {
+    fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
+      using T = typename decltype(type)::type;
+      if (aligned(16 / sizeof(T)))
+        dispatch_backward<T, T, 16 / sizeof(T)>(a, has_mask, rows, stream);
+      else
+        dispatch_backward<T, T, 1>(a, has_mask, rows, stream);
+    });
+  } else if (!aligned(fdpo::kMixedVec) ||
+             !fdpo::mixed_storage_switch(
+                 v.pred.scalar_type(), v.pred.scalar_type(), v.target.scalar_type(),
+                 has_mask ? v.mask.scalar_type() : v.target.scalar_type(), [&](auto tp, auto, auto tt) {
+                   dispatch_backward<typename decltype(tp)::type, typename decltype(tt)::type, fdpo::kMixedVec>(
+                       a, has_mask, rows, stream);
+                 })) {
+    fdpo::storage_switch(model_pred.scalar_type(), "cuda", [&](auto type) {
+      dispatch_backward_generic<typename decltype(type)::type>(a, has_mask, rows, stream);
+    });
+  }
   return grad.view(model_pred.sizes());
 }
 

@@ -20,8 +20,9 @@ enum Divergence : int { kReverseKL = 0, kForwardKL = 1, kJS = 2, kAlpha = 3, kHe
 enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
 // Per-sample error: masked mean (sum m r^2 / sum m), sum, or mean over all D elements (sum m r^2 / D).
 enum ErrReduction : int { kErrMean = 0, kErrSum = 1, kErrMeanAll = 2 };
-// The link from the pair logit z to the pair loss (diffusers' --loss_type): -log sigmoid(z), relu(1 - z), (z - m)^2.
-enum LossType : int { kSigmoid = 0, kHinge = 1, kIPO = 2 };
+// The link from the pair logit z to the pair loss (diffusers' --loss_type): -log sigmoid(z), relu(1 - z), (z - m)^2;
+// DMPO (Diffusion-SDPO): KL(p || q) of Bernoulli p = sigmoid(z) and q = 1 - dmpo_alpha.
+enum LossType : int { kSigmoid = 0, kHinge = 1, kIPO = 2, kDMPO = 3 };
 
 // The op's configuration, parsed once from its packed arguments (fdpo::head_params in fdpo_op.h) and shared by
 // the CPU and CUDA kernels.
@@ -35,6 +36,8 @@ struct HeadParams {
   int reduction;           // Reduction
   int loss_type;           // LossType
   double ipo_margin;       // m = 1 / (2 tau) of loss_type kIPO
+  double dmpo_log_q;       // log q of loss_type kDMPO, q = 1 - dmpo_alpha
+  double dmpo_log_1mq;     // log(1 - q) of loss_type kDMPO
   int err_reduction;       // ErrReduction
   bool interleaved;        // row layout (spec §1)
   bool strict_ties;        // implicit_acc counts a tie (z == 0) as 0 instead of 1/2
@@ -217,6 +220,13 @@ FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T in
     const T gap = z - static_cast<T>(p.ipo_margin);
     loss = gap * gap;
     g = T(2) * gap;
+  } else if (p.loss_type == kDMPO) {
+    // p (log p - log q) + (1 - p)(log(1 - p) - log(1 - q)) with log p = -softplus(-z), 1 - p = sigmoid(-z): no
+    // 1 - p cancellation; d/dz = p (1 - p) (z - logit q). mul0: a saturated p times an infinite log is 0.
+    const T log_q = static_cast<T>(p.dmpo_log_q), log_1mq = static_cast<T>(p.dmpo_log_1mq);
+    const T p_win = sigmoid(z), p_lose = sigmoid(-z);
+    loss = mul0(p_win, -softplus(-z) - log_q) + mul0(p_lose, -softplus(z) - log_1mq);
+    g = mul0(p_win * p_lose, z - (log_q - log_1mq));
   } else {  // sigmoid: each label-smoothing term only where its weight is non-zero (0 * inf)
     if (eps < T(1)) {
       loss += (T(1) - eps) * softplus(-z);

@@ -56,4 +56,33 @@ inline void storage_switch(at::ScalarType dtype, const char* backend, F&& f) {
   }
 }
 
+// Elements per thread and iteration of the mixed-dtype vector kernels: one 16-byte pack of a 16-bit tensor, two of
+// an fp32 one. Their gate is D % kMixedVec == 0 with 16-byte aligned bases.
+constexpr int kMixedVec = 8;
+
+// The mixed-precision storage combinations that trainers pass, each with its own vectorized CUDA kernels: an fp32
+// model_pred (Accelerate's AMP) beside a bf16 or fp16 target, a reference (ref; pass pred's dtype when there is
+// none) in fp32 or in the target's dtype, a mask (pass target's dtype when there is none) in the target's dtype.
+// Calls f(std::type_identity<TP>, std::type_identity<TR>, std::type_identity<TT>) and returns true for those;
+// returns false, calling nothing, for any other combination (the generic kernel's).
+template <typename F>
+inline bool mixed_storage_switch(at::ScalarType pred, at::ScalarType ref, at::ScalarType target, at::ScalarType mask,
+                                 F&& f) {
+  if (pred != at::kFloat || (target != at::kBFloat16 && target != at::kHalf) || mask != target ||
+      (ref != at::kFloat && ref != target))
+    return false;
+  const auto with_target = [&](auto tt) {
+    using TT = typename decltype(tt)::type;
+    if (ref == at::kFloat)
+      f(std::type_identity<float>{}, std::type_identity<float>{}, tt);
+    else
+      f(std::type_identity<float>{}, std::type_identity<TT>{}, tt);
+  };
+  if (target == at::kBFloat16)
+    with_target(std::type_identity<at::BFloat16>{});
+  else
+    with_target(std::type_identity<at::Half>{});
+  return true;
+}
+
 }  // namespace fdpo

@@ -1,5 +1,7 @@
 """fdiv_kernels: fused f-divergence Diffusion-DPO loss (Sun et al., arXiv 2409.09774) for PyTorch."""
 
+from __future__ import annotations
+
 from .divergences import DIVERGENCES, REJECTED_DIVERGENCES, get_divergence
 from .gradient_field import gradient_weights
 from .integrations import fdpo_loss_from_pairs, trainer_conventions
@@ -8,6 +10,19 @@ from .reference import fdpo_loss_reference
 from .stats import FDPOStats
 
 __version__ = "0.1.0"
+
+
+def load() -> dict[str, str | None]:
+    """Load the compiled kernels now rather than on the first call that needs them, compiling them into the cache
+    if nothing is built for the running torch yet (one to three minutes, once). ``import fdiv_kernels`` never does.
+
+    Returns ``{"cpu": why, "cuda": why}``: None where those kernels can run, else the reason (the one
+    ``backend="cpu"``/``"cuda"`` would raise with, and ``backend="auto"`` warns with before using PyTorch).
+    """
+    from .backends import cpp
+
+    return {kind: cpp.why_unavailable(kind) for kind in ("cpu", "cuda")}  # the first call loads the extension
+
 
 __all__ = [
     "DIVERGENCES",
@@ -19,5 +34,6 @@ __all__ = [
     "fused_fdpo_loss",
     "get_divergence",
     "gradient_weights",
+    "load",
     "trainer_conventions",
 ]

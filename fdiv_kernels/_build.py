@@ -13,6 +13,10 @@ Where the extension comes from, in order:
    ``$TORCH_EXTENSIONS_DIR/fdiv_kernels``, else ``~/.cache/fdiv_kernels``). A one-line message says so while it
    compiles, and a file lock makes concurrent processes (``accelerate launch`` ranks) wait for one build.
 
+Both records hold the library's size and sha256, checked before it is loaded: a damaged library (a copy cut short
+by a full disk or a killed process) would otherwise crash the process with SIGBUS. A damaged cached library is
+deleted and rebuilt under the lock, with a one-line message naming it; a damaged prebuilt one is ignored as above.
+
 If both fail, :func:`load` raises :class:`BuildError` saying why; ``backend="auto"`` then warns and uses the eager
 PyTorch backend, and ``backend="cpu"``/``"cuda"`` raise with that reason.
 
@@ -48,8 +52,9 @@ from types import ModuleType
 MODULE = "fdiv_kernels._C"
 PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 RECORD_SUFFIX = ".build.json"
-# Bumped when the way this file builds changes, so that old cache entries are not reused.
-BUILDER_VERSION = 1
+# Bumped when the way this file builds changes, so that old cache entries are not reused (2: the records hold the
+# library's size and sha256).
+BUILDER_VERSION = 2
 
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 LD_FLAGS = ["-fopenmp"]
@@ -201,13 +206,44 @@ def build_record(csrc: str, with_cuda: bool, arch_list: str | None) -> dict:
     }
 
 
-def write_record(library: str, record: dict) -> str:
-    path = library + RECORD_SUFFIX
+def library_fingerprint(library: str) -> dict:
+    """The library's size and sha256, stored in its build record and compared before it is loaded."""
+    h = hashlib.sha256()
+    with open(library, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"library_size": os.path.getsize(library), "library_sha256": h.hexdigest()}
+
+
+def library_damage(library: str, record: dict) -> str | None:
+    """None if the library is the one its build record describes (or the record predates fingerprints), else how it
+    differs. Loading a truncated library maps pages past its end, and touching them kills the process (SIGBUS)."""
+    if "library_size" not in record:
+        return None
+    try:
+        size = os.path.getsize(library)
+        if size != record["library_size"]:
+            return f"{size} bytes, {record['library_size']} when it was built"
+        if library_fingerprint(library)["library_sha256"] != record.get("library_sha256"):
+            return "its sha256 differs from the one recorded when it was built"
+    except OSError as err:
+        return f"unreadable: {err}"
+    return None
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write path atomically (readers see the old file or the new one, never a part)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump(data, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_record(library: str, record: dict) -> str:
+    """Store record, with the library's fingerprint, beside an ahead-of-time library as <library>.build.json."""
+    path = library + RECORD_SUFFIX
+    _write_json(path, {**record, **library_fingerprint(library)})
     return path
 
 
@@ -252,8 +288,8 @@ def load() -> ModuleType:
             except (ImportError, OSError) as err:
                 problem = f"it fails to load: {err}"
         _warn(
-            f"fdiv_kernels: ignoring the prebuilt {os.path.basename(prebuilt)} ({problem}); "
-            f"compiling the kernels for the running torch instead"
+            f"fdiv_kernels: ignoring the prebuilt {prebuilt} ({problem}); "
+            "compiling the kernels for the running torch instead"
         )
     return jit_load()
 
@@ -283,6 +319,12 @@ def prebuilt_problem(library: str) -> str | None:
     record = _read_json(path)
     if record is None:
         return f"its build record {os.path.basename(path)} is unreadable"
+    damage = library_damage(library, record)
+    if damage is not None:
+        return (
+            f"it is damaged: {damage}; delete it, or rebuild it with "
+            "`FDIV_KERNELS_BUILD=aot pip install -e . --no-build-isolation`"
+        )
     if record.get("torch") != torch.__version__:
         return f"built for torch {record.get('torch')}, running torch {torch.__version__}"
     git = getattr(torch.version, "git_version", None)
@@ -489,22 +531,50 @@ def _jit_load(p: dict) -> ModuleType:
                     if os.path.isfile(failed_path) and os.path.getmtime(failed_path) >= asked - 1:
                         with open(failed_path) as f:
                             raise BuildError(f.read().strip())
+                    _remove_damaged(record_path)
                     library = _compile(p, record_path, failed_path)
         except OSError as err:  # e.g. a read-only cache folder
+            damaged = _damaged_library(record_path)
+            also = f"; the cached {damaged[0]} is damaged ({damaged[1]}): delete it" if damaged else ""
             raise BuildError(
-                f"cannot build in {directory}: {err} (set FDIV_KERNELS_CACHE_DIR to a writable folder)"
+                f"cannot build in {directory}: {err} (set FDIV_KERNELS_CACHE_DIR to a writable folder){also}"
             ) from err
     module = _import_library(library)
     _info.update(kind="jit", path=library, cuda=p["with_cuda"], why_no_cuda=p["why_no_cuda"])
     return module
 
 
-def _cached_library(record_path: str) -> str | None:
-    library = (_read_json(record_path) or {}).get("library")
-    if not library:
+def _recorded_library(record_path: str) -> tuple[str, dict] | None:
+    """The library a finished JIT build recorded in build.json (path and record), if that file exists."""
+    record = _read_json(record_path) or {}
+    if not record.get("library"):
         return None
-    path = os.path.join(os.path.dirname(record_path), library)
-    return path if os.path.isfile(path) else None
+    path = os.path.join(os.path.dirname(record_path), record["library"])
+    return (path, record) if os.path.isfile(path) else None
+
+
+def _cached_library(record_path: str) -> str | None:
+    """The cached library of a finished build, if it is intact; checked before loading, not after a crash."""
+    found = _recorded_library(record_path)
+    return found[0] if found and library_damage(*found) is None else None
+
+
+def _damaged_library(record_path: str) -> tuple[str, str] | None:
+    """(path, how it is damaged) for a cached library that differs from its build record, else None."""
+    found = _recorded_library(record_path)
+    damage = library_damage(*found) if found else None
+    return (found[0], damage) if damage else None
+
+
+def _remove_damaged(record_path: str) -> None:
+    """Delete a damaged cached library and its record (under the build lock), so that the build relinks it: its
+    objects are usually intact, and ninja would take a damaged library that is newer than them as up to date."""
+    damaged = _damaged_library(record_path)
+    if damaged:
+        _say(f"fdiv_kernels: the cached {damaged[0]} is damaged ({damaged[1]}); deleting it and rebuilding it")
+        for path in (damaged[0], record_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def _ensure_ninja_on_path() -> None:
@@ -607,10 +677,8 @@ def _compile(p: dict, record_path: str, failed_path: str) -> str:
     record = build_record(p["csrc"], p["with_cuda"], p["arch_list"])
     record["library"] = os.path.basename(library)
     record["why_no_cuda"] = p["why_no_cuda"]
-    tmp = f"{record_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, record_path)  # the "done" marker: written last
+    record.update(library_fingerprint(library))
+    _write_json(record_path, record)  # the "done" marker: written last
     _say(f" done ({time.perf_counter() - t0:.0f} s)")
     return library
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ class FDPOConfig:
     implicit_acc_ties: str
     loss_type: str
     ipo_margin: float  # 1 / (2 ipo_tau)
+    dmpo_alpha: float | None = None  # loss_type "dmpo": q = 1 - dmpo_alpha
     # The op's packed configuration (fparams, iparams), built once here: options.OP_FLOATS / OP_INTS.
     _op: tuple = field(init=False, repr=False, compare=False)
 
@@ -61,6 +63,9 @@ class FDPOConfig:
             "reduction": REDUCTIONS[self.reduction],
             "loss_type": LOSS_TYPES[self.loss_type],
             "ipo_margin": self.ipo_margin,
+            # log q and log(1 - q) in float64 here (log1p: exact for small alpha), not in the fp32 kernels
+            "dmpo_log_q": math.log1p(-self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
+            "dmpo_log_1mq": math.log(self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
             "interleaved": self.interleaved,
             "strict_ties": self.implicit_acc_ties == "strict",
         }
@@ -100,6 +105,7 @@ def _checked_config(
     implicit_acc_ties,
     loss_type,
     ipo_tau,
+    dmpo_alpha,
 ) -> FDPOConfig:
     """Validate the loss's scalar arguments (errors name the argument) and return the frozen config."""
     div = get_divergence(divergence, alpha)
@@ -135,6 +141,20 @@ def _checked_config(
         raise ValueError(f"ipo_tau is used by loss_type='ipo' only; got loss_type={loss_type!r}")
     else:
         ipo_margin = 0.0
+    if loss_type == "dmpo":
+        if dmpo_alpha is None:
+            raise ValueError(
+                "loss_type='dmpo' needs dmpo_alpha in (0, 1): loss = KL(p || q), p = sigmoid(z), q = 1 - dmpo_alpha "
+                "(Diffusion-SDPO's --dmpo_alpha; its script uses 0.01)"
+            )
+        dmpo_alpha = _finite_float("dmpo_alpha", dmpo_alpha)
+        if not (0.0 < dmpo_alpha < 1.0):
+            raise ValueError(
+                f"dmpo_alpha must be in (0, 1) (the target q = 1 - dmpo_alpha needs log q and log(1 - q)); "
+                f"got {dmpo_alpha}"
+            )
+    elif dmpo_alpha is not None:
+        raise ValueError(f"dmpo_alpha is used by loss_type='dmpo' only; got loss_type={loss_type!r}")
     return FDPOConfig(
         beta=beta,
         divergence=div,
@@ -147,6 +167,7 @@ def _checked_config(
         implicit_acc_ties=_choice("implicit_acc_ties", implicit_acc_ties, ACC_TIE_RULES),
         loss_type=loss_type,
         ipo_margin=ipo_margin,
+        dmpo_alpha=dmpo_alpha,
     )
 
 

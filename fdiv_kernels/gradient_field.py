@@ -115,6 +115,8 @@ def gradient_weights(
         reduction=REDUCTIONS["none"],  # loss_p per pair, no 1/B
         loss_type=LOSS_TYPES["sigmoid"],
         ipo_margin=0.0,
+        dmpo_log_q=0.0,
+        dmpo_log_1mq=0.0,
         interleaved=False,
         strict_ties=False,
     )

@@ -64,7 +64,7 @@ def dispatch(requested: str, device: torch.device) -> tuple[str, Callable]:
     return entry
 
 
-@torch._dynamo.assume_constant_result
+@cpp.eager_under_compile  # not torch._dynamo.assume_constant_result: that import costs ~1.2 s at import
 def _fill(requested: str, device_type: str) -> str:
     """Fill the table's entry (loading the extension, registering Triton where needed); the concrete backend."""
     concrete = _resolve(requested, torch.device(device_type))
@@ -110,7 +110,7 @@ def _warn_fallback(device: torch.device, reasons: list[str]) -> None:
 
 def _op_for(concrete: str, device_type: str) -> Callable:
     """The native op where the dispatcher's kernel for ``device_type`` is ``concrete``, else the Python op."""
-    if native_kernel(device_type) == concrete:
+    if concrete != "torch" and native_kernel(device_type) == concrete:  # torch never needs the extension loaded
         return torch.ops.fdiv_kernels.fdpo_forward.default
     return _python_op(concrete)
 

@@ -62,10 +62,14 @@ class LossOptions:
     loss_type: str = _option(
         "sigmoid",
         "the pair loss of the logit z, as diffusers' ``--loss_type``: ``sigmoid`` (default, ``-log sigmoid(z)``), "
-        "``hinge`` (``relu(1 - z)``) or ``ipo`` (``(z - 1 / (2 ipo_tau))^2``).",
-        ("sigmoid", "hinge", "ipo"),
+        "``hinge`` (``relu(1 - z)``), ``ipo`` (``(z - 1 / (2 ipo_tau))^2``) or ``dmpo`` (DMPO: ``KL(p || q)`` of "
+        "Bernoulli ``p = sigmoid(z)`` and ``q = 1 - dmpo_alpha``).",
+        ("sigmoid", "hinge", "ipo", "dmpo"),
     )
     ipo_tau: float | None = _option(None, 'the regularization of ``loss_type="ipo"``.')
+    dmpo_alpha: float | None = _option(
+        None, 'the alpha of ``loss_type="dmpo"``, in (0, 1): the target win probability is ``q = 1 - dmpo_alpha``.'
+    )
 
 
 OPTIONS: dict = {f.name: f for f in fields(LossOptions)}
@@ -84,7 +88,8 @@ def ids(name: str) -> dict[str, int]:
 # The op's configuration (fdiv_kernels::fdpo_forward's ``float[] fparams, int[] iparams``), one entry per scalar the
 # kernels read, in the order of the packed lists: the C++ twin is ``enum FloatParam`` / ``enum IntParam`` in
 # csrc/fdpo_op.h (tests/test_ops.py compares them). ``FDPOConfig.op_params`` fills them; ids as in ``ids``.
-OP_FLOATS = ("beta", "alpha", "gamma", "label_smoothing", "logratio_clip", "ipo_margin")
+# dmpo_log_q, dmpo_log_1mq: log q and log(1 - q) of loss_type "dmpo", q = 1 - dmpo_alpha (0 for other loss types).
+OP_FLOATS = ("beta", "alpha", "gamma", "label_smoothing", "logratio_clip", "ipo_margin", "dmpo_log_q", "dmpo_log_1mq")
 OP_INTS = ("divergence", "err_reduction", "reduction", "loss_type", "interleaved", "strict_ties")
 
 

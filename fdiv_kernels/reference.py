@@ -17,6 +17,8 @@ backward (gradgradcheck) works, e.g. for gradient penalties, which the fused bac
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,6 +121,11 @@ def fdpo_loss_reference(
         losses = torch.relu(1.0 - logits)
     elif c.loss_type == "ipo":  # (z - 1 / (2 tau))^2
         losses = (logits - c.ipo_margin) ** 2
+    elif c.loss_type == "dmpo":  # KL(p || q), p = sigmoid(z), q = 1 - dmpo_alpha (Diffusion-SDPO's DMPO)
+        # p and 1 - p as exp(logsigmoid(+-z)): autograd of sigmoid(-z) would be y (1 - y) = 0 once y rounds to 1
+        log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+        log_q, log_1mq = math.log1p(-c.dmpo_alpha), math.log(c.dmpo_alpha)
+        losses = torch.exp(log_p) * (log_p - log_q) + torch.exp(log_1mp) * (log_1mp - log_1mq)
     else:
         eps = c.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(logits)

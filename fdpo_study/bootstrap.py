@@ -264,3 +264,88 @@ def fmt(estimate: dict | Estimate, digits: int = 3, signed: bool = False) -> str
     if not math.isfinite(e["mean"]):
         return "-"
     return f"{e['mean']:{sign}.{digits}f} ± {e['se']:.{digits}f}"
+
+
+# ---------------------------------------------------------------- over seeds: t intervals, equivalence, power
+# With a handful of seeds the two-level bootstrap above is narrower than a t-interval on the per-seed values (it
+# cannot know that 5 draws understate the spread); these give the seed-level reading beside it.
+
+
+def t_cdf(t: float, df: int) -> float:
+    """Student's t distribution function for an integer ``df`` >= 1 (closed form, Abramowitz & Stegun 26.7.3-4)."""
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"degrees of freedom must be an integer >= 1; got {df!r}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, term = math.cos(theta) ** 2, 1.0
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2.4/(3.5) cos^4 + ...))
+        total = 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        inside = (2 / math.pi) * (theta + math.sin(theta) * math.cos(theta) * total)
+    else:  # even: sin (1 + 1/2 cos^2 + 1.3/(2.4) cos^4 + ...)
+        total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        inside = math.sin(theta) * total
+    return 0.5 + math.copysign(inside / 2, t)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with integer ``df`` (bisection on :func:`t_cdf`)."""
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1); got {p!r}")
+    low, high = -1e6, 1e6
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def _per_seed(values) -> np.ndarray:
+    values = np.asarray(values, float)
+    if values.ndim != 1 or len(values) < 2 or not np.isfinite(values).all():
+        raise ValueError(f"per-seed values must be a finite 1-d array of at least 2; got shape {values.shape}")
+    return values
+
+
+def t_interval(values, level: float = 0.95) -> dict:
+    """Mean of per-seed values with the two-sided t-interval over seeds (n - 1 degrees of freedom)."""
+    values = _per_seed(values)
+    n = len(values)
+    se = float(values.std(ddof=1) / math.sqrt(n))
+    half = t_quantile(1 - (1 - level) / 2, n - 1) * se
+    mean = float(values.mean())
+    return {"mean": mean, "se": se, "ci": [mean - half, mean + half], "df": n - 1, "level": level}
+
+
+def one_sided_t(values, alternative: str = "less") -> dict:
+    """One-sample t-test of mean 0 over seeds against ``alternative`` "less" (mean < 0) or "greater"."""
+    values = _per_seed(values)
+    if alternative not in ("less", "greater"):
+        raise ValueError(f"alternative must be 'less' or 'greater'; got {alternative!r}")
+    n = len(values)
+    t = float(values.mean() / (values.std(ddof=1) / math.sqrt(n)))
+    cdf = t_cdf(t, n - 1)
+    return {"t": t, "df": n - 1, "p": cdf if alternative == "less" else 1 - cdf, "alternative": alternative}
+
+
+def equivalence(values, margin: float, alpha: float = 0.05) -> dict:
+    """TOST over seeds: the mean is within ``±margin`` of 0 at level ``alpha`` when the ``1 - 2 alpha`` (90%)
+    t-interval lies inside ``(-margin, margin)``."""
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0; got {margin!r}")
+    ci = t_interval(values, 1 - 2 * alpha)
+    return {**ci, "margin": margin, "equivalent": bool(-margin < ci["ci"][0] and ci["ci"][1] < margin)}
+
+
+def detectable(se: float, df: int | None = None, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect of a two-sided test at ``alpha`` with ``power``: (q(1 - alpha/2) + q(power)) x se,
+    q the normal quantile, or Student's t with ``df`` (the usual approximation to the noncentral t)."""
+    if df is None:
+        from statistics import NormalDist
+
+        q = NormalDist().inv_cdf
+        return (q(1 - alpha / 2) + q(power)) * se
+    return (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * se

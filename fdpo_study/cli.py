@@ -1,4 +1,5 @@
-"""``python -m fdpo_study``: the divergence study's commands (pretrain, make-pairs, study, study-report).
+"""``python -m fdpo_study``: the divergence study's commands (pretrain, make-pairs, study, study-report,
+fingerprint).
 
 The study is a research harness of this repository, not part of the kernel wheel: it runs from a clone
 (``make study``). Its fine-tunes go through the training loop of the wheel, ``fdiv_kernels.train``.
@@ -104,12 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-runs", action="store_true", help="--frontier: keep each fine-tuned UNet")
 
-    p = sub.add_parser(
-        "study-report", help="regenerate the study tables in README.md and docs/training.md from results/study/*.json"
-    )
+    p = sub.add_parser("study-report", help="regenerate the study tables in docs/training.md from results/study/*.json")
     p.add_argument("--results", type=Path, default=None, help="folder of the study JSON (default results/study)")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
-    return parser
+
+    p = sub.add_parser(
+        "fingerprint",
+        help="the study's pipeline shrunk to seconds, against the numbers committed beside the results "
+        "(results/study/fingerprint.json): exit 1 if the code's numbers moved",
+    )
+    p.add_argument("--write", action="store_true", help="record today's numbers instead of comparing")
     return parser
 
 
@@ -178,6 +183,18 @@ def _run(args: argparse.Namespace) -> int:
         for path in changed:
             print(("out of date: " if args.check else "wrote ") + path)
         return 1 if args.check and changed else 0
+    elif args.command == "fingerprint":
+        from . import fingerprint
+
+        if args.write:
+            fingerprint.write()
+            print(f"wrote {fingerprint.FINGERPRINT}")
+            return 0
+        moved = fingerprint.check()
+        for line in moved:
+            print(line)
+        print(f"{fingerprint.REGENERATE}" if moved else "the committed study results match today's code")
+        return 1 if moved else 0
     elif args.command == "study":
         from .study import QUICK, StudyConfig, run_study
 

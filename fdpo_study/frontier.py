@@ -17,7 +17,6 @@ saturates early and the model stays near the reference (under-optimisation).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import numbers
@@ -33,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fdiv_kernels import DIVERGENCES
+from fdiv_kernels.train.io import WRITER_FILE, WriterLock, from_json, read_json
 from fdiv_kernels.train.loop import TrainConfig, cache_reference_errors, train
 from fdiv_kernels.train.model import load_pipeline
 
@@ -171,13 +171,28 @@ def _write_json(path: Path, data: dict) -> None:
 def _read_result(path: Path, shared: dict) -> dict | None:
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    data = read_json(path)
     if data.get("settings") != shared:
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
         raise ValueError(
             f"{path} was made with other settings than this run's; use another --output "
-            f"(differing: {', '.join(sorted(_differing(data.get('settings') or {}, shared)))})"
+            f"(differing: {', '.join(sorted(_differing(settings, shared)))})"
         )
+    from_json([path], _result_fields, data, shared["eval_prompts"])
     return data
+
+
+def _result_fields(data: dict, prompts: int) -> None:
+    """Read every field a summary reads from a result (a damaged one fails here, where its file is known)."""
+    for metric in data["metrics"].values():
+        float(metric["mean"])
+        if len(np.asarray(metric["per_prompt"], dtype=float)) != prompts:
+            raise ValueError(f"per_prompt holds {len(metric['per_prompt'])} values for {prompts} prompts")
+    for key in ("evaluate", "prepare" if data["model"] == "base" else "train"):
+        float(data["timings_s"][key])
+    if data["model"] != "base":
+        float(data["final_train"]["implicit_acc"])
+    dict(data["machine"])
 
 
 def _differing(a: dict, b: dict) -> set:
@@ -188,13 +203,13 @@ def _check_folder(cfg: FrontierConfig) -> None:
     """Start or resume ``cfg.output``: it must be empty, new, or a frontier made with the same shared settings."""
     marker = cfg.output / "frontier_config.json"
     if marker.is_file():
-        recorded = json.loads(marker.read_text())
+        recorded = read_json(marker)
         if recorded != cfg.shared():
             raise ValueError(
                 f"{cfg.output} holds a frontier made with other settings (differing: "
                 f"{', '.join(sorted(_differing(recorded, cfg.shared())))}); use another --output"
             )
-    elif cfg.output.exists() and any(cfg.output.iterdir()):
+    elif cfg.output.exists() and any(p.name != WRITER_FILE for p in cfg.output.iterdir()):
         raise FileExistsError(f"{cfg.output} exists and is not a frontier folder; choose another --output")
 
 
@@ -206,15 +221,8 @@ def run_frontier(cfg: FrontierConfig) -> dict:
     """Train and evaluate every (divergence, gamma, seed) not yet in ``cfg.output/results``; then summarise."""
     _check_folder(cfg)
     cfg.output.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.output, os.O_RDONLY)
-    try:
-        try:  # one writer per folder: a second run would train the same models
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(f"another process is running a frontier into {cfg.output}") from None
+    with WriterLock(cfg.output, "study --frontier"):  # one writer per folder: a second run would train the same models
         return _run_frontier(cfg)
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _run_frontier(cfg: FrontierConfig) -> dict:
@@ -457,39 +465,43 @@ def frontier_markdown(summary: dict) -> str:
     return frontier_tables(summary)
 
 
-def seed_band(
-    rewards: np.ndarray, values: np.ndarray, count: int = 30, n_boot: int = 1000, rng_seed: int = stats.DEFAULT_SEED
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """A divergence's curve with its seed-level 95% band: per-seed curves ``[S, G]`` read at ``count`` reward levels
-    inside the range every seed covers; returns (levels, mean, low, high), or None without a common range."""
-    low, high = rewards.min(1).max(), rewards.max(1).min()
-    if not high > low:
-        return None
-    levels = np.linspace(low, high, count)
-    curves = stats.curve_at(rewards, values, levels)  # [S, L]
-    idx = np.random.default_rng(rng_seed).integers(len(curves), size=(n_boot, len(curves)))
-    reps = curves[idx].mean(1)
-    return levels, curves.mean(0), np.quantile(reps, 0.025, axis=0), np.quantile(reps, 0.975, axis=0)
+def replot(folder: Path) -> None:
+    """Redraw ``folder``'s frontier.png from its committed frontier.json and results (no training, no statistics
+    recomputed)."""
+    summary = json.loads((folder / "frontier.json").read_text())
+    settings = dict(summary["config"])
+    base = Path(settings.pop("base"))
+    package_parent = Path(__file__).resolve().parents[1]  # a shipped base is recorded relative to it
+    cfg = FrontierConfig(
+        output=folder, base=base if base.is_absolute() else package_parent / base, progress=False, **settings
+    )
+    if summary["rows"]:
+        plot_frontier(cfg, summary, folder / "frontier.png")
 
 
 def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
-    """Reward vs diversity, one curve per divergence through its gammas (labels): mean over seeds (points), each
-    seed's curve (faint) and the seed-level 95% band of the curve read at equal reward (shaded: bootstrap over
-    seeds; the prompts and their noise are shared by all models, so prompt difficulty is common to every curve);
-    the base model as black squares. For a base that never saw some of the prompts, a last panel on those only."""
+    """Reward vs diversity, one curve per divergence through its gammas in gamma order (point labels): the mean over
+    seeds (points, dashed) and each seed's curve (faint); the base model as black squares; the reward band where
+    the frontier test compares the curves shaded grey. A last panel: JS - reverse KL pairwise distance at each
+    compared reward level with its paired 95% bootstrap interval over seeds x prompts (the intervals the verdict
+    uses), the mean gap with its interval, and the equivalence margin. For a base that never saw some of the
+    prompts, a panel on those only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from .study_report import margins
 
     models, bases = load_results(cfg)
     seeds = summary["complete_seeds"]
     panels = [
-        (k, label, None)
+        (k, label, None, summary["frontiers"])
         for k, label in (
             ("pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
-            ("object_spread", "object-attribute spread (tolerance units)"),
             ("background_spread", "background spread (RGB)"),
+            ("object_spread", "object-attribute spread (tolerance units)"),
         )
         if k in bases[seeds[0]]["metrics"]
     ]
@@ -501,44 +513,82 @@ def plot_frontier(cfg: FrontierConfig, summary: dict, path: Path) -> None:
                 "pairwise_distance",
                 "pairwise distance, novel prompts only",
                 [captions.index(c) for c in novel["prompts"]],
+                novel["frontiers"],
             )
         )
+    gap_name = next((n for n in summary["frontiers"] if n.endswith(": pairwise_distance")), None)
+    gap = summary["frontiers"].get(gap_name) if gap_name else None
+    has_gap = gap is not None and gap["verdict"] != "no overlap"
 
     def mean(record: dict, key: str, prompts: list[int] | None) -> float:
         values = record["metrics"][key]["per_prompt"]
         return float(np.mean(values if prompts is None else [values[i] for i in prompts]))
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.8), squeeze=False)
-    for ax, (key, label, prompts) in zip(axes[0], panels):
-        for i, divergence in enumerate(cfg.divergences):
-            colour = f"C{i}"
-            r, v = (
-                np.array([[mean(models[(divergence, g, s)], k, prompts) for g in cfg.gammas] for s in seeds])
-                for k in ("reward", key)
-            )  # [S, G]
-            for s in range(len(seeds)):
-                order = np.argsort(r[s])
-                ax.plot(r[s][order], v[s][order], "-", color=colour, alpha=0.15, lw=1)
-            band = seed_band(r, v)
-            if band is not None:
-                levels, mean_curve, lo, hi = band
-                ax.fill_between(levels, lo, hi, color=colour, alpha=0.25, lw=0)
-                ax.plot(levels, mean_curve, "-", color=colour, lw=1.5)
-            order = np.argsort(r.mean(0))
-            ax.plot(r.mean(0)[order], v.mean(0)[order], "o--", color=colour, ms=4, lw=0.8, label=divergence)
-            for g, xi, yi in zip(cfg.gammas, r.mean(0), v.mean(0)):
-                ax.annotate(f"{g:g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7, color=colour)
-        base_r = [mean(bases[s], "reward", prompts) for s in seeds]
-        base_v = [mean(bases[s], key, prompts) for s in seeds]
-        ax.plot(base_r, base_v, "ks", ms=4, label="base (per seed)")
-        ax.set_xlabel(f"mean reward on {'novel' if prompts else 'held-out'} prompts (alignment)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(
-        f"Reward-diversity frontiers over gamma (point labels), {len(seeds)} seeds: mean, single seeds "
-        "(faint), 95% band over seeds at equal reward"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    count = len(panels) + has_gap
+    cols = 2
+    rows = (count + cols - 1) // cols
+    gammas = sorted(cfg.gammas)
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 12, "legend.fontsize": 10}):
+        fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 5.0 * rows), squeeze=False)
+        flat = list(axes.flat)
+        for ax, (key, label, prompts, frontiers) in zip(flat, panels):
+            compared = frontiers.get(next((n for n in frontiers if n.endswith(f": {key}")), ""), {})
+            if compared.get("levels"):
+                ax.axvspan(
+                    compared["levels"][0], compared["levels"][-1], color="0.85", lw=0, label="compared reward band"
+                )
+            for i, divergence in enumerate(cfg.divergences):
+                colour = f"C{i}"
+                r, v = (
+                    np.array([[mean(models[(divergence, g, s)], k, prompts) for g in gammas] for s in seeds])
+                    for k in ("reward", key)
+                )  # [S, G], gamma order
+                for s in range(len(seeds)):
+                    ax.plot(r[s], v[s], "-", color=colour, alpha=0.15, lw=1)
+                ax.plot(r.mean(0), v.mean(0), "o--", color=colour, ms=5, lw=1.2, label=f"{divergence} (mean)")
+                offset = (5, 5) if i % 2 == 0 else (5, -14)  # one divergence's labels above, the other's below
+                for g, xi, yi in zip(gammas, r.mean(0), v.mean(0)):
+                    ax.annotate(
+                        f"{g:g}", (xi, yi), textcoords="offset points", xytext=offset, fontsize=10, color=colour
+                    )
+            base_r = [mean(bases[s], "reward", prompts) for s in seeds]
+            base_v = [mean(bases[s], key, prompts) for s in seeds]
+            ax.plot(base_r, base_v, "ks", ms=5, label="base (per seed)")
+            ax.set_xlabel(f"mean reward on {'novel' if prompts else 'held-out'} prompts")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left")
+        if has_gap:
+            ax = flat[len(panels)]
+            levels = np.array(gap["levels"])
+            lo, hi = np.array(gap["ci_at_level"]).T
+            at = np.array(gap["gap_at_level"])
+            margin = margins(summary)["pairwise_distance"]
+            ax.axhline(0, color="black", lw=0.8)
+            for m in (-margin, margin):
+                ax.axhline(m, color="C3", ls=":", lw=1.2)
+            ax.fill_between(
+                [levels[0], levels[-1]], *gap["ci"], color="C2", alpha=0.2, lw=0, label="mean gap, 95% interval"
+            )
+            ax.axhline(gap["mean_gap"], xmin=0, xmax=1, color="C2", lw=1)
+            ax.errorbar(
+                levels, at, yerr=[at - lo, hi - at], fmt="o", color="C2", capsize=3, label="gap per level, 95% interval"
+            )
+            ax.plot([], [], ":", color="C3", label=f"equivalence margin ±{margin:.3f}")
+            ax.set_xlabel("reward level (the compared band)")
+            ax.set_ylabel("JS - reverse KL pairwise distance")
+            ax.set_title("JS - reverse KL at equal reward: paired 95% bootstrap\n(percentile) over seeds x prompts")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+            low, high = ax.get_ylim()
+            ax.set_ylim(low - 0.6 * (high - low), high)  # room for the legend below the intervals
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower center")
+        for ax in flat[count:]:
+            ax.axis("off")
+        fig.suptitle(
+            f"Reward-diversity frontiers over gamma (point labels), {len(seeds)} seeds: mean (dashed, gamma order), "
+            "single seeds (faint)"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

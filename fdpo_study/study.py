@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -318,8 +319,9 @@ def pareto_front(rows: list[dict]) -> list[bool]:
     return [not any(a >= p[0] and b >= p[1] and (a, b) != p for a, b in points) for p in points]
 
 
-def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
-    """Run the whole study into ``cfg.output`` (written aside, renamed into place at the end); returns the results."""
+def run_study(cfg: StudyConfig, overwrite: bool = False, runs: tuple = RUNS) -> dict:
+    """Run the whole study into ``cfg.output`` (written aside, renamed into place at the end); returns the results.
+    ``runs``: the (divergence, alpha) fine-tunes, reverse KL included (the baseline of the paired differences)."""
     started = time.perf_counter()
     check_label_temperature(cfg.label_temperature)
     timings: dict[str, float] = {}
@@ -367,7 +369,7 @@ def run_study(cfg: StudyConfig, overwrite: bool = False) -> dict:
         rows = [{"model": "base", "divergence": None, "alpha": None, **metrics}]
         timings["evaluate base"] = time.perf_counter() - tick
         grids = {"base": base_images}
-        for divergence, alpha in tqdm(RUNS, desc="study", disable=not cfg.progress, dynamic_ncols=True):
+        for divergence, alpha in tqdm(runs, desc="study", disable=not cfg.progress, dynamic_ncols=True):
             name = run_name(divergence, alpha)
             tick = time.perf_counter()
             result = train(
@@ -535,38 +537,76 @@ def _subset(metric: dict, indices: list[int]) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Reward vs each diversity measure, one point per model with standard-error bars."""
+    """Reward vs each diversity measure, one point per model with its 95% bootstrap interval over prompts; and the
+    paired differences from reverse KL with their paired 95% intervals (what the significance calls rest on)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    def interval(values: list) -> tuple[float, float]:
+        e = stats.bootstrap([values])
+        return e.mean - e.low, e.high - e.mean
+
+    rows = results["rows"]
     markers = "sovD^<>ph"
-    for ax, key, label in (
-        (axes[0], "pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
-        (axes[1], "vendi", "Vendi score (effective distinct samples)"),
-    ):
-        for row, marker in zip(results["rows"], markers):
-            base = row["model"] == "base"
+    with plt.rc_context({"font.size": 12, "axes.titlesize": 12, "legend.fontsize": 11}):
+        fig, axes = plt.subplots(2, 2, figsize=(12.4, 9.6))
+        for ax, key, label in (
+            (axes[0][0], "pairwise_distance", "mean pairwise distance (per-pixel RMS)"),
+            (axes[0][1], "vendi", "Vendi score (effective distinct samples)"),
+        ):
+            for row, marker in zip(rows, markers):
+                x_err, y_err = (np.array(interval(row[k]["per_prompt"]))[:, None] for k in ("reward", key))
+                ax.errorbar(
+                    row["reward"]["mean"],
+                    row[key]["mean"],
+                    xerr=x_err,
+                    yerr=y_err,
+                    fmt=marker,
+                    color="black" if row["model"] == "base" else None,
+                    capsize=2,
+                    label=row["model"],
+                )
+            ax.set_xlabel("mean reward on held-out prompts (alignment)")
+            ax.set_ylabel(label)
+            ax.set_title("each model, 95% interval over prompts (unpaired)")
+            ax.grid(alpha=0.3)
+        ax = axes[1][0]
+        baseline = next(r for r in rows if r["model"] == "reverse_kl")
+        for row, marker in zip(rows, markers):
+            if row["model"] in ("base", "reverse_kl"):
+                continue
+            diffs = [
+                stats.paired([row[k]["per_prompt"]], [baseline[k]["per_prompt"]])
+                for k in ("reward", "pairwise_distance")
+            ]
             ax.errorbar(
-                row["reward"]["mean"],
-                row[key]["mean"],
-                xerr=row["reward"]["se"],
-                yerr=row[key]["se"],
+                diffs[0].mean,
+                diffs[1].mean,
+                xerr=[[diffs[0].mean - diffs[0].low], [diffs[0].high - diffs[0].mean]],
+                yerr=[[diffs[1].mean - diffs[1].low], [diffs[1].high - diffs[1].mean]],
                 fmt=marker,
-                color="black" if base else None,
+                color=f"C{rows.index(row) - 1}",
                 capsize=2,
-                label=row["model"],
             )
-        ax.set_xlabel("mean reward on held-out prompts (alignment)")
-        ax.set_ylabel(label)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("Δ reward vs reverse_kl")
+        ax.set_ylabel("Δ pairwise distance vs reverse_kl")
+        ax.set_title("paired differences, 95% bootstrap interval over prompts")
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.suptitle("f-DPO on the embedded text-to-image task: alignment vs diversity (± s.e. over prompts)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        axes[1][1].axis("off")
+        axes[1][1].legend(handles, labels, loc="center")
+        seed = results["config"]["seed"]
+        fig.suptitle(
+            f"f-DPO on the embedded task, seed {seed} only (one trained model per divergence):\n"
+            f"every interval is over the {len(results['eval_prompts'])} held-out prompts, not over runs"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
 
 
 def save_sample_grid(

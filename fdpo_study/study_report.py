@@ -1,4 +1,4 @@
-"""``study-report``: the study's tables in README.md and docs/training.md, generated from the committed JSON.
+"""``study-report``: the study's tables in docs/training.md, generated from the committed JSON.
 
     python -m fdpo_study study-report              # rewrite results/study/*.md from their JSON and splice
                                                   # the tables between <!-- study:NAME:begin/end --> markers
@@ -13,18 +13,36 @@ typed by hand.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from fdiv_kernels.train.io import from_json, read_json
 
 from . import bootstrap as stats
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "study"
 TARGETS = {
-    "README.md": ("readme", "frontier-verdict"),
-    "docs/training.md": ("table", "findings", "beta5000", "seed1", "pilot", "frontier", "frontier-novel", "labels"),
+    "docs/training.md": (
+        "frontier-verdict",
+        "table",
+        "findings",
+        "beta5000",
+        "seed1",
+        "pilot",
+        "frontier",
+        "frontier-novel",
+        "labels",
+        "confirm",
+    ),
 }
+# The frontiers committed under results/study/NAME/ (frontier.json, each with its generated frontier.md).
+FRONTIER_FOLDERS = ("frontier", "frontier_novel")
+# A tie is "no difference detected", not "the same": equivalence is claimed only within a stated margin, a tenth of
+# the measure's range over the frontier's models (base to most collapsed), by TOST (90% t-interval over seeds).
+MARGIN_FRACTION = 0.1
+# The gamma of the main study, where the frontier measures how much one-seed differences move from seed to seed.
+SPREAD_GAMMA = 10.0
 # The single-seed studies committed as results/study/NAME.json, each with its generated NAME.md.
 STUDY_FILES = ("study", "seed1", "beta5000_gamma1", "noisy_labels", "learned_labels")
 # The same study under three labellers (study.json: the task reward, hard labels).
@@ -63,36 +81,50 @@ def _signed(d: dict, digits: int = 3) -> str:
     return f"{d['mean']:+.{digits}f}{se}"
 
 
-def readme_block(study: dict) -> str:
-    """README's compact table: the main study (seed 0), paired differences with bootstrap intervals over prompts."""
-    lines = [
-        f"One full run (seed 0, {study['timings_s']['total']:.0f} s; "
-        "[results/study/study.md](results/study/study.md)). One seed: the ± and [95% intervals] are over the 36",
-        "held-out prompts of one trained model per divergence (evaluation noise, not run-to-run variation; the",
-        "frontier below has intervals over seeds).",
-        "",
-        "| model | reward (alignment) | pairwise distance (diversity) | Vendi score | Δ reward vs reverse_kl | "
-        "Δ distance vs reverse_kl |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in study["rows"]:
-        name = row["model"] + (" (Diffusion-DPO)" if row["model"] == "reverse_kl" else "")
-        cells = [
-            f"{row['reward']['mean']:.3f}",
-            f"{row['pairwise_distance']['mean']:.3f}",
-            f"{row['vendi']['mean']:.2f}",
-        ]
-        if row["model"] == "reverse_kl":
-            cells += ["", ""]
-        else:
-            for key in ("reward", "pairwise_distance"):
-                d = _diff(study, row["model"], key)
-                cells.append(f"{_signed(d)} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def seed_spread(results: Path, gamma: float = SPREAD_GAMMA) -> dict | None:
+    """How much JS - reverse KL at one operating point moves from seed to seed: per complete seed of the committed
+    frontier (``results/frontier``, same settings as the single-seed studies), the paired difference of the means
+    over prompts at ``gamma``; their mean and SD (n - 1). None without a frontier of at least 2 seeds."""
+    summary = _load(results / "frontier" / "frontier.json")
+    if not summary or len(summary.get("complete_seeds") or []) < 2:
+        return None
+    folder = results / "frontier" / "results"
+    out = {"seeds": summary["complete_seeds"], "gamma": gamma}
+    for key in ("reward", "pairwise_distance"):
+        values = []
+        for seed in summary["complete_seeds"]:
+            a, b = (_load(folder / f"{d}_g{gamma:g}_s{seed}.json") for d in ("js", "reverse_kl"))
+            if a is None or b is None:
+                return None
+            values.append(_mean(a["metrics"][key]["per_prompt"]) - _mean(b["metrics"][key]["per_prompt"]))
+        out[key] = {"per_seed": values, "mean": _mean(values), "sd": _sd(values)}
+    return out
 
 
-def findings_block(study: dict, seed1: dict | None, beta5000: dict | None) -> str:
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def _sd(values) -> float:
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def spread_note(spread: dict | None) -> str:
+    """The label of every single-seed table: how far the same difference moves between seeds."""
+    if spread is None:
+        return ""
+    r, d = spread["reward"], spread["pairwise_distance"]
+    return (
+        f"Seed-to-seed: over the {len(spread['seeds'])} seeds of the frontier (the main study's settings, gamma "
+        f"{spread['gamma']:g}) the JS - reverse KL difference has SD {r['sd']:.3f} in reward and {d['sd']:.3f} in "
+        f"pairwise distance (mean {r['mean']:+.3f} and {d['mean']:+.3f}), several times the ± over prompts of one "
+        "seed: a difference between divergences in a one-seed table is a property of that seed's models, not of "
+        "the divergences, unless it is well beyond that SD."
+    )
+
+
+def findings_block(study: dict, seed1: dict | None, beta5000: dict | None, spread: dict | None = None) -> str:
     """The numbers the prose of docs/training.md refers to, computed from the JSON."""
     js_r, js_d = _diff(study, "js", "reward"), _diff(study, "js", "pairwise_distance")
     base_d = _diff(study, "base", "pairwise_distance")
@@ -116,6 +148,17 @@ def findings_block(study: dict, seed1: dict | None, beta5000: dict | None) -> st
             f"- Seed 1 (`seed1.json`), JS minus reverse KL: reward {r['mean']:+.3f}, pairwise distance "
             f"{d['mean']:+.3f} ({paired_note})."
         )
+    for name, results in (("Seed 0", study), ("Seed 1", seed1)):
+        if results is None or not all("per_prompt" in _row(results, m)["reward"] for m in ("js", "hellinger")):
+            continue
+        r, d = (_diff(results, "js", key, base="hellinger") for key in ("reward", "pairwise_distance"))
+        lines.append(
+            f"- {name}, JS minus Hellinger paired directly (same prompts and noise; 95% interval over prompts): "
+            f"reward {r['mean']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}], pairwise distance "
+            f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]."
+        )
+    if spread is not None:
+        lines.append(f"- {spread_note(spread)}")
     if beta5000 is not None:
         a, b = _row(study, "reverse_kl"), _row(beta5000, "reverse_kl")
         keys = ("reward", "fidelity", "style", "pairwise_distance", "vendi")
@@ -128,9 +171,14 @@ def findings_block(study: dict, seed1: dict | None, beta5000: dict | None) -> st
     return "\n".join(lines)
 
 
-def _study_table(results: dict) -> str:
+def _study_table(results: dict, spread: dict | None = None) -> str:
     """The study's table; Pareto flags and paired intervals recomputed from per-prompt values where the JSON has
-    them (files from before they were recorded keep their stored flags)."""
+    them (files from before they were recorded keep their stored flags); labelled with the seed-to-seed SD."""
+    table = _one_seed_table(results)
+    return table + (f"\n{spread_note(spread)}\n" if spread else "")
+
+
+def _one_seed_table(results: dict) -> str:
     from .study import markdown_table
 
     rows = results["rows"]
@@ -167,22 +215,22 @@ def frontier_tables(summary: dict) -> str:
     lines = [
         f"{len(seeds)} seeds ({', '.join(map(str, seeds))}) x {len(cfg['gammas'])} strengths x "
         f"{len(cfg['divergences'])} divergences; mean over seeds and the {cfg['eval_prompts']} held-out prompts, "
-        "± bootstrap standard error over seeds x prompts. Pareto (reward vs pairwise distance): yes = on the "
-        "front; no = dominated, significantly (paired 95% bootstrap); tie = dominated within noise. Object "
-        "spread: colour, position, size and shape spreads in units of the reward's tolerance for each; "
-        "background spread: RGB distance of the backgrounds.",
+        "± bootstrap standard error over seeds x prompts. Reward = 0.8 fidelity + 0.2 style. Pareto (reward vs "
+        "pairwise distance): yes = on the front; no = dominated, significantly (paired 95% bootstrap); tie = "
+        "dominated within noise. Object spread: colour, position, size and shape spreads in units of the reward's "
+        "tolerance for each; background spread: RGB distance of the backgrounds.",
         "",
-        "| model | reward | pairwise distance | Vendi | object spread | background spread | Pareto | implicit_acc |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | reward | fidelity | style | pairwise distance | Vendi | object spread | background spread | "
+        "Pareto | implicit_acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         acc = f"{row['final_implicit_acc']:.2f}" if "final_implicit_acc" in row else "-"
         cells = [
             stats.fmt(row["reward"]),
-            stats.fmt(row["pairwise_distance"]),
+            *(stats.fmt(row[k]) if k in row else "-" for k in ("fidelity", "style", "pairwise_distance")),
             stats.fmt(row["vendi"], 2),
-            stats.fmt(row["object_spread"]) if "object_spread" in row else "-",
-            stats.fmt(row["background_spread"]) if "background_spread" in row else "-",
+            *(stats.fmt(row[k]) if k in row else "-" for k in ("object_spread", "background_spread")),
         ]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + f" | {row['pareto']} | {acc} |")
     if summary["frontiers"]:
@@ -192,8 +240,9 @@ def frontier_tables(summary: dict) -> str:
             "first minus the second; paired over seeds, 95% bootstrap over seeds x prompts; sign-flip "
             "p over seeds):",
             "",
-            *_gap_table(summary["frontiers"]),
+            *_gap_table(summary["frontiers"], margins(summary)),
             "",
+            GAP_LEGEND,
             f"With {len(seeds)} seeds the smallest two-sided sign-flip p is "
             f"{2 / 2 ** len(seeds):.3f}; the verdict uses the bootstrap interval.",
         ]
@@ -214,7 +263,12 @@ def frontier_tables(summary: dict) -> str:
             lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
         for name, group in groups.items():
             if group["frontiers"]:
-                lines += ["", f"At equal reward, {name} prompts only:", "", *_gap_table(group["frontiers"])]
+                lines += [
+                    "",
+                    f"At equal reward, {name} prompts only:",
+                    "",
+                    *_gap_table(group["frontiers"], margins(summary)),
+                ]
     timings = summary.get("timings_s") or {}
     if timings.get("per_model_mean"):
         lines += [
@@ -231,6 +285,42 @@ def frontier_tables(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+GAP_LEGEND = (
+    "Verdict: from the 95% bootstrap interval; **none detected** means it contains 0, not that the curves "
+    "coincide: a gap smaller than the detectable one (80% power, two-sided 5%: (t(0.975) + t(0.80)) x the "
+    "bootstrap s.e., seeds - 1 degrees of freedom) would usually be missed. The t-interval treats the per-seed "
+    "gaps as the sample (wider than the bootstrap with few seeds). Equivalent: the 90% t-interval over seeds lies "
+    f"inside ±margin (TOST at 5%), the margin a tenth ({MARGIN_FRACTION:g}) of the measure's range over the "
+    'frontier\'s models; "not shown" leaves both a difference and equivalence open. Only the listed reward '
+    "levels are compared."
+)
+
+
+def margins(summary: dict) -> dict[str, float]:
+    """The equivalence margin of each diversity measure of a frontier: :data:`MARGIN_FRACTION` of the range of its
+    means over the frontier's models, base included (from the base to the most collapsed model)."""
+    out = {}
+    for name in summary.get("frontiers") or {}:
+        key = name.split(": ")[1]
+        means = [row[key]["mean"] for row in summary["rows"] if key in row]
+        if means:
+            out[key] = MARGIN_FRACTION * (max(means) - min(means))
+    return out
+
+
+def gap_reading(gap: dict, margin: float) -> dict | None:
+    """Beside a frontier gap's bootstrap verdict: the 95% t-interval over its per-seed gaps, the effect detectable
+    with 80% power, and TOST equivalence within ``±margin``; None with fewer than 2 seeds."""
+    per_seed = gap["gap_per_seed"]
+    if len(per_seed) < 2:
+        return None
+    return {
+        "t": stats.t_interval(per_seed),
+        "detectable": stats.detectable(gap["se"], df=len(per_seed) - 1),
+        "equivalence": stats.equivalence(per_seed, margin),
+    }
+
+
 def _verdict(name: str, gap: dict, word: str) -> tuple[str, str, str | None]:
     """A frontier gap named "b vs a: measure" as (pair, measure, verdict in words); verdict None: no overlap."""
     pair, key = name.split(": ")
@@ -240,70 +330,134 @@ def _verdict(name: str, gap: dict, word: str) -> tuple[str, str, str | None]:
     return (
         pair,
         key,
-        {"b dominates": f"{first} {word}", "a dominates": f"{second} {word}", "tie": "tie"}[gap["verdict"]],
+        {"b dominates": f"{first} {word}", "a dominates": f"{second} {word}", "tie": "none detected"}[gap["verdict"]],
     )
 
 
-def _gap_table(frontiers: dict) -> list[str]:
-    """The frontier gaps (``summary["frontiers"]``) as markdown table lines."""
+def _gap_table(frontiers: dict, margin: dict[str, float], label: str | None = None) -> list[str]:
+    """The frontier gaps (``summary["frontiers"]``) as markdown table lines; ``label`` names the frontier."""
     lines = [
-        "| comparison | diversity | verdict | mean gap | 95% interval | seeds with gap > 0 | sign-flip p | "
-        "reward levels |",
-        "|---|---|---|---|---|---|---|---|",
+        "| comparison | diversity | verdict | mean gap | 95% bootstrap | 95% t over seeds | detectable (80% power) | "
+        "equivalent (TOST) | seeds with gap > 0 | sign-flip p | reward levels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in frontiers.items():
         pair, key, verdict = _verdict(name, f, "dominates")
+        pair = label or pair
         if verdict is None:
-            lines.append(f"| {pair} | {key} | no overlap in reward | - | - | - | - | - |")
+            lines.append(f"| {pair} | {key} | no overlap in reward | - | - | - | - | - | - | - | - |")
             continue
         levels = f"{f['levels'][0]:.3f}-{f['levels'][-1]:.3f}"
+        reading = gap_reading(f, margin[key])
+        if reading is None:
+            t_cell = detect = equiv = "-"
+        else:
+            t_cell = f"[{reading['t']['ci'][0]:+.4f}, {reading['t']['ci'][1]:+.4f}]"
+            detect = f"{reading['detectable']:.4f}"
+            equiv = f"{'yes' if reading['equivalence']['equivalent'] else 'not shown'}, ±{margin[key]:.4f}"
         lines.append(
             f"| {pair} | {key} | **{verdict}** | {f['mean_gap']:+.4f} | "
-            f"[{f['ci'][0]:+.4f}, {f['ci'][1]:+.4f}] | {f['seeds_positive']}/{f['seeds']} | "
-            f"{f['sign_flip_p']:.3f} | {levels} |"
+            f"[{f['ci'][0]:+.4f}, {f['ci'][1]:+.4f}] | {t_cell} | {detect} | {equiv} | "
+            f"{f['seeds_positive']}/{f['seeds']} | {f['sign_flip_p']:.3f} | {levels} |"
         )
     return lines
 
 
-def _claims(frontiers: dict) -> str:
-    """The frontier gaps in one sentence per comparison."""
-    pairs: dict[str, list[str]] = {}
-    for name, f in frontiers.items():
-        pair, key, verdict = _verdict(name, f, "above")
-        if verdict is None:
-            pairs.setdefault(pair, []).append(f"{key}: no common reward range")
-            continue
-        pairs.setdefault(pair, []).append(
-            f"{key} **{verdict}** (gap {f['mean_gap']:+.4f}, 95% [{f['ci'][0]:+.4f}, {f['ci'][1]:+.4f}])"
-        )
-    return " ".join(
-        f"{pair.replace(' vs ', ' minus ')}, diversity at equal reward: {'; '.join(parts)}."
-        for pair, parts in pairs.items()
-    )
+def pooled_equivalence(summaries: list[dict], key: str = "pairwise_distance") -> dict | None:
+    """TOST on the per-seed gaps of several frontiers pooled (other bases, other seeds: independent runs), at the
+    smallest of their margins; None unless every frontier compared ``key`` at equal reward."""
+    gaps = [s["frontiers"].get(f"js vs reverse_kl: {key}") for s in summaries]
+    if not gaps or any(g is None or g["verdict"] == "no overlap" for g in gaps):
+        return None
+    per_seed = [v for g in gaps for v in g["gap_per_seed"]]
+    margin = min(margins(s)[key] for s in summaries)
+    return {**stats.equivalence(per_seed, margin), "seeds": len(per_seed), "levels": [g["levels"] for g in gaps]}
+
+
+def _band_share(summary: dict, levels: list[float]) -> float:
+    """The compared reward band as a share of the frontier's reward range from the base to the best model."""
+    rewards = [row["reward"]["mean"] for row in summary["rows"]]
+    base = next(row for row in summary["rows"] if row["model"] == "base")["reward"]["mean"]
+    return (levels[-1] - levels[0]) / (max(rewards) - base)
+
+
+def _correlations(summary: dict, key: str = "pairwise_distance") -> dict[str, float]:
+    """Correlation of ``key`` with the other diversity measures over the frontier's mean points."""
+    import numpy as np
+
+    measures = [name.split(": ")[1] for name in summary["frontiers"]]
+    values = {m: [row[m]["mean"] for row in summary["rows"]] for m in measures if all(m in r for r in summary["rows"])}
+    return {m: float(np.corrcoef(values[key], v)[0, 1]) for m, v in values.items() if m != key}
 
 
 def verdict_line(summary: dict | None, novel: dict | None = None) -> str:
-    """README's frontier claims: the main frontier, and the one on the base that never saw the novel prompts."""
+    """The frontier claims (docs/training.md, "The study at a glance"): the main frontier, and the one on the base
+    that never saw the novel prompts. Links are relative to docs/."""
     if summary is None or not summary.get("complete_seeds"):
         return (
             "Frontier over the regularisation strength (`study --frontier`): not run yet in this checkout; "
-            'see [docs/training.md](docs/training.md), "Frontiers".'
+            'see "Frontiers" below.'
         )
-    text = (
+    frontiers = [("default base", summary)]
+    groups = (novel or {}).get("prompt_groups") or {}
+    if novel and novel.get("complete_seeds"):
+        frontiers.append(("`base_novel`", novel))
+    lines = [
         f"Frontier over the regularisation strength ({len(summary['complete_seeds'])} seeds x "
         f"{len(summary['config']['gammas'])} gammas, [results/study/frontier/frontier.md]"
-        f"(results/study/frontier/frontier.md)). {_claims(summary['frontiers'])}"
-    )
-    groups = (novel or {}).get("prompt_groups") or {}
-    if novel and novel.get("complete_seeds") and "novel" in groups:
-        text += (
-            f"\n\nThe same frontier from a base that never saw {len(groups['novel']['prompts'])} of the "
+        "(../results/study/frontier/frontier.md))"
+        + (
+            f" and the same from a base that never saw {len(groups['novel']['prompts'])} of the "
             f"{novel['config']['eval_prompts']} evaluation prompts (`assets/base_novel`, "
-            f"{len(novel['complete_seeds'])} seeds, [results/study/frontier_novel/frontier.md]"
-            f"(results/study/frontier_novel/frontier.md)). All prompts: {_claims(novel['frontiers'])} "
-            f"Novel prompts only: {_claims(groups['novel']['frontiers'])}"
+            f"{len(novel['complete_seeds'])} more seeds, [results/study/frontier_novel/frontier.md]"
+            "(../results/study/frontier_novel/frontier.md))"
+            if len(frontiers) > 1 and "novel" in groups
+            else ""
         )
-    return text + "\n\n![frontiers](results/study/frontier/frontier.png)"
+        + ": JS minus reverse KL, diversity at equal reward.",
+        "",
+    ]
+    table = []
+    for label, s in frontiers:
+        rows = _gap_table(s["frontiers"], margins(s), label=label)
+        table += rows if not table else rows[2:]
+    lines += table + ["", GAP_LEGEND]
+    pooled = pooled_equivalence([s for _, s in frontiers])
+    if pooled is not None:
+        bands = " and ".join(
+            f"{lv[0]:.3f}-{lv[-1]:.3f} ({_band_share(s, lv):.0%} of the base-to-best reward range)"
+            for lv, (_, s) in zip(pooled["levels"], frontiers)
+        )
+        held = "inside" if pooled["equivalent"] else "not inside"
+        lines += [
+            "",
+            f"Pooled over the {pooled['seeds']} per-seed pairwise-distance gaps of "
+            f"{'both frontiers' if len(frontiers) > 1 else 'the frontier'}: mean {pooled['mean']:+.4f}, 90% "
+            f"t-interval [{pooled['ci'][0]:+.4f}, {pooled['ci'][1]:+.4f}], {held} ±{pooled['margin']:.4f}"
+            + (
+                f": **|gap| < {pooled['margin']:.3f} (TOST, 5%) in the compared reward bands**"
+                if pooled["equivalent"]
+                else ""
+            )
+            + f", {bands}; nothing is compared outside them.",
+        ]
+    corr = _correlations(summary)
+    if corr:
+        lines += [
+            "",
+            "The measures are not independent results: over the frontier's mean points pixel distance correlates "
+            + ", ".join(f"{r:.2f} with {m.replace('_', ' ')}" for m, r in corr.items())
+            + ".",
+        ]
+    if "novel" in groups and groups["novel"]["frontiers"]:
+        gap = groups["novel"]["frontiers"].get("js vs reverse_kl: pairwise_distance")
+        if gap and gap["verdict"] != "no overlap":
+            lines += [
+                "",
+                f"Novel prompts only (`base_novel`): pairwise distance gap {gap['mean_gap']:+.4f}, 95% bootstrap "
+                f"[{gap['ci'][0]:+.4f}, {gap['ci'][1]:+.4f}] (all measures: docs/training.md).",
+            ]
+    return "\n".join(lines) + "\n\n![frontiers](../results/study/frontier/frontier.png)"
 
 
 def pilot_block(study: dict, pilot: list[dict] | None) -> str:
@@ -345,7 +499,7 @@ def pilot_block(study: dict, pilot: list[dict] | None) -> str:
     return "\n".join(lines)
 
 
-def labels_block(studies: dict[str, dict | None]) -> str:
+def labels_block(studies: dict[str, dict | None], spread: dict | None = None) -> str:
     """Who labels the pairs: the same study with labels from the task reward, noisy ones and a learned model's."""
     present = {name: study for name, study in studies.items() if study is not None}
     if len(present) < 2:
@@ -369,54 +523,217 @@ def labels_block(studies: dict[str, dict | None]) -> str:
             d = _diff(study, "js", key)
             cells.append(f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
         lines.append("| " + " | ".join(cells) + " |")
+    clean = present.get(LABEL_STUDIES[0])
+    if clean is None:
+        return "\n".join(lines)
+    lost = []
+    for name, study in present.items():
+        if study is clean:
+            continue
+        drops = ", ".join(
+            f"{m.replace('_', ' ')} {_row(study, m)['reward']['mean'] - _row(clean, m)['reward']['mean']:+.3f}"
+            for m in ("reverse_kl", "js")
+        )
+        lost.append(f"`{name}.json`: {drops}")
+    lines += [
+        "",
+        "Reward change from the task reward's labels, each divergence against its own run: " + "; ".join(lost) + ".",
+    ]
+    if spread is not None:
+        shifts = []
+        for name, study in present.items():
+            if study is clean:
+                continue
+            parts = []
+            for key, word in (("reward", "reward"), ("pairwise_distance", "distance")):
+                move = _diff(study, "js", key)["mean"] - _diff(clean, "js", key)["mean"]
+                parts.append(f"{word} {move:+.3f} ({abs(move) / spread[key]['sd']:.1f} seed SD)")
+            shifts.append(f"`{name}.json` {', '.join(parts)}")
+        lines += [
+            "",
+            "One seed per labeller: the intervals are over prompts. Against the task-reward row the JS - reverse KL "
+            "differences move by " + "; ".join(shifts) + f"; over the frontier's {len(spread['seeds'])} seeds "
+            f"with the task reward's labels the same differences have SD {spread['reward']['sd']:.3f} (reward) and "
+            f"{spread['pairwise_distance']['sd']:.3f} (distance), so one seed per labeller cannot separate a "
+            "labeller effect of this size from seed-to-seed variation.",
+        ]
+    return "\n".join(lines)
+
+
+# The pre-registered confirmation (docs/training.md, "Pre-registered confirmation"): fixed before its runs.
+CONFIRM = {
+    "folder": "frontier_confirm",
+    "seeds": (5, 6, 7, 8, 9),
+    "gammas": (0.5, 1.0, 2.0),
+    "gamma": 1.0,  # where the hypotheses are tested; the other gammas are descriptive
+    "alpha": 0.05,
+    "margins": {"reward": 0.02, "pairwise_distance": 0.01},  # the "equal reward, equal diversity" condition
+}
+
+
+def confirm_block(folder: Path) -> str:
+    """The pre-registered test on the runs in ``folder`` (``CONFIRM``); "not run yet" until every seed is there."""
+    seeds, gammas, alpha = CONFIRM["seeds"], CONFIRM["gammas"], CONFIRM["alpha"]
+    command = "the command above, then `python -m fdpo_study study-report`"
+
+    def record(divergence: str, gamma: float, seed: int) -> dict | None:
+        return _load(folder / "results" / f"{divergence}_g{gamma:g}_s{seed}.json")
+
+    finished = [s for s in seeds if all(record(d, g, s) for d in ("js", "reverse_kl") for g in gammas)]
+    if len(finished) < len(seeds):
+        return (
+            f"Not run yet: {len(finished)} of the {len(seeds)} pre-registered seeds are finished in "
+            f"`results/study/{folder.name}` ({command})."
+        )
+    from .frontier import FrontierConfig
+
+    settings = record("js", CONFIRM["gamma"], seeds[0])["settings"]
+    if settings != FrontierConfig(output=folder).shared():
+        return f"`results/study/{folder.name}` was made with other settings than the pre-registered ones: no test."
+
+    def arrays(gamma: float, key: str) -> tuple[list, list]:
+        return tuple([record(d, gamma, s)["metrics"][key]["per_prompt"] for s in seeds] for d in ("js", "reverse_kl"))
+
+    def per_seed(gamma: float, key: str) -> list[float]:
+        js, rkl = arrays(gamma, key)
+        return [_mean(a) - _mean(b) for a, b in zip(js, rkl)]
+
+    g = CONFIRM["gamma"]
+    h1 = stats.one_sided_t(per_seed(g, "style"), "less")
+    h1_held = h1["p"] < alpha
+    h2 = stats.one_sided_t(per_seed(g, "fidelity"), "greater") if h1_held else None
+    h2_held = h2 is not None and h2["p"] < alpha
+    condition = {k: stats.equivalence(per_seed(g, k), m) for k, m in CONFIRM["margins"].items()}
+    met = all(c["equivalent"] for c in condition.values())
+    if not h1_held:
+        verdict = "**not confirmed**: JS's style is not significantly lower than reverse KL's at gamma 1 (H1 not held)"
+    elif met:
+        verdict = (
+            "**confirmed**: at gamma 1, at equal reward and equal pixel diversity (both within their margins), "
+            "JS's style is lower than reverse KL's (H1 held)"
+        )
+    else:
+        verdict = "**lower style, but not at equal reward**: H1 held, the equal-reward condition was not met"
+    lines = [
+        f"Result ({len(seeds)} seeds, {', '.join(map(str, seeds))}): {verdict}.",
+        "",
+        f"- H1, style JS - reverse KL at gamma {g:g}: t = {h1['t']:.2f} ({h1['df']} df), one-sided p = {h1['p']:.4f} "
+        f"-> {'held' if h1_held else 'not held'} at alpha {alpha:g}.",
+        "- H2, fidelity JS - reverse KL: "
+        + (
+            f"t = {h2['t']:.2f}, one-sided p = {h2['p']:.4f} -> {'held' if h2_held else 'not held'}."
+            if h2 is not None
+            else "not tested (H1 did not hold)."
+        ),
+        "- Condition (TOST, 90% t-interval inside the margin): "
+        + "; ".join(
+            f"{k.replace('_', ' ')} {c['mean']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] within "
+            f"±{c['margin']:g}: {'met' if c['equivalent'] else 'not met'}"
+            for k, c in condition.items()
+        )
+        + ".",
+        "",
+        "Every gamma (descriptive beyond the test above; mean over seeds of the per-seed JS - reverse KL difference):",
+        "",
+        "| gamma | measure | JS - reverse KL | 95% t over seeds | 95% bootstrap over seeds x prompts | seeds < 0 | "
+        "sign-flip p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for gamma in gammas:
+        for key in ("reward", "fidelity", "style", "pairwise_distance"):
+            values = per_seed(gamma, key)
+            t_int = stats.t_interval(values)
+            boot = stats.paired(*arrays(gamma, key))
+            lines.append(
+                f"| {gamma:g} | {key.replace('_', ' ')} | {t_int['mean']:+.4f} | "
+                f"[{t_int['ci'][0]:+.4f}, {t_int['ci'][1]:+.4f}] | [{boot.low:+.4f}, {boot.high:+.4f}] | "
+                f"{sum(v < 0 for v in values)}/{len(values)} | {stats.sign_flip_p(values):.3f} |"
+            )
     return "\n".join(lines)
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def blocks(results: Path = RESULTS) -> dict[str, str]:
-    study = _load(results / "study.json")
+    # Each block names the files it is made from when their layout is not the expected one (from_json).
+    paths = {
+        "study": results / "study.json",
+        "seed1": results / "seed1.json",
+        "beta5000": results / "beta5000_gamma1.json",
+        "frontier": results / "frontier" / "frontier.json",
+        "novel": results / "frontier_novel" / "frontier.json",
+        "pilot": results / "frontier_pilot.jsonl",
+        **{name: results / f"{name}.json" for name in LABEL_STUDIES},
+    }
+    study = _load(paths["study"])
     if study is None:
         raise FileNotFoundError(f"{results / 'study.json'} does not exist: run the study first")
-    seed1, beta5000 = _load(results / "seed1.json"), _load(results / "beta5000_gamma1.json")
-    frontier = _load(results / "frontier" / "frontier.json")
-    novel = _load(results / "frontier_novel" / "frontier.json")
+    seed1, beta5000 = _load(paths["seed1"]), _load(paths["beta5000"])
+    frontier, novel = _load(paths["frontier"]), _load(paths["novel"])
+    spread = seed_spread(results)
+
+    def block(names: tuple[str, ...], make, *args) -> str:
+        return from_json([paths[n] for n in names], make, *args)
+
     out = {
-        "readme": readme_block(study),
-        "table": _study_table(study),
-        "findings": findings_block(study, seed1, beta5000),
-        "frontier-verdict": verdict_line(frontier, novel),
-        "frontier": frontier_tables(frontier)
+        "table": block(("study",), _study_table, study, spread),
+        "findings": block(("study", "seed1", "beta5000"), findings_block, study, seed1, beta5000, spread),
+        "frontier-verdict": block(("frontier", "novel"), verdict_line, frontier, novel),
+        "frontier": block(("frontier",), frontier_tables, frontier)
         if frontier
         else "The frontier has not been run in this checkout yet: the first command above, then `study-report`.",
-        "frontier-novel": frontier_tables(novel)
+        "frontier-novel": block(("novel",), frontier_tables, novel)
         if novel
         else "Not run in this checkout yet: the command above, then `study-report`.",
     }
-    pilot_path = results / "frontier_pilot.jsonl"
-    pilot = [json.loads(line) for line in pilot_path.read_text().splitlines()] if pilot_path.is_file() else None
-    out["pilot"] = pilot_block(study, pilot)
-    out["beta5000"] = _study_table(beta5000) if beta5000 else "(results/study/beta5000_gamma1.json not present)"
-    out["seed1"] = _study_table(seed1) if seed1 else "(results/study/seed1.json not present)"
-    out["labels"] = labels_block({name: _load(results / f"{name}.json") for name in LABEL_STUDIES})
+    pilot = read_json(paths["pilot"], lines=True) if paths["pilot"].is_file() else None
+    out["pilot"] = block(("study", "pilot"), pilot_block, study, pilot)
+    out["beta5000"] = (
+        block(("beta5000",), _study_table, beta5000) if beta5000 else "(results/study/beta5000_gamma1.json not present)"
+    )
+    out["seed1"] = block(("seed1",), _study_table, seed1, spread) if seed1 else "(results/study/seed1.json not present)"
+    out["labels"] = block(LABEL_STUDIES, labels_block, {name: _load(paths[name]) for name in LABEL_STUDIES}, spread)
+    out["confirm"] = confirm_block(results / CONFIRM["folder"])
     return out
+
+
+def draw_figures(results: Path = RESULTS) -> None:
+    """Redraw the committed figures from the committed JSON (no training): study.png and each frontier.png."""
+    from .frontier import replot
+    from .study import plot
+
+    study = _load(results / "study.json")
+    if study is not None:
+        plot(study, results / "study.png")
+    for name in FRONTIER_FOLDERS:
+        if (results / name / "frontier.json").is_file():
+            replot(results / name)
 
 
 def regenerate(results: Path = RESULTS, repo: Path = REPO, check: bool = False) -> list[str]:
     """Rewrite the .md of each JSON and the marked blocks; returns the files that changed (or would, ``check``)."""
     generated = blocks(results)
+    spread = seed_spread(results)
     changed = []
-    for name in STUDY_FILES:
-        data = _load(results / f"{name}.json")
-        if data is not None:
-            md = results / f"{name}.md"
-            text = _study_table(data)
-            if not md.is_file() or md.read_text() != text:
-                changed.append(str(md))
-                if not check:
-                    md.write_text(text)
+    tables = {
+        f"{name}.md": from_json([results / f"{name}.json"], _study_table, data, spread)
+        for name in STUDY_FILES
+        if (data := _load(results / f"{name}.json"))
+    }
+    for name in FRONTIER_FOLDERS:
+        summary = _load(results / name / "frontier.json")
+        if summary is not None:
+            tables[f"{name}/frontier.md"] = from_json([results / name / "frontier.json"], frontier_tables, summary)
+    for relative, text in tables.items():
+        md = results / relative
+        if not md.is_file() or md.read_text() != text:
+            changed.append(str(md))
+            if not check:
+                md.write_text(text)
+    if not check:  # the figures too (not checked: a PNG's bytes depend on the matplotlib version)
+        draw_figures(results)
     for target, names in TARGETS.items():
         path = repo / target
         text = old = path.read_text()

@@ -1,5 +1,6 @@
 """Building and loading the C++ extension (fdiv_kernels/_build.py): the cache key, the prebuilt-library check,
-the lock that lets concurrent processes share one build, and what backend="auto" does when nothing can be built.
+the lock that lets concurrent processes share one build, a damaged cached library, what backend="auto" does when
+nothing can be built, and when the loading happens (never at import; under torch.compile, while tracing).
 
 The compile tests use a tiny stand-in source (a Python module with no torch headers: ~1 s to build) or a broken
 one, in a copy of the package without any prebuilt library, with their own cache folder. The real kernels are
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fdiv_kernels
 from fdiv_kernels import _build
+from fdiv_kernels.backends import cpp
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,6 +151,23 @@ def test_prebuilt_library_is_checked_against_its_build_record(tmp_path, monkeypa
     assert "unreadable" in _build.prebuilt_problem(str(library))
 
 
+def test_prebuilt_library_is_checked_against_its_recorded_size_and_hash(tmp_path):
+    """A library cut short (full disk, killed copy) or changed after its build is refused before it is loaded."""
+    csrc = _build.source_dir()
+    if csrc is None:
+        pytest.skip("no C++ sources next to the package")
+    library = tmp_path / "_C.so"
+    content = os.urandom(4096)
+    library.write_bytes(content)
+    _build.write_record(str(library), _build.build_record(csrc, False, None))
+    assert _build.prebuilt_problem(str(library)) is None
+    library.write_bytes(content[:1000])
+    problem = _build.prebuilt_problem(str(library))
+    assert "damaged: 1000 bytes, 4096 when it was built" in problem and "delete it" in problem
+    library.write_bytes(content[:-1] + bytes([content[-1] ^ 1]))
+    assert "sha256 differs" in _build.prebuilt_problem(str(library))
+
+
 def test_build_mode_switches(monkeypatch):
     for var in ("FDIV_KERNELS_BUILD", "FDIV_KERNELS_BUILD_CUDA"):
         monkeypatch.delenv(var, raising=False)
@@ -193,6 +213,47 @@ def test_concurrent_processes_share_one_build_then_reuse_it(tmp_path):
     again = _run(LOAD_TINY, env, tmp_path)  # a later process: from the cache, silently
     assert again.returncode == 0, again.stderr
     assert "compiling" not in again.stderr and "LOADED jit" in again.stdout
+
+
+DAMAGED_CACHE = """
+    import sys, torch
+    import fdiv_kernels
+    print("IMPORTED", flush=True)
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    ref, target = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    fdiv_kernels.fused_fdpo_loss(pred, ref, target, beta=10.0, backend="torch").backward()
+    assert "fdiv_kernels._C" not in sys.modules
+    print("TORCH BACKEND RAN", flush=True)
+    from fdiv_kernels import _build  # the loader itself: the stand-in library defines none of the ops
+    _build.load()
+    print("LIBRARY", _build.info()["path"])
+"""
+
+
+def test_damaged_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A truncated library in the cache killed `import fdiv_kernels` with SIGBUS (returncode -7) before its size
+    and hash were recorded and checked: now the import does not touch it, backend="torch" runs, and the first
+    load says which file is damaged (one line) and rebuilds it under the build lock."""
+    pkg = _package_copy(tmp_path, {"tiny.cpp": TINY_MODULE})
+    env = _env(tmp_path, pkg)
+    built = _run(LOAD_TINY, env, tmp_path)
+    assert built.returncode == 0, built.stderr
+    library = Path(built.stdout.split()[-1])
+    content = library.read_bytes()
+    library.write_bytes(content[: len(content) // 2])  # a copy cut short
+
+    res = _run(DAMAGED_CACHE, env, tmp_path)
+    assert res.returncode == 0, f"returncode {res.returncode}: {res.stderr}"
+    assert "IMPORTED" in res.stdout and "TORCH BACKEND RAN" in res.stdout
+    damaged = [ln for ln in res.stderr.splitlines() if " is damaged (" in ln]
+    assert len(damaged) == 1 and str(library) in damaged[0], res.stderr
+    assert f"{len(content) // 2} bytes, {len(content)} when it was built" in damaged[0]
+    assert "rebuilding" in damaged[0] and "compiling the C++ CPU kernels" in res.stderr
+    assert f"LIBRARY {library}" in res.stdout and library.stat().st_size == len(content)
+
+    again = _run(LOAD_TINY, env, tmp_path)  # rebuilt and recorded: loaded silently
+    assert again.returncode == 0 and "damaged" not in again.stderr and "compiling" not in again.stderr
 
 
 def test_mismatched_prebuilt_library_is_ignored_with_a_warning(tmp_path):
@@ -288,3 +349,97 @@ def test_cuda_compile_failure_keeps_the_cpu_kernels(tmp_path, monkeypatch):
     monkeypatch.setattr(_build, "_jit_load", fake_jit_load)
     with pytest.raises(_build.BuildError, match="unsupported GPU architecture"):
         _build.jit_load(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------- when loading happens
+IMPORT_ONLY = """
+    import sys, torch
+    import fdiv_kernels
+    from fdiv_kernels.backends import cpp
+    loaded = [m for m in ("fdiv_kernels._C", "fdiv_kernels._build", "torch.utils.cpp_extension") if m in sys.modules]
+    print("LOADED MODULES", loaded, "PROBED", cpp._STATUS)
+"""
+
+
+def test_import_builds_nothing(tmp_path):
+    """`import fdiv_kernels` with an empty cache neither compiles (one to three minutes) nor loads nor probes the
+    extension: the first call that needs the kernels does (before, the import did)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FDIV_KERNELS_", "TORCH_EXTENSIONS_DIR"))}
+    env.update(PYTHONPATH=str(REPO), FDIV_KERNELS_CACHE_DIR=str(tmp_path / "cache"))
+    res = _run(IMPORT_ONLY, env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "LOADED MODULES [] PROBED {}" in res.stdout, res.stdout + res.stderr
+    assert not (tmp_path / "cache").exists() and "compiling" not in res.stderr
+
+
+@pytest.fixture
+def built_kernels() -> dict:
+    """The real kernels built (or found) in this process's cache, for subprocesses that load them from there."""
+    why = fdiv_kernels.load()["cpu"]
+    if why is not None:
+        pytest.skip(f"the C++ extension is unavailable (tests/test_build_present.py says why): {why}")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+COMPILED_FIRST = """
+    import sys, torch
+    from fdiv_kernels import fused_fdpo_loss
+    graphs = []
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+    def step(p, ref, target):
+        return fused_fdpo_loss(p, ref, target, beta=10.0, divergence="js", backend=BACKEND)
+    g = torch.Generator().manual_seed(0)
+    pred, ref, target = (torch.randn(4, 3, 5, generator=g) for _ in range(3))
+    p_compiled, p_eager = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    assert "fdiv_kernels._C" not in sys.modules
+    loss = torch.compile(step, backend=capture, fullgraph=True)(p_compiled, ref, target)  # the first call
+    loss.backward()
+    assert "fdiv_kernels._C" in sys.modules
+    assert any("fdiv_kernels.fdpo_forward.default" in graph for graph in graphs), graphs  # the native op
+    expected = step(p_eager, ref, target)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(p_compiled.grad, p_eager.grad)
+    print("COMPILED FIRST CALL OK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_compiled_first_call_loads_the_kernels_while_tracing(tmp_path, built_kernels, backend):
+    """A process whose first call is torch.compile(fullgraph=True) loads the extension while Dynamo traces
+    (cpp.eager_under_compile) and traces the native op, with no graph break."""
+    res = _run(f"BACKEND = {backend!r}\n" + textwrap.dedent(COMPILED_FIRST), built_kernels, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "COMPILED FIRST CALL OK" in res.stdout
+
+
+def test_eager_under_compile_is_assume_constant_result():
+    """cpp.eager_under_compile sets what torch.compiler.assume_constant_result sets (without importing Dynamo)."""
+
+    def marked_by_torch():
+        pass
+
+    def marked_here():
+        pass
+
+    torch.compiler.assume_constant_result(marked_by_torch)
+    cpp.eager_under_compile(marked_here)
+    assert marked_here.__dict__ == marked_by_torch.__dict__ != {}
+
+
+def test_build_module_runs_without_a_runpy_warning(tmp_path, built_kernels):
+    """`python -m fdiv_kernels._build` (make kernels): the package's import no longer imports _build first, which
+    made runpy warn about a module found in sys.modules before it ran."""
+    res = subprocess.run(
+        [sys.executable, "-m", "fdiv_kernels._build"],
+        env=built_kernels,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Warning" not in res.stderr, res.stderr
+    assert "fdiv_kernels: C++ kernels ready for torch" in res.stdout

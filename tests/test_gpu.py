@@ -510,6 +510,61 @@ def test_cuda_backend_rejects_float64():
 
 
 # ------------------------------------------------------------------------------ mixed dtypes, loss types, host sync
+# The mixed-precision storage mixes with their own vectorized CUDA kernels (fdpo::mixed_storage_switch): fp32
+# model_pred, reference in fp32 or in the target's 16-bit dtype, mask in the target's dtype; with ref_pred or cached
+# ref_err, with and without a mask, per-row or shared target. D = 4096 takes the 8-wide vector kernels; D = 3 * 17 *
+# 13 (not a multiple of 8) the generic one; both against the same inputs cast to fp32 first.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "mix",
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+    ],  # fmt: skip
+    ids=["ref32-bf16", "ref32-fp16", "ref16-bf16", "ref16-fp16"],
+)
+@pytest.mark.parametrize("form", ["ref", "ref+mask", "ref_err", "ref_err+mask", "ref+shared"])
+@pytest.mark.parametrize("shape", [(8, 4, 32, 32), (6, 3, 17, 13)], ids=["vector", "odd"])
+def test_mixed_vector_kernels_equal_casting_to_fp32_first(backend, mix, form, shape):
+    _backend(backend)
+    ref_dtype, low = mix
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    b = shape[0] // 2
+    pred = torch.randn(shape, generator=gen, device="cuda")
+    ref = (pred + 0.05 * torch.randn(shape, generator=gen, device="cuda")).to(ref_dtype)
+    target = torch.randn(shape, generator=gen, device="cuda")
+    if form == "ref+shared":
+        target = target[:b].contiguous()
+    target = target.to(low)
+    mask = torch.rand(shape, generator=gen, device="cuda").to(low) if "mask" in form else None
+    ref_err = None
+    if form.startswith("ref_err"):
+        full_t = target.float() if target.shape[0] == shape[0] else target.float().repeat(2, *[1] * (len(shape) - 1))
+        ref_err = ((ref.float() - full_t) ** 2).flatten(1).mean(1)
+        ref = None
+
+    def call(p, r, t, m):
+        p = p.detach().clone().requires_grad_()
+        loss, stats = fused_fdpo_loss(
+            p, r, t, ref_err=ref_err, mask=m, beta=400.0, divergence="js", return_stats=True, backend=backend
+        )
+        loss.backward()
+        return loss, stats, p.grad
+
+    mixed = call(pred, ref, target, mask)
+    cast = call(pred, None if ref is None else ref.float(), target.float(), None if mask is None else mask.float())
+    # The harness's forward tolerance (2e-5): the two runs sum in different orders (8- vs 4-wide vectors, other
+    # chunks), and beta = 400 scales the statistics' last-bit differences into the coefficient; a wrong kernel
+    # is off by O(1).
+    torch.testing.assert_close(mixed[0], cast[0], rtol=2e-5, atol=1e-6)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(getattr(mixed[1], name), getattr(cast[1], name), rtol=2e-5, atol=1e-6)
+    assert mixed[2].dtype == torch.float32
+    torch.testing.assert_close(mixed[2], cast[2], rtol=2e-5, atol=1e-30)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "dtypes",
@@ -555,8 +610,13 @@ def test_mixed_dtypes_equal_casting_to_fp32_first(backend, dtypes, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "case",
-    [dict(loss_type="hinge"), dict(loss_type="ipo", ipo_tau=0.05), dict(err_reduction="mean_all")],
-    ids=["hinge", "ipo", "mean_all"],
+    [
+        dict(loss_type="hinge"),
+        dict(loss_type="ipo", ipo_tau=0.05),
+        dict(loss_type="dmpo", dmpo_alpha=0.01),
+        dict(err_reduction="mean_all"),
+    ],
+    ids=["hinge", "ipo", "dmpo", "mean_all"],
 )
 def test_loss_types_vs_reference(backend, case):
     _backend(backend)

@@ -1,6 +1,11 @@
-"""diffusers' --loss_type (sigmoid, hinge, ipo) on the f-divergence logit, and the flow trainers' error reduction
-over all elements: every backend against the float64 reference, and the reference against the trainers' formulas."""
+"""diffusers' --loss_type (sigmoid, hinge, ipo) and Diffusion-SDPO's DMPO on the f-divergence logit, and the flow
+trainers' error reduction over all elements: every backend against the float64 reference, the reference against the
+trainers' formulas, DMPO's head against mpmath where p is near 0 and 1."""
 
+import functools
+import math
+
+import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,8 @@ LOSS_CASES = [
     dict(loss_type="hinge"),
     dict(loss_type="ipo", ipo_tau=0.5),
     dict(loss_type="ipo", ipo_tau=0.01),
+    dict(loss_type="dmpo", dmpo_alpha=0.01),
+    dict(loss_type="dmpo", dmpo_alpha=0.7),
 ]
 
 
@@ -129,6 +136,12 @@ def test_mean_all_is_the_flow_trainers_masked_mean_over_every_element(backend, s
         (dict(loss_type="ipo", ipo_tau=-1.0), r"ipo_tau must be > 0"),
         (dict(loss_type="hinge", label_smoothing=0.1), r"label_smoothing applies to loss_type='sigmoid' only"),
         (dict(loss_type="logistic"), r"loss_type='logistic' is not supported; expected one of \['sigmoid'"),
+        (dict(loss_type="dmpo"), r"loss_type='dmpo' needs dmpo_alpha in \(0, 1\)"),
+        (dict(loss_type="dmpo", dmpo_alpha=0.0), r"dmpo_alpha must be in \(0, 1\).*got 0.0"),
+        (dict(loss_type="dmpo", dmpo_alpha=1.0), r"dmpo_alpha must be in \(0, 1\).*got 1.0"),
+        (dict(loss_type="dmpo", dmpo_alpha=float("nan")), r"dmpo_alpha must be finite"),
+        (dict(loss_type="sigmoid", dmpo_alpha=0.01), r"dmpo_alpha is used by loss_type='dmpo' only"),
+        (dict(loss_type="dmpo", dmpo_alpha=0.01, label_smoothing=0.1), r"label_smoothing applies to loss_type="),
         (
             dict(err_reduction="max"),
             r"err_reduction='max' is not supported; expected one of \['mean', 'sum', "
@@ -141,3 +154,120 @@ def test_bad_loss_type_arguments_are_named(kwargs, message):
     for fn in (fused_fdpo_loss, fdpo_loss_reference):
         with pytest.raises(ValueError, match=message):
             fn(pred, ref, target, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- DMPO
+def _sdpo_dmpo_loss(model_pred, ref_pred, target, beta_dpo, dmpo_alpha):
+    """Diffusion-SDPO's DMPO loss and logged scalars, written from AIDC-AI/Diffusion-SDPO@84fb241c1b89705a247da8b0d60
+    47798ca49830d:train.py:1181-1233 (its loss block with --train_method dmpo and no winner preserving, so that
+    lose_l_scale = 1): inside_term = -beta_dpo/2 * (model_diff - ref_diff), p = sigmoid(inside_term),
+    q = clamp(1 - dmpo_alpha, 1e-6, 1 - 1e-6), loss = mean(p (log p - log q) + (1 - p)(log(1 - p) - log(1 - q)))
+    with log p = -softplus(-u), log(1 - p) = -softplus(u). Returns (loss, implicit_acc, raw_model_loss,
+    raw_ref_loss, inside_term)."""
+    dims = list(range(1, model_pred.ndim))
+    model_losses = (model_pred - target).pow(2).mean(dim=dims)
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    raw_model_loss = 0.5 * (model_losses_w.mean() + model_losses_l.mean())
+    model_diff = model_losses_w - model_losses_l
+    ref_losses = (ref_pred - target).pow(2).mean(dim=dims)
+    ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+    ref_diff = ref_losses_w - ref_losses_l
+    raw_ref_loss = ref_losses.mean()
+    inside_term = -0.5 * beta_dpo * (model_diff - ref_diff)
+    implicit_acc = (inside_term > 0).sum().double() / inside_term.size(0)
+    p = torch.sigmoid(inside_term)
+    q = torch.tensor([1.0 - dmpo_alpha], dtype=p.dtype).clamp(1e-6, 1 - 1e-6)
+    log_p, log_1mp = -F.softplus(-inside_term), -F.softplus(inside_term)
+    loss = (p * (log_p - torch.log(q)) + (1 - p) * (log_1mp - torch.log1p(-q))).mean()
+    return loss, implicit_acc, raw_model_loss, raw_ref_loss, inside_term
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_reverse_kl_dmpo_reproduces_diffusion_sdpo(backend):
+    """reverse_kl + loss_type="dmpo" is Diffusion-SDPO's DMPO (beta_dpo as beta, half convention): loss, gradient,
+    logits and the logged implicit_acc / raw_model_loss / raw_ref_loss, in float64 (fp32 kernels: their tolerance),
+    on pairs whose p = sigmoid(z) spreads across (0.05, 0.95) on both sides of q."""
+    pred, ref, target = _inputs(B=6, spread=0.3, seed=2)
+    beta_dpo, dmpo_alpha = 40.0, 0.3  # q = 0.7: logit q = 0.85 sits inside the logits' range
+    pred.requires_grad_()
+    loss, acc, raw_model, raw_ref, z = _sdpo_dmpo_loss(pred, ref, target, beta_dpo, dmpo_alpha)
+    (expected_grad,) = torch.autograd.grad(loss, pred)
+    p = torch.sigmoid(z.detach())
+    assert ((p > 0.05) & (p < 0.95)).sum() >= 4 and (p < 0.7).any() and (p > 0.7).any(), p  # not saturated
+    assert 0 < acc < 1
+    kwargs = dict(beta=beta_dpo, loss_type="dmpo", dmpo_alpha=dmpo_alpha, return_stats=True)
+    if backend == "reference":
+        dtype, rtol, atol = torch.float64, 1e-12, 1e-14
+        got, stats = fdpo_loss_reference(pred, ref, target, **kwargs)
+    else:
+        dtype, rtol, atol = torch.float32, 2e-5, 1e-6
+        x = pred.detach().float().requires_grad_()
+        got, stats = fused_fdpo_loss(x, ref.float(), target.float(), backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad(got, pred if backend == "reference" else x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), loss.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(stats.logits.double(), z.detach(), rtol=rtol, atol=atol)
+    assert stats.implicit_acc.item() == acc.to(dtype).item()  # the same count, rounded to the output dtype
+    torch.testing.assert_close(stats.raw_model_loss.double(), raw_model.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(stats.raw_ref_loss.double(), raw_ref, rtol=rtol, atol=atol)
+    scale = expected_grad.abs().max()
+    torch.testing.assert_close(grad.double() / scale, expected_grad / scale, rtol=0, atol=10 * rtol)
+
+
+def _dmpo_exact(z, alpha):
+    """KL(p || q) of p = sigmoid(z), q = 1 - alpha, and its derivative p (1 - p) (z - logit q), in 60 digits."""
+    with mpmath.workdps(60):
+        z, a = mpmath.mpf(z), mpmath.mpf(alpha)
+        q = 1 - a
+        p, p_lose = 1 / (1 + mpmath.exp(-z)), 1 / (1 + mpmath.exp(z))
+        loss = p * (mpmath.log(p) - mpmath.log(q)) + p_lose * (mpmath.log(p_lose) - mpmath.log(a))
+        slope = p * p_lose * (z - mpmath.log(q / a))
+        # the derivative identity itself, by mpmath's numerical differentiation of the loss
+        kl = lambda x: (  # noqa: E731
+            mpmath.log(1 + mpmath.exp(-x)) * (-1 / (1 + mpmath.exp(-x)))
+            - mpmath.log(1 + mpmath.exp(x)) / (1 + mpmath.exp(x))
+            - mpmath.log(q) / (1 + mpmath.exp(-x))
+            - mpmath.log(a) / (1 + mpmath.exp(x))
+        )
+        if abs(z) < 50:
+            assert abs(mpmath.diff(kl, z) - slope) <= mpmath.mpf(10) ** -40 * (1 + abs(slope))
+        return float(loss), float(slope)
+
+
+# |z| up to ~700 in float64 (p down to e^-700) and ~80 in float32 (e^-80 ~ 1.8e-35, still a normal float32)
+_DMPO_Z = {
+    torch.float64: [-700.0, -300.0, -40.0, -5.5, -0.5, 0.25, 3.0, 20.0, 37.0, 80.0, 300.0, 700.0],
+    torch.float32: [-80.0, -40.0, -17.0, -5.5, -0.5, 0.25, 3.0, 17.0, 40.0, 80.0],
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_dmpo_head_matches_mpmath_with_p_near_0_and_1(backend, dtype):
+    """The DMPO loss and its gradient against mpmath, with z chosen exactly: D = 1, e = (1.5 - 0.5)^2 = 1 for every
+    row and ref_err = 1 + |z| on the winner (z > 0) or the loser (z < 0), so d = ref_err - e is exact (beta = 2,
+    half convention) and z = d_w - d_l. The gradient is -2 L'(z) on the winner's row and +2 L'(z) on the loser's."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton computes in float32 only (float64 input is refused: tests/test_kernels.py)")
+    alpha = 0.01
+    zs = torch.tensor(_DMPO_Z[dtype], dtype=torch.float64)
+    B = zs.numel()
+    ref_err = torch.ones(2 * B, dtype=torch.float64)
+    ref_err[:B] += zs.clamp_min(0)
+    ref_err[B:] += (-zs).clamp_min(0)
+    pred = torch.full((2 * B, 1), 1.5, dtype=dtype, requires_grad=True)
+    target = torch.full((2 * B, 1), 0.5, dtype=dtype)
+    kwargs = dict(beta=2.0, loss_type="dmpo", dmpo_alpha=alpha, reduction="none", return_stats=True)
+    fn = fdpo_loss_reference if backend == "reference" else functools.partial(fused_fdpo_loss, backend=backend)
+    loss, stats = fn(pred, None, target, ref_err=ref_err.to(dtype), **kwargs)
+    assert torch.equal(stats.logits.double(), zs)  # the inputs give exactly the intended logits
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    exact = [_dmpo_exact(z, alpha) for z in zs.tolist()]
+    exact_loss = torch.tensor([e[0] for e in exact], dtype=torch.float64)
+    exact_slope = torch.tensor([e[1] for e in exact], dtype=torch.float64)
+    assert exact_slope.abs().min() > torch.finfo(dtype).tiny  # every case has a normal, non-zero gradient to check
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    # the loss is in [0, -log alpha]: relative error, and absolute error on the scale of its O(1) terms
+    torch.testing.assert_close(loss.double(), exact_loss, rtol=rtol, atol=rtol * -math.log(alpha))
+    torch.testing.assert_close(grad[:B, 0].double(), -2 * exact_slope, rtol=rtol, atol=0)
+    torch.testing.assert_close(grad[B:, 0].double(), 2 * exact_slope, rtol=rtol, atol=0)

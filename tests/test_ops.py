@@ -273,6 +273,7 @@ def test_ids_match_the_cpp_enums_and_the_triton_constants():
         "_ERR_SUM": ERR_REDUCTIONS["sum"],
         "_HINGE": LOSS_TYPES["hinge"],
         "_IPO": LOSS_TYPES["ipo"],
+        "_DMPO": LOSS_TYPES["dmpo"],
     }
     for name, expected in constants.items():
         assert getattr(triton_kernels, name).value == expected, name

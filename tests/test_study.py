@@ -137,6 +137,48 @@ def test_frontier_gap_resamples_prompts_paired():
     assert out["verdict"] == "b dominates" and out["ci"] == pytest.approx([0.01, 0.01], abs=1e-9)
 
 
+def test_t_distribution_known_answers():
+    # Tabulated quantiles, and closed forms: df 1 is Cauchy (0.5 + atan(t) / pi); df 2 is 0.5 + t / (2 sqrt(2 + t^2)).
+    for p, df, q in ((0.975, 4, 2.776445), (0.95, 4, 2.131847), (0.8, 4, 0.940965), (0.975, 9, 2.262157)):
+        assert stats.t_quantile(p, df) == pytest.approx(q, abs=1e-6)
+    assert stats.t_cdf(1.0, 1) == pytest.approx(0.75) and stats.t_cdf(0.0, 3) == 0.5
+    assert stats.t_cdf(2.0, 2) == pytest.approx(0.5 + 1 / 6**0.5) and stats.t_cdf(-2.0, 2) == pytest.approx(
+        0.5 - 1 / 6**0.5
+    )
+    assert stats.t_quantile(0.975, 1) == pytest.approx(12.706205, abs=1e-5)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        stats.t_cdf(1.0, 0)
+
+
+def test_t_interval_equivalence_and_one_sided_known_answers():
+    # 1..5: mean 3, SD sqrt(2.5), s.e. sqrt(0.5); 95% half-width 2.776445 x 0.707107 = 1.963243.
+    e = stats.t_interval([1, 2, 3, 4, 5])
+    assert e["mean"] == 3 and e["ci"] == pytest.approx([3 - 1.963243, 3 + 1.963243], abs=1e-6) and e["df"] == 4
+    # TOST: mean 0, s.e. 0.0070711; 90% interval +-2.131847 x 0.0070711 = +-0.015075: inside +-0.02, not +-0.015.
+    values = [-0.01, 0.01, 0.0, 0.02, -0.02]
+    inside, outside = stats.equivalence(values, 0.02), stats.equivalence(values, 0.015)
+    assert inside["ci"] == pytest.approx([-0.015075, 0.015075], abs=1e-6) and inside["level"] == pytest.approx(0.9)
+    assert inside["equivalent"] and not outside["equivalent"]
+    assert not stats.equivalence([0.03, 0.031, 0.029], 0.02)["equivalent"]  # tight but off 0: not equivalent
+    # t = -3 sqrt(2) with 4 df: cos^2 = 4 / 22, sin = sqrt(18 / 22); P(T < t) = (1 - sin (1 + cos^2 / 2)) / 2.
+    low = stats.one_sided_t([-1, -2, -3, -4, -5], "less")
+    assert low["t"] == pytest.approx(-3 * 2**0.5) and low["p"] == pytest.approx(
+        (1 - (18 / 22) ** 0.5 * (1 + 2 / 22)) / 2
+    )
+    assert stats.one_sided_t([-1, -2, -3, -4, -5], "greater")["p"] == pytest.approx(1 - low["p"])
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.t_interval([1.0])
+    with pytest.raises(ValueError, match="margin"):
+        stats.equivalence(values, 0.0)
+
+
+def test_minimum_detectable_effect_known_answers():
+    # (z(0.975) + z(0.80)) x s.e. = (1.959964 + 0.841621) x s.e.; with 4 df (2.776445 + 0.940965) x s.e.
+    assert stats.detectable(0.0056) == pytest.approx(2.801585 * 0.0056, rel=1e-6)
+    assert stats.detectable(0.0056, df=4) == pytest.approx(3.717410 * 0.0056, rel=1e-6)
+    assert stats.detectable(1.0, df=4, power=0.5) == pytest.approx(2.776445, abs=1e-6)  # q(0.5) = 0
+
+
 # ---------------------------------------------------------------- task: attribute spread, labels
 
 
@@ -356,7 +398,7 @@ def test_tiny_frontier_resumes(tmp_path, monkeypatch):
     # The report from the same results, without training.
     again = summarise(cfg, n_boot=100)
     assert again["complete_seeds"] == [0, 1]
-    assert "tie" in report.frontier_tables(again) or "dominates" in report.frontier_tables(again)
+    assert "none detected" in report.frontier_tables(again) or "dominates" in report.frontier_tables(again)
 
 
 def test_frontier_records_shipped_bases_relative_to_the_package(tmp_path):
@@ -425,12 +467,117 @@ def test_splice_and_blocks(tmp_path):
     blocks = report.blocks()
     study = json.loads((report.RESULTS / "study.json").read_text())
     js = next(r for r in study["rows"] if r["model"] == "js")
-    assert f"{js['reward']['mean']:.3f}" in blocks["readme"]
+    assert f"{js['reward']['mean']:.3f}" in blocks["table"]
     assert "bit-for-bit" in blocks["findings"] and "not bit-for-bit" in blocks["findings"]
 
 
 def test_committed_docs_are_generated():
     assert report.regenerate(check=True) == []
+
+
+def _summary(per_seed_gaps: list[float], se: float = 0.005, distances=(0.1, 0.2)) -> dict:
+    """A frontier summary with one pairwise-distance gap and models spanning ``distances``."""
+    gap = {
+        "verdict": "tie",
+        "mean_gap": float(np.mean(per_seed_gaps)),
+        "se": se,
+        "ci": [-0.01, 0.01],
+        "levels": [0.6, 0.62],
+        "gap_per_seed": per_seed_gaps,
+        "seeds_positive": sum(g > 0 for g in per_seed_gaps),
+        "seeds": len(per_seed_gaps),
+        "sign_flip_p": 1.0,
+    }
+    rows = [
+        {"model": m, "reward": {"mean": r}, "pairwise_distance": {"mean": d}}
+        for m, r, d in (("base", 0.5, distances[1]), ("x", 0.7, distances[0]))
+    ]
+    return {"rows": rows, "frontiers": {"js vs reverse_kl: pairwise_distance": gap}}
+
+
+def test_tie_reading_equivalence_margin_and_power():
+    tight = _summary([-0.001, 0.001, 0.0, 0.002, -0.002])
+    assert report.margins(tight) == {"pairwise_distance": pytest.approx(0.01)}  # a tenth of 0.2 - 0.1
+    reading = report.gap_reading(tight["frontiers"]["js vs reverse_kl: pairwise_distance"], 0.01)
+    assert reading["equivalence"]["equivalent"] and reading["detectable"] == pytest.approx(3.717410 * 0.005, rel=1e-6)
+    line = report._gap_table(tight["frontiers"], report.margins(tight))[2]
+    assert "**none detected**" in line and "yes, ±0.0100" in line and f"{3.717410 * 0.005:.4f}" in line
+    wide = _summary([-0.02, 0.02, 0.0, 0.03, -0.03])
+    assert "not shown, ±0.0100" in report._gap_table(wide["frontiers"], report.margins(wide))[2]
+    # Pooled: the per-seed gaps of both, at the smaller margin (0.01 here, 0.02 for the second).
+    pooled = report.pooled_equivalence([tight, _summary([0.001, -0.001, 0.0], distances=(0.0, 0.2))])
+    assert pooled["seeds"] == 8 and pooled["margin"] == pytest.approx(0.01) and pooled["equivalent"]
+
+
+def test_seed_spread_of_the_committed_frontier():
+    # JS - reverse KL at gamma 10 over the frontier's 5 seeds (the review's numbers: SD 0.014 and 0.014).
+    spread = report.seed_spread(report.RESULTS)
+    assert spread["seeds"] == [0, 1, 2, 3, 4]
+    assert spread["reward"]["sd"] == pytest.approx(0.014, abs=5e-4) and spread["reward"]["mean"] == pytest.approx(
+        -0.010, abs=5e-4
+    )
+    assert spread["pairwise_distance"]["sd"] == pytest.approx(0.014, abs=5e-4)
+    assert "SD 0.014 in reward" in report.spread_note(spread)
+    blocks = report.blocks()
+    assert "SD 0.014 in reward" in blocks["table"] and "seed SD" in blocks["labels"]
+    assert "JS minus Hellinger paired directly" in blocks["findings"]
+
+
+def _confirm_folder(tmp_path, style_gap: float, reward_gap: float = 0.0, seeds=(5, 6, 7, 8, 9)) -> Path:
+    """Results of the pre-registered grid with JS - reverse KL style ``style_gap`` (plus per-seed noise)."""
+    folder = tmp_path / "frontier_confirm"
+    (folder / "results").mkdir(parents=True)
+    settings = FrontierConfig(output=folder).shared()
+    rng = np.random.default_rng(0)
+    for seed in seeds:
+        noise = rng.normal(0, 0.002)
+        for gamma in report.CONFIRM["gammas"]:
+            for divergence in ("js", "reverse_kl"):
+                js = divergence == "js"
+                base = {"reward": 0.6, "fidelity": 0.6, "style": 0.5, "pairwise_distance": 0.2}
+                if js:
+                    base = {**base, "style": 0.5 + style_gap + noise, "reward": 0.6 + reward_gap + noise / 10}
+                metrics = {k: {"per_prompt": list(v + rng.normal(0, 0.002, 6))} for k, v in base.items()}
+                record = {"settings": settings, "metrics": metrics}
+                (folder / "results" / f"{divergence}_g{gamma:g}_s{seed}.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_preregistered_confirmation_reads_the_runs(tmp_path):
+    assert report.confirm_block(tmp_path / "absent").startswith("Not run yet: 0 of the 5")
+    held = report.confirm_block(_confirm_folder(tmp_path / "a", -0.05))
+    assert "**confirmed**" in held and "-> held at alpha 0.05" in held and "reward" in held
+    style_row = next(line for line in held.splitlines() if line.startswith("| 1 | style |"))
+    assert float(style_row.split("|")[3]) == pytest.approx(-0.05, abs=0.003) and "| 5/5 |" in style_row
+    unequal = report.confirm_block(_confirm_folder(tmp_path / "b", -0.05, reward_gap=0.05))
+    assert "**lower style, but not at equal reward**" in unequal and "not met" in unequal
+    null = report.confirm_block(_confirm_folder(tmp_path / "c", 0.05))
+    assert "**not confirmed**" in null and "not tested" in null
+    partial = report.confirm_block(_confirm_folder(tmp_path / "d", -0.05, seeds=(5, 6)))
+    assert partial.startswith("Not run yet: 2 of the 5")
+
+
+# ---------------------------------------------------------------- committed results against today's code
+
+
+def test_fingerprint_differences_known_answers():
+    from fdpo_study import fingerprint
+
+    recorded = {"sizes": {"pairs": 2}, "runs": [], "models": {"js": {"reward": 0.5, "style": 0.25}}}
+    same = {**recorded, "models": {"js": {"reward": 0.5 * (1 + 1e-7), "style": 0.25}}}
+    assert fingerprint.differences(recorded, same) == []
+    moved = {**recorded, "models": {"js": {"reward": 0.5001, "style": 0.25}}}
+    assert fingerprint.differences(recorded, moved) == ["js reward: 0.5 -> 0.5001"]
+    assert fingerprint.differences(recorded, {**recorded, "sizes": {"pairs": 3}})[0].startswith("sizes")
+
+
+def test_committed_results_match_the_code():
+    """results/study/ was made by today's code: the study's pipeline at the main settings, shrunk to ~20 s, still
+    gives the numbers committed beside the results (fdpo_study/fingerprint.py); else the message says what to run."""
+    from fdpo_study import fingerprint
+
+    moved = fingerprint.check()
+    assert not moved, f"{fingerprint.REGENERATE}. Moved:\n" + "\n".join(moved)
 
 
 # ---------------------------------------------------------------- where the study lives

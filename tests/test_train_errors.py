@@ -588,3 +588,274 @@ def test_a_killed_writers_folder_is_removed_by_the_next_writer(tmp_path):
     with atomic_folder(out):
         pass
     assert not leftover.exists() and out.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One writer per output folder: a live run's folder is refused, a dead run's folder is taken over.
+
+_LOCK_HOLDER = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("trainio", sys.argv[1])
+trainio = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(trainio)
+trainio.WriterLock(sys.argv[2], "train").acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s writer lock (as a live ``train`` into it does) until killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(ROOT / "fdiv_kernels" / "train" / "io.py"), str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _kill(holder: subprocess.Popen) -> None:
+    holder.kill()  # kill -9: no cleanup runs, its pid file stays behind
+    holder.wait(timeout=60)
+    holder.stdout.close()
+
+
+def test_a_second_run_on_a_live_folder_is_refused_before_anything_is_written(
+    run_with_checkpoints, assets, tmp_path, capsys
+):
+    # The issue's case: a live run before its first checkpoint (train_config.json and log.jsonl only); a second
+    # run there used to delete the log ("starting it over there") and both appended to it.
+    out = _copy_run(run_with_checkpoints, tmp_path, drop=("unet", "checkpoint-1", "checkpoint-2"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    holder = _hold_lock(out)
+    try:
+        for extra in ((), ("--resume", "latest")):
+            line = cli_error(train_argv(assets, out, "--learning-rate", "1e-3", *extra), capsys)
+            assert f"{out} is in use: another process (pid {holder.pid}, train) is writing to it" in line, line
+            assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".writer.pid"} == before
+    finally:
+        _kill(holder)
+
+
+def test_train_holds_its_folder_until_it_ends(assets, tmp_path, monkeypatch):
+    from fdiv_kernels.train import loop
+    from fdiv_kernels.train.io import FolderInUseError, WriterLock
+
+    out, seen = tmp_path / "run", []
+    real_save = loop._save_unet
+
+    def save_and_try_a_second_writer(accelerator, unet, output):
+        with pytest.raises(FolderInUseError, match=rf"another process \(pid {os.getpid()}, train\)"):
+            WriterLock(output, "train").acquire()
+        seen.append(output)
+        real_save(accelerator, unet, output)
+
+    monkeypatch.setattr(loop, "_save_unet", save_and_try_a_second_writer)
+    train(config(assets, out, max_steps=1))  # a new folder: locked once made
+    assert seen == [out]
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "train_config.json", "unet"]  # pid file gone
+    with WriterLock(out, "train"):  # released
+        pass
+
+
+def test_the_folder_of_a_killed_run_is_recognised_and_resumed(run_with_checkpoints, assets, tmp_path, capsys):
+    out = _copy_run(run_with_checkpoints, tmp_path)
+    _kill(holder := _hold_lock(out))
+    assert (out / ".writer.pid").read_text().startswith(f"{holder.pid} ")  # a stale lock: the pid of a dead run
+    result = train(config(assets, out, max_steps=3, resume="latest"))
+    assert [r["step"] for r in result.records] == [3] and [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert f"was left by a writer that is no longer running (pid {holder.pid}, train)" in capsys.readouterr().out
+    assert not (out / ".writer.pid").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A full disk: one line naming the file that could not be written and the checkpoint to continue from.
+
+_NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def _full_disk(monkeypatch, where: str, output: Path) -> None:
+    """Make the writes of ``where`` fail as on a full disk (what safetensors and Python raise then)."""
+    from safetensors import SafetensorError
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError(_NO_SPACE)
+
+    if where == "checkpoint-2":  # accelerate's save_state writes the model with its own safetensors import
+        import accelerate.utils.other
+
+        real = accelerate.utils.other.safe_save_file
+        monkeypatch.setattr(
+            accelerate.utils.other,
+            "safe_save_file",
+            lambda obj, f, **kw: no_space() if ".checkpoint-2.tmp" in str(f) else real(obj, f, **kw),
+        )
+    elif where == "unet":  # diffusers' save_pretrained
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    else:  # the log, appended to at every logged step
+        real_open = Path.open
+
+        def open_(self, mode="r", *args, **kwargs):
+            if self == output / "log.jsonl" and mode == "a":
+                raise OSError(28, "No space left on device")
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", open_)
+
+
+@pytest.mark.parametrize(
+    "where, flags, message, next_step",
+    [
+        (
+            "checkpoint-2",
+            ["--checkpoint-every", "1"],
+            r"no space left on device \(SafetensorError: Error while serializing: IoError",
+            "the last good checkpoint is {out}/checkpoint-1: once there is space, continue with --resume latest",
+        ),
+        (
+            "unet",
+            ["--checkpoint-every", "2"],
+            r"no space left on device \(SafetensorError",
+            "the last good checkpoint is {out}/checkpoint-2: once there is space, continue with --resume latest",
+        ),
+        (
+            "log.jsonl",
+            [],
+            r"no space left on device \(OSError: \[Errno 28\] No space left on device\)",
+            "no checkpoint of this run was written: once there is space, run it again (it starts over)",
+        ),
+    ],
+)
+def test_a_full_disk_is_reported_with_the_checkpoint_to_continue_from(
+    assets, tmp_path, capsys, monkeypatch, where, flags, message, next_step
+):
+    out = tmp_path / "run"
+    _full_disk(monkeypatch, where, out)
+    line = cli_error(train_argv(assets, out, "--learning-rate", "1e-3", *flags), capsys)
+    assert line.startswith(f"fdpo-train train: error: could not write {out / where}: "), line
+    assert re.search(message, line) and line.rstrip().endswith(next_step.format(out=out)), line
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written folder, lock released
+    if where == "checkpoint-2":  # space again: the run continues from checkpoint-1, as it says
+        monkeypatch.undo()
+        train(config(assets, out, max_steps=2, checkpoint_every=1, resume="latest"))
+        assert [r["step"] for r in read_log(out)] == [1, 2] and (out / "unet").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad --config files and bad tables: one line naming the file, key or line.
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("run.yaml", b"pipeline: null\n", r"--config {path}: pipeline \(flag --pipeline\) needs a value; got null"),
+        ("run.json", b'{"max_steps": null}', r"--config {path}: max_steps \(flag --max-steps\) needs a value"),
+        ("run.yaml", "max_steps: 2 # \u00e9tapes\n".encode("latin-1"), r"--config {path} is not UTF-8 text \(byte"),
+    ],
+)
+def test_bad_config_files_are_named(assets, tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = tmp_path / "run"
+    argv = [a for a in train_argv(assets, out) if a not in ("--pipeline", str(assets["pipeline"]))]
+    line = cli_error([*argv, "--config", str(path)], capsys)
+    assert re.search(message.format(path=re.escape(str(path))), line), line
+    assert not out.exists()
+
+
+def test_a_jsonl_table_holding_a_json_array_is_named(assets, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", pairs=2)
+    rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines()]
+    (data / "pairs.jsonl").write_text(json.dumps(rows) + "\n")
+    out = tmp_path / "run"
+    argv = train_argv(assets, out)
+    argv[argv.index("--dataset") + 1] = str(data)
+    line = cli_error(argv, capsys)
+    assert f"{data / 'pairs.jsonl'} line 1 holds an array, not a row: a .jsonl table is one JSON object" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["datasets", "memory"])
+def test_an_empty_parquet_table_is_called_empty(assets, tmp_path, capsys, backend):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    no_rows, no_bytes = tmp_path / "no_rows", tmp_path / "no_bytes"
+    no_rows.mkdir()
+    no_bytes.mkdir()
+    columns = {"caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(), "label_0": pa.float64()}
+    pq.write_table(pa.table({k: pa.array([], t) for k, t in columns.items()}), no_rows / "pairs.parquet")
+    (no_bytes / "pairs.parquet").write_bytes(b"")
+    out = tmp_path / "run"
+    for data, message in (
+        (no_rows, f"{no_rows}: no preference pairs (the table has no rows)"),
+        (no_bytes, f"{no_bytes / 'pairs.parquet'} is empty (0 bytes): no parquet table in it"),
+    ):
+        argv = train_argv(assets, out, "--data-backend", backend)
+        argv[argv.index("--dataset") + 1] = str(data)
+        assert message in cli_error(argv, capsys)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study's reports on damaged JSON: the file named, not a bare JSONDecodeError, KeyError or TypeError.
+
+
+def _cut(path: Path) -> None:
+    path.write_text(path.read_text()[:50])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: _cut(r / "study.json"), r"study\.json is not valid JSON, damaged or cut short \(Expecting"),
+        (lambda r: (r / "seed1.json").write_text("[]"), r"seed1\.json: expected a JSON object, got list"),
+        (lambda r: (r / "study.json").write_text("{}"), r"study\.json: not the layout expected.*KeyError"),
+        (
+            lambda r: (r / "frontier" / "frontier.json").write_text('{"rows": 5, "frontiers": 1}'),
+            r"frontier/frontier\.json(, .*)?: not the layout expected, a field is missing or of the wrong type",
+        ),
+        (
+            lambda r: (r / "frontier_pilot.jsonl").write_text('{"div": "js"}\n{"div": '),
+            r"frontier_pilot\.jsonl line 2 is not valid JSON",
+        ),
+    ],
+)
+def test_study_report_names_the_damaged_file(tmp_path, capsys, damage, message):
+    results = tmp_path / "study"
+    shutil.copytree(ROOT / "results" / "study", results, ignore=shutil.ignore_patterns("*.png"))
+    damage(results)
+    line = cli_error(["study-report", "--results", str(results), "--check"], capsys, study_main)
+    assert re.search(message, line) and str(results) in line, line
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: _cut(f / "results" / "js_g100_s4.json"), r"js_g100_s4\.json is not valid JSON, damaged or cut"),
+        (lambda f: (f / "results" / "base_s0.json").write_text("[1]"), r"base_s0\.json: expected a JSON object"),
+        (
+            lambda f: (f / "results" / "js_g1_s2.json").write_text(
+                json.dumps({**json.loads((f / "results" / "js_g1_s2.json").read_text()), "final_train": None})
+            ),
+            r"js_g1_s2\.json: not the layout expected.*TypeError",
+        ),
+        (
+            lambda f: (f / "results" / "reverse_kl_g3_s1.json").write_text(
+                json.dumps({**json.loads((f / "results" / "reverse_kl_g3_s1.json").read_text()), "metrics": []})
+            ),
+            r"reverse_kl_g3_s1\.json: not the layout expected.*AttributeError",
+        ),
+    ],
+)
+def test_frontier_report_only_names_the_damaged_file(tmp_path, capsys, damage, message):
+    folder = tmp_path / "frontier"
+    shutil.copytree(ROOT / "results" / "study" / "frontier", folder, ignore=shutil.ignore_patterns("*.png"))
+    damage(folder)
+    line = cli_error(
+        ["study", "--frontier", "--report-only", "--no-progress", "--output", str(folder)], capsys, study_main
+    )
+    assert re.search(message, line) and str(folder / "results") in line, line

@@ -64,6 +64,11 @@ def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torc
     if params.loss_type == 2:  # ipo
         gap = z - params.ipo_margin
         return gap * gap, 2 * gap
+    if params.loss_type == 3:  # dmpo: KL(p || q) in z; d/dz = p (1 - p) (z - logit q)
+        p, p_loser = torch.sigmoid(z), torch.sigmoid(-z)
+        log_q, log_1mq = params.dmpo_log_q, params.dmpo_log_1mq
+        loss = _mul0(p, -softplus(-z) - log_q) + _mul0(p_loser, -softplus(z) - log_1mq)
+        return loss, _mul0(p * p_loser, z - (log_q - log_1mq))
     eps = params.label_smoothing
     loss = (1 - eps) * softplus(-z)
     g = -(1 - eps) * torch.sigmoid(-z)

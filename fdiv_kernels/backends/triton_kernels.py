@@ -40,13 +40,16 @@ _ERR_MEAN = tl.constexpr(0)  # ErrReduction ids (csrc/fdpo_math.h)
 _ERR_SUM = tl.constexpr(1)
 _HINGE = tl.constexpr(1)  # LossType ids (csrc/fdpo_math.h); sigmoid is 0
 _IPO = tl.constexpr(2)
+_DMPO = tl.constexpr(3)
 
-# Launch shapes. GPU: 8 contiguous elements per thread (16-byte accesses for fp16/bf16), at least
-# _WAVES programs per SM so that few long rows still fill the machine. Interpreter: every program instance
-# costs ~1 ms of Python, so at most 2 chunks per row (still exercising the chunked path and the tail masks).
+# Launch shapes. GPU: 8 contiguous elements per thread (16-byte accesses for fp16/bf16), grids of _WAVES waves of
+# the kernel's resident programs (_resident_programs) so that few long rows still fill the machine. Interpreter:
+# every program instance costs ~1 ms of Python, so at most 2 chunks per row (still exercising the chunked path and
+# the tail masks).
 _FWD_BLOCK, _FWD_WARPS = 1024, 4
 _BWD_BLOCK, _BWD_WARPS = 2048, 8
-_WAVES = 4
+_WAVES = 4  # waves of resident programs a grid is cut into (several short ones, not one long one)
+_FOLD = tl.constexpr(8)  # forward: elements a thread sums before they meet the accumulators (_FWD_BLOCK / 32 / warps)
 _CPU_BLOCK, _CPU_MAX_CHUNKS = 256, 2
 _HEAD_MAX_BLOCK, _HEAD_TILE = 256, 2048  # head: pairs per step, and pairs * chunks per partials tile
 _MAX_ROW_LEN = 2**31 - 1 - max(_FWD_BLOCK, _BWD_BLOCK)
@@ -190,6 +193,12 @@ def _pair_rows(pair, num_pairs, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def _fold(x, BLOCK: tl.constexpr):
+    """[BLOCK] -> [BLOCK // _FOLD]: sums of _FOLD neighbours (in order), inside a thread on the GPU."""
+    return tl.sum(tl.reshape(x, [BLOCK // _FOLD, _FOLD]), axis=1)
+
+
+@triton.jit
 def _partials_kernel(
     pred_ptr,
     ref_ptr,
@@ -228,14 +237,18 @@ def _partials_kernel(
         mw_off = w_off
         ml_off = l_off
 
-    s_w = tl.zeros([BLOCK], tl.float32)
-    s_l = tl.zeros([BLOCK], tl.float32)
-    r_w = tl.zeros([BLOCK], tl.float32)
-    r_l = tl.zeros([BLOCK], tl.float32)
-    q_w = tl.zeros([BLOCK], tl.float32)
-    q_l = tl.zeros([BLOCK], tl.float32)
-    m_w = tl.zeros([BLOCK], tl.float32)
-    m_l = tl.zeros([BLOCK], tl.float32)
+    # Accumulators of [BLOCK // _FOLD]: each step's [BLOCK] terms are first summed over the _FOLD elements a thread
+    # holds, so a statistic costs a thread 1 register, not 8 (sm_90 bf16: 72 -> 40 registers, 7 -> 12 resident
+    # programs per SM, benchmarks/static_gate.py), and more warps keep loads in flight.
+    ACC: tl.constexpr = BLOCK // _FOLD
+    s_w = tl.zeros([ACC], tl.float32)
+    s_l = tl.zeros([ACC], tl.float32)
+    r_w = tl.zeros([ACC], tl.float32)
+    r_l = tl.zeros([ACC], tl.float32)
+    q_w = tl.zeros([ACC], tl.float32)
+    q_l = tl.zeros([ACC], tl.float32)
+    m_w = tl.zeros([ACC], tl.float32)
+    m_l = tl.zeros([ACC], tl.float32)
     chunk_start = chunk * chunk_len
     # The last chunk stops at the row's end: no empty steps, and cols stays under row_len + BLOCK.
     for step in range(0, tl.minimum(chunk_len, row_len - chunk_start), BLOCK):
@@ -257,24 +270,24 @@ def _partials_kernel(
                 k_l = k_w
             else:
                 k_l = tl.load(mask_ptr + ml_off + cols, mask=valid, other=0.0).to(tl.float32)
-            m_w += k_w
-            m_l += k_l
+            m_w += _fold(k_w, BLOCK)
+            m_l += _fold(k_l, BLOCK)
         else:
             k_w = 1.0
             k_l = 1.0
-        s_w += k_w * e_w * e_w
-        s_l += k_l * e_l * e_l
+        s_w += _fold(k_w * e_w * e_w, BLOCK)
+        s_l += _fold(k_l * e_l * e_l, BLOCK)
         if HAS_REF:
             ref_w = tl.load(ref_ptr + w_off + cols, mask=valid, other=0.0).to(tl.float32)
             ref_l = tl.load(ref_ptr + l_off + cols, mask=valid, other=0.0).to(tl.float32)
             f_w = ref_w - t_w
             f_l = ref_l - t_l
-            r_w += k_w * f_w * f_w
-            r_l += k_l * f_l * f_l
+            r_w += _fold(k_w * f_w * f_w, BLOCK)
+            r_l += _fold(k_l * f_l * f_l, BLOCK)
             # e_ref - e summed directly as (ref - pred) * (ref + pred - 2 target) (spec §2): ref - pred is exact
             # when the two are close, where (ref - t) - (pred - t) would cancel the rounding of both.
-            q_w += k_w * (ref_w - p_w) * (f_w + e_w)
-            q_l += k_l * (ref_l - p_l) * (f_l + e_l)
+            q_w += _fold(k_w * (ref_w - p_w) * (f_w + e_w), BLOCK)
+            q_l += _fold(k_l * (ref_l - p_l) * (f_l + e_l), BLOCK)
 
     stat_stride = rows * num_chunks
     w_base = ws_ptr + w_row * num_chunks + chunk
@@ -372,6 +385,8 @@ def _head_kernel(
     SMOOTHING: tl.constexpr,
     LOSS_TYPE: tl.constexpr,
     ipo_margin,
+    dmpo_log_q,
+    dmpo_log_1mq,
     INTERLEAVED: tl.constexpr,
     STRICT_TIES: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -414,6 +429,11 @@ def _head_kernel(
         elif LOSS_TYPE == _IPO:
             loss = (z - ipo_margin) * (z - ipo_margin)
             g = 2.0 * (z - ipo_margin)
+        elif LOSS_TYPE == _DMPO:  # KL(p || q) in z, as fdpo_pair_head: 1 - p = sigmoid(-z), d/dz = p(1-p)(z - logit q)
+            p_win = _sigmoid(z)
+            p_lose = _sigmoid(-z)
+            loss = _mul0(p_win, -_softplus(-z) - dmpo_log_q) + _mul0(p_lose, -_softplus(z) - dmpo_log_1mq)
+            g = _mul0(p_win * p_lose, z - (dmpo_log_q - dmpo_log_1mq))
         else:
             # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
             loss = (1.0 - label_smoothing) * _softplus(-z)
@@ -524,14 +544,52 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split_rows(device: torch.device, row_len: int, programs_per_chunk: int, block: int) -> tuple[int, int, int]:
+# Resident programs per SM of a compiled kernel variant, by (kernel, device, argument specialization, constexprs).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_programs(kernel, device: torch.device, args: tuple, kwargs: dict) -> int:
+    """Programs of ``kernel`` resident per SM on a CUDA ``device`` for these launch arguments: the CUDA occupancy
+    rule on the compiled kernel's registers, warps and shared memory (sm_90 bf16 forward: 40 registers x 4 warps
+    -> 12; backward 30 x 8 -> 8). Compiles the variant ahead of its launch (Triton's warmup, then cached)."""
+    spec = tuple(
+        a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1) if isinstance(a, int) else a for a in args
+    )
+    key = (
+        kernel.fn.__name__ if hasattr(kernel, "fn") else id(kernel),
+        device.index,
+        spec,
+        tuple(sorted(kwargs.items())),
+    )
+    n = _RESIDENT.get(key)
+    if n is None:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        if compiled is None:  # a cache hook or async compile deferred it: the grid of one program per SM and wave
+            return 1
+        compiled._init_handles()  # loads the module on the device: fills n_regs
+        props = torch.cuda.get_device_properties(device)
+        warps = compiled.metadata.num_warps
+        regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+        by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs_per_warp // warps
+        smem = compiled.metadata.shared
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // smem if smem else by_warps
+        n = max(1, min(by_warps, by_regs, by_smem, 32))
+        _RESIDENT[key] = n
+    return n
+
+
+def _split_rows(
+    device: torch.device, row_len: int, programs_per_chunk: int, block: int, per_sm: int = 1
+) -> tuple[int, int, int]:
     """(block, chunk_len, num_chunks): each row of ``row_len`` split in chunks, a multiple of ``block`` each.
 
-    On CUDA, enough chunks that programs_per_chunk * num_chunks >= _WAVES * SMs; in the interpreter at most
-    _CPU_MAX_CHUNKS. Chunk lengths are multiples of the block, so no program straddles two chunks.
+    On CUDA, enough chunks for _WAVES waves of ``per_sm`` resident programs on every SM (programs_per_chunk *
+    num_chunks >= _WAVES * per_sm * SMs), where rows are long enough; in the interpreter at most _CPU_MAX_CHUNKS.
+    Chunk lengths are multiples of the block, so no program straddles two chunks.
     """
     if device.type == "cuda":
-        wanted = triton.cdiv(_WAVES * _sm_count(device.index), programs_per_chunk)
+        wanted = triton.cdiv(_WAVES * per_sm * _sm_count(device.index), programs_per_chunk)
     else:
         block, wanted = _CPU_BLOCK, _CPU_MAX_CHUNKS
     num_chunks = min(wanted, triton.cdiv(row_len, block))
@@ -559,9 +617,35 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     _check_row_length(row_len)
     f32 = dict(dtype=torch.float32, device=device)
     loss, logits, sample_stats, summary, grad_coef = empty_forward_outputs(model_pred, params.reduction)
-    block, chunk_len, num_chunks = _split_rows(device, row_len, num_pairs, _FWD_BLOCK)
-    workspace = torch.empty(4, rows, num_chunks, **f32)
     has_ref, has_mask = ref_pred is not None, mask is not None
+    per_sm = 1
+    if device.type == "cuda":  # the partials kernel's occupancy for this variant sizes its grid
+        with _device_context(device):
+            per_sm = _resident_programs(
+                _partials_kernel,
+                device,
+                (
+                    model_pred,
+                    ref_pred if has_ref else model_pred,
+                    target,
+                    mask if has_mask else model_pred,
+                    torch.float32,
+                    num_pairs,
+                    row_len,
+                    _FWD_BLOCK,
+                ),  # fmt: skip
+                dict(
+                    HAS_REF=has_ref,
+                    HAS_MASK=has_mask,
+                    SHARED_TARGET=target.shape[0] != rows,
+                    SHARED_MASK=has_mask and mask.shape[0] != rows,
+                    INTERLEAVED=params.interleaved,
+                    BLOCK=_FWD_BLOCK,
+                    num_warps=_FWD_WARPS,
+                ),  # fmt: skip
+            )
+    block, chunk_len, num_chunks = _split_rows(device, row_len, num_pairs, _FWD_BLOCK, per_sm)
+    workspace = torch.empty(4, rows, num_chunks, **f32)
     block_pairs = min(triton.next_power_of_2(num_pairs), _HEAD_MAX_BLOCK)
     # Absent optional tensors: any valid pointer; the constexpr flags keep the kernels from reading it.
     with _device_context(device):
@@ -609,6 +693,8 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
             SMOOTHING=params.label_smoothing > 0,
             LOSS_TYPE=params.loss_type,
             ipo_margin=float(params.ipo_margin),
+            dmpo_log_q=float(params.dmpo_log_q),
+            dmpo_log_1mq=float(params.dmpo_log_1mq),
             INTERLEAVED=params.interleaved,
             STRICT_TIES=params.strict_ties,
             BLOCK_B=block_pairs,
@@ -625,8 +711,35 @@ def backward(grad_loss, model_pred, target, mask, grad_coef, interleaved: bool):
     device = model_pred.device
     _check_row_length(row_len)
     grad = torch.empty_like(model_pred)
-    block, chunk_len, num_chunks = _split_rows(device, row_len, rows, _BWD_BLOCK)
     has_mask = mask is not None
+    per_sm = 1
+    if device.type == "cuda":  # the backward kernel's occupancy for this variant sizes its grid
+        with _device_context(device):
+            per_sm = _resident_programs(
+                _backward_kernel,
+                device,
+                (
+                    grad,
+                    torch.float32,
+                    model_pred,
+                    target,
+                    mask if has_mask else model_pred,
+                    grad_coef,
+                    num_pairs,
+                    row_len,
+                    _BWD_BLOCK,
+                ),  # fmt: skip
+                dict(
+                    PER_PAIR_GRAD=grad_loss.dim() == 1,
+                    HAS_MASK=has_mask,
+                    SHARED_TARGET=target.shape[0] != rows,
+                    SHARED_MASK=has_mask and mask.shape[0] != rows,
+                    INTERLEAVED=interleaved,
+                    BLOCK=_BWD_BLOCK,
+                    num_warps=_BWD_WARPS,
+                ),  # fmt: skip
+            )
+    block, chunk_len, num_chunks = _split_rows(device, row_len, rows, _BWD_BLOCK, per_sm)
     with _device_context(device):
         _backward_kernel[(rows, num_chunks)](
             grad,

@@ -13,8 +13,9 @@ import threading
 from pathlib import Path
 
 from .. import DIVERGENCES
+from .io import OutputWriteError
 
-_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
+_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError, OutputWriteError)
 # Moved to the study's own CLI; named here so that the old spelling says where they went.
 STUDY_COMMANDS = ("pretrain", "make-pairs", "study", "study-report")
 

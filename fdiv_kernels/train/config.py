@@ -21,7 +21,12 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ValueError(f"--config {path} cannot be read ({err.strerror or err})") from None
     if path.suffix == ".json":
         try:
             values = json.loads(text)
@@ -56,6 +61,8 @@ def _convert(action: argparse.Action, key: str, value, path: Path):
             raise ValueError(f"--config {path}: {key} (flag {flag}) must be true or false; got {value!r}")
         return value
     if value is None:
+        if action.required or action.default is not None:  # null is "the default" only where that is None
+            raise ValueError(f"--config {path}: {key} (flag {flag}) needs a value; got null")
         return None
     kind = action.type or str
     accepted = {int: (int,), float: (int, float)}.get(kind, (str,))

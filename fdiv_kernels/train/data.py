@@ -55,20 +55,40 @@ def _read_jsonl(file: Path) -> dict[str, list]:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DatasetError(f"{file} line {number} is not valid JSON ({err})") from err
+                if not isinstance(row, dict):
+                    kind = "an array" if isinstance(row, list) else f"a {type(row).__name__}"
+                    raise DatasetError(
+                        f"{file} line {number} holds {kind}, not a row: a .jsonl table is one JSON object per "
+                        f"line, with the columns {list(COLUMNS)}"
+                    )
+                rows.append(row)
     missing = [c for c in COLUMNS if not rows or any(c not in row for row in rows)]
     if missing:
         raise DatasetError(_missing_message(file, missing, sorted({k for row in rows for k in row})))
     return {c: [row[c] for row in rows] for c in COLUMNS}
 
 
-def _read_parquet(file: Path) -> dict[str, list]:
+def parquet_schema(file: Path) -> pa.Schema:
+    """A parquet table's schema (both readers); an empty or unreadable file fails here, naming it."""
+    if file.stat().st_size == 0:
+        raise DatasetError(f"{file} is empty (0 bytes): no parquet table in it")
     try:
-        names = pq.read_schema(file).names
+        return pq.read_schema(file)
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(f"{file} is not a readable parquet file ({err})") from err
+
+
+def no_pairs_error(path, dropped_ties: int) -> DatasetError:
+    """The error of a dataset without a pair to train on (both readers)."""
+    why = f"its {dropped_ties} rows are all ties, which are dropped" if dropped_ties else "the table has no rows"
+    return DatasetError(f"{path}: no preference pairs ({why})")
+
+
+def _read_parquet(file: Path) -> dict[str, list]:
+    names = parquet_schema(file).names
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise DatasetError(_missing_message(file, missing, names))
@@ -118,7 +138,7 @@ class PreferenceDataset(Dataset):
             self._add_rows(file, _read_jsonl(file) if file.suffix == ".jsonl" else _read_parquet(file))
         self.table_digest = self._table_digest.hexdigest()
         if not self.rows:
-            raise DatasetError(f"{path}: no preference pairs (after dropping {self.dropped_ties} ties)")
+            raise no_pairs_error(path, self.dropped_ties)
         if check_images:
             for _, winner, loser, where in self.rows:
                 for ref in (winner, loser):

@@ -32,7 +32,16 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from .data import COLUMNS, DatasetError, PreferenceDataset, _missing_message, check_row, table_files
+from .data import (
+    COLUMNS,
+    DatasetError,
+    PreferenceDataset,
+    _missing_message,
+    check_row,
+    no_pairs_error,
+    parquet_schema,
+    table_files,
+)
 
 BACKENDS = ("auto", "memory", "datasets")
 AUTO_BYTES = 64 << 20  # parquet tables above this size (all shards together) go through datasets under "auto"
@@ -203,20 +212,19 @@ class ArrowPreferenceDataset(PreferenceDataset):
         self.table_digest = digest.hexdigest()
         self.rows = _Rows(self)
         if not len(self.rows):
-            raise DatasetError(f"{path}: no preference pairs (after dropping {self.dropped_ties} ties)")
+            raise no_pairs_error(path, self.dropped_ties)
 
     @staticmethod
     def _load(datasets, kind: str, file: Path, cache_dir) -> pa.Table:
         """The file's four columns as a memory-mapped Arrow table (parquet: through datasets' cache)."""
         if kind == "parquet":
-            try:
-                schema = pq.read_schema(file)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise DatasetError(f"{file} is not a readable parquet file ({err})") from err
+            schema = parquet_schema(file)
             missing = [c for c in COLUMNS if c not in schema.names]
             if missing:
                 raise DatasetError(_missing_message(file, missing, schema.names))
             _check_types(file, schema)
+            if pq.ParquetFile(file).metadata.num_rows == 0:  # datasets cannot convert it; no rows, nothing to map
+                return pq.read_table(file, columns=list(COLUMNS))
         try:
             if kind == "parquet":
                 # No pre-buffering: the conversion holds a row group at a time, not the whole shard's bytes.

@@ -20,7 +20,7 @@ import numbers
 import os
 import re
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -47,6 +47,9 @@ from .fsdp import (
     unsharded_copy,
 )
 from .io import (
+    WRITER_FILE,
+    OutputWriteError,
+    WriterLock,
     atomic_folder,
     file_sha256,
     folder_sha256,
@@ -55,6 +58,7 @@ from .io import (
     unlock_folder,
     verify_checksums,
     write_checksums,
+    write_failure,
     write_text_atomic,
 )
 from .lora import adapters_disabled, add_lora, check_lora_flags, has_lora, save_lora
@@ -556,8 +560,10 @@ def _check_fresh_output(output: Path) -> None:
     """A new run's folder: new, empty, or the folder of a run that stopped before its first checkpoint."""
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"--output {output} is a file; a run writes a folder there: choose another path")
-    # A killed writer's temporary files and folders (removed when the run starts) do not count.
-    if not output.exists() or all(re.fullmatch(r"\..+\.tmp(-.*)?", p.name) for p in output.iterdir()):
+    # A killed writer's temporary files and folders (removed when the run starts) and pid file do not count.
+    if not output.exists() or all(
+        re.fullmatch(r"\..+\.tmp(-.*)?", p.name) or p.name == WRITER_FILE for p in output.iterdir()
+    ):
         return
     if _checkpoints(output):
         names = ", ".join(p.name for p in _checkpoints(output))
@@ -566,7 +572,7 @@ def _check_fresh_output(output: Path) -> None:
             "to continue it, or choose another output folder"
         )
     if not (output / "train_config.json").is_file():
-        names = sorted(p.name for p in output.iterdir())
+        names = sorted(p.name for p in output.iterdir() if p.name != WRITER_FILE)
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise FileExistsError(
             f"output folder {output} is not empty and holds no run of this trainer (it has {shown}); "
@@ -710,12 +716,17 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
         ) from err
 
 
-def _prepare_output(cfg: TrainConfig, accelerator: Accelerator, checkpoint: Path | None, step: int) -> None:
-    """The run folder, once every check passed (main process): a killed run's leftovers removed, ``log.jsonl``
-    cut back to the checkpoint's step on resume, or dropped when a run that stopped before its first checkpoint
-    starts over."""
+def _prepare_output(
+    cfg: TrainConfig, accelerator: Accelerator, checkpoint: Path | None, step: int, writer: WriterLock
+) -> None:
+    """The run folder, once every check passed (main process): locked (a new one), a killed run's leftovers
+    removed, ``log.jsonl`` cut back to the checkpoint's step on resume, or dropped when a run that stopped before
+    its first checkpoint starts over."""
     output = cfg.output
     output.mkdir(parents=True, exist_ok=True)
+    writer.acquire()
+    if writer.stale_writer:
+        accelerator.print(f"{output} was left by a writer that is no longer running ({writer.stale_writer})")
     remove_stale(output, ".*.tmp*")
     for leftover in output.glob(".*.tmp"):
         if leftover.is_file():
@@ -750,6 +761,28 @@ def _grad_weights_fn(cfg: TrainConfig, accelerator: Accelerator):
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Fine-tune ``cfg.pipeline``'s UNet with f-DPO on ``cfg.dataset``; writes ``cfg.output`` (see the docs)."""
+    # One writer per output folder, held by the main process from before the first check (a second run on a
+    # live folder is refused here, having read and written nothing) to the end; a new folder is locked once made.
+    writer = WriterLock(cfg.output, "train") if _main_process(cfg) else None
+    try:
+        if writer is not None:
+            writer.acquire(missing_ok=True)
+        return _train(cfg, writer)
+    finally:
+        if writer is not None:
+            writer.release()
+
+
+def _main_process(cfg: TrainConfig) -> bool:
+    """Whether this is the main process, before the Accelerator exists: from accelerate's process state, made
+    as the Accelerator makes it (with the same ``cpu``); the Accelerator then builds on it."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=cfg.cpu or parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
+
+
+def _train(cfg: TrainConfig, writer: WriterLock | None) -> TrainResult:
     setup = prepare_run(cfg)
     state = _run_state(cfg, setup)
     checkpoint, start_step = _resume_point(cfg, state)
@@ -799,11 +832,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         _load_checkpoint(accelerator, checkpoint)
     accelerator.wait_for_everyone()  # every process checked the output folder before the first one writes to it
     if accelerator.is_main_process:
-        _prepare_output(cfg, accelerator, checkpoint, start_step)
+        _prepare_output(cfg, accelerator, checkpoint, start_step, writer)
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         # On resume every flag recorded here took effect: the others were refused by _resume_point.
         run = {**state["config"], "num_processes": accelerator.num_processes, "distributed_backend": backend}
-        write_text_atomic(cfg.output / "train_config.json", json.dumps(run, indent=1, default=str))
+        with _writing(cfg.output / "train_config.json", cfg.output):
+            write_text_atomic(cfg.output / "train_config.json", json.dumps(run, indent=1, default=str))
     if cfg.report_to != "none":
         accelerator.init_trackers("fdpo", config=_tracker_config(run) if accelerator.is_main_process else None)
     grad_weights = _grad_weights_fn(cfg, accelerator)
@@ -882,7 +916,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             result.records.append(record)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_acc", "reward_margin")}, refresh=False)
             if accelerator.is_main_process:
-                with (cfg.output / "log.jsonl").open("a") as log:
+                with _writing(cfg.output / "log.jsonl", cfg.output), (cfg.output / "log.jsonl").open("a") as log:
                     log.write(json.dumps(record) + "\n")
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
@@ -913,23 +947,44 @@ def _save_checkpoint(accelerator: Accelerator, output: Path, step: int, state: d
             shutil.rmtree(tmp)
         tmp.mkdir()
         lock = lock_folder(tmp)  # a later run removes it only once this process is gone
-    try:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp, safe_serialization=True)
-        accelerator.wait_for_everyone()  # every process wrote its part (its RNG state) before the checksums
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
-            write_checksums(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        unlock_folder(lock)
+    with _writing(final, output):  # the half-written checkpoint is removed first
+        try:
+            accelerator.wait_for_everyone()
+            accelerator.save_state(tmp, safe_serialization=True)
+            accelerator.wait_for_everyone()  # every process wrote its part (its RNG state) before the checksums
+            if accelerator.is_main_process:
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1, default=str))
+                write_checksums(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except BaseException:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            unlock_folder(lock)
     accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _writing(what: Path, output: Path):
+    """A failed write of ``what`` (a full disk, above all) as one line naming it and the checkpoint to go on from;
+    other errors pass through."""
+    try:
+        yield
+    except Exception as err:
+        failure = write_failure(err)
+        if failure is None:
+            raise
+        found = _checkpoints(output)
+        once = "once there is space" if failure.startswith("no space") else "once it can be written"
+        next_step = (
+            f"the last good checkpoint is {found[-1]}: {once}, continue with --resume latest"
+            if found
+            else f"no checkpoint of this run was written: {once}, run it again (it starts over)"
+        )
+        raise OutputWriteError(f"could not write {what}: {failure}; {next_step}") from err
 
 
 def _reference(ref_unet, unet, accelerator: Accelerator):
@@ -944,7 +999,8 @@ def _save_unet(accelerator: Accelerator, unet, output: Path) -> None:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(unet)
         lora = has_lora(model)
-        with atomic_folder(output / ("lora" if lora else denoiser_name(model)), overwrite=True) as tmp:
+        final = output / ("lora" if lora else denoiser_name(model))
+        with _writing(final, output), atomic_folder(final, overwrite=True) as tmp:
             if lora:
                 save_lora(model, tmp, denoiser_name(model))
             else:
