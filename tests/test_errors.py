@@ -163,6 +163,7 @@ def _inputs(rows=4, shape=(3, 5, 7), dtype=torch.float32):
         ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 def test_bad_input_message(loss_fn, mutate, error, message):
     pred, ref, target = _inputs()
     args = dict(model_pred=pred, ref_pred=ref, target=target)
