@@ -416,11 +416,9 @@ def _head_kernel(
         e_l, eref_l, gap_l, inv_l = _row_errors(
             ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count, HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C
         )
+        half_beta_w = tl.cast(0.5 * beta, tl.float64)  # fp64: beta/2 * w may overflow fp32 where d does not
         if HAS_WEIGHT:
-            weight = tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0)
-        else:
-            weight = 1.0
-        half_beta_w = 0.5 * beta * weight.to(tl.float64)  # fp64: may overflow fp32 where d does not
+            half_beta_w = half_beta_w * tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0).to(tl.float64)
         d_w = (half_beta_w * gap_w.to(tl.float64)).to(tl.float32)
         d_l = (half_beta_w * gap_l.to(tl.float64)).to(tl.float32)
         if HAS_CLIP:
