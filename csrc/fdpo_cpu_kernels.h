@@ -448,10 +448,14 @@ void backward_typed(const BwdArgs& a) {
             mv[1] = SHARED_M ? mv[0] : load(mm[1] + i);
           }
           for (int h = 0; h < 2; ++h) {
-            // A row whose scale is 0 (saturated sigmoid, hinge past its margin) gets exact zeros: 0 * an infinite
-            // residual would be NaN (mul0 semantics, as every backend).
-            X g = zero_row[h] ? X{} : scale[h] * (load(pp[h] + i) - tv[h]);
-            if (MASK) g = g * mv[h];
+            // A row whose scale is 0 (saturated sigmoid, hinge past its margin, an empty or NaN mask's inv = 0) gets
+            // exact zeros: 0 * an infinite residual or a NaN mask entry would be NaN (mul0 semantics, as every
+            // backend).
+            X g = X{};
+            if (!zero_row[h]) {
+              g = scale[h] * (load(pp[h] + i) - tv[h]);
+              if (MASK) g = g * mv[h];
+            }
             store(gg[h] + i, g);
           }
         };

@@ -196,26 +196,38 @@ struct PairHead {
   T coef_w, coef_l;      // d(reduced loss)/d e * 2 * inv  (the backward's per-row coefficient)
 };
 
+// One row's backward coefficient g * (-+gamma slope) * (beta/2 * w * red * 2) * inv, the product formed in double:
+// beta/2 * w alone overflows float (pair_weight 1e35) where the coefficient does not. An infinite g (ipo's 2(z - m)
+// once z overflows) times a slope that underflowed at a finite log-ratio (so truly > 0) is infinite, as in the
+// reference; mul0's 0 stays for an exactly-0 factor (a saturated sigmoid g = 0 times an overflowed slope).
+template <typename T>
+FDPO_HD T row_coef(T g, T signed_gamma_slope, bool slope_positive, double outer, T inv) {
+  double gs = static_cast<double>(signed_gamma_slope);
+  if (gs == 0.0 && slope_positive && g == g && g - g != g - g) gs = fcopysign(1.0, gs);  // g = +-inf: keep the sign
+  return static_cast<T>(mul0(mul0(static_cast<double>(g), gs), outer * static_cast<double>(inv)));
+}
+
 // The per-pair head. diff_* = e_ref - e (already scaled by inv), inv_* = 1/D, 1/M or 1, w = pair weight.
 template <typename T>
 FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T inv_w, T inv_l, T w) {
   PairHead<T> h;
   const T alpha = static_cast<T>(p.alpha), gamma = static_cast<T>(p.gamma);
   const T clip = static_cast<T>(p.logratio_clip), eps = static_cast<T>(p.label_smoothing);
-  const T half_beta_w = T(0.5) * static_cast<T>(p.beta) * w;
+  // beta/2 * w in double: it may overflow float where d = beta/2 * w * (e_ref - e) does not (policy == reference).
+  const double half_beta_w = 0.5 * p.beta * static_cast<double>(w);
   T log_clip_w, log_clip_l;  // log of the clip's slope sech^2(d/c)
-  h.d_w = half_beta_w * diff_w;
-  h.d_l = half_beta_w * diff_l;
+  h.d_w = static_cast<T>(half_beta_w * static_cast<double>(diff_w));
+  h.d_l = static_cast<T>(half_beta_w * static_cast<double>(diff_l));
   soft_clip(clip, &h.d_w, &log_clip_w);
   soft_clip(clip, &h.d_l, &log_clip_l);
   h.reward_w = psi(p.divergence, alpha, h.d_w);
   h.reward_l = psi(p.divergence, alpha, h.d_l);
   const T z = gamma * psi_diff(p.divergence, alpha, h.d_w, h.d_l);
   h.logit = z;
-  T loss = T(0), g = T(0);  // g = d loss / d z
-  if (p.loss_type == kHinge) {
-    loss = z < T(1) ? T(1) - z : T(0);
-    g = z < T(1) ? T(-1) : T(0);
+  T loss = T(0), g = T(0);      // g = d loss / d z
+  if (p.loss_type == kHinge) {  // relu(1 - z); a NaN z gives a NaN loss and g = -1, as relu and its backward do
+    loss = z >= T(1) ? T(0) : T(1) - z;
+    g = z >= T(1) ? T(0) : T(-1);
   } else if (p.loss_type == kIPO) {
     const T gap = z - static_cast<T>(p.ipo_margin);
     loss = gap * gap;
@@ -238,12 +250,15 @@ FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T in
     }
   }
   h.loss = loss;
-  const T red = (p.reduction == kMean) ? T(1) / static_cast<T>(p.num_pairs) : T(1);
-  const T outer = half_beta_w * red * T(2);
+  const double red = (p.reduction == kMean) ? 1.0 / static_cast<double>(p.num_pairs) : 1.0;
+  const double outer = half_beta_w * red * 2.0;
   const T slope_w = scaled_psi_slope(p.divergence, alpha, h.d_w, log_clip_w);
   const T slope_l = scaled_psi_slope(p.divergence, alpha, h.d_l, log_clip_l);
-  h.coef_w = mul0(mul0(g, -gamma * slope_w), outer * inv_w);
-  h.coef_l = mul0(mul0(g, gamma * slope_l), outer * inv_l);
+  // The slope is > 0 wherever the log-ratio and the clip's log-slope are finite (x - x == 0).
+  const bool positive_w = h.d_w - h.d_w == T(0) && log_clip_w - log_clip_w == T(0);
+  const bool positive_l = h.d_l - h.d_l == T(0) && log_clip_l - log_clip_l == T(0);
+  h.coef_w = row_coef(g, -gamma * slope_w, positive_w, outer, inv_w);
+  h.coef_l = row_coef(g, gamma * slope_l, positive_l, outer, inv_l);
   return h;
 }
 

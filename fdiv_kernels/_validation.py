@@ -135,8 +135,11 @@ def _checked_config(
                 "(see docs/dropin.md for diffusers' --loss_type ipo)"
             )
         ipo_margin = 1.0 / (2.0 * _finite_float("ipo_tau", ipo_tau, positive=True))
-        if ipo_margin > _FLOAT32_MAX:
-            raise ValueError(f"ipo_tau={ipo_tau:g} gives a margin 1/(2 ipo_tau) beyond float32's range")
+        if ipo_margin * ipo_margin > _FLOAT32_MAX:  # the loss (z - margin)^2 would be +inf for every z
+            raise ValueError(
+                f"ipo_tau={ipo_tau:g} gives a margin 1/(2 ipo_tau) = {ipo_margin:g} whose square, the ipo loss, is "
+                f"beyond float32's range ({_FLOAT32_MAX:.4g}); pass ipo_tau >= {0.5 / _FLOAT32_MAX**0.5:.3g}"
+            )
     elif ipo_tau is not None:
         raise ValueError(f"ipo_tau is used by loss_type='ipo' only; got loss_type={loss_type!r}")
     else:
@@ -227,12 +230,41 @@ def _choice(name: str, value, choices) -> str:
     return value
 
 
+def _check_layout(name: str, t: torch.Tensor) -> None:
+    """A plain dense tensor: the kernels read strided memory, and their autograd.Function (hand-written backward)
+    cannot run under torch.func transforms."""
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass a dense one (e.g. {name}.to_padded_tensor(0.0) with a mask)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; pass a dense tensor ({name}.to_dense())")
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        raise TypeError(
+            f"{name} comes from a torch.func transform (grad, vmap, jacrev, ...), which the loss does not support "
+            "(its backward is hand-written); use loss.backward() or torch.autograd.grad"
+        )
+
+
+def _check_fits_float32(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    """A float64 [2B]/[B] vector beside a lower-precision model_pred is rounded to float32, in which the kernels
+    compute: a finite value beyond float32's range would become inf (and d NaN). Refused, naming it; this check
+    syncs with the device, and only in this mixed case."""
+    if t.dtype != torch.float64 or ref.dtype == torch.float64 or torch.compiler.is_compiling():
+        return
+    beyond = (t.abs() > _FLOAT32_MAX) & t.isfinite()
+    if bool(beyond.any()):
+        raise ValueError(
+            f"{name} holds {t[beyond][0].item():g}, beyond float32's range ({_FLOAT32_MAX:.4g}), in which the loss "
+            f"computes for {ref.dtype} model_pred; rescale it or pass a float64 model_pred"
+        )
+
+
 def _check_tensor(name: str, t, ref: torch.Tensor, *, elementwise: bool = True) -> None:
     """An input beside model_pred. Elementwise inputs (ref_pred, target, mask) may each have their own dtype
     (mixed precision: the kernels read each in its own dtype and compute in model_pred's accumulate dtype), but
     float64 only beside a float64 model_pred: the kernels would otherwise round it to float32."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    _check_layout(name, t)
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but model_pred is on {ref.device}; move it with .to({ref.device!s})")
     if not t.dtype.is_floating_point:
@@ -256,6 +288,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
     """Check the tensors of one call against each other and the config; returns the number of pairs B."""
     if not isinstance(model_pred, torch.Tensor):
         raise TypeError(f"model_pred must be a torch.Tensor; got {type(model_pred).__name__}")
+    _check_layout("model_pred", model_pred)
     if model_pred.dtype not in FLOAT_DTYPES:
         raise TypeError(f"model_pred must be float32, float16, bfloat16 or float64; got {model_pred.dtype}")
     if model_pred.dim() < 2:
@@ -274,6 +307,13 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
     sample_shape = model_pred.shape[1:]
     if model_pred.numel() == 0:
         raise ValueError(f"model_pred has no elements per sample: shape {tuple(model_pred.shape)}")
+    acc_tiny = torch.finfo(torch.float64 if model_pred.dtype == torch.float64 else torch.float32).tiny
+    if config.logratio_clip is not None and config.logratio_clip < acc_tiny:
+        # In the accumulate dtype such a clip is subnormal or 0, and 0 means "no clip": refused, not ignored.
+        raise ValueError(
+            f"logratio_clip={config.logratio_clip:g} is below the smallest normal number ({acc_tiny:.4g}) of the "
+            f"dtype the loss computes in for {model_pred.dtype} model_pred; pass a larger clip"
+        )
 
     if (ref_pred is None) == (ref_err is None):
         raise ValueError(
@@ -295,6 +335,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
                 f"ref_err must have shape [2B] = ({rows},), one error per sample in model_pred's row order "
                 f"({layout} layout: {order}); got {tuple(ref_err.shape)}"
             )
+        _check_fits_float32("ref_err", ref_err, model_pred)
 
     if target is None:
         raise ValueError(
@@ -319,6 +360,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
             raise ValueError(
                 f"pair_weight must have shape [B] = ({num_pairs},), one weight per pair; got {tuple(pair_weight.shape)}"
             )
+        _check_fits_float32("pair_weight", pair_weight, model_pred)
     return num_pairs
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,7 +80,7 @@ def get_divergence(divergence: str, alpha: float = 0.5) -> Divergence:
         )
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence={divergence!r}; expected one of {sorted(DIVERGENCES)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):  # NumPy's too
         raise TypeError(f"alpha must be a float in (0, 1); got {type(alpha).__name__}")
     alpha = float(alpha)
     if name == "alpha" and not (0.0 < alpha < 1.0):

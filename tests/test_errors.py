@@ -121,8 +121,49 @@ def _inputs(rows=4, shape=(3, 5, 7), dtype=torch.float32):
             ValueError,
             r"ref_pred is on meta but model_pred is on cpu",
         ),
+        # Issue 25: a clip that is 0 or subnormal in float32 was silently off on cpu (1e-46 rounds to 0).
+        (lambda a: a.update(logratio_clip=1e-46), ValueError, r"logratio_clip=1e-46 is below the smallest normal"),
+        (lambda a: a.update(logratio_clip=1e-40), ValueError, r"logratio_clip=1e-40 is below the smallest normal"),
+        # ipo_tau = 1e-30: margin 5e29, whose square (the loss) is +inf for every logit.
+        (
+            lambda a: a.update(loss_type="ipo", ipo_tau=1e-30),
+            ValueError,
+            r"ipo_tau=1e-30 gives a margin .* beyond float32's range",
+        ),
+        # float64 vectors beside a float32 model_pred are rounded to float32: beyond its range they would be inf.
+        (
+            lambda a: a.update(pair_weight=torch.tensor([1.0, 1e39], dtype=torch.float64)),
+            ValueError,
+            r"pair_weight holds 1e\+39, beyond float32's range",
+        ),
+        (
+            lambda a: a.update(ref_pred=None, ref_err=torch.tensor([1.0, 2.0, -3e39, 1.0], dtype=torch.float64)),
+            ValueError,
+            r"ref_err holds -3e\+39, beyond float32's range",
+        ),
+        (
+            lambda a: a.update(model_pred=a["model_pred"].to_sparse()),
+            TypeError,
+            r"model_pred has layout torch.sparse_coo; pass a dense tensor",
+        ),
+        (
+            lambda a: a.update(mask=torch.ones(4, 3, 5, 7).to_sparse()),
+            TypeError,
+            r"mask has layout torch.sparse_coo; pass a dense tensor",
+        ),
+        (
+            lambda a: a.update(model_pred=torch.nested.nested_tensor(list(a["model_pred"]))),
+            TypeError,
+            r"model_pred is a nested tensor; pass a dense one",
+        ),
+        (
+            lambda a: a.update(target=torch.nested.nested_tensor(list(a["target"]))),
+            TypeError,
+            r"target is a nested tensor; pass a dense one",
+        ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage:UserWarning")
 def test_bad_input_message(loss_fn, mutate, error, message):
     pred, ref, target = _inputs()
     args = dict(model_pred=pred, ref_pred=ref, target=target)
@@ -196,3 +237,35 @@ def test_every_default_passed_explicitly_is_the_default(loss_fn):
 
     pred, ref, target = _inputs()
     torch.testing.assert_close(loss_fn(pred, ref, target, **DEFAULTS), loss_fn(pred, ref, target), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+def test_torch_func_transforms_are_refused_naming_the_argument(loss_fn):
+    """torch.func.grad reached an internal autograd.Function error (issue 25); now a message naming model_pred."""
+    pred, ref, target = _inputs()
+    with pytest.raises(TypeError, match=r"model_pred comes from a torch.func transform \(grad, vmap"):
+        torch.func.grad(lambda p: loss_fn(p, ref, target))(pred)
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+@pytest.mark.parametrize(
+    "option, value, extra",
+    [
+        ("beta", 1234.5, {}),
+        ("alpha", 0.3, {"divergence": "alpha"}),
+        ("gamma", 1.7, {}),
+        ("label_smoothing", 0.1, {}),
+        ("logratio_clip", 2.5, {}),
+        ("ipo_tau", 0.2, {"loss_type": "ipo"}),
+        ("dmpo_alpha", 0.3, {"loss_type": "dmpo"}),
+    ],
+)
+def test_numpy_scalars_are_accepted_for_every_float_option(loss_fn, option, value, extra):
+    """alpha=np.float32(0.3) raised TypeError (issue 25): every float option takes NumPy scalars, with the result
+    of the same value as a Python float."""
+    np = pytest.importorskip("numpy")
+    pred, ref, target = _inputs()
+    for numpy_type in (np.float32, np.float64):
+        got = loss_fn(pred, ref, target, **{"beta": 50.0, **extra, option: numpy_type(value)})
+        want = loss_fn(pred, ref, target, **{"beta": 50.0, **extra, option: float(numpy_type(value))})
+        assert torch.equal(got, want), (option, numpy_type)

@@ -117,9 +117,15 @@ CASES = {
     "reduction_none": (dict(B=4), dict(reduction="none")),
     "reduction_none_B1": (dict(B=1), dict(reduction="none")),
     "strict_ties": ({}, dict(implicit_acc_ties="strict")),
+    "mean_all_shared_mask": (
+        dict(mask="shared", shared_target=True, err_reduction="mean_all"),
+        dict(err_reduction="mean_all"),
+    ),
+    "mean_all_no_mask": (dict(err_reduction="mean_all"), dict(err_reduction="mean_all")),
 }
 OPTION_DIVERGENCES = [("reverse_kl", 0.5), ("alpha", 0.3), ("js", 0.5)]
-# Triton (interpreter): each case once, in fp32, with one divergence (cycled); bf16 and fp16 on a few cases.
+# Triton (interpreter): each case once, in fp32, with one divergence (cycled); bf16 and fp16 on a few cases; the
+# mean_all cases with every divergence (issue 25: Triton's mean_all had 3 tests).
 _TRITON_HALF_CASES = {
     "shared_target": BF16,
     "mask_shared": F16,
@@ -131,6 +137,8 @@ _TRITON_HALF_CASES = {
 
 
 def _triton_option(dtype, case, div):
+    if "mean_all" in case:  # Triton's own count path (the row length, not the mask's sum): every divergence
+        return dtype == F32 or (case == "mask_mean_all" and dtype == BF16 and div == "js")
     cycled = OPTION_DIVERGENCES[list(CASES).index(case) % len(OPTION_DIVERGENCES)][0]
     return div == cycled and (dtype == F32 or _TRITON_HALF_CASES.get(case) == dtype)
 
@@ -367,9 +375,38 @@ def _triton_extreme(dtype, variant, div):
 def test_extreme_logratios_match_reference(backend, device, dtype, variant, div):
     """|d| up to 1e4 without a clip: finite values, and the position and sign of every inf in the loss, the
     statistics and the gradient, as the float64 reference rounded to the output dtype has them; never NaN."""
+    stats = _check_logratios(backend, device, dtype, variant, div, EXTREME_W, EXTREME_L)
+    name = DIVERGENCES[DIV_IDS.index(div)][0]
+    assert stats["logratio"].abs().max() > 9e3 and stats["reward"].isinf().any() or name in ("reverse_kl", "js")
+
+
+# Moderate |d| (3 to 31): between the random inputs' O(1) and the extreme grid, where a stable form switched to an
+# approximation too early shows (issue 25: JS's psi' as exp(-d) for d > 8 passed every test; it is off by
+# exp(-d) relative, 3e-4 at d = 8 and 2e-9 at d = 20, against rtol 1e-4 in fp32 and 1e-9 in fp64).
+MODERATE_W = (3.0, -5.0, 8.0, -12.0, 20.0, -31.0, 9.5, -3.0, 31.0)
+MODERATE_L = (-8.0, 12.0, -3.0, 31.0, -20.0, 5.0, 15.0, 8.0, 12.0)
+
+
+def _triton_moderate(dtype, variant, div):
+    return variant == "ref_err"  # interpreter time: every divergence once, fp32
+
+
+@pytest.mark.parametrize(
+    "backend, device, dtype, variant, div",
+    _grid(dtypes=(F32, F64), variant=["ref_err", "ref_pred"], div=DIV_IDS, triton=_triton_moderate),
+)
+def test_moderate_logratios_match_reference(backend, device, dtype, variant, div):
+    """|d| in 3..31, every divergence, fp32 and fp64: loss, statistics and gradient against the float64 reference."""
+    stats = _check_logratios(backend, device, dtype, variant, div, MODERATE_W, MODERATE_L)
+    assert stats["logratio"].abs().max() > 30
+
+
+def _check_logratios(backend, device, dtype, variant, div, d_w, d_l):
+    """One backend against the float64 reference on pairs with log-ratios (d_w, d_l), with and without label
+    smoothing and reduction; the position and sign of every inf must agree. Returns the last call's statistics."""
     name, alpha = DIVERGENCES[DIV_IDS.index(div)]
     spec = EXTREME_VARIANTS[variant]
-    inputs, d = extreme_inputs(EXTREME_W, EXTREME_L, dtype, **spec)
+    inputs, d = extreme_inputs(d_w, d_l, dtype, **spec)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     layout = spec.get("layout", "halves")
     acc = F64 if dtype == F64 else F32
@@ -386,7 +423,7 @@ def test_extreme_logratios_match_reference(backend, device, dtype, variant, div)
             label_smoothing=smoothing,
             layout=layout,
         )
-        B = len(EXTREME_W)
+        B = len(d_w)
         upstream = upstream_for((B,) if reduction == "none" else (), B).to(device)
         loss, stats, grad = run(backend, inputs, upstream, **kw)
         loss_r, stats_r, grad_r = run("reference", as64(inputs), upstream.double(), **kw)
@@ -401,7 +438,7 @@ def test_extreme_logratios_match_reference(backend, device, dtype, variant, div)
         # The reference's gradient rounded as the kernels round theirs: coefficient in the accumulate dtype
         # (where it overflows), the product in the output dtype.
         assert_close(grad, grad_r.to(dtype), max(rtol, tol.grad), "grad", row_scale=True)
-    assert stats["logratio"].abs().max() > 9e3 and stats["reward"].isinf().any() or name in ("reverse_kl", "js")
+    return stats
 
 
 def _clip_cases():

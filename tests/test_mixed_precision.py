@@ -21,12 +21,26 @@ LOW = (F32, F16, BF16)
 BACKENDS = cpu_backend_params()  # tests/harness.py: skip marks with the backend registry's reason
 
 
+def _round_through(x, dtypes):
+    """x rounded through every dtype in ``dtypes`` until each of them holds it exactly."""
+    for _ in range(4):
+        for dtype in dtypes:
+            x = x.to(dtype).to(F64)
+        if all(torch.equal(x.to(dtype).to(F64), x) for dtype in dtypes):
+            return x
+    raise AssertionError(f"no value set exact in all of {dtypes}")
+
+
 def _inputs(dtypes, B=3, shape=(3, 5, 7), shared_target=False, seed=0):
-    """fp64 master values, rounded once through the lowest precision involved so every dtype holds them exactly
-    or nearly: the mixed call and the all-fp32 call then see the same numbers."""
+    """fp64 master values, each input cast once to its own dtype; model_pred's values are first rounded through the
+    lower precisions among the others' dtypes, as Accelerate's autocast hands the loss fp32 predictions holding
+    bf16/fp16 values. The other inputs keep the full precision of their own dtype, so that a kernel reading one
+    of them in another dtype would change its value and fail the comparison."""
     pred_t, ref_t, target_t, mask_t = dtypes
     g = torch.Generator().manual_seed(seed)
     pred = torch.randn(2 * B, *shape, generator=g, dtype=F64)
+    lower = [t for t in (ref_t, target_t, mask_t) if t is not None and torch.finfo(t).eps > torch.finfo(pred_t).eps]
+    pred = _round_through(pred, lower)
     ref = pred + 0.05 * torch.randn(pred.shape, generator=g, dtype=F64)
     target = torch.randn(B if shared_target else 2 * B, *shape, generator=g, dtype=F64)
     mask = None if mask_t is None else torch.rand(target.shape, generator=g, dtype=F64)

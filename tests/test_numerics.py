@@ -631,3 +631,100 @@ def test_psi_diff_and_soft_clip_gradients_are_psi_prime_and_sech2(name, alpha):
     zero = torch.zeros(2, dtype=torch.float64)
     (g,) = torch.autograd.grad(clipped_psi_diff(div, r, zero, 720.0).sum(), r)
     assert g.isfinite().all() and (g > 0).all()
+
+
+# ------------------------------------------------------------------ issue 25: non-finite inputs, overflowed products
+
+_LOSS_TYPES = [("sigmoid", {}), ("hinge", {}), ("ipo", {"ipo_tau": 0.1})]
+
+
+def _nonfinite_inputs(where: str, value: float):
+    """Fresh inputs (B = 2, D = 5, masked) with one entry of ``where`` (in pair 0's winner row) set to ``value``."""
+    g = torch.Generator().manual_seed(11)
+    target = torch.randn(4, 5, generator=g)
+    pred = target + torch.randn(4, 5, generator=g)
+    ref = pred + 0.01 * torch.randn(4, 5, generator=g)
+    mask = torch.rand(4, 5, generator=g) + 0.2
+    inputs = dict(model_pred=pred, ref_pred=ref, target=target, mask=mask)
+    if where == "ref_err":
+        inputs["ref_err"] = ((ref - target) ** 2 * mask).sum(1) / mask.sum(1)
+        del inputs["ref_pred"]
+    changed = inputs[where].clone()
+    changed.view(-1)[1] = value
+    inputs[where] = changed
+    return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+def _loss_stats_grad(backend, inputs, **kw):
+    x = inputs["model_pred"].clone().requires_grad_()
+    rest = {k: v for k, v in inputs.items() if k != "model_pred"}
+    fn = fdpo_loss_reference if backend == "reference" else fused_fdpo_loss
+    extra = {} if backend == "reference" else {"backend": backend}
+    loss, stats = fn(x, reduction="none", return_stats=True, **rest, **kw, **extra)
+    loss.sum().backward()
+    names = ("logits", "model_err", "ref_err", "logratio", "reward", "implicit_acc", "raw_model_loss")
+    return {"loss": loss.detach(), **{n: getattr(stats, n) for n in names}, "grad": x.grad}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["model_pred", "ref_pred", "target", "mask", "ref_err"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_nonfinite_inputs_propagate_as_in_the_reference(backend, where):
+    """A NaN or inf input entry gives NaN and inf exactly where the float64 reference has them, in the loss, every
+    statistic and the gradient, for every divergence and loss type (issue 25: Triton's tl.maximum dropped a NaN, a
+    finite loss log 2 for forward_kl, alpha and hellinger with NaN in one gradient row; hinge's z < 1 test turned
+    a NaN logit into loss 0 on every backend; the cpu kernel's zero-row shortcut multiplied 0 by a NaN mask)."""
+    for value in (float("nan"), float("inf")):
+        inputs = _nonfinite_inputs(where, value)
+        five = [(n, a) for n, a in DIVERGENCES if n != "alpha" or a == 0.5]
+        for (name, alpha), (loss_type, extra) in [(d, lt) for d in five for lt in _LOSS_TYPES]:
+            kw = dict(beta=10.0, divergence=name, alpha=alpha, loss_type=loss_type, **extra)
+            got = _loss_stats_grad(backend, inputs, **kw)
+            want = _loss_stats_grad("reference", {k: v.double() for k, v in inputs.items()}, **kw)
+            for key, expected in want.items():
+                torch.testing.assert_close(
+                    got[key].double(),
+                    expected,
+                    rtol=1e-4,
+                    atol=1e-6,
+                    equal_nan=True,
+                    msg=lambda m, tag=f"{where}={value} {name} {loss_type} {key}": f"{tag}: {m}",
+                )
+
+
+@pytest.mark.parametrize("backend, dtype, divergence, alpha, k", list(_exp_family_cases()))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # lanes of tl.where not taken
+def test_ipo_gradient_at_overflow_is_the_references_infinity(backend, dtype, divergence, alpha, k):
+    """ipo with z past the dtype's range: dloss/dz = 2(z - m) is -inf, and the loser's slope psi'(1e4) underflows
+    (its exact product is ~ -1e377): the gradient is the reference's signed inf, not 0 (issue 25: mul0 of the
+    infinite g and the underflowed slope gave 0 on every backend)."""
+    d_w, d_l = [-1e4, 0.5], [1e4, -0.25]
+    kw = dict(divergence=divergence, alpha=alpha, loss_type="ipo", ipo_tau=0.1)
+    _, loss, grad = _head_through_backend(backend, dtype, d_w, d_l, **kw)
+    _, loss_r, grad_r = _reference_with(d_w, d_l, **kw)
+    assert grad_r[2].item() == -math.inf  # the reference's loser gradient; its winner's is +inf
+    torch.testing.assert_close(loss, loss_r.to(dtype).double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, grad_r.to(dtype).double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's fp64 -> fp32
+def test_pair_weight_products_stay_representable(backend):
+    """policy == reference with pair_weight 1e35 and 1e36 (fp32): beta/2 * w overflows float32, but d = 0 (loss
+    log 2) and, for 1e35, the gradient coefficient (~4e37) fit; issue 25: -inf gradient and a NaN loss. Against the
+    float64 reference; for 1e36 the coefficient itself (~4e38) is beyond float32, so that pair's gradient is the
+    reference's sign times inf."""
+    g = torch.Generator().manual_seed(12)
+    target = torch.randn(4, 1, 3, generator=g)
+    pred = target + torch.randn(4, 1, 3, generator=g)
+    inputs = dict(model_pred=pred, ref_pred=pred.clone(), target=target, pair_weight=torch.tensor([1e35, 1e36]))
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    got = _loss_stats_grad(backend, inputs, beta=5000.0)
+    want = _loss_stats_grad("reference", {k: v.double() for k, v in inputs.items()}, beta=5000.0)
+    assert torch.equal(got["loss"].cpu(), torch.full((2,), math.log(2), dtype=torch.float32))
+    grad_1e35 = got["grad"][[0, 2]].double()  # pair 0's rows (halves: winners 0..B-1, losers B..2B-1)
+    assert grad_1e35.isfinite().all() and grad_1e35.abs().max() > 1e37
+    torch.testing.assert_close(grad_1e35, want["grad"][[0, 2]], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["grad"][[1, 3]].double(), want["grad"][[1, 3]].sign() * math.inf)

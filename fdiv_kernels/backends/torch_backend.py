@@ -31,11 +31,14 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     num_pairs = err_gap.shape[0] // 2
     w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
     div = Divergence(_NAMES[params.divergence], params.divergence, params.alpha)
-    weight = 1.0 if pair_weight is None else pair_weight.to(err_gap.dtype)
+    # beta/2 * w and the backward's scale in float64 (as csrc/fdpo_math.h): beta/2 * w alone may overflow float32
+    # (pair_weight 1e35) where d (policy == reference: 0) and the gradient coefficient do not.
+    wide = torch.float64
+    weight = 1.0 if pair_weight is None else pair_weight.to(wide)
     half_beta_w = 0.5 * params.beta * weight
     d = torch.empty_like(err_gap)
-    d[w_rows] = half_beta_w * err_gap[w_rows]
-    d[l_rows] = half_beta_w * err_gap[l_rows]
+    d[w_rows] = (half_beta_w * err_gap[w_rows].to(wide)).to(d.dtype)
+    d[l_rows] = (half_beta_w * err_gap[l_rows].to(wide)).to(d.dtype)
     log_clip_slope = torch.zeros_like(d)
     if params.logratio_clip > 0:  # c * tanh(d/c) and log sech^2(d/c), both to a few ulps for every |d/c|
         d, log_clip_slope = soft_clip_log_slope(d, params.logratio_clip)
@@ -49,18 +52,23 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     g_rows = torch.empty_like(d)
     g_rows[w_rows] = g
     g_rows[l_rows] = g
-    hbw_rows = torch.empty_like(d)
+    hbw_rows = torch.empty_like(d, dtype=wide)
     hbw_rows[w_rows] = half_beta_w
     hbw_rows[l_rows] = half_beta_w
-    coef = _mul0(_mul0(g_rows, sign * params.gamma * slope), hbw_rows * red * 2 * inv)
+    gamma_slope = (sign * params.gamma * slope).to(wide)
+    # An infinite g (ipo's 2(z - m) once z overflows) times a slope that underflowed at a finite log-ratio (truly
+    # > 0) is infinite, as in the reference; mul0's 0 is for an exactly-0 factor.
+    underflowed = (gamma_slope == 0) & d.isfinite() & log_clip_slope.isfinite() & g_rows.isinf()
+    gamma_slope = torch.where(underflowed, sign.to(wide), gamma_slope)
+    coef = _mul0(_mul0(g_rows.to(wide), gamma_slope), hbw_rows * red * 2 * inv.to(wide)).to(d.dtype)
     return reduced, z, d, psi(div, d), coef
 
 
 def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-pair loss of the logit z for params.loss_type, and its derivative d loss / d z."""
-    if params.loss_type == 1:  # hinge
-        below = z < 1
-        return torch.where(below, 1 - z, torch.zeros_like(z)), torch.where(below, -1.0, 0.0).to(z.dtype)
+    if params.loss_type == 1:  # hinge; a NaN z gives a NaN loss and slope -1, as relu and its backward do
+        above = z >= 1
+        return torch.where(above, torch.zeros_like(z), 1 - z), torch.where(above, 0.0, -1.0).to(z.dtype)
     if params.loss_type == 2:  # ipo
         gap = z - params.ipo_margin
         return gap * gap, 2 * gap

@@ -154,12 +154,31 @@ def _psi_diff(d_w, d_l, alpha, DIVERGENCE: tl.constexpr):
         k, s = _exp_family(alpha, DIVERGENCE)
         a = -k * d_w
         b = -k * d_l  # psi_w - psi_l = s * (exp(b) - exp(a)) = sign * s * exp(hi) * (1 - exp(lo - hi))
-        hi = tl.maximum(a, b)
-        lo = tl.minimum(a, b)
+        hi = tl.where(b > a, b, a)  # not tl.maximum/minimum, which drop a NaN: a NaN d must give a NaN logit
+        lo = tl.where(b > a, a, b)
         same = a == b  # exp(hi) may be inf there: keep inf * 0 out of the side not taken
         half = tl.exp(0.5 * hi)  # exp(hi) = half^2: the product stays finite wherever it is (near-ties past ~88)
         magnitude = -s * (half * (half * _expm1(tl.where(same, -1.0, lo - hi))))
         return tl.where(same, 0.0, tl.where(b > a, magnitude, -magnitude))
+
+
+@triton.jit
+def _hinge(z):
+    """relu(1 - z) and its derivative; a NaN z gives a NaN loss and slope -1, as relu and its backward do."""
+    above = z >= 1.0
+    return tl.where(above, 0.0, 1.0 - z), tl.where(above, 0.0, -1.0)
+
+
+@triton.jit
+def _row_coef(g, sign, gamma_slope, d, log_clip, outer, inv):
+    """g * sign * gamma slope * outer * inv (outer = beta/2 * w * red * 2, fp64) formed in fp64, as row_coef in
+    csrc/fdpo_math.h: beta/2 * w alone may overflow fp32 where the coefficient does not. An infinite g (ipo past
+    fp32) times a slope that underflowed at a finite log-ratio (truly > 0) is infinite, as in the reference."""
+    gs = sign * gamma_slope.to(tl.float64)
+    positive = ((d - d) == 0.0) & ((log_clip - log_clip) == 0.0)  # d and the clip's log-slope finite
+    g_inf = (g == g) & ((g - g) != (g - g))
+    gs = tl.where((gs == 0.0) & positive & g_inf, sign, gs)
+    return _mul0(_mul0(g.to(tl.float64), gs), outer * inv.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit
@@ -412,20 +431,17 @@ def _head_kernel(
         e_l, eref_l, gap_l, inv_l = _row_errors(
             ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count, HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C
         )
+        half_beta_w = tl.cast(0.5 * beta, tl.float64)  # fp64: beta/2 * w may overflow fp32 where d does not
         if HAS_WEIGHT:
-            weight = tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0)
-        else:
-            weight = 1.0
-        half_beta_w = 0.5 * beta * weight
-        d_w = half_beta_w * gap_w
-        d_l = half_beta_w * gap_l
+            half_beta_w = half_beta_w * tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0).to(tl.float64)
+        d_w = (half_beta_w * gap_w.to(tl.float64)).to(tl.float32)
+        d_l = (half_beta_w * gap_l.to(tl.float64)).to(tl.float32)
         if HAS_CLIP:
             d_w, log_clip_w = _soft_clip(d_w, logratio_clip)
             d_l, log_clip_l = _soft_clip(d_l, logratio_clip)
         z = gamma * _psi_diff(d_w, d_l, alpha, DIVERGENCE)
         if LOSS_TYPE == _HINGE:
-            loss = tl.where(z < 1.0, 1.0 - z, 0.0)
-            g = tl.where(z < 1.0, -1.0, 0.0)
+            loss, g = _hinge(z)
         elif LOSS_TYPE == _IPO:
             loss = (z - ipo_margin) * (z - ipo_margin)
             g = 2.0 * (z - ipo_margin)
@@ -442,14 +458,13 @@ def _head_kernel(
                 loss += label_smoothing * _softplus(z)
                 g += label_smoothing * _sigmoid(z)
         outer = half_beta_w * red * 2.0
-        if HAS_CLIP:
-            slope_w = _scaled_psi_slope(d_w, log_clip_w, alpha, DIVERGENCE)
-            slope_l = _scaled_psi_slope(d_l, log_clip_l, alpha, DIVERGENCE)
-        else:
-            slope_w = _scaled_psi_slope(d_w, tl.zeros_like(d_w), alpha, DIVERGENCE)
-            slope_l = _scaled_psi_slope(d_l, tl.zeros_like(d_l), alpha, DIVERGENCE)
-        coef_w = _mul0(_mul0(g, -gamma * slope_w), outer * inv_w)
-        coef_l = _mul0(_mul0(g, gamma * slope_l), outer * inv_l)
+        if not HAS_CLIP:
+            log_clip_w = tl.zeros_like(d_w)
+            log_clip_l = tl.zeros_like(d_l)
+        slope_w = _scaled_psi_slope(d_w, log_clip_w, alpha, DIVERGENCE)
+        slope_l = _scaled_psi_slope(d_l, log_clip_l, alpha, DIVERGENCE)
+        coef_w = _row_coef(g, -1.0, gamma * slope_w, d_w, log_clip_w, outer, inv_w)
+        coef_l = _row_coef(g, 1.0, gamma * slope_l, d_l, log_clip_l, outer, inv_l)
 
         tl.store(logits_ptr + pairs, z, mask=valid)
         tl.store(coef_ptr + w_rows, coef_w, mask=valid)
