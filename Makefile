@@ -8,6 +8,7 @@
 #   make dist       sdist and wheel into dist/
 #   make kernels    compile the C++/CUDA kernels now (otherwise they compile on first use) and say where they are
 #   make lint       ruff (format + lint) and clang-format checks, as CI runs them; make format applies them
+#   make typecheck  mypy over the kernel package (pyproject.toml [tool.mypy]); needs the install (torch's stubs)
 #
 # Variables: PYTHON (python3), VENV (.venv), TORCH_SPEC (torch==2.14.1: the torch pinned here; e.g.
 # TORCH_SPEC=torch==2.13.0 for another), EXTRAS (what `pip install -e .[...]` adds). With FDIV_KERNELS_BUILD=aot or
@@ -28,7 +29,7 @@ BUILD_KIND := $(if $(AOT),aot,jit)
 STAMP := $(VENV)/.fdiv_kernels-installed-$(BUILD_KIND)
 
 .DEFAULT_GOAL := help
-.PHONY: help install kernels study test bench examples dist lint format clean print-%
+.PHONY: help install kernels study test bench examples dist lint typecheck format clean print-%
 
 help:
 	@sed -n 's/^#   make /  make /p' Makefile
@@ -63,13 +64,17 @@ examples: kernels
 LINT_STAMP := $(VENV)/.fdiv_kernels-lint-tools
 $(LINT_STAMP):
 	@test -x $(PY) || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install $(PIP_FLAGS) "ruff==0.17.6" "clang-format==23.1.5"
+	$(PY) -m pip install $(PIP_FLAGS) "ruff==0.17.6" "clang-format==23.1.5" "mypy==2.4.1"
 	@touch $@
 
 lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h
+
+# Separate from lint, which stays seconds and needs no torch: mypy reads torch's stubs, so it needs the install.
+typecheck: $(STAMP) $(LINT_STAMP)
+	$(VENV)/bin/mypy
 
 format: $(LINT_STAMP)
 	$(VENV)/bin/ruff format .

@@ -174,9 +174,11 @@ def find_cuda_home() -> str | None:
     return None
 
 
-def nvidia_wheel_includes(cuda_version: str) -> list[str]:
+def nvidia_wheel_includes(cuda_version: str | None) -> list[str]:
     """Headers of the nvidia-* wheels matching torch's CUDA major version (torch's CUDA headers include
     cusparse.h & co., which pip-installed torch ships there, e.g. site-packages/nvidia/cu13/include)."""
+    if cuda_version is None:  # a CPU-only torch: no CUDA headers to add
+        return []
     sub = "cu" + cuda_version.split(".")[0]
     spec = importlib.util.find_spec("nvidia")
     dirs = []
@@ -415,7 +417,7 @@ def plan(csrc: str, why_not_cuda: str | None = None) -> dict:
         "cpu": _cpu_model() if cpu_native() else None,
     }
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    device = "cuda" + re.sub(r"[^0-9a-zA-Z]+", "_", arch_list) if with_cuda else "cpu"
+    device = "cuda" + re.sub(r"[^0-9a-zA-Z]+", "_", arch_list) if arch_list is not None else "cpu"
     name = re.sub(r"[^0-9A-Za-z.+_-]", "_", f"torch{torch.__version__}-{sys.implementation.cache_tag}-{device}")
     return {
         "csrc": csrc,
@@ -475,7 +477,7 @@ def _import_library(path: str) -> ModuleType:
         raise
     package = sys.modules.get("fdiv_kernels")
     if package is not None:
-        package._C = module
+        package._C = module  # type: ignore[attr-defined]  # the extension, set on the package when loaded
     return module
 
 
@@ -563,7 +565,7 @@ def _damaged_library(record_path: str) -> tuple[str, str] | None:
     """(path, how it is damaged) for a cached library that differs from its build record, else None."""
     found = _recorded_library(record_path)
     damage = library_damage(*found) if found else None
-    return (found[0], damage) if damage else None
+    return (found[0], damage) if found and damage else None
 
 
 def _remove_damaged(record_path: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -203,6 +204,13 @@ class FDPOProblem:
     num_pairs: int
 
 
+# For the type checker: a float, or float | None where allow_none may pass None through.
+@overload
+def _finite_float(
+    name: str, value, *, positive: bool = ..., allow_none: Literal[False] = ..., float32: bool = ...
+) -> float: ...
+@overload
+def _finite_float(name: str, value, *, positive: bool = ..., allow_none: bool, float32: bool = ...) -> float | None: ...
 def _finite_float(
     name: str, value, *, positive: bool = False, allow_none: bool = False, float32: bool = False
 ) -> float | None:

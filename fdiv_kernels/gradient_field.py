@@ -198,8 +198,8 @@ def plot_gradient_field(
     grid_l, grid_w = torch.meshgrid(axis, axis, indexing="ij")  # rows: d_l (y), columns: d_w (x)
     fields = {}
     for name in divergences:
-        pw, pl = gradient_weights(grid_w, grid_l, name, alpha=alpha)
-        fields[name] = (pw.numpy(), pl.numpy())
+        push_w, push_l = gradient_weights(grid_w, grid_l, name, alpha=alpha)
+        fields[name] = (push_w.numpy(), push_l.numpy())
     mags = {name: (pw**2 + pl**2) ** 0.5 for name, (pw, pl) in fields.items()}
     positive = [m[m > 0] for m in mags.values() if (m > 0).any()]
     lo = max(min(float(m.min()) for m in positive), 1e-4) if positive else 1e-4
@@ -230,7 +230,7 @@ def plot_gradient_field(
         ax.set_ylabel("d_l (loser log-ratio)")
     ax = flat[len(divergences)]
     d = torch.linspace(-extent, extent, 401, dtype=torch.float64)
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap; stubs say Colormap
     for i, name in enumerate(divergences):
         ax.plot(
             d.numpy(),

@@ -102,7 +102,7 @@ def fdpo_loss_from_pairs(
         raise ValueError("target_w is required: the winners' denoising target [B, ...] (and target_l, unless shared)")
     model_pred = torch.cat([model_w, model_l])
     ref_pred = None
-    if ref_w is not None:
+    if ref_w is not None and ref_l is not None:  # both or neither (checked above)
         _check_pair("ref", ref_w, ref_l)
         ref_pred = torch.cat([ref_w, ref_l])
     if target_l is None or target_l is target_w:

@@ -18,6 +18,7 @@ backward (gradgradcheck) works, e.g. for gradient penalties, which the fused bac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,8 @@ def fdpo_loss_reference(
         losses = -(1.0 - eps) * F.logsigmoid(logits)
         if eps > 0:
             losses = losses - eps * F.logsigmoid(-logits)
-    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[c.reduction]()
+    reduce: dict[str, Callable[[], torch.Tensor]] = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}
+    loss = reduce[c.reduction]()
     if not return_stats:
         return loss
     logratio = soft_clip(_join_pairs(scale * gap_w, scale * gap_l, p).detach(), c.logratio_clip)

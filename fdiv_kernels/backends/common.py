@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..options import OP_FLOATS, OP_INTS
 
 
-class KernelParams(namedtuple("KernelParams", OP_FLOATS + OP_INTS)):
+if TYPE_CHECKING:  # mypy cannot read fields from a computed list: to it, fields are any keyword, any attribute
+
+    class _Fields(tuple):
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    _Fields = namedtuple("KernelParams", OP_FLOATS + OP_INTS)
+
+
+class KernelParams(_Fields):
     """The op's configuration by name (options.OP_FLOATS / OP_INTS; ids of csrc/fdpo_math.h, as options.ids):
     beta, alpha, gamma, label_smoothing, logratio_clip (<= 0: off), ipo_margin (m = 1 / (2 tau) of ipo),
     dmpo_log_q, dmpo_log_1mq (log q and log(1 - q) of dmpo, q = 1 - dmpo_alpha);
@@ -36,7 +47,7 @@ def empty_forward_outputs(model_pred: torch.Tensor, reduction: int) -> tuple[tor
     logits [B], sample_stats [4, 2B], summary [3], grad_coef [2B]. The Python twin of csrc/fdpo_op.h's."""
     rows = model_pred.shape[0]
     pairs = rows // 2
-    acc = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
+    acc: dict[str, Any] = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
     loss = torch.empty((pairs,) if reduction == 0 else (), **acc)
     return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(3, **acc), torch.empty(rows, **acc)
 

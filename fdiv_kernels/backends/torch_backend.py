@@ -6,6 +6,8 @@ the same per-row sums, the same per-pair head (from ``divergences.py``), the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..divergences import (
@@ -44,7 +46,8 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
         d, log_clip_slope = soft_clip_log_slope(d, params.logratio_clip)
     z = params.gamma * psi_diff(div, d[w_rows], d[l_rows])
     loss, g = link_loss(params, z)
-    reduced = {0: lambda: loss, 1: loss.mean, 2: loss.sum}[params.reduction]()
+    reduce: dict[int, Callable[[], torch.Tensor]] = {0: lambda: loss, 1: loss.mean, 2: loss.sum}
+    reduced = reduce[params.reduction]()
     red = 1.0 / num_pairs if params.reduction == 1 else 1.0
     slope = scaled_psi_slope(div, d, log_clip_slope)
     sign = torch.ones_like(d)
