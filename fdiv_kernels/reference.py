@@ -125,6 +125,7 @@ def fdpo_loss_reference(
     elif c.loss_type == "dmpo":  # KL(p || q), p = sigmoid(z), q = 1 - dmpo_alpha (Diffusion-SDPO's DMPO)
         # p and 1 - p as exp(logsigmoid(+-z)): autograd of sigmoid(-z) would be y (1 - y) = 0 once y rounds to 1
         log_p, log_1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+        assert c.dmpo_alpha is not None  # validate() requires it for dmpo
         log_q, log_1mq = math.log1p(-c.dmpo_alpha), math.log(c.dmpo_alpha)
         losses = torch.exp(log_p) * (log_p - log_q) + torch.exp(log_1mp) * (log_1mp - log_1mq)
     else:

@@ -9,7 +9,6 @@ import torch
 
 from ..options import OP_FLOATS, OP_INTS
 
-
 if TYPE_CHECKING:  # mypy cannot read fields from a computed list: to it, fields are any keyword, any attribute
 
     class _Fields(tuple):
