@@ -596,15 +596,7 @@ def main(argv=None) -> Path:
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    compile_cache = "warm: the existing on-disk Inductor/Triton caches"
-    if not (args.warm_compile_cache or args.quick):  # a smoke test needs no cold compile (~30 s on 2 cores)
-        # Earlier runs' cached graphs and kernels would turn compile_s into a cache lookup. Inductor and Triton
-        # read these variables when they first compile, which happens after this point.
-        fresh = tempfile.mkdtemp(prefix="fdiv-bench-compile-cache-")
-        atexit.register(shutil.rmtree, fresh, ignore_errors=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
-        compile_cache = "cold: a fresh, empty TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR for this run"
+    compile_cache = _choose_compile_cache(args)
     # Many static shapes per compiled function: lift dynamo's recompile limit so nothing silently runs eager.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
@@ -682,14 +674,32 @@ def main(argv=None) -> Path:
     json_path = _write(out_dir, tag, meta, results, time.perf_counter() - start)
     print(f"wrote {json_path} and {json_path.with_suffix('.csv')} in {time.perf_counter() - start:.0f} s", flush=True)
     if not args.no_report:
-        try:
-            from .report import write_device_report
-
-            for path in write_device_report(json_path):
-                print(f"wrote {path}", flush=True)
-        except Exception as err:
-            print(f"report failed: {_err(err)}", flush=True)
+        _write_report(json_path)
     return json_path
+
+
+def _choose_compile_cache(args) -> str:
+    """A fresh, empty Inductor/Triton cache for this run unless --warm-compile-cache or --quick; says which."""
+    if args.warm_compile_cache or args.quick:  # a smoke test needs no cold compile (~30 s on 2 cores)
+        return "warm: the existing on-disk Inductor/Triton caches"
+    # Earlier runs' cached graphs and kernels would turn compile_s into a cache lookup. Inductor and Triton
+    # read these variables when they first compile, which happens after this point.
+    fresh = tempfile.mkdtemp(prefix="fdiv-bench-compile-cache-")
+    atexit.register(shutil.rmtree, fresh, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
+    return "cold: a fresh, empty TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR for this run"
+
+
+def _write_report(json_path: Path) -> None:
+    """The device's markdown report from the results JSON; a failure is printed, not raised (the JSON is kept)."""
+    try:
+        from .report import write_device_report
+
+        for path in write_device_report(json_path):
+            print(f"wrote {path}", flush=True)
+    except Exception as err:
+        print(f"report failed: {_err(err)}", flush=True)
 
 
 def _print_case(case: dict, rows: list[dict]) -> None:

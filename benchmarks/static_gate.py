@@ -332,13 +332,7 @@ def check_cuda(arch: str, funcs: dict[str, Function], errors: list[str]) -> list
         kind = "forward" if base.startswith("fdpo_forward") else "backward"
         blocks = blocks_per_sm(f.regs, THREADS, f.shared)
         args = template_args(base.split("(")[0])
-        budget = MIN_BLOCKS[kind]
-        if base.startswith("fdpo_forward_kernel<"):  # fwd_min_blocks(): 2 if masked and 10+ vectors a thread
-            tp, tr, tt, tm, vec, ref, mask = args
-            nbytes = int(vec) * (
-                2 * SIZE[tp] + 2 * SIZE[tt] + 2 * SIZE[tr] * (ref == "true") + 2 * SIZE[tm] * (mask == "true")
-            )
-            budget = 2 if mask == "true" and nbytes >= 10 * 16 else 3
+        budget = _min_blocks(base, kind, args)
         if blocks < budget:
             errors.append(f"{where}: {f.regs} registers allow {blocks} blocks/SM, the budget is {budget}")
         variant, loads, stores, ipb, inflight = ",".join(SHORT.get(a, a) for a in args), [], [], None, None
@@ -377,7 +371,22 @@ def check_cuda(arch: str, funcs: dict[str, Function], errors: list[str]) -> list
                 ipb, inflight, groups = len(f.instrs) / (nbytes / 16), blocks * THREADS * nbytes / 1024, 1
         rows.append(Row(arch, base.split("<")[0], variant, f.regs, blocks, blocks * THREADS // 32,
                         _opcount(loads), _opcount(stores), ipb, inflight, groups))  # fmt: skip
-    # Every same-dtype and mixed combination keeps its vectorized kernels.
+    _check_vectorized_coverage(arch, have, errors)
+    return rows
+
+
+def _min_blocks(base: str, kind: str, args: list[str]) -> int:
+    """The blocks/SM budget of one kernel: MIN_BLOCKS[kind], except a forward kernel's own fwd_min_blocks()."""
+    if not base.startswith("fdpo_forward_kernel<"):
+        return MIN_BLOCKS[kind]
+    # fwd_min_blocks(): 2 if masked and 10+ vectors a thread
+    tp, tr, tt, tm, vec, ref, mask = args
+    nbytes = int(vec) * (2 * SIZE[tp] + 2 * SIZE[tt] + 2 * SIZE[tr] * (ref == "true") + 2 * SIZE[tm] * (mask == "true"))
+    return 2 if mask == "true" and nbytes >= 10 * 16 else 3
+
+
+def _check_vectorized_coverage(arch: str, have: set, errors: list[str]) -> None:
+    """Every same-dtype and mixed combination keeps its vectorized kernels (`have`: those check_cuda found)."""
     wanted = []
     for t in ("float", "c10::Half", "c10::BFloat16"):
         for ref in (True, False):
@@ -393,9 +402,8 @@ def check_cuda(arch: str, funcs: dict[str, Function], errors: list[str]) -> list
                 what = f"forward pred {SHORT[w[1]]}, ref {SHORT[w[2]] if w[4] else 'ref_err'}, target {SHORT[w[3]]}"
             else:
                 what = f"backward pred {SHORT[w[1]]}, target {SHORT[w[2]]}"
-            mask = " + mask" if w[-1] else ""
-            errors.append(f"sm_{arch}: no vectorized kernel for the {what}{mask} (sent to the scalar path?)")
-    return rows
+            suffix = " + mask" if w[-1] else ""
+            errors.append(f"sm_{arch}: no vectorized kernel for the {what}{suffix} (sent to the scalar path?)")
 
 
 # ----------------------------------------------------------------------------------------------------- Triton

@@ -124,50 +124,24 @@ def run_one(args) -> dict:
     """One mode in this process: build, warm up, time; the result as a dict."""
     from contextlib import nullcontext
 
-    from diffusers import UNet2DConditionModel
+    # Imported before the baseline RSS below (as _make_models's import would be after it): peak_mb counts the step.
+    from diffusers import UNet2DConditionModel  # noqa: F401
 
     from fdiv_kernels import fused_fdpo_loss
-    from fdiv_kernels.train.lora import adapters_disabled, add_lora
+    from fdiv_kernels.train.lora import adapters_disabled
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     config = MODELS[args.model]
     torch.manual_seed(0)
-    b, side = args.batch_size, config["sample_size"]
-    # Inputs: b pairs -> 2b rows, winners then losers sharing noise and timestep.
-    noisy = torch.randn(2 * b, 4, side, side, device=device, dtype=dtype)
-    timesteps = torch.randint(0, 1000, (b,), device=device).repeat(2)
-    text = torch.randn(2 * b, TEXT_TOKENS, config["cross_attention_dim"], device=device, dtype=dtype)
-    target = torch.randn(2 * b, 4, side, side, device=device, dtype=dtype)
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        added = {
-            "text_embeds": torch.randn(2 * b, 1280, device=device, dtype=dtype),
-            "time_ids": torch.tensor(
-                [[side * 8, side * 8, 0, 0, side * 8, side * 8]] * 2 * b, device=device, dtype=dtype
-            ),
-        }
+    noisy, timesteps, text, target, added = _make_inputs(config, args.batch_size, device, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_rss, base_cuda = _rss_bytes(), torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
-    unet = UNet2DConditionModel(**config)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    ref = None
-    if args.mode in ("eager-copy", "fused-copy"):
-        ref = UNet2DConditionModel(**config).requires_grad_(False).eval()
-        ref.load_state_dict(unet.state_dict())
-        ref.to(device, dtype)
-    lora = args.mode in ("fused-lora", "fused-lora-cached")
+    unet, ref = _make_models(args, config, device, dtype)
     cached = args.mode in ("fused-cached", "fused-lora-cached")
-    if lora:
-        unet.to(device, dtype)
-        add_lora(unet, args.lora_rank, seed=0)  # base frozen in dtype, adapters trainable in fp32
-    else:
-        unet.to(device)  # trained weights in fp32, autocast below (Accelerate's mixed precision)
-    unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
 
@@ -230,6 +204,48 @@ def run_one(args) -> dict:
         result["peak_mb"] = (peak - base_rss) / 2**20
         result["peak_kind"] = "peak RSS above the RSS once the inputs exist"
     return result
+
+
+def _make_inputs(config: dict, b: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Inputs: b pairs -> 2b rows, winners then losers sharing noise and timestep. (noisy, timesteps, text, target,
+    added_cond_kwargs or None)."""
+    side = config["sample_size"]
+    noisy = torch.randn(2 * b, 4, side, side, device=device, dtype=dtype)
+    timesteps = torch.randint(0, 1000, (b,), device=device).repeat(2)
+    text = torch.randn(2 * b, TEXT_TOKENS, config["cross_attention_dim"], device=device, dtype=dtype)
+    target = torch.randn(2 * b, 4, side, side, device=device, dtype=dtype)
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        added = {
+            "text_embeds": torch.randn(2 * b, 1280, device=device, dtype=dtype),
+            "time_ids": torch.tensor(
+                [[side * 8, side * 8, 0, 0, side * 8, side * 8]] * 2 * b, device=device, dtype=dtype
+            ),
+        }
+    return noisy, timesteps, text, target, added
+
+
+def _make_models(args, config: dict, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(the trained UNet in train mode, its frozen reference copy or None) as args.mode wants them."""
+    from diffusers import UNet2DConditionModel
+
+    from fdiv_kernels.train.lora import add_lora
+
+    unet = UNet2DConditionModel(**config)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ref = None
+    if args.mode in ("eager-copy", "fused-copy"):
+        ref = UNet2DConditionModel(**config).requires_grad_(False).eval()
+        ref.load_state_dict(unet.state_dict())
+        ref.to(device, dtype)
+    if args.mode in ("fused-lora", "fused-lora-cached"):
+        unet.to(device, dtype)
+        add_lora(unet, args.lora_rank, seed=0)  # base frozen in dtype, adapters trainable in fp32
+    else:
+        unet.to(device)  # trained weights in fp32, autocast below (Accelerate's mixed precision)
+    unet.train()
+    return unet, ref
 
 
 def _parser() -> argparse.ArgumentParser:
