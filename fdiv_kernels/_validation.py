@@ -323,27 +323,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
             f"dtype the loss computes in for {model_pred.dtype} model_pred; pass a larger clip"
         )
 
-    if (ref_pred is None) == (ref_err is None):
-        raise ValueError(
-            "pass exactly one of ref_pred (reference model predictions, [2B, ...]) and ref_err "
-            "(cached reference errors, [2B]); got " + ("both" if ref_pred is not None else "neither")
-        )
-    if ref_pred is not None:
-        _check_tensor("ref_pred", ref_pred, model_pred)
-        if ref_pred.shape != model_pred.shape:
-            raise ValueError(
-                f"ref_pred has shape {tuple(ref_pred.shape)} but model_pred has {tuple(model_pred.shape)}; "
-                "they must match"
-            )
-    if ref_err is not None:
-        _check_tensor("ref_err", ref_err, model_pred, elementwise=False)
-        if ref_err.shape != (rows,):
-            order = "winners first, then losers" if layout == "halves" else "[w0, l0, w1, l1, ...]"
-            raise ValueError(
-                f"ref_err must have shape [2B] = ({rows},), one error per sample in model_pred's row order "
-                f"({layout} layout: {order}); got {tuple(ref_err.shape)}"
-            )
-        _check_fits_float32("ref_err", ref_err, model_pred)
+    _check_reference(model_pred, ref_pred, ref_err, rows, layout)
 
     if target is None:
         raise ValueError(
@@ -370,6 +350,31 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
             )
         _check_fits_float32("pair_weight", pair_weight, model_pred)
     return num_pairs
+
+
+def _check_reference(model_pred, ref_pred, ref_err, rows: int, layout: str) -> None:
+    """check_inputs's reference side: exactly one of ref_pred [2B, ...] and ref_err [2B], each checked."""
+    if (ref_pred is None) == (ref_err is None):
+        raise ValueError(
+            "pass exactly one of ref_pred (reference model predictions, [2B, ...]) and ref_err "
+            "(cached reference errors, [2B]); got " + ("both" if ref_pred is not None else "neither")
+        )
+    if ref_pred is not None:
+        _check_tensor("ref_pred", ref_pred, model_pred)
+        if ref_pred.shape != model_pred.shape:
+            raise ValueError(
+                f"ref_pred has shape {tuple(ref_pred.shape)} but model_pred has {tuple(model_pred.shape)}; "
+                "they must match"
+            )
+    if ref_err is not None:
+        _check_tensor("ref_err", ref_err, model_pred, elementwise=False)
+        if ref_err.shape != (rows,):
+            order = "winners first, then losers" if layout == "halves" else "[w0, l0, w1, l1, ...]"
+            raise ValueError(
+                f"ref_err must have shape [2B] = ({rows},), one error per sample in model_pred's row order "
+                f"({layout} layout: {order}); got {tuple(ref_err.shape)}"
+            )
+        _check_fits_float32("ref_err", ref_err, model_pred)
 
 
 def validate(model_pred, ref_pred, target, *, ref_err, mask, pair_weight, **options) -> FDPOProblem:
