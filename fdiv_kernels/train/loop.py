@@ -798,25 +798,7 @@ def _train(cfg: TrainConfig, writer: WriterLock | None) -> TrainResult:
     pipe = setup.pipe
     pipe.frozen_parts_to(device, dtype)
     unet = pipe.unet.train()
-    ref_unet = None
-    if cfg.lora_rank is not None:
-        # Frozen base weights in the compute dtype, adapters in fp32; the reference is the adapters-off model.
-        add_lora(
-            place(unet, device, dtype),
-            cfg.lora_rank,
-            cfg.lora_alpha,
-            where=f"{cfg.pipeline}'s denoiser",
-            seed=derived_seed(cfg.seed, "lora", 0),
-        )
-    elif ref_errors is None:
-        ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), device, dtype)
-    if cfg.xformers:
-        _enable_xformers(device, [m for m in (unet, ref_unet) if m is not None])
-    speed_switches(unet, cfg.gradient_checkpointing, cfg.compile, cfg.compile_backend)
-    if ref_unet is not None:
-        speed_switches(ref_unet, compile=cfg.compile, compile_backend=cfg.compile_backend)
-    if cfg.fsdp:
-        shard_model(unet, device)  # the reference copy above stays whole
+    ref_unet = _setup_models(cfg, unet, ref_errors, device, dtype)
     optimizer = torch.optim.AdamW(
         [p for p in unet.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
@@ -886,23 +868,7 @@ def _train(cfg: TrainConfig, writer: WriterLock | None) -> TrainResult:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        values = {
-            "loss": loss.detach(),
-            "implicit_acc": stats.implicit_acc,
-            "raw_model_loss": stats.raw_model_loss,
-            "raw_ref_loss": stats.raw_ref_loss,
-            "reward_margin": (stats.reward[:pairs] - stats.reward[pairs:]).mean(),
-        }
-        if grad_weights is not None:
-            push_w, push_l = grad_weights(
-                stats.logratio[:pairs],
-                stats.logratio[pairs:],
-                cfg.divergence,
-                alpha=cfg.alpha,
-                gamma=cfg.gamma,
-                label_smoothing=cfg.label_smoothing,
-            )
-            values.update(push_w=push_w.mean(), push_l=push_l.mean())
+        values = _step_values(cfg, loss, stats, pairs, grad_weights)
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + value.float()
         sums["count"] = sums.get("count", 0.0) + 1.0
@@ -927,6 +893,53 @@ def _train(cfg: TrainConfig, writer: WriterLock | None) -> TrainResult:
     (_save_sharded_unet if cfg.fsdp else _save_unet)(accelerator, unet, cfg.output)
     accelerator.end_training()
     return result
+
+
+def _setup_models(cfg: TrainConfig, unet, ref_errors, device, dtype):
+    """LoRA adapters on ``unet`` or its frozen reference copy (none with cached ref_errors), the speed switches and
+    FSDP sharding, in place; returns the reference copy or None."""
+    ref_unet = None
+    if cfg.lora_rank is not None:
+        # Frozen base weights in the compute dtype, adapters in fp32; the reference is the adapters-off model.
+        add_lora(
+            place(unet, device, dtype),
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            where=f"{cfg.pipeline}'s denoiser",
+            seed=derived_seed(cfg.seed, "lora", 0),
+        )
+    elif ref_errors is None:
+        ref_unet = place(copy.deepcopy(unet).requires_grad_(False).eval(), device, dtype)
+    if cfg.xformers:
+        _enable_xformers(device, [m for m in (unet, ref_unet) if m is not None])
+    speed_switches(unet, cfg.gradient_checkpointing, cfg.compile, cfg.compile_backend)
+    if ref_unet is not None:
+        speed_switches(ref_unet, compile=cfg.compile, compile_backend=cfg.compile_backend)
+    if cfg.fsdp:
+        shard_model(unet, device)  # the reference copy above stays whole
+    return ref_unet
+
+
+def _step_values(cfg: TrainConfig, loss, stats, pairs: int, grad_weights) -> dict:
+    """One micro-step's logged values (and the mean gradient weights where grad_weights is set)."""
+    values = {
+        "loss": loss.detach(),
+        "implicit_acc": stats.implicit_acc,
+        "raw_model_loss": stats.raw_model_loss,
+        "raw_ref_loss": stats.raw_ref_loss,
+        "reward_margin": (stats.reward[:pairs] - stats.reward[pairs:]).mean(),
+    }
+    if grad_weights is not None:
+        push_w, push_l = grad_weights(
+            stats.logratio[:pairs],
+            stats.logratio[pairs:],
+            cfg.divergence,
+            alpha=cfg.alpha,
+            gamma=cfg.gamma,
+            label_smoothing=cfg.label_smoothing,
+        )
+        values.update(push_w=push_w.mean(), push_l=push_l.mean())
+    return values
 
 
 def _reduce_log(accelerator: Accelerator, sums: dict, step: int, lr: float) -> dict:
