@@ -13,6 +13,8 @@ import difflib
 import json
 from pathlib import Path
 
+from .io import read_text
+
 RECORD_ONLY = ("num_processes", "distributed_backend", "resume")
 
 
@@ -21,12 +23,7 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--config {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except OSError as err:
-        raise ValueError(f"--config {path} cannot be read ({err.strerror or err})") from None
+    text = read_text(path, "--config")
     if path.suffix == ".json":
         try:
             values = json.loads(text)

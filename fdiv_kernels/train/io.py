@@ -200,16 +200,23 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def read_text(path: Path, label: str = "") -> str:
+    """``path``'s UTF-8 text; a file that cannot be read or is not UTF-8 fails in one line naming it (after
+    ``label``, e.g. the flag that named the file)."""
+    name = f"{label} {path}" if label else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ValueError(f"{name} cannot be read ({err.strerror or err})") from None
+
+
 def read_json(path: str | Path, lines: bool = False):
     """The JSON object in ``path`` (``lines``: the list of objects of a JSON Lines file); a file that cannot be read,
     is not UTF-8, is cut short or holds something other than objects fails in one line naming it."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except OSError as err:
-        raise ValueError(f"{path} cannot be read ({err.strerror or err})") from None
+    text = read_text(path)
     numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()] if lines else [(0, text)]
     values = []
     for number, chunk in numbered:
