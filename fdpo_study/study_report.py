@@ -656,7 +656,7 @@ def _load(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def blocks(results: Path = RESULTS) -> dict[str, str]:
+def blocks(results: Path = RESULTS, spread: dict | None = None) -> dict[str, str]:
     # Each block names the files it is made from when their layout is not the expected one (from_json).
     paths = {
         "study": results / "study.json",
@@ -672,7 +672,7 @@ def blocks(results: Path = RESULTS) -> dict[str, str]:
         raise FileNotFoundError(f"{results / 'study.json'} does not exist: run the study first")
     seed1, beta5000 = _load(paths["seed1"]), _load(paths["beta5000"])
     frontier, novel = _load(paths["frontier"]), _load(paths["novel"])
-    spread = seed_spread(results)
+    spread = seed_spread(results) if spread is None else spread
 
     def block(names: tuple[str, ...], make, *args) -> str:
         return from_json([paths[n] for n in names], make, *args)
@@ -714,8 +714,8 @@ def draw_figures(results: Path = RESULTS) -> None:
 
 def regenerate(results: Path = RESULTS, repo: Path = REPO, check: bool = False) -> list[str]:
     """Rewrite the .md of each JSON and the marked blocks; returns the files that changed (or would, ``check``)."""
-    generated = blocks(results)
     spread = seed_spread(results)
+    generated = blocks(results, spread)
     changed = []
     tables = {
         f"{name}.md": from_json([results / f"{name}.json"], _study_table, data, spread)
