@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .divergences import DIVERGENCES, REJECTED_DIVERGENCES, get_divergence
 from .gradient_field import gradient_weights
+from .heads import fused_kto_loss
 from .integrations import fdpo_loss_from_pairs, trainer_conventions
 from .loss import FDPOLoss, fused_fdpo_loss
-from .reference import fdpo_loss_reference
+from .reference import fdpo_loss_reference, kto_loss_reference
 from .stats import FDPOStats
 
 __version__ = "0.1.0"
@@ -32,8 +33,10 @@ __all__ = [
     "fdpo_loss_from_pairs",
     "fdpo_loss_reference",
     "fused_fdpo_loss",
+    "fused_kto_loss",
     "get_divergence",
     "gradient_weights",
+    "kto_loss_reference",
     "load",
     "trainer_conventions",
 ]

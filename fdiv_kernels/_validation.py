@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from .divergences import Divergence, get_divergence
-from .options import DEFAULTS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
+from .options import COMPOSED_LOSS_TYPES, DEFAULTS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
 
 REDUCTIONS = ids("reduction")
 # Per-sample error: masked mean, sum, or mean over all elements (sum m r^2 / D, e.g. SimpleTuner's norm_type="mean").
 ERR_REDUCTIONS = ids("err_reduction")
-LOSS_TYPES = ids("loss_type")  # diffusers' --loss_type
+# diffusers' --loss_type and the other heads the kernels evaluate (their ids); heads.py evaluates the composed ones
+LOSS_TYPES = {name: i for name, i in ids("loss_type").items() if name not in COMPOSED_LOSS_TYPES}
+MAPO_DEFAULTS = {"mapo_snr": 0.5, "mapo_timesteps": 1000.0}  # mapo-t2i/mapo args.py --snr_value; SD's T
 LAYOUTS = choices("layout")
 BETA_CONVENTIONS = choices("beta_convention")
 ACC_TIE_RULES = choices("implicit_acc_ties")
@@ -49,6 +51,9 @@ class FDPOConfig:
     loss_type: str
     ipo_margin: float  # 1 / (2 ipo_tau)
     dmpo_alpha: float | None = None  # loss_type "dmpo": q = 1 - dmpo_alpha
+    mapo_snr: float = 0.0  # loss_type "mapo": s and T (0 for other loss types)
+    mapo_timesteps: float = 0.0
+    sdpo_mu: float | None = None  # Diffusion-SDPO's winner-preserving mu; None: off
     # The op's packed configuration (fparams, iparams), built once here: options.OP_FLOATS / OP_INTS.
     _op: tuple = field(init=False, repr=False, compare=False)
 
@@ -62,7 +67,8 @@ class FDPOConfig:
             "err_reduction": ERR_REDUCTIONS[self.err_reduction],
             "logratio_clip": self.logratio_clip or 0.0,  # <= 0: off
             "reduction": REDUCTIONS[self.reduction],
-            "loss_type": LOSS_TYPES[self.loss_type],
+            # a composed head (heads.py) never reaches the op with this config: its passes use their own
+            "loss_type": LOSS_TYPES.get(self.loss_type, 0),
             "ipo_margin": self.ipo_margin,
             # log q and log(1 - q) in float64 here (log1p: exact for small alpha), not in the fp32 kernels
             "dmpo_log_q": math.log1p(-self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
@@ -107,6 +113,9 @@ def _checked_config(
     loss_type,
     ipo_tau,
     dmpo_alpha,
+    mapo_snr,
+    mapo_timesteps,
+    sdpo_mu,
 ) -> FDPOConfig:
     """Validate the loss's scalar arguments (errors name the argument) and return the frozen config."""
     div = get_divergence(divergence, alpha)
@@ -123,46 +132,31 @@ def _checked_config(
     eps = _finite_float("label_smoothing", label_smoothing)
     if not (0.0 <= eps < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
-    loss_type = _choice("loss_type", loss_type, tuple(LOSS_TYPES))
+    if loss_type == "kto":
+        raise ValueError(
+            "loss_type='kto' takes unpaired rows with labels: call fdiv_kernels.fused_kto_loss(model_pred, ref_pred, "
+            "target, labels=...) instead of fused_fdpo_loss"
+        )
+    loss_type = _choice("loss_type", loss_type, choices("loss_type"))
     if loss_type != "sigmoid" and eps > 0:
         raise ValueError(
             f"label_smoothing applies to loss_type='sigmoid' only; got loss_type={loss_type!r} with "
             f"label_smoothing={eps}"
         )
-    if loss_type == "ipo":
-        if ipo_tau is None:
-            raise ValueError(
-                "loss_type='ipo' needs ipo_tau, its regularization: loss = (z - 1 / (2 ipo_tau))^2 "
-                "(see docs/dropin.md for diffusers' --loss_type ipo)"
-            )
-        ipo_margin = 1.0 / (2.0 * _finite_float("ipo_tau", ipo_tau, positive=True))
-        if ipo_margin * ipo_margin > _FLOAT32_MAX:  # the loss (z - margin)^2 would be +inf for every z
-            raise ValueError(
-                f"ipo_tau={ipo_tau:g} gives a margin 1/(2 ipo_tau) = {ipo_margin:g} whose square, the ipo loss, is "
-                f"beyond float32's range ({_FLOAT32_MAX:.4g}); pass ipo_tau >= {0.5 / _FLOAT32_MAX**0.5:.3g}"
-            )
-    elif ipo_tau is not None:
-        raise ValueError(f"ipo_tau is used by loss_type='ipo' only; got loss_type={loss_type!r}")
-    else:
-        ipo_margin = 0.0
-    if loss_type == "dmpo":
-        if dmpo_alpha is None:
-            raise ValueError(
-                "loss_type='dmpo' needs dmpo_alpha in (0, 1): loss = KL(p || q), p = sigmoid(z), q = 1 - dmpo_alpha "
-                "(Diffusion-SDPO's --dmpo_alpha; its script uses 0.01)"
-            )
-        dmpo_alpha = _finite_float("dmpo_alpha", dmpo_alpha)
-        if not (0.0 < dmpo_alpha < 1.0):
-            raise ValueError(
-                f"dmpo_alpha must be in (0, 1) (the target q = 1 - dmpo_alpha needs log q and log(1 - q)); "
-                f"got {dmpo_alpha}"
-            )
-    elif dmpo_alpha is not None:
-        raise ValueError(f"dmpo_alpha is used by loss_type='dmpo' only; got loss_type={loss_type!r}")
+    gamma = _finite_float("gamma", gamma, positive=True, float32=True)
+    mapo = _mapo_options(
+        loss_type,
+        mapo_snr,
+        mapo_timesteps,
+        divergence=div,
+        gamma=gamma,
+        clip=logratio_clip,
+        beta_convention=beta_convention,
+    )
     return FDPOConfig(
         beta=beta,
         divergence=div,
-        gamma=_finite_float("gamma", gamma, positive=True, float32=True),
+        gamma=gamma,
         label_smoothing=eps,
         err_reduction=_choice("err_reduction", err_reduction, tuple(ERR_REDUCTIONS)),
         logratio_clip=_finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True, float32=True),
@@ -170,9 +164,88 @@ def _checked_config(
         layout=_choice("layout", layout, LAYOUTS),
         implicit_acc_ties=_choice("implicit_acc_ties", implicit_acc_ties, ACC_TIE_RULES),
         loss_type=loss_type,
-        ipo_margin=ipo_margin,
-        dmpo_alpha=dmpo_alpha,
+        ipo_margin=_ipo_margin(loss_type, ipo_tau),
+        dmpo_alpha=_dmpo_alpha(loss_type, dmpo_alpha),
+        mapo_snr=mapo["mapo_snr"],
+        mapo_timesteps=mapo["mapo_timesteps"],
+        sdpo_mu=_sdpo_mu(loss_type, sdpo_mu),
     )
+
+
+def _ipo_margin(loss_type: str, ipo_tau) -> float:
+    """1 / (2 ipo_tau) of loss_type "ipo" (0 otherwise)."""
+    if loss_type != "ipo":
+        if ipo_tau is not None:
+            raise ValueError(f"ipo_tau is used by loss_type='ipo' only; got loss_type={loss_type!r}")
+        return 0.0
+    if ipo_tau is None:
+        raise ValueError(
+            "loss_type='ipo' needs ipo_tau, its regularization: loss = (z - 1 / (2 ipo_tau))^2 "
+            "(see docs/dropin.md for diffusers' --loss_type ipo)"
+        )
+    ipo_margin = 1.0 / (2.0 * _finite_float("ipo_tau", ipo_tau, positive=True))
+    if ipo_margin * ipo_margin > _FLOAT32_MAX:  # the loss (z - margin)^2 would be +inf for every z
+        raise ValueError(
+            f"ipo_tau={ipo_tau:g} gives a margin 1/(2 ipo_tau) = {ipo_margin:g} whose square, the ipo loss, is "
+            f"beyond float32's range ({_FLOAT32_MAX:.4g}); pass ipo_tau >= {0.5 / _FLOAT32_MAX**0.5:.3g}"
+        )
+    return ipo_margin
+
+
+def _dmpo_alpha(loss_type: str, dmpo_alpha) -> float | None:
+    if loss_type != "dmpo":
+        if dmpo_alpha is not None:
+            raise ValueError(f"dmpo_alpha is used by loss_type='dmpo' only; got loss_type={loss_type!r}")
+        return None
+    if dmpo_alpha is None:
+        raise ValueError(
+            "loss_type='dmpo' needs dmpo_alpha in (0, 1): loss = KL(p || q), p = sigmoid(z), q = 1 - dmpo_alpha "
+            "(Diffusion-SDPO's --dmpo_alpha; its script uses 0.01)"
+        )
+    dmpo_alpha = _finite_float("dmpo_alpha", dmpo_alpha)
+    if not (0.0 < dmpo_alpha < 1.0):
+        raise ValueError(
+            f"dmpo_alpha must be in (0, 1) (the target q = 1 - dmpo_alpha needs log q and log(1 - q)); got {dmpo_alpha}"
+        )
+    return dmpo_alpha
+
+
+def _sdpo_mu(loss_type: str, sdpo_mu) -> float | None:
+    if sdpo_mu is None:
+        return None
+    sdpo_mu = _finite_float("sdpo_mu", sdpo_mu)
+    if not (0.0 <= sdpo_mu <= 1.0):
+        raise ValueError(f"sdpo_mu must be in [0, 1] (Diffusion-SDPO's --winner_preserving_mu); got {sdpo_mu}")
+    if loss_type == "mapo":
+        raise ValueError("sdpo_mu applies to the reference-based pair losses, not to loss_type='mapo'")
+    return sdpo_mu
+
+
+def _mapo_options(loss_type, snr, timesteps, *, divergence, gamma, clip, beta_convention) -> dict:
+    """MaPO's s and T (its defaults where None; 0 for other loss types), and the options MaPO has no use for
+    refused by name: it has no reference, so no log-ratio for a divergence, a clip or a logit scale."""
+    given = {"mapo_snr": snr, "mapo_timesteps": timesteps}
+    if loss_type != "mapo":
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(f"{name} is used by loss_type='mapo' only; got loss_type={loss_type!r}")
+        return {name: 0.0 for name in given}
+    unused = {
+        "divergence": divergence.name != "reverse_kl",
+        "gamma": gamma != 1.0,
+        "logratio_clip": clip is not None,
+        "beta_convention": beta_convention != "half",
+    }
+    for name, is_set in unused.items():
+        if is_set:
+            raise ValueError(
+                f"loss_type='mapo' is reference-free (MaPO: e_w - beta * log sigmoid(T (phi(s e_w) - phi(s e_l)))): "
+                f"it has no reference log-ratio for {name} to act on; leave {name} at its default"
+            )
+    return {
+        name: _finite_float(name, MAPO_DEFAULTS[name] if value is None else value, positive=True)
+        for name, value in given.items()
+    }
 
 
 _cached_config = functools.lru_cache(maxsize=512, typed=True)(make_config)
@@ -323,7 +396,7 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
             f"dtype the loss computes in for {model_pred.dtype} model_pred; pass a larger clip"
         )
 
-    _check_reference(model_pred, ref_pred, ref_err, rows, layout)
+    _check_reference_side(config, model_pred, ref_pred, ref_err, mask, pair_weight, rows)
 
     if target is None:
         raise ValueError(
@@ -350,6 +423,27 @@ def check_inputs(config: FDPOConfig, model_pred, ref_pred, target, ref_err, mask
             )
         _check_fits_float32("pair_weight", pair_weight, model_pred)
     return num_pairs
+
+
+def _check_reference_side(config: FDPOConfig, model_pred, ref_pred, ref_err, mask, pair_weight, rows: int) -> None:
+    """The reference (MaPO has none: one given anyway is a mistake, not something to ignore), and the inputs a
+    head does not define."""
+    if config.loss_type != "mapo":
+        _check_reference(model_pred, ref_pred, ref_err, rows, config.layout)
+    else:
+        for name, t in (("ref_pred", ref_pred), ("ref_err", ref_err)):
+            if t is not None:
+                raise ValueError(
+                    f"loss_type='mapo' is reference-free (MaPO needs no reference model); got {name}: drop it (or "
+                    "choose a reference-based loss_type such as 'sigmoid')"
+                )
+        if pair_weight is not None:
+            raise ValueError("pair_weight is not defined for loss_type='mapo' (MaPO weighs every pair equally)")
+    if config.sdpo_mu is not None and mask is not None:
+        raise ValueError(
+            "sdpo_mu with a mask is not supported: Diffusion-SDPO's safeguard is defined on the unmasked errors "
+            "(pass mask=None, or drop sdpo_mu)"
+        )
 
 
 def _check_reference(model_pred, ref_pred, ref_err, rows: int, layout: str) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from ._validation import FDPOConfig, check_inputs, config_for, make_config
 from .backends import BACKENDS
+from .heads import composed_loss, is_composed
 from .ops import dispatch
 from .options import DEFAULTS, with_options
 from .stats import FDPOStats
@@ -60,6 +61,8 @@ def _apply(
             f"backend={name!r} supports float32, float16 and bfloat16 inputs; got {model_pred.dtype} "
             "(float64 runs on backend='cpu' or 'torch')"
         )
+    if is_composed(config):  # MaPO, the SDPO safeguard: their head runs on the same fused passes (heads.py)
+        return composed_loss(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight)
     loss, logits, sample_stats, summary, _ = op(
         model_pred, ref_pred, target, ref_err, mask, pair_weight, *config.op_scalars()
     )

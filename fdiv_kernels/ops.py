@@ -115,6 +115,14 @@ def _op_for(concrete: str, device_type: str) -> Callable:
     return _python_op(concrete)
 
 
+def backward_op_for(concrete: str, device_type: str) -> Callable:
+    """The backward op paired with ``_op_for(concrete, device_type)`` (for heads.py, whose autograd calls the fused
+    backward pass with coefficients of its own): ``op(grad_loss, model_pred, target, mask, grad_coef, interleaved)``."""
+    if concrete != "torch" and native_kernel(device_type) == concrete:
+        return torch.ops.fdiv_kernels.fdpo_backward.default
+    return lambda *args: fdpo_backward_py(*args, concrete)
+
+
 def native_kernel(device_type: str) -> Optional[str]:
     """The backend behind the native op on ``device_type`` tensors ("cpu", "cuda", "triton") or None (no C++
     extension, or no kernel for that device); the first ask on CUDA registers Triton where it is the answer."""

@@ -62,18 +62,37 @@ class LossOptions:
     loss_type: str = _option(
         "sigmoid",
         "the pair loss of the logit z, as diffusers' ``--loss_type``: ``sigmoid`` (default, ``-log sigmoid(z)``), "
-        "``hinge`` (``relu(1 - z)``), ``ipo`` (``(z - 1 / (2 ipo_tau))^2``) or ``dmpo`` (DMPO: ``KL(p || q)`` of "
-        "Bernoulli ``p = sigmoid(z)`` and ``q = 1 - dmpo_alpha``).",
-        ("sigmoid", "hinge", "ipo", "dmpo"),
+        "``hinge`` (``relu(1 - z)``), ``ipo`` (``(z - 1 / (2 ipo_tau))^2``), ``dmpo`` (DMPO: ``KL(p || q)`` of "
+        "Bernoulli ``p = sigmoid(z)`` and ``q = 1 - dmpo_alpha``) or ``mapo`` (MaPO, reference-free: "
+        "``e_w - beta * log sigmoid(T (phi(s e_w) - phi(s e_l)))``, ``phi(x) = x / (e^x - 1)``; no ``ref_pred``).",
+        ("sigmoid", "hinge", "ipo", "dmpo", "mapo"),
     )
     ipo_tau: float | None = _option(None, 'the regularization of ``loss_type="ipo"``.')
     dmpo_alpha: float | None = _option(
         None, 'the alpha of ``loss_type="dmpo"``, in (0, 1): the target win probability is ``q = 1 - dmpo_alpha``.'
     )
+    mapo_snr: float | None = _option(
+        None, "the ``s`` of ``loss_type=\"mapo\"`` (MaPO's ``--snr_value``), > 0; None: MaPO's default 0.5."
+    )
+    mapo_timesteps: float | None = _option(
+        None,
+        "the ``T`` of ``loss_type=\"mapo\"`` (the scheduler's ``num_train_timesteps``), > 0; None: MaPO's 1000.",
+    )
+    sdpo_mu: float | None = _option(
+        None,
+        "Diffusion-SDPO's winner-preserving safeguard, mu in [0, 1]: the losers' gradient is scaled by "
+        "``lambda = clamp((1 - mu) |g_w|^2 / (g_l . g_w), 0, 1)`` (1 where ``g_l . g_w <= 0``), ``g`` the "
+        "gradients of the batch-mean winner and loser errors; the loss value is unchanged. None: off.",
+    )
 
 
 OPTIONS: dict = {f.name: f for f in fields(LossOptions)}
 DEFAULTS: dict = {name: f.default for name, f in OPTIONS.items()}
+
+
+# Loss types whose head the fused kernels do not evaluate: their head runs in heads.py on the kernels' per-sample
+# errors (same fused reduction and backward passes). Their ids follow the kernels' and never reach the op.
+COMPOSED_LOSS_TYPES = ("mapo",)
 
 
 def choices(name: str) -> tuple:

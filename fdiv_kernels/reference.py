@@ -107,9 +107,14 @@ def fdpo_loss_reference(
     p = validate(model_pred, ref_pred, target, ref_err=ref_err, mask=mask, pair_weight=pair_weight, **options)
     c = p.config
     dtype = accumulate_dtype(model_pred.dtype)
+    if c.loss_type == "mapo":
+        return _mapo_reference(p, dtype, return_stats)
     model_err, ref_err_, err_gap = denoising_errors(p, dtype)
 
     gap_w, gap_l = _split_pairs(err_gap, p)
+    if c.sdpo_mu is not None:  # the losers' gradient times lambda; the value unchanged
+        lam = _sdpo_lambda_reference(p, dtype)
+        gap_l = gap_l.detach() + lam * (gap_l - gap_l.detach())
     weight = 1.0 if p.pair_weight is None else p.pair_weight.to(dtype)
     scale = 0.5 * c.beta * weight  # d = scale * (e_ref - e), then the soft clip
     # psi(clip(d_w)) - psi(clip(d_l)), differentiated through psi' and sech^2 evaluated directly (divergences.py),
@@ -142,3 +147,104 @@ def fdpo_loss_reference(
         logits, model_err, ref_err_, logratio, psi(c.divergence, logratio), c.implicit_acc_ties
     )
     return loss, stats
+
+
+def _sdpo_lambda_reference(p: FDPOProblem, dtype: torch.dtype) -> torch.Tensor:
+    """Diffusion-SDPO's lambda as its authors compute it (AIDC-AI/Diffusion-SDPO@84fb241:train.py:84-124): the
+    gradients of the batch-mean winner and loser squared errors by autograd, then clamp((1 - mu) |g_A|^2 /
+    (g_B . g_A + 1e-9), 0, 1) where g_B . g_A > 0, else 1."""
+    rows = 2 * p.num_pairs
+    pred = p.model_pred.detach().to(dtype).reshape(rows, -1)
+    target = _per_sample(p.target, p).to(dtype).reshape(rows, -1)
+    pred_w, pred_l = (t.clone().requires_grad_(True) for t in _split_pairs(pred, p))
+    target_w, target_l = _split_pairs(target, p)
+    with torch.enable_grad():
+        g_a = torch.autograd.grad(((pred_w - target_w) ** 2).mean(), pred_w)[0]
+        g_b = torch.autograd.grad(((pred_l - target_l) ** 2).mean(), pred_l)[0]
+    num, den = (g_a * g_a).sum(), (g_b * g_a).sum()
+    assert p.config.sdpo_mu is not None
+    lam = torch.where(den > 0, (1.0 - p.config.sdpo_mu) * num / (den + 1e-9), torch.ones_like(den))
+    return lam.clamp(0.0, 1.0).detach()
+
+
+def _mapo_phi_reference(x: torch.Tensor) -> torch.Tensor:
+    """x / (e^x - 1) by autograd (float64: its derivative's cancellation near 0 costs ~eps/x^2 there), 1 - x/2 +
+    x^2/12 below |x| = 1e-4 (the other branch's argument kept away from 0 so that its gradient is not NaN)."""
+    small = x.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, 1.0 - x / 2 + x * x / 12, safe / torch.expm1(safe))
+
+
+def _mapo_reference(p: FDPOProblem, dtype: torch.dtype, return_stats: bool):
+    """MaPO (mapo-t2i/mapo@374b3d3:utils.py:286-301): mean over pairs of e_w - beta * log sigmoid(T (phi(s e_w) -
+    phi(s e_l))), e the (masked) mean squared error, no reference."""
+    c = p.config
+    rows = 2 * p.num_pairs
+    pred = p.model_pred.to(dtype).reshape(rows, -1)
+    target = _per_sample(p.target, p).to(dtype).reshape(rows, -1)
+    mask = None if p.mask is None else _per_sample(p.mask, p).to(dtype).reshape(rows, -1)
+    zeros = torch.zeros(rows, dtype=dtype, device=pred.device)
+    model_err = _RowErrors.apply(pred, None, target, mask, zeros, c.err_reduction)[0]
+    x = c.mapo_snr * model_err
+    score = _mapo_phi_reference(x)
+    score_w, score_l = _split_pairs(score, p)
+    logits = c.mapo_timesteps * (score_w - score_l)
+    losses = _split_pairs(model_err, p)[0] - c.beta * F.logsigmoid(logits)
+    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[c.reduction]()
+    if not return_stats:
+        return loss
+    return loss, FDPOStats.from_tensors(logits, model_err, zeros, x.detach(), score.detach(), c.implicit_acc_ties)
+
+
+def kto_loss_reference(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor,
+    ref_err: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    kl: float | torch.Tensor | None = None,
+    kl_all_reduce: bool = False,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    return_stats: bool = False,
+    **options,
+):
+    """Diffusion-KTO (:func:`fdiv_kernels.fused_kto_loss`) in plain PyTorch, any number of rows N (no ``backend``)."""
+    from .heads import KTO_OPTIONS, _check_kto, kto_head, kto_reference_point, kto_stats
+
+    for name in options:
+        if name not in KTO_OPTIONS:
+            raise TypeError(
+                f"kto_loss_reference got an unexpected option {name!r}; its options are {list(KTO_OPTIONS)}"
+            )
+    weights = {"desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
+    labels = _check_kto(model_pred, target, mask, labels, kl, weights, fused=False)
+    n = model_pred.shape[0]
+
+    def rows_even(t):  # validate() checks the tensors as a paired batch: an odd N is checked with its last row twice
+        return t if t is None or n % 2 == 0 else torch.cat([t, t[-1:]])
+
+    config = validate(
+        rows_even(model_pred),
+        rows_even(ref_pred),
+        rows_even(target),
+        ref_err=rows_even(ref_err),
+        mask=rows_even(mask),
+        pair_weight=None,
+        **options,
+    ).config
+    dtype = accumulate_dtype(model_pred.dtype)
+    pred = model_pred.to(dtype).reshape(n, -1)
+    ref = None if ref_pred is None else ref_pred.to(dtype).reshape(n, -1)
+    tgt = target.to(dtype).reshape(n, -1)
+    msk = None if mask is None else mask.to(dtype).reshape(n, -1)
+    ref_e = None if ref_err is None else ref_err.to(dtype)
+    model_err, ref_err_, err_gap = _RowErrors.apply(pred, ref, tgt, msk, ref_e, config.err_reduction)
+    kl_point = kto_reference_point(err_gap, kl, kl_all_reduce)
+    losses, logits = kto_head(err_gap, labels, kl_point, config, (float(desirable_weight), float(undesirable_weight)))
+    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[config.reduction]()
+    if not return_stats:
+        return loss
+    return loss, kto_stats(logits, model_err, ref_err_, err_gap, kl_point, config)

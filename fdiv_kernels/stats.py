@@ -24,16 +24,17 @@ class FDPOStats:
 
     It holds the kernels' three outputs as they come (``logits`` [B], ``sample_stats`` [4, 2B], ``summary`` [3]);
     each statistic is a view taken when it is read, so ``return_stats=True`` costs a training step nothing it
-    does not use.
+    does not use. ``extra``: statistics of the heads that have more (heads.py: ``sdpo_lambda``, KTO's ``kl``).
     """
 
-    __slots__ = ("logits", "sample_stats", "summary")
+    __slots__ = ("logits", "sample_stats", "summary", "extra")
     NAMES = ("logits", "model_err", "ref_err", "logratio", "reward", "implicit_acc", "raw_model_loss", "raw_ref_loss")
 
     def __init__(self, logits: torch.Tensor, sample_stats: torch.Tensor, summary: torch.Tensor):
         self.logits = logits
         self.sample_stats = sample_stats  # rows: model_err, ref_err, logratio, reward
         self.summary = summary  # implicit_acc, raw_model_loss, raw_ref_loss
+        self.extra: dict[str, torch.Tensor] = {}
 
     model_err = property(lambda self: self.sample_stats[0])
     ref_err = property(lambda self: self.sample_stats[1])

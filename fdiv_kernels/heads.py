@@ -1,0 +1,368 @@
+"""Preference losses whose head runs on the fused kernels' per-sample errors: MaPO, Diffusion-KTO and the
+Diffusion-SDPO safeguard.
+
+The data passes are fused_fdpo_loss's own, on every backend: the dispatched op's forward reads each row once and
+returns the per-sample errors (``e``, ``e_ref`` and ``e_ref - e`` accumulated directly), and its backward writes
+the gradient in one elementwise pass, ``grad = c_i * mask * (pred - target)``. Only the head between them differs:
+here it is PyTorch on ``[2B]``-sized tensors, differentiated by autograd in the per-sample errors
+(:class:`_SampleErrors` turns ``dL/de_i`` into the backward pass's ``c_i``), where the kernels' built-in heads
+(sigmoid, hinge, ipo, dmpo) are evaluated in-register in the forward's epilogue. A few launches on ``B`` numbers
+each, independent of the sample size. A new head of this shape is a function of ``(e, e_ref, e_ref - e)``.
+
+The float64 reference of each head is written independently in reference.py; tests/test_heads.py checks both
+against the authors' formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import FDPOConfig, check_inputs, config_for
+from .backends.common import accumulate_dtype
+from .divergences import clipped_psi_diff, psi, soft_clip
+from .ops import backward_op_for, dispatch
+from .stats import FDPOStats
+
+# ---------------------------------------------------------------------------------------------------------------
+# The differentiable per-sample errors on the fused passes.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _errors_config(config: FDPOConfig) -> FDPOConfig:
+    """The op configuration whose statistics are the plain per-sample errors: beta = 2 ("half") makes
+    ``d = e_ref - e`` exactly, reduction "none" skips the loss reduction; the user's error reduction and layout."""
+    return config_for(
+        {"beta": 2.0, "reduction": "none", "err_reduction": config.err_reduction, "layout": config.layout}
+    )
+
+
+def _row_inv(model_pred: torch.Tensor, mask: torch.Tensor | None, config: FDPOConfig) -> torch.Tensor:
+    """Per row, d e / d (pred - target)^2 summed: 1/D, 1/(sum of the row's mask; 0 for an empty one) or 1, as the
+    kernels' ``inv`` (divergences.row_errors is the reference's twin)."""
+    rows = model_pred.shape[0]
+    acc = accumulate_dtype(model_pred.dtype)
+    if config.err_reduction == "sum":
+        return torch.ones(rows, dtype=acc, device=model_pred.device)
+    if mask is None or config.err_reduction == "mean_all":
+        return torch.full((rows,), 1.0 / (model_pred.numel() // rows), dtype=acc, device=model_pred.device)
+    count = mask.reshape(mask.shape[0], -1).sum(dim=1, dtype=acc)
+    if count.shape[0] != rows:  # one mask shared by the two samples of each pair
+        count = count.repeat_interleave(2) if config.interleaved else torch.cat([count, count])
+    return torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+
+
+class _SampleErrors(torch.autograd.Function):
+    """``[4, rows]`` statistics of the fused forward (rows: e, e_ref, e_ref - e, and an unused fourth), differentiable
+    in model_pred through rows 0 and 2: the backward is the fused backward pass with ``c_i = 2 inv_i (dL/de_i -
+    dL/d(e_ref - e)_i)``. The op runs below autograd; validation has refused reference, target and mask tensors
+    that require grad."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, ref_err, mask, config: FDPOConfig, backend: str):
+        name, op = dispatch(backend, model_pred.device)
+        fparams, iparams = _errors_config(config).op_scalars()
+        stats = op(model_pred, ref_pred, target, ref_err, mask, None, fparams, iparams)[2]
+        ctx.save_for_backward(model_pred, target, mask, _row_inv(model_pred, mask, config))
+        ctx.backward_op = backward_op_for(name, model_pred.device.type)
+        ctx.interleaved = config.interleaved
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        model_pred, target, mask, inv = ctx.saved_tensors
+        coef = (2.0 * inv) * (grad_stats[0] - grad_stats[2])
+        unit = torch.ones((), dtype=coef.dtype, device=coef.device)
+        grad = ctx.backward_op(unit, model_pred, target, mask, coef.contiguous(), ctx.interleaved)
+        return grad, None, None, None, None, None, None
+
+
+def sample_errors(model_pred, ref_pred, target, ref_err, mask, config: FDPOConfig, backend: str):
+    """(e, e_ref, e_ref - e) per row on the fused passes; e and e_ref - e carry model_pred's gradient."""
+    stats = _SampleErrors.apply(model_pred, ref_pred, target, ref_err, mask, config, backend)
+    return stats[0], stats[1].detach(), stats[2]
+
+
+def _split(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row [2B] (or [2B, ...]) -> winners, losers."""
+    return (x[0::2], x[1::2]) if interleaved else x.chunk(2)
+
+
+def _join(w: torch.Tensor, l: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return torch.stack([w, l], dim=1).flatten() if interleaved else torch.cat([w, l])
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    return losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MaPO (mapo-t2i/mapo@374b3d3:utils.py:286-301): e_w - beta * log sigmoid(T (phi(s e_w) - phi(s e_l))).
+# ---------------------------------------------------------------------------------------------------------------
+
+_PHI_SERIES_BELOW = 0.5  # |x| below: Taylor series (x / expm1(x) is 0/0 at 0, its derivative cancels near 0)
+
+
+def mapo_phi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi(x) = x / (e^x - 1) and phi'(x), accurate to a few ulps for every x (tests/test_heads.py checks against
+    mpmath). Below |x| = 0.5 the Bernoulli series (terms to x^8, remainder < 1e-10); above it x / expm1(x), 0 once
+    e^x overflows, and phi' = (phi / x)(1 - phi - x), which does not cancel there (phi(-x) = phi(x) + x)."""
+    small = x.abs() < _PHI_SERIES_BELOW
+    xs = torch.where(small, x, torch.zeros_like(x))
+    u = xs * xs
+    phi_series = 1.0 - 0.5 * xs + u * (1.0 / 12 + u * (-1.0 / 720 + u * (1.0 / 30240 - u / 1209600)))
+    slope_series = -0.5 + xs * (1.0 / 6 + u * (-1.0 / 180 + u * (1.0 / 5040 - u / 151200)))
+    xl = torch.where(small, torch.ones_like(x), x)
+    phi_direct = xl / torch.expm1(xl)
+    slope_direct = (phi_direct / xl) * (1.0 - phi_direct - xl)
+    return torch.where(small, phi_series, phi_direct), torch.where(small, slope_series, slope_direct)
+
+
+def _with_slope(value: torch.Tensor, slope: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``value`` whose autograd derivative in ``x`` is ``slope`` (both computed stably, not differentiated)."""
+    return value.detach() + (x - x.detach()) * slope.detach()
+
+
+def mapo_loss(model_pred, target, mask, config: FDPOConfig, backend: str, return_stats: bool):
+    """loss_type="mapo": reference-free; the kernels' reference side reads cached errors of 0 (a [2B] vector)."""
+    rows = model_pred.shape[0]
+    zeros = torch.zeros(rows, dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
+    e, _, _ = sample_errors(model_pred, None, target, zeros, mask, config, backend)
+    x = config.mapo_snr * e
+    phi_value, phi_slope = mapo_phi(x.detach())
+    score = _with_slope(phi_value, phi_slope, x)  # phi(s e), MaPO's "Win Score" / "Lose Score"
+    score_w, score_l = _split(score, config.interleaved)
+    e_w, _ = _split(e, config.interleaved)
+    logits = config.mapo_timesteps * (score_w - score_l)
+    loss = _reduce(e_w - config.beta * F.logsigmoid(logits), config.reduction)
+    if not return_stats:
+        return loss
+    stats = FDPOStats.from_tensors(logits, e, zeros, x, score, config.implicit_acc_ties)
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion-SDPO's winner-preserving safeguard (AIDC-AI/Diffusion-SDPO@84fb241:train.py:84-124, 1196-1202).
+# ---------------------------------------------------------------------------------------------------------------
+
+_SDPO_EPS = 1e-9  # added to g_l . g_w, as the authors' get_adaptive_lose_l_scale
+
+
+def sdpo_lambda(model_pred: torch.Tensor, target: torch.Tensor, config: FDPOConfig) -> torch.Tensor:
+    """lambda = clamp((1 - mu) |g_w|^2 / (g_l . g_w + 1e-9), 0, 1) where g_l . g_w > 0, else 1; g = 2 r / n, the
+    gradients of the batch-mean squared errors of the winners and of the losers (n elements each), on the device,
+    no host sync. The cross term needs winner and loser residuals together: two dot products over the batch
+    (residuals in the accumulate dtype), a pass the fused forward does not make."""
+    acc = accumulate_dtype(model_pred.dtype)
+    pred = model_pred.reshape(model_pred.shape[0], -1)
+    tgt = target.reshape(target.shape[0], -1)
+    pred_w, pred_l = _split(pred, config.interleaved)
+    tgt_w, tgt_l = _split(tgt, config.interleaved) if tgt.shape[0] == pred.shape[0] else (tgt, tgt)
+    r_w = (pred_w.to(acc) - tgt_w.to(acc)).flatten()
+    r_l = (pred_l.to(acc) - tgt_l.to(acc)).flatten()
+    scale = (2.0 / r_w.numel()) ** 2
+    num = scale * torch.dot(r_w, r_w)
+    den = scale * torch.dot(r_w, r_l)
+    assert config.sdpo_mu is not None
+    cap = (1.0 - config.sdpo_mu) * num / (den + _SDPO_EPS)
+    return torch.where(den > 0, cap, torch.ones_like(cap)).clamp(0.0, 1.0)
+
+
+class _WinnerPreserving(torch.autograd.Function):
+    """The fused op's forward unchanged; its backward with the losers' coefficients times lambda (the loss value
+    of ``sg(e_l) + lambda (e_l - sg(e_l))`` is that of e_l)."""
+
+    @staticmethod
+    def forward(ctx, model_pred, ref_pred, target, ref_err, pair_weight, config: FDPOConfig, backend: str):
+        name, op = dispatch(backend, model_pred.device)
+        loss, logits, stats, summary, coef = op(
+            model_pred, ref_pred, target, ref_err, None, pair_weight, *config.op_scalars()
+        )
+        lam = sdpo_lambda(model_pred, target, config)
+        is_loser = torch.zeros_like(coef, dtype=torch.bool)
+        _split(is_loser, config.interleaved)[1].fill_(True)
+        ctx.save_for_backward(model_pred, target, torch.where(is_loser, coef * lam, coef))
+        ctx.backward_op = backward_op_for(name, model_pred.device.type)
+        ctx.interleaved = config.interleaved
+        ctx.mark_non_differentiable(logits, stats, summary, lam)
+        ctx.set_materialize_grads(False)
+        return loss, logits, stats, summary, lam
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stat_grads):
+        grad = None
+        if grad_loss is not None and ctx.needs_input_grad[0]:
+            model_pred, target, coef = ctx.saved_tensors
+            grad = ctx.backward_op(grad_loss.contiguous(), model_pred, target, None, coef, ctx.interleaved)
+        return grad, None, None, None, None, None, None
+
+
+def sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config: FDPOConfig, backend: str, return_stats):
+    loss, logits, stats, summary, lam = _WinnerPreserving.apply(
+        model_pred, ref_pred, target, ref_err, pair_weight, config, backend
+    )
+    if not return_stats:
+        return loss
+    out = FDPOStats.from_kernel(logits, stats, summary)
+    out.extra = {"sdpo_lambda": lam}
+    return loss, out
+
+
+def composed_loss(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight):
+    """fused_fdpo_loss for the heads that run here (check_inputs has run)."""
+    if config.loss_type == "mapo":
+        return mapo_loss(model_pred, target, mask, config, backend, return_stats)
+    return sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config, backend, return_stats)
+
+
+def is_composed(config: FDPOConfig) -> bool:
+    return config.loss_type == "mapo" or config.sdpo_mu is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diffusion-KTO (jacklishufan/diffusion-kto@226bbd0:train_kto_sd_v1.5.py:1451-1483): unpaired rows with labels.
+# ---------------------------------------------------------------------------------------------------------------
+
+KTO_OPTIONS = (
+    "beta",
+    "beta_convention",
+    "divergence",
+    "alpha",
+    "gamma",
+    "err_reduction",
+    "logratio_clip",
+    "reduction",
+    "implicit_acc_ties",
+)
+
+
+def _check_kto(model_pred, target, mask, labels, kl, weights: dict, fused: bool = True) -> torch.Tensor:
+    """The unpaired side of KTO's arguments (check_inputs then checks the tensors as rows of the op); the labels
+    as a bool [N]. ``fused``: the kernels' even number of rows."""
+    if not isinstance(model_pred, torch.Tensor):
+        raise TypeError(f"model_pred must be a torch.Tensor; got {type(model_pred).__name__}")
+    n = model_pred.shape[0] if model_pred.dim() else 0
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(
+            f"labels must be a torch.Tensor [N] of desirable (True/1) / undesirable (False/0) flags, one per row of "
+            f"model_pred; got {type(labels).__name__}"
+        )
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape [N] = ({n},), one per row of model_pred; got {tuple(labels.shape)}")
+    if labels.device != model_pred.device:
+        raise ValueError(f"labels is on {labels.device} but model_pred is on {model_pred.device}")
+    if labels.dtype != torch.bool:  # bool labels need no check (and no host sync)
+        if labels.is_floating_point() or labels.is_complex() or not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("labels must be bool, or integers 0 (undesirable) and 1 (desirable)")
+        labels = labels.bool()
+    if n == 0 or (fused and n % 2):
+        raise ValueError(
+            f"model_pred has {n} rows; the fused kernels read rows two at a time, so fused_kto_loss needs an even, "
+            "non-zero number of rows (kto_loss_reference takes any N)"
+        )
+    for name, t in (("target", target), ("mask", mask)):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] != n:
+            raise ValueError(f"{name} must have one row per sample, [N, ...] with N = {n}; got {tuple(t.shape)}")
+    for name, value in weights.items():
+        if not isinstance(value, (int, float)) or not (0.0 <= float(value) < float("inf")):
+            raise ValueError(f"{name} must be a finite number >= 0 (KTO's lambda_d / lambda_u); got {value!r}")
+    if kl is not None and not (isinstance(kl, (int, float)) or (isinstance(kl, torch.Tensor) and kl.numel() == 1)):
+        raise TypeError(f"kl must be a number or a one-element tensor (the batch's mean log-ratio); got {kl!r}")
+    return labels
+
+
+def kto_reference_point(diff: torch.Tensor, kl, all_reduce: bool) -> torch.Tensor:
+    """KTO's detached reference point max(0, KL), KL = the batch mean of e_ref - e: the caller's ``kl``, or this
+    call's mean, averaged over processes when ``all_reduce`` (never silently per process: with several processes
+    and neither, it raises)."""
+    if kl is not None:
+        value = torch.as_tensor(kl, dtype=diff.dtype, device=diff.device).reshape(())
+        return value.detach().clamp(min=0.0)
+    value = diff.detach().mean()
+    dist = torch.distributed
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if several and not all_reduce:
+        raise ValueError(
+            "fused_kto_loss under torch.distributed with several processes: KTO's reference point is the mean "
+            "log-ratio of the whole batch; pass kl_all_reduce=True (all-reduced here) or kl= (computed by you)"
+        )
+    if several:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / dist.get_world_size()
+    return value.clamp(min=0.0)
+
+
+def kto_head(diff, labels, kl_point, config: FDPOConfig, weights: tuple[float, float]):
+    """Per-row KTO loss w_y (1 - sigmoid(z_y)), z_y = +-gamma (psi(d) - psi(d_KL)), d = beta/2 (e_ref - e) (both
+    through the clip), and the logits z_y. reverse_kl: z_y = +-beta/2 (e_ref - e - KL), the authors' formula."""
+    scale = 0.5 * config.beta
+    margin = clipped_psi_diff(config.divergence, diff, kl_point.expand_as(diff), config.logratio_clip, scale=scale)
+    sign = torch.where(labels, 1.0, -1.0).to(diff.dtype)
+    logits = config.gamma * sign * margin
+    weight = torch.where(labels, weights[0], weights[1]).to(diff.dtype)
+    return weight * torch.sigmoid(-logits), logits
+
+
+def kto_stats(logits, e, e_ref, diff, kl_point, config: FDPOConfig) -> FDPOStats:
+    logratio = soft_clip(0.5 * config.beta * diff.detach(), config.logratio_clip)
+    stats = FDPOStats.from_tensors(
+        logits, e, e_ref, logratio, psi(config.divergence, logratio), config.implicit_acc_ties
+    )
+    stats.extra = {"kl": kl_point}
+    return stats
+
+
+def fused_kto_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor,
+    ref_err: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    kl: float | torch.Tensor | None = None,
+    kl_all_reduce: bool = False,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    return_stats: bool = False,
+    backend: str = "auto",
+    **options,
+):
+    """Diffusion-KTO on the fused passes: unpaired rows, each desirable or not.
+
+    ``loss_i = w_y (1 - sigmoid(z_i))``, ``z_i = +-gamma (psi(d_i) - psi(d_KL))`` (+ for desirable rows),
+    ``d_i = beta/2 (e_ref_i - e_i)`` (``beta_convention="full"``: ``beta (e_ref_i - e_i)``, the authors'
+    ``beta_dpo``), ``d_KL`` the same of the detached reference point ``max(0, KL)``. With ``divergence="reverse_kl"``
+    this is jacklishufan/diffusion-kto's loss (``--halo sigmoid``, ``--bce_offset none``).
+
+    Args:
+        model_pred: policy predictions ``[N, *S]`` (any order of desirable and undesirable rows; N even).
+        ref_pred, ref_err: reference predictions ``[N, *S]`` or cached reference errors ``[N]`` (exactly one).
+        target: ``[N, *S]``. mask: per-element weights ``[N, *S]``.
+        labels: ``[N]``: True (or 1) desirable, False (or 0) undesirable. Bool labels cost no check.
+        kl: the reference point's KL, the mean of ``e_ref - e`` over the global batch, already all-reduced by the
+            caller; None: computed from this call's rows (detached).
+        kl_all_reduce: with ``kl=None`` under ``torch.distributed``, average KL over processes (an all-reduce of
+            one number, as the authors' ``accelerator.reduce``); several processes without it (or ``kl``) raise.
+        desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
+        beta, beta_convention, divergence, alpha, gamma, err_reduction, logratio_clip, reduction (over the N rows),
+            implicit_acc_ties: as in :func:`fused_fdpo_loss`.
+        return_stats: also return :class:`FDPOStats` with per-row ``logits`` z, errors, log-ratios, rewards,
+            ``implicit_acc`` (mean of z > 0) and ``extra["kl"]``, the reference point used.
+        backend: as in :func:`fused_fdpo_loss`.
+    """
+    for name in options:
+        if name not in KTO_OPTIONS:
+            raise TypeError(f"fused_kto_loss got an unexpected option {name!r}; its options are {list(KTO_OPTIONS)}")
+    config = config_for(options)
+    weights = {"desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
+    labels = _check_kto(model_pred, target, mask, labels, kl, weights)
+    check_inputs(config, model_pred, ref_pred, target, ref_err, mask, None)
+    e, e_ref, diff = sample_errors(model_pred, ref_pred, target, ref_err, mask, config, backend)
+    kl_point = kto_reference_point(diff, kl, kl_all_reduce)
+    losses, logits = kto_head(diff, labels, kl_point, config, (float(desirable_weight), float(undesirable_weight)))
+    loss = _reduce(losses, config.reduction)
+    if not return_stats:
+        return loss
+    return loss, kto_stats(logits, e, e_ref, diff, kl_point, config)
