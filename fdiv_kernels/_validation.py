@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .divergences import Divergence, get_divergence
-from .options import COMPOSED_LOSS_TYPES, DEFAULTS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
+from .options import COMPOSED_LOSS_TYPES, DEFAULTS, HEADS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
 
 REDUCTIONS = ids("reduction")
 # Per-sample error: masked mean, sum, or mean over all elements (sum m r^2 / D, e.g. SimpleTuner's norm_type="mean").
@@ -138,11 +138,14 @@ def _checked_config(
             "target, labels=...) instead of fused_fdpo_loss"
         )
     loss_type = _choice("loss_type", loss_type, choices("loss_type"))
-    if loss_type != "sigmoid" and eps > 0:
-        raise ValueError(
-            f"label_smoothing applies to loss_type='sigmoid' only; got loss_type={loss_type!r} with "
-            f"label_smoothing={eps}"
-        )
+    _check_head_options(
+        loss_type,
+        label_smoothing=eps,
+        ipo_tau=ipo_tau,
+        dmpo_alpha=dmpo_alpha,
+        mapo_snr=mapo_snr,
+        mapo_timesteps=mapo_timesteps,
+    )
     gamma = _finite_float("gamma", gamma, positive=True, float32=True)
     mapo = _mapo_options(
         loss_type,
@@ -172,11 +175,20 @@ def _checked_config(
     )
 
 
+def _check_head_options(loss_type: str, **values) -> None:
+    """An option that belongs to another head (options.HEADS) and is set: an error naming both."""
+    for head_name, head in HEADS.items():
+        for name in head.options:
+            if head_name != loss_type and values[name] != DEFAULTS[name]:
+                raise ValueError(
+                    f"{name} is used by loss_type={head_name!r} only; got loss_type={loss_type!r} with "
+                    f"{name}={values[name]!r}"
+                )
+
+
 def _ipo_margin(loss_type: str, ipo_tau) -> float:
     """1 / (2 ipo_tau) of loss_type "ipo" (0 otherwise)."""
     if loss_type != "ipo":
-        if ipo_tau is not None:
-            raise ValueError(f"ipo_tau is used by loss_type='ipo' only; got loss_type={loss_type!r}")
         return 0.0
     if ipo_tau is None:
         raise ValueError(
@@ -194,8 +206,6 @@ def _ipo_margin(loss_type: str, ipo_tau) -> float:
 
 def _dmpo_alpha(loss_type: str, dmpo_alpha) -> float | None:
     if loss_type != "dmpo":
-        if dmpo_alpha is not None:
-            raise ValueError(f"dmpo_alpha is used by loss_type='dmpo' only; got loss_type={loss_type!r}")
         return None
     if dmpo_alpha is None:
         raise ValueError(
@@ -226,9 +236,6 @@ def _mapo_options(loss_type, snr, timesteps, *, divergence, gamma, clip, beta_co
     refused by name: it has no reference, so no log-ratio for a divergence, a clip or a logit scale."""
     given = {"mapo_snr": snr, "mapo_timesteps": timesteps}
     if loss_type != "mapo":
-        for name, value in given.items():
-            if value is not None:
-                raise ValueError(f"{name} is used by loss_type='mapo' only; got loss_type={loss_type!r}")
         return {name: 0.0 for name in given}
     unused = {
         "divergence": divergence.name != "reverse_kl",

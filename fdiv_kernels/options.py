@@ -22,6 +22,57 @@ def _option(default, doc: str, choices: tuple | None = None):
 
 
 @dataclass(frozen=True)
+class Head:
+    """One pair loss of ``loss_type``: what it computes, where, from what, and the options that belong to it."""
+
+    loss: str  # the per-pair loss (docs)
+    derivative: str  # what the backward's per-row coefficient comes from (docs)
+    logs: str  # what FDPOStats holds for it beyond the common statistics (docs)
+    source: str  # the authors' code it reproduces
+    kernel: bool = True  # evaluated in the kernels' pair epilogue (id = position); else heads.py (composed)
+    reference: bool = True  # needs ref_pred or ref_err
+    options: tuple = ()  # the options only this head reads (set for another head: an error naming both)
+
+
+# The table of pair heads, in the kernels' id order (csrc/fdpo_math.h LossType, the Triton constants; tests/
+# test_ops.py compares); composed heads (kernel=False) after them. docs/api.md's table of heads is generated
+# from it (tests/test_heads_table.py). Unpaired Diffusion-KTO is fused_kto_loss (heads.py), not a pair head.
+HEADS: dict[str, Head] = {
+    "sigmoid": Head(
+        "-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)",
+        "dL/dz in the epilogue",
+        "-",
+        "Diffusion-DPO; diffusers train_diffusion_dpo*.py --loss_type sigmoid",
+        options=("label_smoothing",),
+    ),
+    "hinge": Head("relu(1 - z)", "dL/dz in the epilogue", "-", "diffusers train_diffusion_dpo.py --loss_type hinge"),
+    "ipo": Head(
+        "(z - 1 / (2 ipo_tau))^2",
+        "dL/dz in the epilogue",
+        "-",
+        "diffusers train_diffusion_dpo.py --loss_type ipo",
+        options=("ipo_tau",),
+    ),
+    "dmpo": Head(
+        "KL(p ‖ q), p = sigmoid(z), q = 1 - dmpo_alpha",
+        "dL/dz = p (1 - p) (z - logit q) in the epilogue",
+        "-",
+        "AIDC-AI/Diffusion-SDPO@84fb241 train.py:1220-1233",
+        options=("dmpo_alpha",),
+    ),
+    "mapo": Head(
+        "e_w - beta log sigmoid(T (phi(s e_w) - phi(s e_l))), phi(x) = x / (e^x - 1)",
+        "autograd of the head in e (heads.py), then the fused backward pass",
+        "logratio = s e, reward = phi(s e) (MaPO's Win/Lose Score); ref_err = 0",
+        "mapo-t2i/mapo@374b3d3 utils.py:286-301",
+        kernel=False,
+        reference=False,
+        options=("mapo_snr", "mapo_timesteps"),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class LossOptions:
     """The scalar options of the loss, in the order help() shows them. ``choices`` are listed in id order where the
     kernels take an id (csrc/fdpo_math.h; tests/test_ops.py compares)."""
@@ -61,11 +112,11 @@ class LossOptions:
     )
     loss_type: str = _option(
         "sigmoid",
-        "the pair loss of the logit z, as diffusers' ``--loss_type``: ``sigmoid`` (default, ``-log sigmoid(z)``), "
+        "the pair loss (``HEADS``): ``sigmoid`` (default, ``-log sigmoid(z)``; diffusers' ``--loss_type``), "
         "``hinge`` (``relu(1 - z)``), ``ipo`` (``(z - 1 / (2 ipo_tau))^2``), ``dmpo`` (DMPO: ``KL(p || q)`` of "
         "Bernoulli ``p = sigmoid(z)`` and ``q = 1 - dmpo_alpha``) or ``mapo`` (MaPO, reference-free: "
         "``e_w - beta * log sigmoid(T (phi(s e_w) - phi(s e_l)))``, ``phi(x) = x / (e^x - 1)``; no ``ref_pred``).",
-        ("sigmoid", "hinge", "ipo", "dmpo", "mapo"),
+        tuple(HEADS),
     )
     ipo_tau: float | None = _option(None, 'the regularization of ``loss_type="ipo"``.')
     dmpo_alpha: float | None = _option(
@@ -92,7 +143,19 @@ DEFAULTS: dict = {name: f.default for name, f in OPTIONS.items()}
 
 # Loss types whose head the fused kernels do not evaluate: their head runs in heads.py on the kernels' per-sample
 # errors (same fused reduction and backward passes). Their ids follow the kernels' and never reach the op.
-COMPOSED_LOSS_TYPES = ("mapo",)
+COMPOSED_LOSS_TYPES = tuple(name for name, head in HEADS.items() if not head.kernel)
+
+
+def heads_table() -> str:
+    """docs/api.md's table of the pair heads, from ``HEADS``."""
+    rows = ["| `loss_type=` | per-pair loss | backward coefficient from | also logs | options | runs in | reproduces |"]
+    rows.append("|---|---|---|---|---|---|---|")
+    for name, h in HEADS.items():
+        options = ", ".join(f"`{o}`" for o in h.options) or "-"
+        where = "kernel epilogue" if h.kernel else "heads.py on the fused passes"
+        where += "" if h.reference else "; no reference"
+        rows.append(f"| `{name}` | `{h.loss}` | {h.derivative} | {h.logs} | {options} | {where} | {h.source} |")
+    return "\n".join(rows)
 
 
 def choices(name: str) -> tuple:

@@ -172,14 +172,14 @@ def test_mean_all_is_the_flow_trainers_masked_mean_over_every_element(backend, s
         (dict(loss_type="ipo"), r"loss_type='ipo' needs ipo_tau"),
         (dict(loss_type="hinge", ipo_tau=0.1), r"ipo_tau is used by loss_type='ipo' only"),
         (dict(loss_type="ipo", ipo_tau=-1.0), r"ipo_tau must be > 0"),
-        (dict(loss_type="hinge", label_smoothing=0.1), r"label_smoothing applies to loss_type='sigmoid' only"),
+        (dict(loss_type="hinge", label_smoothing=0.1), r"label_smoothing is used by loss_type=.sigmoid. only"),
         (dict(loss_type="logistic"), r"loss_type='logistic' is not supported; expected one of \['sigmoid'"),
         (dict(loss_type="dmpo"), r"loss_type='dmpo' needs dmpo_alpha in \(0, 1\)"),
         (dict(loss_type="dmpo", dmpo_alpha=0.0), r"dmpo_alpha must be in \(0, 1\).*got 0.0"),
         (dict(loss_type="dmpo", dmpo_alpha=1.0), r"dmpo_alpha must be in \(0, 1\).*got 1.0"),
         (dict(loss_type="dmpo", dmpo_alpha=float("nan")), r"dmpo_alpha must be finite"),
         (dict(loss_type="sigmoid", dmpo_alpha=0.01), r"dmpo_alpha is used by loss_type='dmpo' only"),
-        (dict(loss_type="dmpo", dmpo_alpha=0.01, label_smoothing=0.1), r"label_smoothing applies to loss_type="),
+        (dict(loss_type="dmpo", dmpo_alpha=0.01, label_smoothing=0.1), r"label_smoothing is used by loss_type="),
         (
             dict(err_reduction="max"),
             r"err_reduction='max' is not supported; expected one of \['mean', 'sum', "
