@@ -33,11 +33,13 @@ TARGETS = {
         "frontier",
         "frontier-novel",
         "labels",
+        "noisy-frontier",
+        "control",
         "confirm",
     ),
 }
 # The frontiers committed under results/study/NAME/ (frontier.json, each with its generated frontier.md).
-FRONTIER_FOLDERS = ("frontier", "frontier_novel")
+FRONTIER_FOLDERS = ("frontier", "frontier_novel", "frontier_noisy", "frontier_control")
 # A tie is "no difference detected", not "the same": equivalence is claimed only within a stated margin, a tenth of
 # the measure's range over the frontier's models (base to most collapsed), by TOST (90% t-interval over seeds).
 MARGIN_FRACTION = 0.1
@@ -652,6 +654,105 @@ def confirm_block(folder: Path) -> str:
     return "\n".join(lines)
 
 
+# The positive control of the frontier test (issue 24): reverse KL trained on much noisier labels (label
+# temperature 0.2) against the committed clean-label reverse-KL frontier, same seeds, strengths and settings.
+CONTROL = {"folder": "frontier_control", "against": "frontier", "label_temperature": 0.2}
+CONTROL_COMMAND = (
+    "python -m fdpo_study study --frontier --divergences reverse_kl --label-temperature 0.2 "
+    "--gammas 0.3,1,3,10,30,100 --seeds 0,1,2,3,4 --output results/study/frontier_control"
+)
+NOISY_COMMAND = (
+    "python -m fdpo_study study --frontier --label-temperature 0.05 --gammas 1,3,10,30 --seeds 0,1,2 "
+    "--output results/study/frontier_noisy"
+)
+
+
+def _frontier_cube(folder: Path, divergence: str, gammas, seeds, key: str):
+    """``[seeds, gammas, prompts]`` per-prompt values of one divergence's finished runs in a frontier folder."""
+    import numpy as np
+
+    def values(g, s):
+        return read_json(folder / "results" / f"{divergence}_g{g:g}_s{s}.json")["metrics"][key]["per_prompt"]
+
+    return np.array([[values(g, s) for g in gammas] for s in seeds], float)
+
+
+def control_block(results: Path) -> str:
+    """The positive control: the frontier test (bootstrap.frontier_gap, as in the frontier tables) of reverse KL on
+    noisy labels against reverse KL on clean labels; also the reward the noise costs at each strength."""
+    folder, against = results / CONTROL["folder"], results / CONTROL["against"]
+    control, clean = _load(folder / "frontier.json"), _load(against / "frontier.json")
+    if control is None or clean is None or not control.get("complete_seeds"):
+        return f"Not run yet in this checkout: `{CONTROL_COMMAND}`, then `python -m fdpo_study study-report`."
+    seeds = [s for s in control["complete_seeds"] if s in clean["complete_seeds"]]
+    gammas = [g for g in control["config"]["gammas"] if g in clean["config"]["gammas"]]
+    differing = {
+        k
+        for k in ("pairs", "steps", "batch_size", "learning_rate", "beta", "base")
+        if control["config"].get(k) != clean["config"].get(k)
+    }
+    if differing or len(seeds) < 2 or len(gammas) < 2:
+        return (
+            f"`{folder.name}` does not match `{against.name}` (settings {sorted(differing)}, seeds {seeds}): no test."
+        )
+    from .frontier import DIVERSITY
+
+    cube = lambda f, k: _frontier_cube(f, "reverse_kl", gammas, seeds, k)  # noqa: E731
+    gaps = {
+        f"noisy vs clean: {key}": stats.frontier_gap(
+            cube(against, "reward"), cube(against, key), cube(folder, "reward"), cube(folder, key)
+        )
+        for key in DIVERSITY
+    }
+    margin = margins(clean)
+    reward_cost = [
+        stats.t_interval(
+            [float(a.mean() - b.mean()) for a, b in zip(cube(folder, "reward")[:, i], cube(against, "reward")[:, i])]
+        )
+        for i in range(len(gammas))
+    ]
+    temperature = control["config"].get("label_temperature")
+    lines = [
+        f"Reverse KL trained on labels sampled at temperature {temperature:g} (`{folder.name}`) against reverse KL "
+        f"on the task reward's hard labels (`{against.name}`), {len(seeds)} seeds ({', '.join(map(str, seeds))}) "
+        f'x strengths {", ".join(f"{g:g}" for g in gammas)}: the frontier test of the tables above, "noisy" as '
+        'b, "clean" as a (a gap > 0: the noisy-label curve keeps more diversity at equal reward).',
+        "",
+        *_gap_table(gaps, margin),
+        "",
+        "Reward the noisier labels cost at each strength (noisy - clean, mean over seeds, 95% t over seeds): "
+        + "; ".join(
+            f"gamma {g:g}: {r['mean']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" for g, r in zip(gammas, reward_cost)
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def noisy_frontier_block(results: Path) -> str:
+    """The labeller claim on several seeds: the JS - reverse KL frontier gaps under noisy labels (T 0.05), beside
+    the clean-label frontier's gaps on the same seeds."""
+    noisy, clean = _load(results / "frontier_noisy" / "frontier.json"), _load(results / "frontier" / "frontier.json")
+    if noisy is None or clean is None or not noisy.get("complete_seeds"):
+        return f"Not run yet in this checkout: `{NOISY_COMMAND}`, then `python -m fdpo_study study-report`."
+    seeds = [s for s in noisy["complete_seeds"] if s in clean["complete_seeds"]]
+    lines = [frontier_tables(noisy), ""]
+    name = "js vs reverse_kl: pairwise_distance"
+    gap_n, gap_c = noisy["frontiers"].get(name), clean["frontiers"].get(name)
+    if gap_n and gap_c and gap_n["verdict"] != "no overlap" and gap_c["verdict"] != "no overlap" and len(seeds) >= 2:
+        per_clean = dict(zip(clean["complete_seeds"], gap_c["gap_per_seed"]))
+        per_noisy = dict(zip(noisy["complete_seeds"], gap_n["gap_per_seed"]))
+        shift = stats.t_interval([per_noisy[s] - per_clean[s] for s in seeds])
+        lines.append(
+            f"JS - reverse KL pairwise-distance gap at equal reward, per seed ({', '.join(map(str, seeds))}): noisy "
+            f"labels {', '.join(f'{per_noisy[s]:+.4f}' for s in seeds)}; clean labels "
+            f"{', '.join(f'{per_clean[s]:+.4f}' for s in seeds)}. Change with noisy labels: {shift['mean']:+.4f} "
+            f"[{shift['ci'][0]:+.4f}, {shift['ci'][1]:+.4f}] (95% t over seeds; each frontier is read at its own "
+            "common reward levels)."
+        )
+    return "\n".join(lines)
+
+
 def _load(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
@@ -696,6 +797,8 @@ def blocks(results: Path = RESULTS, spread: dict | None = None) -> dict[str, str
     out["seed1"] = block(("seed1",), _study_table, seed1, spread) if seed1 else "(results/study/seed1.json not present)"
     out["labels"] = block(LABEL_STUDIES, labels_block, {name: _load(paths[name]) for name in LABEL_STUDIES}, spread)
     out["confirm"] = confirm_block(results / CONFIRM["folder"])
+    out["control"] = control_block(results)
+    out["noisy-frontier"] = noisy_frontier_block(results)
     return out
 
 
