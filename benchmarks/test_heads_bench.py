@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -90,6 +91,8 @@ def test_head(benchmark, head_case, bench_env):
         "copy_gbps": round(bench_env["copy_gbps"], 2),
         "loss": loss_value,
         "input_sets": len(sets),
+        "torch": torch.__version__,
+        "loadavg_1m": os.getloadavg()[0],
     }
     if provider.impl == "eager":
         _eager_loss[key] = loss_value
