@@ -7,6 +7,8 @@ they keep the authors' dtype handling (MaPO and KTO cast to fp32 before the MSE;
 
 - ``mapo-*``: MaPO, reference-free, beta 0.1, snr 0.5, T = 1000 (fused: ``loss_type="mapo"``).
 - ``sdpo-*``: Diffusion-DPO (beta 5000) with the winner-preserving loser scale, mu 0.9 (fused: ``sdpo_mu=0.9``).
+- ``dpo-*``: plain Diffusion-DPO (providers.py's eager, compile-diffusers and fdiv-cpu, beta 5000), measured in
+  the same run for context: the fused kernels' in-register head, against which the composed heads' cost shows.
 - ``kto-*``: Diffusion-KTO (``--halo sigmoid``, beta_dpo 5000, lambda_D = lambda_U = 1), rows alternately desirable
   and undesirable (fused: ``fused_kto_loss(..., beta_convention="full")``, the authors' scale).
 
@@ -21,8 +23,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fdiv_kernels import fused_fdpo_loss, fused_kto_loss
+from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss, fused_kto_loss, kto_loss_reference
 
+from .providers import PROVIDERS
 from .shapes import Inputs
 
 MAPO_BETA = 0.1
@@ -31,7 +34,7 @@ MAPO_T = 1000
 SDPO_BETA = 5000.0
 SDPO_MU = 0.9
 KTO_BETA = 5000.0
-HEADS = ("mapo", "sdpo", "kto")
+HEADS = ("dpo", "mapo", "sdpo", "kto")
 SDPO_COMPILE_NOTE = (
     "torch.compile of the authors' whole function (torch 2.14, default mode) fails at the first call: dynamo breaks "
     "the graph at .requires_grad_(True), the chunk of the detached copy runs in a compiled graph that does not "
@@ -143,6 +146,8 @@ class HeadProvider:
     def build(self) -> Callable[[Inputs], torch.Tensor]:
         """A fresh callable; a compiled one compiles on its first call."""
         head, impl, backend = self.head, self.impl, self.backend
+        if head == "dpo":
+            return PROVIDERS[{"eager": "eager", "compile": "compile-diffusers", "fdiv": "fdiv-cpu"}[impl]].build()
         if head == "mapo":
             if impl == "fdiv":
                 return lambda x: fused_fdpo_loss(
@@ -193,3 +198,17 @@ HEAD_PROVIDERS = {
         HeadProvider(f"{head}-fdiv-cpu", head, "fdiv", "cpu"),
     )
 }
+
+
+def reference_loss_f64(head: str, x: Inputs) -> float:
+    """The head's value in float64 by fdiv_kernels.reference (written independently of the kernels), on the
+    same inputs: what each provider's loss is compared with (``loss_rel_diff_vs_f64``)."""
+    pred, ref, tgt = (t.detach().double() for t in (x.model_pred, x.ref_pred, x.target))
+    if head == "mapo":
+        loss = fdpo_loss_reference(pred, None, tgt, loss_type="mapo", beta=MAPO_BETA, mapo_snr=MAPO_SNR)
+    elif head == "kto":
+        labels = kto_labels(pred.shape[0], pred.device).bool()
+        loss = kto_loss_reference(pred, ref, tgt, labels=labels, beta=KTO_BETA, beta_convention="full")
+    else:  # dpo; sdpo's value is DPO's (lambda scales the loser's gradient only)
+        loss = fdpo_loss_reference(pred, ref, tgt, beta=SDPO_BETA)
+    return float(loss)

@@ -7,7 +7,9 @@ authors write it (eager), torch.compile of that, and the fused passes (benchmark
 
 Cases: the sd15 (16x4x64x64) and sdxl (16x4x128x128) shapes of shapes.py, bf16 and fp32, the "full" variant; groups
 are head + shape + dtype, so each pytest-benchmark table compares one head's three providers. Inputs and CPU
-rotation are test_microbench's. extra_info: the loss, its relative difference from the head's eager provider,
+rotation are test_microbench's. Head "dpo" is plain Diffusion-DPO (eager, compile-diffusers, fdiv-cpu) for
+context. extra_info: the loss, its relative difference from the head's eager provider and from the float64 value of
+fdiv_kernels.reference,
 the bytes a fused implementation must move (5 tensor passes for MaPO, which reads no reference; 6 for the others)
 and the GB/s and % of copy at the median.
 """
@@ -21,7 +23,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.heads import HEAD_PROVIDERS, HEADS
+from benchmarks.heads import HEAD_PROVIDERS, HEADS, reference_loss_f64
 from benchmarks.shapes import DTYPES, ideal_bytes, shapes_for, tensor_bytes
 from benchmarks.test_microbench import _case_inputs
 
@@ -31,6 +33,7 @@ IMPLS = ("eager", "compile", "fdiv-cpu")
 
 _built: dict = {}
 _eager_loss: dict = {}
+_f64_loss: dict = {}
 
 
 def pytest_generate_tests(metafunc):
@@ -94,6 +97,10 @@ def test_head(benchmark, head_case, bench_env):
         "torch": torch.__version__,
         "loadavg_1m": os.getloadavg()[0],
     }
+    if key not in _f64_loss:
+        _f64_loss[key] = reference_loss_f64(head, sets[0])
+    info["loss_f64"] = _f64_loss[key]
+    info["loss_rel_diff_vs_f64"] = abs(loss_value - _f64_loss[key]) / max(abs(_f64_loss[key]), 1e-12)
     if provider.impl == "eager":
         _eager_loss[key] = loss_value
     if key in _eager_loss:
