@@ -1,6 +1,9 @@
 """Tables and plots from benchmark results (benchmarks/results/<tag>.json); nothing here measures anything.
 
     python -m benchmarks.report                 # regenerate <tag>.md and <tag>.png for every results JSON
+    python -m benchmarks.report --heads results/heads-<tag>.json   # the preference heads' pytest-benchmark JSON
+                                                # (benchmarks/test_heads_bench.py): <tag>.md and the README's
+                                                # heads block (between the heads:begin/end markers)
     python -m benchmarks.report --readme        # also write results/README_table.md and splice it into
                                                 # benchmarks/README.md between the bench:begin/end markers
                                                 # (--no-splice: README_table.md only)
@@ -17,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+HEADS_BEGIN, HEADS_END = "<!-- heads:begin -->", "<!-- heads:end -->"
 PEER = {"cpu": "compile-diffusers", "cuda": "compile-ref"}
 PEER_COL = {"compile-diffusers": "x_compile_diffusers", "compile-ref": "x_compile_ref"}
 
@@ -436,16 +440,55 @@ def readme_block(results_dir: Path = RESULTS) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def splice_readme(block: str, readme: Path) -> bool:
-    """Replace the text between the bench markers of ``readme``; False if the file or markers are missing."""
+def splice_readme(block: str, readme: Path, begin: str = BEGIN, end_marker: str = END) -> bool:
+    """Replace the text between the markers of ``readme``; False if the file or markers are missing."""
     if not readme.exists():
         return False
     text = readme.read_text()
-    start, end = text.find(BEGIN), text.find(END)
+    start, end = text.find(begin), text.find(end_marker)
     if start < 0 or end < start:
         return False
-    readme.write_text(text[: start + len(BEGIN)] + "\n" + block + text[end:])
+    readme.write_text(text[: start + len(begin)] + "\n" + block + text[end:])
     return True
+
+
+# ------------------------------------------------------------------------------------------- preference heads
+def heads_block(json_path: Path) -> str:
+    """The preference heads' table (benchmarks/test_heads_bench.py's pytest-benchmark JSON): per head, shape and
+    dtype the fwd+bwd medians of the authors' eager formula, its torch.compile and the fused passes, the fused
+    speedups, % of copy, and each loss's relative difference from the float64 reference."""
+    data = json.loads(Path(json_path).read_text())
+    rows = [b["extra_info"] | {"median_ms": b["stats"]["median"] * 1e3} for b in data["benchmarks"]]
+    first = rows[0] if rows else {}
+    loads = [r.get("loadavg_1m") for r in rows if r.get("loadavg_1m") is not None]
+    commit = data.get("commit_info", {})
+    head = (
+        f"#### CPU: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, {first.get('threads')} thread, "
+        f"torch {first.get('torch')}, {data['datetime'][:10]} (source: `{_rel(Path(json_path))}`, commit "
+        f"{commit.get('id', '?')[:7]}" + (", uncommitted changes" if commit.get("dirty") else "") + ")"
+    )
+    note = (
+        "fwd+bwd, median ms (pytest-benchmark); × = the fused provider's speedup; % copy = the fused provider's "
+        f"bytes (MaPO 5 tensor passes, the others 6) over a copy ({first.get('copy_gbps')} GB/s); rel. diff = "
+        "|loss - float64 reference| / |reference| (fdiv_kernels.reference) for eager / compile / fused. "
+        "`dpo` is plain Diffusion-DPO (eager = diffusers' formula) in the same run, for context."
+        + (f" Load average {min(loads):.2f}–{max(loads):.2f}: another job held the other core." if loads else "")
+    )
+    cols = ["head", "shape", "dtype", "eager ms", "compile ms", "fdiv-cpu ms", "× eager", "× compile", "% copy"]
+    cols.append("rel. diff vs f64 (eager / compile / fused)")
+    out = [head, "", note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    index = {(r["head"], r["shape"], r["dtype"], r["impl"]): r for r in rows}
+    cases = list(dict.fromkeys((r["head"], r["shape"], r["dims"], r["dtype"]) for r in rows))
+    for name, shape, dims, dtype in cases:
+        got = [index.get((name, shape, dtype, impl)) for impl in ("eager", "compile", "fdiv")]
+        ms = [r["median_ms"] if r else None for r in got]
+        fused = got[2]
+        cells = [name, f"{shape} `{dims}`", dtype] + [_num(m) for m in ms]
+        cells += [_num(ms[0] / ms[2]) if ms[0] and ms[2] else "—", _num(ms[1] / ms[2]) if ms[1] and ms[2] else "—"]
+        cells.append(_num(fused.get("pct_copy")) if fused else "—")
+        cells.append(" / ".join(f"{r['loss_rel_diff_vs_f64']:.1e}" if r else "—" for r in got))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> None:
@@ -459,8 +502,17 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--readme-path", default=str(REPO / "benchmarks" / "README.md"))
     ap.add_argument("--no-splice", action="store_true", help="with --readme: write README_table.md only")
+    ap.add_argument("--heads", metavar="JSON", help="test_heads_bench.py's JSON: write its .md, splice the README")
     args = ap.parse_args(argv)
     results = Path(args.results)
+    if args.heads:
+        block = heads_block(Path(args.heads))
+        md = Path(args.heads).with_suffix(".md")
+        md.write_text(block)
+        print(f"wrote {_rel(md)}")
+        if not args.no_splice and splice_readme(block, Path(args.readme_path), HEADS_BEGIN, HEADS_END):
+            print(f"updated {_rel(Path(args.readme_path))} between {HEADS_BEGIN} and {HEADS_END}")
+        return
     # The folder also holds other benchmarks' JSON (benchmarks.host, benchmarks.train_step): skip what is not a run.
     for path in args.json or [p for p in sorted(results.glob("*.json")) if _is_run(p)]:
         for out in write_device_report(Path(path)):

@@ -16,9 +16,27 @@ w = 1, inv = 1 and reduction "none", ``dloss_p/dd = -coef / 2``.
 ``d_w``/``d_l`` are the log-ratios *before* ``logratio_clip`` (what the errors give); with a clip the
 weights include the clip's slope sech^2(d/c).
 
+Diffusion-SDPO's winner-preserving safeguard (``sdpo_mu``) multiplies the loser's gradient by
+``lambda = clamp((1 - mu) |g_w|^2 / (g_l . g_w), 0, 1)``, a number per batch computed from the residual vectors
+(heads.sdpo_lambda), not from ``(d_w, d_l)``: ``gradient_weights(..., sdpo_lambda=lam)`` scales ``push_l`` by a
+given lambda, the field the safeguarded step follows for that batch.
+
+MaPO (``loss_type="mapo"``, heads.py) has no reference, hence no log-ratio: its per-pair loss
+``e_w - beta log sigmoid(T (phi(s e_w) - phi(s e_l)))`` is a function of the winner's and the loser's errors
+themselves, so :func:`mapo_gradient_weights` takes the axes ``(e_w, e_l)``, the per-sample MSEs (>= 0), and returns
+
+    push_w = +d loss_p / d e_w      how hard a step lowers the winner's error
+    push_l = -d loss_p / d e_l      how hard it raises the loser's
+
+the same sense as the f-DPO pushes (lowering an error raises its log-ratio ``d = e_ref - e``), so the update
+direction in the error plane is ``(-push_w, +push_l)``. push_w >= 1 (MaPO's winner term ``e_w`` pulls at weight 1
+everywhere) and push_l >= 0. Since ``z ~ -T s (e_w - e_l) / 2``, the sigmoid turns in a band of
+``|e_w - e_l| ~ 4 / (T s)`` about the diagonal (0.016 at T = 1000, s = 0.5): the panel spans small errors.
+
 Command line::
 
     python -m fdiv_kernels.gradient_field --out docs/img/gradient_field.png
+    python -m fdiv_kernels.gradient_field --mapo --out gradient_field_mapo.png   # adds the MaPO panel
 """
 
 from __future__ import annotations
@@ -29,12 +47,20 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ._validation import ERR_REDUCTIONS, LOSS_TYPES, REDUCTIONS, _finite_float
+from ._validation import ERR_REDUCTIONS, LOSS_TYPES, MAPO_DEFAULTS, REDUCTIONS, _finite_float
 from .backends.common import KernelParams
 from .backends.torch_backend import pair_head
 from .divergences import get_divergence, psi_slope
+from .heads import mapo_pair_head, mapo_score
 
-__all__ = ["gradient_weights", "plot_gradient_field", "weights_table", "DEFAULT_DIVERGENCES", "TABLE_POINTS"]
+__all__ = [
+    "gradient_weights",
+    "mapo_gradient_weights",
+    "plot_gradient_field",
+    "weights_table",
+    "DEFAULT_DIVERGENCES",
+    "TABLE_POINTS",
+]
 
 DEFAULT_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js", "alpha", "hellinger")
 TABLE_POINTS: tuple[tuple[float, float], ...] = ((0.0, 0.0), (2.0, -2.0), (-2.0, 2.0), (4.0, 0.0), (0.0, -4.0))
@@ -69,6 +95,7 @@ def gradient_weights(
     gamma: float = 1.0,
     label_smoothing: float = 0.0,
     logratio_clip: float | None = None,
+    sdpo_lambda: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair gradient weights ``(push_w, push_l)`` of the f-DPO loss at log-ratios ``(d_w, d_l)``.
 
@@ -76,6 +103,8 @@ def gradient_weights(
         d_w, d_l: winner / loser log-ratios (floats, sequences or tensors; broadcast together). Computed in
             float64 if either is float64, else in float32 (the kernels' arithmetic for fp32/fp16/bf16).
         divergence, alpha, gamma, label_smoothing, logratio_clip: as in :func:`fdiv_kernels.fused_fdpo_loss`.
+        sdpo_lambda: Diffusion-SDPO's loser scale lambda in [0, 1] for the batch (``stats.extra["sdpo_lambda"]``
+            of a ``sdpo_mu`` call); ``push_l`` is multiplied by it. None: no safeguard.
 
     Returns:
         ``push_w = -dloss_p/dd_w`` and ``push_l = +dloss_p/dd_l``, each of the broadcast shape. Where
@@ -93,6 +122,9 @@ def gradient_weights(
     if not (0.0 <= eps < 0.5):
         raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
     clip = _finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True)
+    lam = _finite_float("sdpo_lambda", sdpo_lambda, allow_none=True)
+    if lam is not None and not (0.0 <= lam <= 1.0):
+        raise ValueError(f"sdpo_lambda must be in [0, 1] (Diffusion-SDPO clamps its loser scale there); got {lam}")
 
     dtype = torch.float64 if torch.float64 in (d_w.dtype, d_l.dtype) else torch.float32
     d_w, d_l = torch.broadcast_tensors(d_w.to(dtype), d_l.to(dtype))
@@ -125,7 +157,47 @@ def gradient_weights(
     num_pairs = d_w.numel()
     push_w = coef[:num_pairs] / 2  # -dloss/dd_w
     push_l = -coef[num_pairs:] / 2  # +dloss/dd_l
+    if lam is not None:  # heads._WinnerPreserving: the losers' coefficients times lambda
+        push_l = push_l * lam
     return push_w.reshape(shape), push_l.reshape(shape)
+
+
+def mapo_gradient_weights(
+    e_w,
+    e_l,
+    beta: float = 0.1,
+    mapo_snr: float = MAPO_DEFAULTS["mapo_snr"],
+    mapo_timesteps: float = MAPO_DEFAULTS["mapo_timesteps"],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair gradient weights of MaPO over the winner / loser errors: ``push_w = dloss_p/de_w``,
+    ``push_l = -dloss_p/de_l`` (module docstring: MaPO has no log-ratio, so its axes are the errors).
+
+    Args:
+        e_w, e_l: winner / loser per-sample errors (MSEs, >= 0; broadcast together). float64 if either is, else
+            float32.
+        beta, mapo_snr, mapo_timesteps: as in ``fused_fdpo_loss(..., loss_type="mapo")``.
+
+    The head is the loss's own (heads.mapo_score and heads.mapo_pair_head, with the stable phi'), differentiated by
+    autograd, reduction "none".
+    """
+    e_w = _as_float_tensor("e_w", e_w)
+    e_l = _as_float_tensor("e_l", e_l)
+    for name, t in (("e_w", e_w), ("e_l", e_l)):
+        if t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+            raise ValueError(f"{name} must be finite per-sample errors >= 0 (MaPO's axes are the MSEs)")
+    beta = _finite_float("beta", beta, positive=True)
+    snr = _finite_float("mapo_snr", mapo_snr, positive=True)
+    timesteps = _finite_float("mapo_timesteps", mapo_timesteps, positive=True)
+    dtype = torch.float64 if torch.float64 in (e_w.dtype, e_l.dtype) else torch.float32
+    e_w, e_l = torch.broadcast_tensors(e_w.to(dtype), e_l.to(dtype))
+    shape = e_w.shape
+    with torch.enable_grad():
+        e = torch.cat([e_w.reshape(-1), e_l.reshape(-1)]).requires_grad_(True)
+        _, score = mapo_score(e, snr)
+        num_pairs = e_w.numel()
+        losses, _ = mapo_pair_head(score[:num_pairs], score[num_pairs:], e[:num_pairs], beta, timesteps)
+        (grad,) = torch.autograd.grad(losses.sum(), e)
+    return grad[:num_pairs].reshape(shape), -grad[num_pairs:].reshape(shape)
 
 
 def weights_table(
@@ -168,12 +240,17 @@ def plot_gradient_field(
     extent: float = 4.0,
     resolution: int = 81,
     dpi: int = 90,
+    mapo: bool = False,
+    mapo_extent: float = 0.1,
 ):
     """Draw the update field of each divergence over ``(d_w, d_l)`` in ``[-extent, extent]^2`` and psi'(d).
 
     One panel per divergence: streamlines of the update direction ``(+push_w, -push_l)`` (the way one step
     moves the pair's log-ratios), coloured and backed by its magnitude on a shared log scale; the diagonal
-    ``d_w = d_l`` (logit 0) is dashed. A last panel plots psi'(d). Saves a PNG at ``path`` and returns it.
+    ``d_w = d_l`` (logit 0) is dashed. A last panel plots psi'(d). ``mapo``: one more panel, MaPO's field over
+    the errors ``(e_w, e_l)`` in ``[0, mapo_extent]^2`` with the default beta, s and T (direction
+    ``(-push_w, +push_l)``, its own log colour scale: its weights are not on the f-DPO panels' scale). Saves a
+    PNG at ``path`` and returns it.
     """
     extent = float(extent)
     if not math.isfinite(extent) or extent <= 0:
@@ -187,6 +264,9 @@ def plot_gradient_field(
         raise ValueError("divergences is empty; pass at least one of " + ", ".join(DEFAULT_DIVERGENCES))
     for name in divergences:
         get_divergence(name, alpha)
+    mapo_extent = float(mapo_extent)
+    if mapo and not (math.isfinite(mapo_extent) and mapo_extent > 0):
+        raise ValueError(f"mapo_extent must be a finite number > 0 (errors over [0, mapo_extent]); got {mapo_extent}")
 
     import matplotlib
 
@@ -207,7 +287,7 @@ def plot_gradient_field(
     norm = LogNorm(vmin=lo, vmax=hi)
     cmap = plt.get_cmap("viridis", 24)  # discrete levels: readable steps, and a small palette PNG
 
-    panels = len(divergences) + 1
+    panels = len(divergences) + 1 + int(mapo)
     cols = 3 if panels > 4 else panels
     rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(
@@ -245,6 +325,8 @@ def plot_gradient_field(
     ax.set_title("slope of the implicit reward psi'(d)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    if mapo:
+        _mapo_panel(fig, flat[len(divergences) + 1], mapo_extent, resolution, cmap)
     for extra in flat[panels:]:
         extra.set_visible(False)
     if mesh is not None:
@@ -259,6 +341,29 @@ def plot_gradient_field(
     _save_png(fig, path, dpi)
     plt.close(fig)
     return path
+
+
+def _mapo_panel(fig, ax, extent: float, resolution: int, cmap) -> None:
+    """MaPO's update field over the errors (e_w, e_l), with its own log colour bar."""
+    from matplotlib.colors import LogNorm
+
+    axis = torch.linspace(0.0, extent, resolution, dtype=torch.float64)
+    grid_l, grid_w = torch.meshgrid(axis, axis, indexing="ij")  # rows: e_l (y), columns: e_w (x)
+    push_w, push_l = mapo_gradient_weights(grid_w, grid_l)
+    pw, pl = push_w.numpy(), push_l.numpy()
+    mag = (pw**2 + pl**2) ** 0.5
+    norm = LogNorm(vmin=float(mag.min()), vmax=max(float(mag.max()), float(mag.min()) * 10))
+    x = axis.numpy()
+    mesh = ax.pcolormesh(x, x, mag, norm=norm, cmap=cmap, shading="auto", rasterized=True)
+    ax.streamplot(x, x, -pw, pl, color="white", density=0.9, linewidth=0.7, arrowsize=0.8)
+    ax.plot([0, extent], [0, extent], "--", color="0.85", linewidth=0.8)
+    ax.set_xlim(0, extent)
+    ax.set_ylim(0, extent)
+    ax.set_aspect("equal")
+    ax.set_title("MaPO (no reference): over the errors")
+    ax.set_xlabel("e_w (winner error)")
+    ax.set_ylabel("e_l (loser error)")
+    fig.colorbar(mesh, ax=ax, shrink=0.8, label="MaPO |(push_w, push_l)|")
 
 
 def _save_png(fig, path, dpi: int) -> None:
@@ -287,9 +392,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5, help="alpha of the alpha-divergence, in (0, 1)")
     parser.add_argument("--extent", type=float, default=4.0, help="plot (d_w, d_l) over [-extent, extent]^2")
     parser.add_argument("--divergences", nargs="+", default=list(DEFAULT_DIVERGENCES), help="divergences to draw")
+    parser.add_argument("--mapo", action="store_true", help="add MaPO's panel, over the errors (e_w, e_l)")
+    parser.add_argument("--mapo-extent", type=float, default=0.1, help="MaPO panel over [0, extent]^2 of errors")
     args = parser.parse_args(argv)
     try:
-        out = plot_gradient_field(args.out, divergences=args.divergences, alpha=args.alpha, extent=args.extent)
+        out = plot_gradient_field(
+            args.out,
+            divergences=args.divergences,
+            alpha=args.alpha,
+            extent=args.extent,
+            mapo=args.mapo,
+            mapo_extent=args.mapo_extent,
+        )
         print(weights_table(divergences=args.divergences, alpha=args.alpha))
     except (TypeError, ValueError) as err:
         parser.error(str(err))

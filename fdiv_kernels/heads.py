@@ -123,18 +123,31 @@ def _with_slope(value: torch.Tensor, slope: torch.Tensor, x: torch.Tensor) -> to
     return value.detach() + (x - x.detach()) * slope.detach()
 
 
+def mapo_score(e: torch.Tensor, snr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, phi(x))``, x = s e: MaPO's "Win Score" / "Lose Score" per row, differentiable in ``e`` with the stable
+    phi' of :func:`mapo_phi`."""
+    x = snr * e
+    phi_value, phi_slope = mapo_phi(x.detach())
+    return x, _with_slope(phi_value, phi_slope, x)
+
+
+def mapo_pair_head(score_w, score_l, e_w, beta: float, timesteps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair MaPO loss ``e_w - beta log sigmoid(z)`` and its logits ``z = T (score_w - score_l)``
+    (gradient_field differentiates this same head)."""
+    logits = timesteps * (score_w - score_l)
+    return e_w - beta * F.logsigmoid(logits), logits
+
+
 def mapo_loss(model_pred, target, mask, config: FDPOConfig, backend: str, return_stats: bool):
     """loss_type="mapo": reference-free; the kernels' reference side reads cached errors of 0 (a [2B] vector)."""
     rows = model_pred.shape[0]
     zeros = torch.zeros(rows, dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
     e, _, _ = sample_errors(model_pred, None, target, zeros, mask, config, backend)
-    x = config.mapo_snr * e
-    phi_value, phi_slope = mapo_phi(x.detach())
-    score = _with_slope(phi_value, phi_slope, x)  # phi(s e), MaPO's "Win Score" / "Lose Score"
+    x, score = mapo_score(e, config.mapo_snr)
     score_w, score_l = _split(score, config.interleaved)
     e_w, _ = _split(e, config.interleaved)
-    logits = config.mapo_timesteps * (score_w - score_l)
-    loss = _reduce(e_w - config.beta * F.logsigmoid(logits), config.reduction)
+    losses, logits = mapo_pair_head(score_w, score_l, e_w, config.beta, config.mapo_timesteps)
+    loss = _reduce(losses, config.reduction)
     if not return_stats:
         return loss
     stats = FDPOStats.from_tensors(logits, e, zeros, x, score, config.implicit_acc_ties)

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdiv_kernels import fdpo_loss_reference
+from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss
 from fdiv_kernels.divergences import get_divergence, psi_slope
 from fdiv_kernels.gradient_field import (
     DEFAULT_DIVERGENCES,
     TABLE_POINTS,
     gradient_weights,
     main,
+    mapo_gradient_weights,
     plot_gradient_field,
     weights_table,
 )
@@ -280,3 +281,78 @@ def test_committed_figure_is_small():
     if not png.exists():
         pytest.skip("docs/img/gradient_field.png not generated yet (python -m fdiv_kernels.gradient_field)")
     assert png.stat().st_size < 300_000
+
+
+# ---- MaPO over the errors, and the SDPO loser scale ---------------------------------------------------------------
+
+
+def _mapo_authors_weights(e_w, e_l, beta, snr, timesteps):
+    """push_w = dloss/de_w, push_l = -dloss/de_l by autograd of MaPO as mapo-t2i/mapo@374b3d3:utils.py:286-301
+    writes it (x / (exp(x) - 1)), in float64 where the errors are not tiny."""
+    e_w = e_w.clone().requires_grad_(True)
+    e_l = e_l.clone().requires_grad_(True)
+    log_odds = (snr * e_w) / (torch.exp(snr * e_w) - 1) - (snr * e_l) / (torch.exp(snr * e_l) - 1)
+    loss = (e_w - beta * torch.nn.functional.logsigmoid(log_odds * timesteps)).sum()
+    g_w, g_l = torch.autograd.grad(loss, (e_w, e_l))
+    return g_w, -g_l
+
+
+@pytest.mark.parametrize("beta,snr,timesteps", [(0.1, 0.5, 1000.0), (1.0, 2.0, 50.0)])
+def test_mapo_matches_the_authors_formula(beta, snr, timesteps):
+    e_w, e_l = _grid(0.01, 0.12, 9)
+    push_w, push_l = mapo_gradient_weights(e_w, e_l, beta=beta, mapo_snr=snr, mapo_timesteps=timesteps)
+    ref_w, ref_l = _mapo_authors_weights(e_w, e_l, beta, snr, timesteps)
+    torch.testing.assert_close(push_w, ref_w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(push_l, ref_l, rtol=1e-9, atol=1e-12)
+
+
+def test_mapo_matches_autograd_of_the_fused_loss():
+    """One element per sample, target 0: e = x^2, so dloss/de = grad_x / (2 x)."""
+    e_w, e_l = _grid(0.005, 0.1, 7)
+    x = torch.cat([e_w, e_l]).sqrt().reshape(-1, 1).requires_grad_(True)
+    loss = fused_fdpo_loss(x, None, torch.zeros_like(x), loss_type="mapo", beta=0.1, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    dloss_de = grad.flatten() / (2 * x.detach().flatten())
+    push_w, push_l = mapo_gradient_weights(e_w, e_l)
+    b = e_w.numel()
+    torch.testing.assert_close(push_w, dloss_de[:b], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(push_l, -dloss_de[b:], rtol=1e-6, atol=1e-9)
+
+
+def test_mapo_weights_signs_and_zero_errors():
+    e_w, e_l = _grid(0.0, 0.2, 11)
+    push_w, push_l = mapo_gradient_weights(e_w, e_l)
+    assert bool(torch.isfinite(push_w).all()) and bool(torch.isfinite(push_l).all())
+    assert bool((push_w >= 1.0).all())  # the winner's own error term pulls at weight 1 everywhere
+    assert bool((push_l >= 0.0).all())
+    # On the diagonal the sigmoid sits at 1/2: push_l = beta T s |phi'(s e)| / 2, phi'(0) = -1/2.
+    pw, pl = mapo_gradient_weights(0.0, 0.0)
+    assert pl.item() == pytest.approx(0.1 * 1000 * 0.5 * 0.5 / 2)
+    assert pw.item() == pytest.approx(1.0 + 0.1 * 1000 * 0.5 * 0.5 / 2)
+    assert pw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_mapo_rejects_bad_errors(bad):
+    with pytest.raises(ValueError, match="e_l must be finite per-sample errors >= 0"):
+        mapo_gradient_weights(0.1, bad)
+
+
+def test_sdpo_lambda_scales_the_loser_only():
+    d_w, d_l = _grid()
+    push_w, push_l = gradient_weights(d_w, d_l, "js")
+    safe_w, safe_l = gradient_weights(d_w, d_l, "js", sdpo_lambda=0.25)
+    torch.testing.assert_close(safe_w, push_w, rtol=0, atol=0)
+    torch.testing.assert_close(safe_l, 0.25 * push_l)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="sdpo_lambda must be in"):
+            gradient_weights(d_w, d_l, sdpo_lambda=bad)
+
+
+def test_plot_with_the_mapo_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "mapo.png"
+    assert main(["--out", str(out), "--divergences", "reverse_kl", "--mapo"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="mapo_extent"):
+        plot_gradient_field(tmp_path / "bad.png", mapo=True, mapo_extent=0.0)
