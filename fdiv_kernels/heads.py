@@ -85,7 +85,8 @@ def sample_errors(model_pred, ref_pred, target, ref_err, mask, config: FDPOConfi
 
 def _split(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row [2B] (or [2B, ...]) -> winners, losers."""
-    return (x[0::2], x[1::2]) if interleaved else x.chunk(2)
+    half = x.shape[0] // 2
+    return (x[0::2], x[1::2]) if interleaved else (x[:half], x[half:])
 
 
 def _join(w: torch.Tensor, l: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -190,7 +190,8 @@ def _mapo_reference(p: FDPOProblem, dtype: torch.dtype, return_stats: bool):
     score_w, score_l = _split_pairs(score, p)
     logits = c.mapo_timesteps * (score_w - score_l)
     losses = _split_pairs(model_err, p)[0] - c.beta * F.logsigmoid(logits)
-    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[c.reduction]()
+    reduce: dict[str, Callable[[], torch.Tensor]] = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}
+    loss = reduce[c.reduction]()
     if not return_stats:
         return loss
     return loss, FDPOStats.from_tensors(logits, model_err, zeros, x.detach(), score.detach(), c.implicit_acc_ties)
@@ -238,13 +239,15 @@ def kto_loss_reference(
     dtype = accumulate_dtype(model_pred.dtype)
     pred = model_pred.to(dtype).reshape(n, -1)
     ref = None if ref_pred is None else ref_pred.to(dtype).reshape(n, -1)
+    assert target is not None  # validate() requires it
     tgt = target.to(dtype).reshape(n, -1)
     msk = None if mask is None else mask.to(dtype).reshape(n, -1)
     ref_e = None if ref_err is None else ref_err.to(dtype)
     model_err, ref_err_, err_gap = _RowErrors.apply(pred, ref, tgt, msk, ref_e, config.err_reduction)
     kl_point = kto_reference_point(err_gap, kl, kl_all_reduce)
     losses, logits = kto_head(err_gap, labels, kl_point, config, (float(desirable_weight), float(undesirable_weight)))
-    loss = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[config.reduction]()
+    reduce: dict[str, Callable[[], torch.Tensor]] = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}
+    loss = reduce[config.reduction]()
     if not return_stats:
         return loss
     return loss, kto_stats(logits, model_err, ref_err_, err_gap, kl_point, config)
