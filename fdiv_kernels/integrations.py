@@ -14,7 +14,13 @@ import torch
 from .loss import fused_fdpo_loss
 from .stats import FDPOStats
 
-__all__ = ["TRAINER_CONVENTIONS", "trainer_conventions", "fdpo_loss_from_pairs", "trainer_logs"]
+__all__ = [
+    "TRAINER_CONVENTIONS",
+    "trainer_conventions",
+    "unsupported_conventions",
+    "fdpo_loss_from_pairs",
+    "trainer_logs",
+]
 
 # Keyword arguments of fused_fdpo_loss per trainer; pass the trainer's own beta value unchanged as ``beta``.
 # All of them use the halves layout (rows [winners; losers]), fused_fdpo_loss's default.
@@ -34,7 +40,59 @@ TRAINER_CONVENTIONS: dict[str, dict] = {
     # The same with norm_type="mean": (err * mask).mean() over every element, masked or not (with a mask that is
     # not the masked mean); without a mask the plain mean. Pass the mask as mask=.
     "simpletuner_flow_mean": dict(beta_convention="half", err_reduction="mean_all", implicit_acc_ties="half"),
+    # SimpleTuner's merged Flow-DPO (PR #2709), bghira/SimpleTuner@7d475ed3faeb961b1033038193495eacacb8e844:
+    # simpletuner/helpers/distillation/flow_dpo/distiller.py:88-103 (loss) and 230-255 (_per_sample_error):
+    # logits = 0.5 * beta * margin; norm_type "sum" (default) is "simpletuner_flow", "mean" is "simpletuner_flow_mean"
+    # and "masked_mean" (sum(err * mask) / mask.sum().clamp_min(1)) is this one: the masked mean, equal wherever a
+    # sample's mask sums to 0 or to at least 1. Its mask is [B, 1, H, W], one per pair: pass it expanded to
+    # [B, C, H, W].
+    "simpletuner_flow_masked_mean": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="half"),
+    # Diffusion-NPO, G-U-N/Diffusion-NPO@a14f1dbc42769a797fb0c0c2e63d2c6815c5350b:DPO-DPO-NPO/train_sd15.py:853-893:
+    # diffusers' SD1.5 loss lines unchanged; the pairs are flipped where the batch is built (:687-689, label_0 == 1
+    # instead of diffusers' label_0 == 0), so the first half of the rows is the dispreferred image. Pass the rows as
+    # they come (or, from a [preferred; dispreferred] batch, swap the halves: docs/dropin.md, "Diffusion-NPO").
+    "diffusion_npo_sd15": dict(beta_convention="full", err_reduction="mean", implicit_acc_ties="half"),
+    # The same for its SDXL script (DPO-DPO-NPO/train_sdxl.py:1013-1046, flip at :794-796): diffusers' SDXL loss.
+    "diffusion_npo_sdxl": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="half"),
+    # InPO, JaydenLyh/InPO@a9cfc4de85c9cdb7008e2ea034a30e50187c9532:train.py:1032-1052: the original Diffusion-DPO
+    # lines (0.5 * beta_dpo, mean over C,H,W, strict implicit_acc); its target is the inverted noise (:1014-1018),
+    # one per sample ([2B]).
+    "inpo": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="strict"),
+    # flow_grpo's SD3 DPO, yifan123/flow_grpo@ac4c86e8cae021841f1fde853d340e0db67690dd:scripts/train_sd3_dpo.py:924-950:
+    # target = noise - model_input ([2B]: shared noise, distinct latents), per-sample mean over all elements,
+    # inside_term = -0.5 * config.train.beta * w_l_diff, implicit_acc = (inside_term > 0) (strict).
+    "flow_grpo_sd3_dpo": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="strict"),
+    # OneTrainer's DPO, Nerogar/OneTrainer PR #1403 (branch of BitcrushedHeart/OneTrainer; not merged, the stored
+    # copy has no commit id): modules/modelSetup/BaseModelSetup.py, BaseModelSetup.calculate_dpo_loss: logp =
+    # -mean over C,H,W of (pred - target)^2, logits = beta * margin (no 1/2), accuracy = (chosen_ratio >
+    # rejected_ratio) (strict). Its label smoothing is label_smoothing=; its IPO objective is loss_type="ipo",
+    # beta=1, ipo_tau=tau (margin not scaled by beta); its adaptive beta is a host float per step: pass it as beta.
+    "onetrainer_dpo": dict(beta_convention="full", err_reduction="mean", implicit_acc_ties="strict"),
+    # kohya sd-scripts PR #1427 (Diffusion-DPO and MaPO), from its author's branch
+    # rockerBOO/sd-scripts@6e124dccfc5277bfc2a1f9f588530b490589ee91 (po):
+    # train_network.py:910-951, --beta_dpo: scale_term = -0.5 * beta_dpo, per-sample mean (masked
+    # loss: (loss * mask).mean(), i.e. add mask=..., err_reduction="mean_all"), ties count 1/2.
+    "kohya_dpo": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="half"),
+    # The same PR's MaPO, train_network.py:959-973, --mapo_weight: pass beta=mapo_weight. snr = 0.5 and the
+    # log-odds are multiplied by T = noise_scheduler.config.num_train_timesteps (1000 for SD). No reference model.
+    # Needs the loss_type "mapo" options (mapo_snr, mapo_timesteps); presets whose options this version lacks are
+    # listed by unsupported_conventions().
+    "kohya_mapo": dict(loss_type="mapo", err_reduction="mean", mapo_snr=0.5, mapo_timesteps=1000),
 }
+
+
+def unsupported_conventions() -> dict[str, str]:
+    """Presets this version of fused_fdpo_loss cannot run yet, with the reason (an option or value it lacks)."""
+    from .options import OPTIONS, choices
+
+    out = {}
+    for name, kwargs in TRAINER_CONVENTIONS.items():
+        missing = [key for key in kwargs if key not in OPTIONS]
+        if missing:
+            out[name] = f"options {missing} are not in fdiv_kernels.options.OPTIONS"
+        elif kwargs.get("loss_type", "sigmoid") not in choices("loss_type"):
+            out[name] = f"loss_type={kwargs['loss_type']!r} is not one of {choices('loss_type')}"
+    return out
 
 
 def trainer_conventions(name: str) -> dict:

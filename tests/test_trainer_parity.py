@@ -21,7 +21,9 @@ from fdiv_kernels.integrations import (
     fdpo_loss_from_pairs,
     trainer_conventions,
     trainer_logs,
+    unsupported_conventions,
 )
+from fdiv_kernels.options import OPTIONS
 
 F64 = torch.float64
 
@@ -171,11 +173,62 @@ def flow_sum_loss(model_pred, ref_pred, target, beta_dpo):
     )
 
 
+def inpo_loss(model_pred, ref_pred, target, beta_dpo):
+    """JaydenLyh/InPO@a9cfc4de:train.py:1032-1052 (train_method "ddiminpo"): no float cast, 0.5 * beta_dpo,
+    strict implicit_acc; its target is the inverted noise, one per sample."""
+    model_losses = (model_pred.to(F64) - target.to(F64)).pow(2).mean(dim=[1, 2, 3])
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    raw_model_loss = 0.5 * (model_losses_w.mean() + model_losses_l.mean())
+    with torch.no_grad():
+        ref_losses = (ref_pred.to(F64) - target.to(F64)).pow(2).mean(dim=[1, 2, 3])
+        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+    inside_term = -0.5 * beta_dpo * ((model_losses_w - model_losses_l) - (ref_losses_w - ref_losses_l))
+    return dict(
+        loss=-1 * F.logsigmoid(inside_term).mean(),
+        raw_model_loss=raw_model_loss,
+        ref_loss=ref_losses.mean(),
+        implicit_acc=(inside_term > 0).sum().to(F64) / inside_term.size(0),
+        logits=inside_term,
+        model_err=model_losses,
+        ref_err=ref_losses,
+    )
+
+
+def kohya_dpo_loss(model_pred, ref_pred, target, beta_dpo):
+    """kohya sd-scripts PR #1427 (rockerBOO/sd-scripts@6e124dcc:train_network.py:903-951), --beta_dpo, no mask,
+    loss_weights 1: conditional_loss(l2) = squared error, mean per sample, -0.5 * beta_dpo, ties count 1/2, then
+    loss.mean() over the pairs (:1004)."""
+    loss = F.mse_loss(model_pred.to(F64), target.to(F64), reduction="none")
+    model_loss = loss.mean(dim=list(range(1, len(loss.shape))))
+    model_loss_w, model_loss_l = model_loss.chunk(2)
+    with torch.no_grad():
+        ref_loss = F.mse_loss(ref_pred.to(F64), target.to(F64), reduction="none")
+        ref_loss = ref_loss.mean(dim=list(range(1, len(ref_loss.shape))))
+        ref_losses_w, ref_losses_l = ref_loss.chunk(2)
+    inside_term = -0.5 * beta_dpo * ((model_loss_w - model_loss_l) - (ref_losses_w - ref_losses_l))
+    implicit_acc = (inside_term > 0).sum().to(F64) / inside_term.size(0)
+    implicit_acc += 0.5 * (inside_term == 0).sum().to(F64) / inside_term.size(0)
+    return dict(
+        loss=(-1 * F.logsigmoid(inside_term)).mean(),
+        raw_model_loss=0.5 * (model_loss_w.mean() + model_loss_l.mean()),
+        ref_loss=ref_loss.mean(),
+        implicit_acc=implicit_acc,
+        logits=inside_term,
+        model_err=model_loss,
+        ref_err=ref_loss,
+    )
+
+
 TRAINERS = {
     # name: (formula, conventions key, beta as the trainer's flag holds it)
     "diffusers_sdxl": (diffusers_sdxl_loss, "diffusers_sdxl", 5000.0),
     "diffusers_sd15": (diffusers_sd15_loss, "diffusers_sd15", 2500.0),
     "original": (original_diffusion_dpo_loss, "diffusion_dpo", 5000.0),
+    "inpo": (inpo_loss, "inpo", 2000.0),
+    "kohya_dpo": (kohya_dpo_loss, "kohya_dpo", 5000.0),
+    # Diffusion-NPO runs diffusers' SD1.5 lines on rows [dispreferred; preferred] (test_diffusion_npo_swap below).
+    "diffusion_npo_sd15": (diffusers_sd15_loss, "diffusion_npo_sd15", 500.0),
+    "diffusion_npo_sdxl": (diffusers_sdxl_loss, "diffusion_npo_sdxl", 2000.0),
 }
 
 
@@ -760,3 +813,323 @@ def test_unknown_trainer_conventions():
     conv = trainer_conventions("diffusers_sd15")
     conv["beta_convention"] = "half"  # a copy: the table is not changed
     assert TRAINER_CONVENTIONS["diffusers_sd15"]["beta_convention"] == "full"
+
+
+# ---- issue 23, item 6: presets for more trainers (conventions, not new heads) --------------------------------
+
+
+def _flow_batch(dtype, num_pairs=4, shape=(4, 8, 8), seed=11, spread=0.3, delta=0.01):
+    """target = noise - latents with the noise shared by a pair (flow_grpo, SimpleTuner): a distinct [2B] target."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2 * num_pairs, *shape, generator=g)
+    noise = torch.randn(num_pairs, *shape, generator=g).repeat(2, *([1] * len(shape)))
+    target = (noise - latents).to(dtype)
+    model = (target.float() + spread * torch.randn(target.shape, generator=g)).to(dtype)
+    ref = (model.float() + delta * torch.randn(target.shape, generator=g)).to(dtype)
+    return model, ref, target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("conventions", ["diffusion_npo_sd15", "diffusion_npo_sdxl"])
+def test_diffusion_npo_swap(backend, conventions):
+    """G-U-N/Diffusion-NPO@a14f1dbc: DPO-DPO-NPO/train_sd15.py flips the pairs where the batch is built (label_0 == 1,
+    :688), then runs diffusers' loss lines. From a [preferred; dispreferred] batch the NPO loss is the DPO formula on
+    the swapped halves: the fused loss on the swapped rows, or fdpo_loss_from_pairs with the losers first."""
+    formula = diffusers_sd15_loss if conventions.endswith("sd15") else diffusers_sdxl_loss
+    beta = 500.0
+    model, ref, noise = make_batch(torch.float32, distinct_targets=True, tie_pair=False)
+    num_pairs = model.shape[0] // 2
+    swap = torch.cat([torch.arange(num_pairs, 2 * num_pairs), torch.arange(num_pairs)])
+    expected, expected_grad = _grad_of_formula(formula, model[swap], ref[swap], noise[swap], beta)
+    kwargs = trainer_conventions(conventions)
+    loss, stats, grad = _fused(model[swap], ref[swap], noise[swap], backend, beta=beta, **kwargs)
+    _assert_stats_match(loss, stats, expected, num_pairs)
+    _assert_grad_close(grad, expected_grad, torch.float32)
+    mw, ml = model[:num_pairs], model[num_pairs:]
+    pairs = fdpo_loss_from_pairs(
+        ml,
+        mw,
+        ref[num_pairs:],
+        ref[:num_pairs],
+        noise[num_pairs:],
+        noise[:num_pairs],
+        beta=beta,
+        backend=backend,
+        **kwargs,
+    )
+    torch.testing.assert_close(pairs, loss, rtol=1e-6, atol=0)
+    # NPO's logit is DPO's negated: the swap is not a no-op.
+    dpo = formula(model, ref, noise, beta)
+    torch.testing.assert_close(expected["logits"], -dpo["logits"], rtol=1e-12, atol=1e-12)
+    assert abs(expected["loss"].item() - dpo["loss"].item()) > 1e-3
+
+
+def flow_grpo_sd3_dpo_loss(model_pred, ref_pred, target, beta):
+    """yifan123/flow_grpo@ac4c86e8:scripts/train_sd3_dpo.py:924-950 (``.float()`` casts become float64 here)."""
+    bsz = target.shape[0] // 2
+    theta_mse = ((model_pred.to(F64) - target.to(F64)) ** 2).reshape(target.shape[0], -1).mean(dim=1)
+    ref_mse = ((ref_pred.to(F64) - target.to(F64)) ** 2).reshape(target.shape[0], -1).mean(dim=1)
+    model_w_err, model_l_err = theta_mse[:bsz], theta_mse[bsz:]
+    ref_w_err, ref_l_err = ref_mse[:bsz], ref_mse[bsz:]
+    w_diff = model_w_err - ref_w_err
+    l_diff = model_l_err - ref_l_err
+    inside_term = -0.5 * beta * (w_diff - l_diff)
+    return dict(
+        loss=torch.mean(-F.logsigmoid(inside_term)),
+        model_w_err=model_w_err.mean(),
+        model_l_err=model_l_err.mean(),
+        ref_w_err=ref_w_err.mean(),
+        ref_l_err=ref_l_err.mean(),
+        inside_term=inside_term,
+        implicit_acc=(inside_term > 0).sum().to(F64) / inside_term.size(0),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flow_grpo_sd3_dpo_parity(dtype, backend):
+    model, ref, target = _flow_batch(dtype)
+    num_pairs = model.shape[0] // 2
+    ref[0], ref[num_pairs] = model[0], model[num_pairs]  # one exact tie: the strict rule counts it as a loss
+    beta = 4000.0  # config.train.beta is 100 for SD3.5; this tiny batch needs more for logits of order 1
+    out, expected_grad = _grad_of_formula(flow_grpo_sd3_dpo_loss, model, ref, target, beta)
+    assert 0.3 < out["inside_term"].abs().max() < 20 and (out["inside_term"] == 0).sum() == 1
+    loss, stats, grad = _fused(model, ref, target, backend, beta=beta, **trainer_conventions("flow_grpo_sd3_dpo"))
+    torch.testing.assert_close(loss.to(F64), out["loss"], rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(stats.logits.to(F64), out["inside_term"], rtol=1e-5, atol=1e-5)
+    # its logged statistics, from the fused per-sample errors
+    ew, el = stats.model_err.to(F64).chunk(2)
+    rw, rl = stats.ref_err.to(F64).chunk(2)
+    for key, value in (("model_w_err", ew), ("model_l_err", el), ("ref_w_err", rw), ("ref_l_err", rl)):
+        torch.testing.assert_close(value.mean(), out[key], rtol=2e-6, atol=0, msg=key)
+    assert stats.implicit_acc.item() == pytest.approx(out["implicit_acc"].item(), abs=1e-6)
+    _assert_grad_close(grad, expected_grad, dtype)
+    assert_each_target_half_counts(
+        flow_grpo_sd3_dpo_loss, model, ref, target, beta, backend, **trainer_conventions("flow_grpo_sd3_dpo")
+    )
+
+
+def onetrainer_dpo_loss(model_pred, ref_pred, target, beta, label_smoothing=0.0, ipo_tau=None):
+    """Nerogar/OneTrainer PR #1403, BaseModelSetup.calculate_dpo_loss (fp32 accumulation becomes float64 here)."""
+    chosen_b = model_pred.shape[0] // 2
+
+    def mse_per_sample(pred, tgt):
+        return (pred.to(F64) - tgt.to(F64)).pow(2).mean(dim=list(range(1, pred.ndim)))
+
+    with torch.no_grad():
+        ref_chosen_logp = -mse_per_sample(ref_pred[:chosen_b], target[:chosen_b])
+        ref_rejected_logp = -mse_per_sample(ref_pred[chosen_b:], target[chosen_b:])
+    policy_chosen_logp = -mse_per_sample(model_pred[:chosen_b], target[:chosen_b])
+    policy_rejected_logp = -mse_per_sample(model_pred[chosen_b:], target[chosen_b:])
+    chosen_ratio = policy_chosen_logp - ref_chosen_logp
+    rejected_ratio = policy_rejected_logp - ref_rejected_logp
+    margin = chosen_ratio - rejected_ratio
+    if ipo_tau is not None:
+        loss = (margin - 1.0 / (2.0 * ipo_tau)).pow(2).mean()
+        logits = margin
+    else:
+        logits = beta * margin
+        loss = -F.logsigmoid(logits).mean()
+        if label_smoothing > 0:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (-F.logsigmoid(-logits).mean())
+    return dict(
+        loss=loss,
+        logits=logits,
+        chosen_reward=chosen_ratio.mean(),
+        rejected_reward=rejected_ratio.mean(),
+        reward_margin=margin.mean(),
+        accuracy=(chosen_ratio > rejected_ratio).to(F64).mean(),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("objective", ["sigmoid", "label_smoothing", "ipo"])
+def test_onetrainer_dpo_parity(dtype, backend, objective):
+    """logits = beta * margin (beta_convention="full"), strict accuracy; label smoothing and IPO as documented."""
+    if objective == "ipo" and dtype == torch.float16:
+        pytest.skip("IPO's gradient on this batch is ~1e-6, subnormal in float16 (the dtype's range, not the loss)")
+    model, ref, noise = make_batch(dtype, distinct_targets=True)
+    num_pairs = model.shape[0] // 2
+    beta = 2500.0
+    kwargs = trainer_conventions("onetrainer_dpo")
+    formula_kwargs = {}
+    if objective == "label_smoothing":
+        kwargs["label_smoothing"] = formula_kwargs["label_smoothing"] = 0.1
+    elif objective == "ipo":
+        tau = 500.0
+        formula_kwargs["ipo_tau"] = tau
+        kwargs.update(loss_type="ipo", ipo_tau=tau)
+        beta = 1.0  # the margin is not scaled by beta
+
+    def formula(m, r, t, b):
+        return onetrainer_dpo_loss(m, r, t, b, **formula_kwargs)
+
+    out, expected_grad = _grad_of_formula(formula, model, ref, noise, beta)
+    assert (out["logits"] == 0).sum() == 1
+    loss, stats, grad = _fused(model, ref, noise, backend, beta=beta, **kwargs)
+    torch.testing.assert_close(loss.to(F64), out["loss"], rtol=2e-6, atol=1e-9)
+    torch.testing.assert_close(
+        stats.logits.to(F64), out["logits"], rtol=1e-5, atol=1e-5 * out["logits"].abs().max().item()
+    )
+    assert stats.implicit_acc.item() == pytest.approx(out["accuracy"].item(), abs=1e-6)
+    # its logged rewards are the raw log-ratios e_ref - e, beta-free: stats.logratio is beta * (e_ref - e)
+    gap = (stats.logratio.to(F64) / beta).chunk(2)
+    torch.testing.assert_close(gap[0].mean(), out["chosen_reward"], rtol=1e-5, atol=1e-5 / beta)
+    torch.testing.assert_close(gap[1].mean(), out["rejected_reward"], rtol=1e-5, atol=1e-5 / beta)
+    torch.testing.assert_close(gap[0].mean() - gap[1].mean(), out["reward_margin"], rtol=1e-5, atol=1e-5 / beta)
+    _assert_grad_close(grad, expected_grad, dtype)
+    del num_pairs
+
+
+def simpletuner_flow_dpo_loss(mask, norm_type):
+    """bghira/SimpleTuner@7d475ed3 (PR #2709): flow_dpo/distiller.py:88-103 and _per_sample_error (:230-255), on
+    rows [preferred; rejected]; ``mask`` is its [B, 1, H, W] loss mask (one per pair), fixed beta."""
+
+    def per_sample_error(prediction, target, m):
+        error = (prediction.to(F64) - target.to(F64)).pow(2)
+        error = error * m.to(F64)
+        dims = tuple(range(1, error.dim()))
+        if norm_type == "sum":
+            return error.sum(dim=dims)
+        if norm_type == "mean":
+            return error.mean(dim=dims)
+        denominator = m.to(F64).expand_as(error).sum(dim=dims)
+        return error.sum(dim=dims) / denominator.clamp_min(1.0)
+
+    def formula(model_pred, ref_pred, target, beta):
+        b = model_pred.shape[0] // 2
+        policy_win_err = per_sample_error(model_pred[:b], target[:b], mask)
+        policy_lose_err = per_sample_error(model_pred[b:], target[b:], mask)
+        with torch.no_grad():
+            ref_win_err = per_sample_error(ref_pred[:b], target[:b], mask)
+            ref_lose_err = per_sample_error(ref_pred[b:], target[b:], mask)
+        win_adv = ref_win_err - policy_win_err
+        lose_adv = policy_lose_err - ref_lose_err
+        margin = win_adv + lose_adv
+        logits = 0.5 * beta * margin
+        return dict(
+            loss=-F.logsigmoid(logits).mean(),
+            logits=logits,
+            margin=margin.mean(),
+            win_adv=win_adv.mean(),
+            lose_adv=lose_adv.mean(),
+            negative_margin_pct=(margin < 0).to(F64).mean() * 100.0,
+            gradient_factor=torch.sigmoid(-logits).mean(),
+        )
+
+    return formula
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "norm_type, conventions, beta",
+    [
+        ("sum", "simpletuner_flow", 40.0),
+        ("mean", "simpletuner_flow_mean", 10000.0),
+        ("masked_mean", "simpletuner_flow_masked_mean", 5000.0),
+    ],
+)
+def test_simpletuner_merged_flow_dpo(dtype, backend, norm_type, conventions, beta):
+    """The merged Flow-DPO with its [B, 1, H, W] mask (passed expanded to [B, C, H, W], shared by the pair) and
+    separate preferred / rejected tensors (fdpo_loss_from_pairs). One pair's mask is empty: 0 error both ways."""
+    model, ref, target = _flow_batch(dtype)
+    num_pairs, shape = model.shape[0] // 2, model.shape[1:]
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(num_pairs, 1, *shape[1:], generator=g) > 0.5).float()
+    mask[0] = 0.0
+    formula = simpletuner_flow_dpo_loss(mask, norm_type)
+    out, expected_grad = _grad_of_formula(formula, model, ref, target, beta)
+    assert 0.3 < out["logits"].abs().max() < 20
+    mw = model[:num_pairs].detach().clone().requires_grad_(True)
+    ml = model[num_pairs:].detach().clone().requires_grad_(True)
+    loss, stats = fdpo_loss_from_pairs(
+        mw,
+        ml,
+        ref[:num_pairs],
+        ref[num_pairs:],
+        target[:num_pairs],
+        target[num_pairs:],
+        beta=beta,
+        mask=mask.expand(num_pairs, *shape),
+        return_stats=True,
+        backend=backend,
+        **trainer_conventions(conventions),
+    )
+    loss.backward()
+    torch.testing.assert_close(loss.to(F64), out["loss"], rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(stats.logits.to(F64), out["logits"], rtol=1e-5, atol=1e-5)
+    gap = (stats.logratio.to(F64) / (0.5 * beta)).chunk(2)  # d = beta/2 * (e_ref - e)
+    torch.testing.assert_close(gap[0].mean(), out["win_adv"], rtol=1e-5, atol=1e-5 / beta)
+    torch.testing.assert_close(-gap[1].mean(), out["lose_adv"], rtol=1e-5, atol=1e-5 / beta)
+    z = stats.logits.to(F64)
+    assert (100.0 * (z < 0).to(F64).mean()).item() == pytest.approx(out["negative_margin_pct"].item())
+    torch.testing.assert_close(torch.sigmoid(-z).mean(), out["gradient_factor"], rtol=1e-5, atol=1e-7)
+    grad = torch.cat([mw.grad, ml.grad])
+    live = torch.ones(2 * num_pairs, dtype=torch.bool)
+    live[[0, num_pairs]] = False  # the pair with the empty mask: no gradient at all
+    assert (grad[~live] == 0).all() and (expected_grad[~live] == 0).all()
+    _assert_grad_close(grad[live], expected_grad[live], dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kohya_dpo_masked_loss_is_mean_all(backend):
+    """kohya's apply_masked_loss multiplies the element losses by the mask before the per-sample .mean(): the
+    masked sum over all elements, err_reduction="mean_all" (not the preset's masked mean)."""
+    model, ref, noise = make_batch(torch.float32, distinct_targets=True, tie_pair=False)
+    num_pairs = model.shape[0] // 2
+    g = torch.Generator().manual_seed(6)
+    mask_rows = (torch.rand(model.shape[0], 1, *model.shape[2:], generator=g) > 0.3).float()
+    dims = list(range(1, model.dim()))
+
+    def formula(pred, ref_pred, target, beta):
+        e = (F.mse_loss(pred.to(F64), target.to(F64), reduction="none") * mask_rows.to(F64)).mean(dims)
+        with torch.no_grad():
+            r = (F.mse_loss(ref_pred.to(F64), target.to(F64), reduction="none") * mask_rows.to(F64)).mean(dims)
+        (ew, el), (rw, rl) = e.chunk(2), r.chunk(2)
+        return dict(loss=(-F.logsigmoid(-0.5 * beta * ((ew - el) - (rw - rl)))).mean())
+
+    beta = 8000.0
+    out, expected_grad = _grad_of_formula(formula, model, ref, noise, beta)
+    kwargs = dict(trainer_conventions("kohya_dpo"), err_reduction="mean_all")
+    loss, _, grad = _fused(model, ref, noise, backend, beta=beta, mask=mask_rows.expand_as(model), **kwargs)
+    torch.testing.assert_close(loss.to(F64), out["loss"], rtol=2e-6, atol=1e-7)
+    _assert_grad_close(grad, expected_grad, torch.float32)
+    del num_pairs
+
+
+def test_every_preset_is_valid():
+    """Each preset's keys are options of fused_fdpo_loss and it runs, except those whose options this version lacks
+    (kohya_mapo's loss_type="mapo" until it lands), which unsupported_conventions() names."""
+    model, ref, noise = make_batch(torch.float32, num_pairs=2, shape=(2, 4, 4))
+    unsupported = unsupported_conventions()
+    assert "kohya_mapo" in unsupported or "mapo_snr" in OPTIONS
+    for name in TRAINER_CONVENTIONS:
+        kwargs = trainer_conventions(name)
+        if name in unsupported:
+            continue
+        assert set(kwargs) <= set(OPTIONS), name
+        loss = fused_fdpo_loss(model, ref, noise, beta=1.0, backend="torch", **kwargs)
+        assert torch.isfinite(loss), name
+    if "kohya_mapo" in unsupported:
+        with pytest.raises((TypeError, ValueError)):
+            fused_fdpo_loss(model, ref, noise, beta=1.0, backend="torch", **trainer_conventions("kohya_mapo"))
+
+
+def test_presets_cite_their_trainer():
+    """Every preset added for issue 23 pins the commit of the trainer's loss lines in its comment."""
+    import inspect
+
+    from fdiv_kernels import integrations
+
+    source = inspect.getsource(integrations)
+    for name, commit in (
+        ("diffusion_npo_sd15", "G-U-N/Diffusion-NPO@a14f1dbc"),
+        ("inpo", "JaydenLyh/InPO@a9cfc4de"),
+        ("flow_grpo_sd3_dpo", "yifan123/flow_grpo@ac4c86e8"),
+        ("kohya_dpo", "rockerBOO/sd-scripts@6e124dcc"),
+        ("simpletuner_flow_masked_mean", "bghira/SimpleTuner@7d475ed3"),
+    ):
+        at = source.index(f'"{name}":')
+        assert commit in source[at - 900 : at], name
