@@ -17,7 +17,6 @@ from .stats import FDPOStats
 __all__ = [
     "TRAINER_CONVENTIONS",
     "trainer_conventions",
-    "unsupported_conventions",
     "fdpo_loss_from_pairs",
     "trainer_logs",
 ]
@@ -74,25 +73,10 @@ TRAINER_CONVENTIONS: dict[str, dict] = {
     # loss: (loss * mask).mean(), i.e. add mask=..., err_reduction="mean_all"), ties count 1/2.
     "kohya_dpo": dict(beta_convention="half", err_reduction="mean", implicit_acc_ties="half"),
     # The same PR's MaPO, train_network.py:959-973, --mapo_weight: pass beta=mapo_weight. snr = 0.5 and the
-    # log-odds are multiplied by T = noise_scheduler.config.num_train_timesteps (1000 for SD). No reference model.
-    # Needs the loss_type "mapo" options (mapo_snr, mapo_timesteps); presets whose options this version lacks are
-    # listed by unsupported_conventions().
+    # log-odds are multiplied by T = noise_scheduler.config.num_train_timesteps (1000 for SD). No reference model:
+    # call fused_fdpo_loss(model_pred, None, target, beta=mapo_weight, **trainer_conventions("kohya_mapo")).
     "kohya_mapo": dict(loss_type="mapo", err_reduction="mean", mapo_snr=0.5, mapo_timesteps=1000),
 }
-
-
-def unsupported_conventions() -> dict[str, str]:
-    """Presets this version of fused_fdpo_loss cannot run yet, with the reason (an option or value it lacks)."""
-    from .options import OPTIONS, choices
-
-    out = {}
-    for name, kwargs in TRAINER_CONVENTIONS.items():
-        missing = [key for key in kwargs if key not in OPTIONS]
-        if missing:
-            out[name] = f"options {missing} are not in fdiv_kernels.options.OPTIONS"
-        elif kwargs.get("loss_type", "sigmoid") not in choices("loss_type"):
-            out[name] = f"loss_type={kwargs['loss_type']!r} is not one of {choices('loss_type')}"
-    return out
 
 
 def trainer_conventions(name: str) -> dict:

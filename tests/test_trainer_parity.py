@@ -21,7 +21,6 @@ from fdiv_kernels.integrations import (
     fdpo_loss_from_pairs,
     trainer_conventions,
     trainer_logs,
-    unsupported_conventions,
 )
 from fdiv_kernels.options import OPTIONS
 
@@ -1100,21 +1099,15 @@ def test_kohya_dpo_masked_loss_is_mean_all(backend):
 
 
 def test_every_preset_is_valid():
-    """Each preset's keys are options of fused_fdpo_loss and it runs, except those whose options this version lacks
-    (kohya_mapo's loss_type="mapo" until it lands), which unsupported_conventions() names."""
+    """Each preset's keys are options of fused_fdpo_loss and it runs (the reference-free MaPO preset without a
+    reference)."""
     model, ref, noise = make_batch(torch.float32, num_pairs=2, shape=(2, 4, 4))
-    unsupported = unsupported_conventions()
-    assert "kohya_mapo" in unsupported or "mapo_snr" in OPTIONS
     for name in TRAINER_CONVENTIONS:
         kwargs = trainer_conventions(name)
-        if name in unsupported:
-            continue
         assert set(kwargs) <= set(OPTIONS), name
-        loss = fused_fdpo_loss(model, ref, noise, beta=1.0, backend="torch", **kwargs)
+        reference = None if kwargs.get("loss_type") == "mapo" else ref
+        loss = fused_fdpo_loss(model, reference, noise, beta=1.0, backend="torch", **kwargs)
         assert torch.isfinite(loss), name
-    if "kohya_mapo" in unsupported:
-        with pytest.raises((TypeError, ValueError)):
-            fused_fdpo_loss(model, ref, noise, beta=1.0, backend="torch", **trainer_conventions("kohya_mapo"))
 
 
 def test_presets_cite_their_trainer():
