@@ -146,6 +146,8 @@ def fdpo_loss_reference(
     stats = FDPOStats.from_tensors(
         logits, model_err, ref_err_, logratio, psi(c.divergence, logratio), c.implicit_acc_ties
     )
+    if c.sdpo_mu is not None:
+        stats.extra = {"sdpo_lambda": lam}
     return loss, stats
 
 
