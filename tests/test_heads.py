@@ -351,7 +351,8 @@ def test_kto_reference_takes_an_odd_number_of_rows():
 
 # ============================================================================================== 2. the grid
 
-DTYPES = {"fp32": (F32, F32), "fp16": (F16, F16), "bf16": (BF16, BF16), "mixed": (F32, BF16)}  # pred, the rest
+# model_pred's dtype, the others' (mixed: as Accelerate gives); fp64 on the backends that compute in it
+DTYPES = {"fp32": (F32, F32), "fp16": (F16, F16), "bf16": (BF16, BF16), "mixed": (F32, BF16), "fp64": (F64, F64)}
 
 GRID = {
     "mapo-4d-halves": ("mapo", dict(shape=(3, 7, 5), layout="halves")),
@@ -422,7 +423,7 @@ def _grid_inputs(head, spec, dtypes, seed):
     if want_ref_err:
         ref_fn = kto_loss_reference if head == "kto" else fdpo_loss_reference
         _, stats = ref_fn(**{k: v.double() for k, v in out.items()}, **kw, return_stats=True)
-        out["ref_err"] = stats.ref_err.to(F32)
+        out["ref_err"] = stats.ref_err.to(F64 if pd == F64 else F32)
         del out["ref_pred"]
     return out, kw
 
@@ -443,6 +444,8 @@ def test_heads_match_the_float64_reference(backend, case, dtype):
     """Loss, every statistic (and extra) and the gradient against the float64 reference on copies of the same
     rounded inputs. Tolerances: harness.TOL of model_pred's dtype (the head runs in its accumulate dtype, float32);
     MaPO's logit T (phi_w - phi_l) adds T times a few ulps of phi; the ref_err cases harness's d tolerance."""
+    if dtype == "fp64" and backend == "triton":
+        pytest.skip("triton computes in float32 only (float64 input is refused: tests/test_kernels.py)")
     head, spec = GRID[case]
     inputs, kw = _grid_inputs(head, spec, DTYPES[dtype], seed=zlib.crc32(f"{case}-{dtype}".encode()) % 1000)
     fused_fn = fused_kto_loss if head == "kto" else fused_fdpo_loss
@@ -453,11 +456,12 @@ def test_heads_match_the_float64_reference(backend, case, dtype):
     loss_r, stats_r, grad_r = _run_head(ref_fn, {k: v.double() for k, v in inputs.items()}, kw, upstream.double())
     tol = TOL[DTYPES[dtype][0]]
     if head == "mapo":
-        slack = MAPO_T * 8 * EPS32 * (2 + MAPO_SNR * stats_r.model_err.max().item())
+        eps = torch.finfo(F64 if dtype == "fp64" else F32).eps
+        slack = MAPO_T * 8 * eps * (2 + MAPO_SNR * stats_r.model_err.max().item())
         tol = Tol(loss=tol.loss + slack, grad=tol.grad + slack, d=tol.d)
     if "ref_err" in inputs:
         tol = Tol(loss=max(tol.loss, tol.d), grad=max(tol.grad, tol.d), d=tol.d)
-    assert grad.dtype == inputs["model_pred"].dtype and loss.dtype == F32
+    assert grad.dtype == inputs["model_pred"].dtype and loss.dtype == (F64 if dtype == "fp64" else F32)
     assert_close(loss, loss_r, tol.loss, "loss")
     for name in ("logits", "model_err", "ref_err", "logratio", "reward", "raw_model_loss", "raw_ref_loss"):
         assert_close(getattr(stats, name), getattr(stats_r, name), tol.loss, name)
@@ -470,11 +474,11 @@ def test_heads_match_the_float64_reference(backend, case, dtype):
         assert (stats.extra[name] - stats_r.extra[name]).abs() <= tol.loss * (stats_r.extra[name].abs() + scale)
     if head == "sdpo":
         assert 0.2 < stats_r.extra["sdpo_lambda"] < 0.9  # the safeguard acts
-    # the gradient: each element against its own row's scale, plus half the dtype's smallest subnormal (a row
+    # the gradient: each element against its own row's scale, plus the dtype's smallest subnormal (a row
     # whose pair is saturated, e.g. sigmoid(-z) ~ 1e-4, has fp16 gradients that round to 0 correctly)
     e = grad_r.double()
     row = e.abs().reshape(e.shape[0], -1).amax(dim=1).reshape(-1, *([1] * (e.dim() - 1)))
-    floor = torch.finfo(grad.dtype).tiny * torch.finfo(grad.dtype).eps / 2
+    floor = torch.finfo(grad.dtype).tiny * torch.finfo(grad.dtype).eps
     err = (grad.double() - e).abs() / (tol.grad * (e.abs() + row) + floor)
     assert err.max() <= 1, (
         f"grad: worst error {err.max():.2f}x the tolerance at {divmod(int(err.argmax()), e[0].numel())}"
