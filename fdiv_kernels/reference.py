@@ -146,6 +146,8 @@ def fdpo_loss_reference(
     stats = FDPOStats.from_tensors(
         logits, model_err, ref_err_, logratio, psi(c.divergence, logratio), c.implicit_acc_ties
     )
+    if c.sdpo_mu is not None:
+        stats.extra = {"sdpo_lambda": lam}
     return loss, stats
 
 
@@ -168,11 +170,17 @@ def _sdpo_lambda_reference(p: FDPOProblem, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _mapo_phi_reference(x: torch.Tensor) -> torch.Tensor:
-    """x / (e^x - 1) by autograd (float64: its derivative's cancellation near 0 costs ~eps/x^2 there), 1 - x/2 +
-    x^2/12 below |x| = 1e-4 (the other branch's argument kept away from 0 so that its gradient is not NaN)."""
-    small = x.abs() < 1e-4
+    """x / (e^x - 1) by autograd, written as |x| q(|x|) - min(x, 0), q(a) = e^-a / (1 - e^-a) = 1 / (e^a - 1): no
+    overflow, so its autograd derivative is right past exp's range (x / expm1(x) gave phi' = 1 / expm1(x) once
+    expm1(x)^2 overflowed, then NaN). Float64: the derivative's cancellation costs ~4 eps / |x| near 0, so below
+    |x| = 1e-2 the series 1 - x/2 + x^2/12 - x^4/720 + x^6/30240 (remainder < 1e-22)."""
+    small = x.abs() < 1e-2
     safe = torch.where(small, torch.ones_like(x), x)
-    return torch.where(small, 1.0 - x / 2 + x * x / 12, safe / torch.expm1(safe))
+    a = safe.abs()
+    direct = a * (torch.exp(-a) / -torch.expm1(-a)) - safe.clamp_max(0.0)
+    u = x * x
+    series = 1.0 - x / 2 + u * (1.0 / 12 + u * (-1.0 / 720 + u / 30240))
+    return torch.where(small, series, direct)
 
 
 def _mapo_reference(p: FDPOProblem, dtype: torch.dtype, return_stats: bool):
