@@ -344,7 +344,8 @@ def kto_head(diff, labels, kl_point, config: FDPOConfig, weights: tuple[float, f
     margin = clipped_psi_diff(config.divergence, diff, kl_point.expand_as(diff), config.logratio_clip, scale=scale)
     sign = torch.where(labels, 1.0, -1.0).to(diff.dtype)
     logits = config.gamma * sign * margin
-    weight = torch.where(labels, weights[0], weights[1]).to(diff.dtype)
+    # the weights in the head's dtype (torch.where of Python floats would round them to float32 first)
+    weight = torch.where(labels, diff.new_tensor(weights[0]), diff.new_tensor(weights[1]))
     return weight * torch.sigmoid(-logits), logits
 
 

@@ -221,7 +221,9 @@ def kto_loss_reference(
     **options,
 ):
     """Diffusion-KTO (:func:`fdiv_kernels.fused_kto_loss`) in plain PyTorch, any number of rows N (no ``backend``)."""
-    from .heads import KTO_OPTIONS, _check_kto, kto_head, kto_reference_point, kto_stats
+    # The argument checks and the reference point (plumbing: validation, the all-reduce) are shared with the fused
+    # call; the head below is written independently of heads.kto_head.
+    from .heads import KTO_OPTIONS, _check_kto, kto_reference_point
 
     for name in options:
         if name not in KTO_OPTIONS:
@@ -253,9 +255,23 @@ def kto_loss_reference(
     ref_e = None if ref_err is None else ref_err.to(dtype)
     model_err, ref_err_, err_gap = _RowErrors.apply(pred, ref, tgt, msk, ref_e, config.err_reduction)
     kl_point = kto_reference_point(err_gap, kl, kl_all_reduce)
-    losses, logits = kto_head(err_gap, labels, kl_point, config, (float(desirable_weight), float(undesirable_weight)))
+    scale = 0.5 * config.beta  # d = beta/2 (e_ref - e), d_KL = beta/2 KL, as the authors' beta (e_ref - e - KL)
+    z = config.gamma * clipped_psi_diff(
+        config.divergence, err_gap, kl_point.expand_as(err_gap), config.logratio_clip, scale=scale
+    )
+    # The authors' w_y (1 - sigmoid(+-z)) as w_y sigmoid(-+z) (no 1 - h cancellation), the two kinds of row as
+    # two branches
+    losses = torch.where(
+        labels, float(desirable_weight) * torch.sigmoid(-z), float(undesirable_weight) * torch.sigmoid(z)
+    )
+    logits = torch.where(labels, z, -z)
     reduce: dict[str, Callable[[], torch.Tensor]] = {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}
     loss = reduce[config.reduction]()
     if not return_stats:
         return loss
-    return loss, kto_stats(logits, model_err, ref_err_, err_gap, kl_point, config)
+    logratio = soft_clip(scale * err_gap.detach(), config.logratio_clip)
+    stats = FDPOStats.from_tensors(
+        logits, model_err, ref_err_, logratio, psi(config.divergence, logratio), config.implicit_acc_ties
+    )
+    stats.extra = {"kl": kl_point}
+    return loss, stats

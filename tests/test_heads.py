@@ -252,7 +252,7 @@ def _kto_authors(model_pred, ref_pred, target, labels, beta_dpo, lambda_d=1.0, l
     sgn = 2 * labels - 1
     label_scale_g = sgn * beta_dpo * (g - kl)
     binary = labels == 1
-    w_y = lambda_d * binary + lambda_u * ~binary
+    w_y = lambda_d * binary.to(g.dtype) + lambda_u * (~binary).to(g.dtype)  # in float64 (a bool times 0.7 is float32)
     loss = (w_y * (1 - torch.sigmoid(label_scale_g))).mean()
     logs = {
         "kl": kl,
