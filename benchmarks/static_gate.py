@@ -338,11 +338,12 @@ def check_cuda(arch: str, funcs: dict[str, Function], errors: list[str]) -> list
         variant, loads, stores, ipb, inflight = ",".join(SHORT.get(a, a) for a in args), [], [], None, None
         groups = 0
         if base.startswith("fdpo_forward_kernel<"):
-            tp, tr, tt, tm, vec, ref, mask = args
-            vec, ref, mask = int(vec), ref == "true", mask == "true"
+            tp, tr, tt, tm, vec, ref, mask, cross = args
+            vec, ref, mask, cross = int(vec), ref == "true", mask == "true", cross == "true"
             variant = f"{SHORT[tp]}/{SHORT[tr] if ref else 'ref_err'}/{SHORT[tt]}{'+mask' if mask else ''} x{vec}"
+            variant += "+cross" if cross else ""
             if vec > 1:
-                have.add(("fwd", tp, tr if ref else None, tt, ref, mask))
+                have.add(("fwd", tp, tr if ref else None, tt, ref, mask, cross))
                 expected = 2 * (packs(tp, vec) + ref * packs(tr, vec) + packs(tt, vec) + mask * packs(tm, vec))
                 body = hot_loop(f)
                 loads, groups = check_loop_loads(where, body, expected, errors)
@@ -379,30 +380,34 @@ def _min_blocks(base: str, kind: str, args: list[str]) -> int:
     """The blocks/SM budget of one kernel: MIN_BLOCKS[kind], except a forward kernel's own fwd_min_blocks()."""
     if not base.startswith("fdpo_forward_kernel<"):
         return MIN_BLOCKS[kind]
-    # fwd_min_blocks(): 2 if masked and 10+ vectors a thread
-    tp, tr, tt, tm, vec, ref, mask = args
+    # fwd_min_blocks(): 2 if masked and 10+ vectors a thread (the cross-term variants keep their base's budget)
+    tp, tr, tt, tm, vec, ref, mask, _cross = args
     nbytes = int(vec) * (2 * SIZE[tp] + 2 * SIZE[tt] + 2 * SIZE[tr] * (ref == "true") + 2 * SIZE[tm] * (mask == "true"))
     return 2 if mask == "true" and nbytes >= 10 * 16 else 3
 
 
 def _check_vectorized_coverage(arch: str, have: set, errors: list[str]) -> None:
-    """Every same-dtype and mixed combination keeps its vectorized kernels (`have`: those check_cuda found)."""
+    """Every same-dtype and mixed combination keeps its vectorized kernels (`have`: those check_cuda found), the
+    unmasked forwards also their cross-term (SDPO) variants."""
     wanted = []
     for t in ("float", "c10::Half", "c10::BFloat16"):
         for ref in (True, False):
             for mask in (True, False):
-                wanted.append(("fwd", t, t if ref else None, t, ref, mask))
+                wanted += [("fwd", t, t if ref else None, t, ref, mask, cross) for cross in (False, not mask)]
         wanted += [("bwd", t, t, mask) for mask in (True, False)]
     for tp, tr, tt in MIXED_COMBOS:
         for mask in (True, False):
-            wanted += [("fwd", tp, tr, tt, True, mask), ("fwd", tp, None, tt, False, mask), ("bwd", tp, tt, mask)]
+            for cross in (False, not mask):
+                wanted += [("fwd", tp, tr, tt, True, mask, cross), ("fwd", tp, None, tt, False, mask, cross)]
+            wanted.append(("bwd", tp, tt, mask))
     for w in dict.fromkeys(wanted):
         if w not in have:
             if w[0] == "fwd":
                 what = f"forward pred {SHORT[w[1]]}, ref {SHORT[w[2]] if w[4] else 'ref_err'}, target {SHORT[w[3]]}"
+                suffix = (" + mask" if w[5] else "") + (" + cross" if w[6] else "")
             else:
                 what = f"backward pred {SHORT[w[1]]}, target {SHORT[w[2]]}"
-            suffix = " + mask" if w[-1] else ""
+                suffix = " + mask" if w[-1] else ""
             errors.append(f"sm_{arch}: no vectorized kernel for the {what}{suffix} (sent to the scalar path?)")
 
 
@@ -413,6 +418,9 @@ TRITON_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 TRITON_FWD = [("bf16", "bf16", "bf16", None), ("bf16", None, "bf16", None), ("bf16", "bf16", "bf16", "bf16"),
               ("fp16", "fp16", "fp16", None), ("fp32", "fp32", "fp32", None), ("fp32", "fp32", "bf16", None),
               ("fp32", "bf16", "bf16", None), ("fp32", "fp16", "fp16", None)]  # fmt: skip
+# ... and with cross_term (the SDPO safeguard's variants: CROSS=True, never with a mask).
+TRITON_FWD_CROSS = [("bf16", "bf16", "bf16", None), ("fp32", "fp32", "fp32", None),
+                    ("fp32", "bf16", "bf16", None)]  # fmt: skip
 TRITON_BWD = [("bf16", "bf16", None), ("bf16", "bf16", "bf16"), ("fp16", "fp16", None), ("fp32", "fp32", None),
               ("fp32", "bf16", None), ("fp32", "fp16", None)]  # fmt: skip
 
@@ -450,12 +458,13 @@ def check_triton(cuobjdump: str, workdir: str, errors: list[str]) -> list[Row]:
 
     rows = []
     jobs = []
-    for pred, ref, tgt, mask in TRITON_FWD:
+    fwd = [(combo, False) for combo in TRITON_FWD] + [(combo, True) for combo in TRITON_FWD_CROSS]
+    for (pred, ref, tgt, mask), cross in fwd:
         ptrs = {"pred_ptr": pred, "ref_ptr": ref or pred, "target_ptr": tgt, "mask_ptr": mask or pred,
                 "ws_ptr": "fp32"}  # fmt: skip
         const = {"HAS_REF": ref is not None, "HAS_MASK": mask is not None, "SHARED_TARGET": False,
-                 "SHARED_MASK": False, "INTERLEAVED": False, "BLOCK": tk._FWD_BLOCK}  # fmt: skip
-        variant = f"{pred}/{ref or 'ref_err'}/{tgt}{'+mask' if mask else ''}"
+                 "SHARED_MASK": False, "INTERLEAVED": False, "BLOCK": tk._FWD_BLOCK, "CROSS": cross}  # fmt: skip
+        variant = f"{pred}/{ref or 'ref_err'}/{tgt}{'+mask' if mask else ''}{'+cross' if cross else ''}"
         jobs.append(("fwd", tk._partials_kernel, ptrs, const, tk._FWD_WARPS, tk._FWD_BLOCK, variant,
                      [pred] * 2 + [tgt] * 2 + ([ref] * 2 if ref else []) + ([mask] * 2 if mask else [])))  # fmt: skip
     for pred, tgt, mask in TRITON_BWD:

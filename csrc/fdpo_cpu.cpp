@@ -7,11 +7,14 @@
 //     count), items run in parallel (at::parallel_for) and each writes its partial sums to its own workspace slot:
 //       S = sum m (pred - t)^2,  R = sum m (ref - t)^2,  Q = sum m (ref - pred)(ref + pred - 2t),  M = sum m
 //     for the winner and the loser row of its pair. Both rows of a pair are processed by the same item, so a
-//     shared [B, D] target (and mask) row is read once.
+//     shared [B, D] target (and mask) row is read once. With cross_term (no mask) the item also sums the pair's
+//     cross term x = sum (pred_w - t)(pred_l - t) into its own slot of a second workspace (variants compiled
+//     apart: the default ones do not carry the extra accumulator).
 //   * Inside an item: 8 float lanes (4 double lanes for fp64) accumulate blocks of kBlock elements; each block's
 //     lanes are flushed into double lanes; the chunk's lanes are summed in lane order. Fixed order everywhere.
 //   * Then, serially and in a fixed order: chunk partials -> per-row sums (double) -> fdpo_pair_head<float>
-//     (<double> for fp64 inputs) per pair -> the reduced loss. Same inputs, same bits, for any thread count.
+//     (<double> for fp64 inputs) per pair -> the reduced loss (and X = the sum of the pairs' cross terms, in
+//     double, into summary[3]). Same inputs, same bits, for any thread count.
 // Backward: one elementwise pass over (pair, chunk) items: grad = grad_coef[row] * G[pair] * m * (pred - target)
 //   in model_pred's dtype, with the shared target row read once per pair. Large fp32/fp64 gradients are written
 //   with non-temporal stores (kStreamMinBytes). Where an overflowed coefficient is +-inf (forward_kl / alpha /
@@ -127,7 +130,9 @@ struct FwdArgs {
   const void* mask;  // nullptr: no mask
   int64_t D, B, chunks;
   bool target_shared, mask_shared, interleaved;
-  double* ws;  // [B * chunks * kSlots]
+  double* ws;        // [B * chunks * kSlots]
+  bool cross;        // cross_term: also sum (pred_w - t_w)(pred_l - t_l) per item (never with a mask)
+  double* cross_ws;  // [B * chunks] when cross, else nullptr
   bool mixed() const {
     return target_dtype != dtype || (ref != nullptr && ref_dtype != dtype) || (mask != nullptr && mask_dtype != dtype);
   }
@@ -239,8 +244,13 @@ void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, cons
   const int64_t B = a.B, nc = a.chunks;
   const bool has_mask = a.mask != nullptr;
   const double inv_d = 1.0 / static_cast<double>(a.D);
-  double total = 0.0, wins = 0.0, e_total = 0.0, eref_total = 0.0;
+  double total = 0.0, wins = 0.0, e_total = 0.0, eref_total = 0.0, cross = 0.0;
   for (int64_t p = 0; p < B; ++p) {
+    if (a.cross) {
+      double x = 0.0;  // chunks in order, then pairs in order
+      for (int64_t c = 0; c < nc; ++c) x += a.cross_ws[p * nc + c];
+      cross += x;
+    }
     double sums[kSlots] = {0, 0, 0, 0, 0, 0, 0, 0};  // S, R, Q, M of the winner, then of the loser
     const double* ws = a.ws + p * nc * kSlots;
     for (int64_t c = 0; c < nc; ++c)
@@ -258,7 +268,7 @@ void pair_heads(const fdpo::HeadParams& hp, const FwdArgs& a, bool has_ref, cons
     e_total += static_cast<double>(ew.e) + static_cast<double>(el.e);
     eref_total += static_cast<double>(ew.e_ref) + static_cast<double>(el.e_ref);
   }
-  fdpo::store_reduced(hp, total, wins, e_total, eref_total, out.loss, summary);
+  fdpo::store_reduced(hp, total, wins, e_total, eref_total, cross, out.loss, summary);
 }
 
 fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::optional<at::Tensor>& ref_pred,
@@ -270,6 +280,7 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   const fdpo::RowViews v = fdpo::row_views("cpu", /*allow_double=*/true, model_pred, ref_pred, target, mask);
   const int64_t B = v.B, D = v.D, rows = 2 * B;
   const fdpo::HeadParams hp = fdpo::head_params("cpu", fparams, iparams, B);
+  fdpo::check_cross_term("cpu", hp, v.mask.defined());
   const Dtype dt = dtype_of(v.pred);
   const at::ScalarType acc = fdpo::accumulate_type(dt);
   at::Tensor rerr, pw;
@@ -279,6 +290,7 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
 
   const int64_t chunks = (D + kChunk - 1) / kChunk;
   std::vector<double> ws(static_cast<size_t>(B * chunks * kSlots), 0.0);
+  std::vector<double> cross_ws(hp.cross_term ? static_cast<size_t>(B * chunks) : 0, 0.0);
   FwdArgs a;
   a.dtype = dt;
   a.ref_dtype = ref.defined() ? dtype_of(ref) : dt;
@@ -295,6 +307,8 @@ fdpo::ForwardOutputs forward_cpu(const at::Tensor& model_pred, const std::option
   a.mask_shared = msk.defined() && msk.size(0) == B;
   a.interleaved = hp.interleaved;
   a.ws = ws.data();
+  a.cross = hp.cross_term;
+  a.cross_ws = hp.cross_term ? cross_ws.data() : nullptr;
   run_forward_items(a);
 
   fdpo::ForwardOutputs out = fdpo::empty_forward_outputs(pred, hp.reduction);

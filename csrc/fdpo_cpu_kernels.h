@@ -192,9 +192,11 @@ struct Cvt<F16> {
   static double lane(const W& w, int l) { return l < 4 ? w.lo[l] : w.hi[l - 4]; }
 };
 
-// ---- forward: one (pair, chunk) item. Accumulators of the winner (index 0) and the loser (index 1) row.
-template <typename Tag, bool REF, bool MASK, bool SHARED_T, bool SHARED_M>
+// ---- forward: one (pair, chunk) item. Accumulators of the winner (index 0) and the loser (index 1) row; with
+// CROSS (cross_term, never with a mask) one more: x = sum (pred_w - t_w)(pred_l - t_l), the pair's cross term.
+template <typename Tag, bool REF, bool MASK, bool SHARED_T, bool SHARED_M, bool CROSS>
 struct FwdItem {
+  static_assert(!(CROSS && MASK), "the cross term is defined without a mask");
   using C = Cvt<Tag>;
   using S = typename Tag::S;
   using A = typename C::A;
@@ -202,10 +204,10 @@ struct FwdItem {
   using W = typename C::W;
   static constexpr int L = C::L;
 
-  // Adds the terms of one position into acc[row][quantity]: L elements as vectors (X = V, load = C::load) in the
-  // main loop, one element (X = A, load = C::load1) in the tail.
+  // Adds the terms of one position into acc[row][quantity] (and x): L elements as vectors (X = V, load = C::load)
+  // in the main loop, one element (X = A, load = C::load1) in the tail.
   template <typename X, typename Load>
-  static inline void add_terms(X (&acc)[2][4], Load load, const S* const (&p)[2], const S* const (&r)[2],
+  static inline void add_terms(X (&acc)[2][4], X& x, Load load, const S* const (&p)[2], const S* const (&r)[2],
                                const S* const (&t)[2], const S* const (&m)[2], int64_t i) {
     const X t0 = load(t[0] + i);
     const X tt[2] = {t0, SHARED_T ? t0 : load(t[1] + i)};
@@ -214,9 +216,11 @@ struct FwdItem {
       mm[0] = load(m[0] + i);
       mm[1] = SHARED_M ? mm[0] : load(m[1] + i);
     }
+    X res[2];  // pred - t of both rows, for the cross term
     for (int h = 0; h < 2; ++h) {
       const X pv = load(p[h] + i);
       const X a = pv - tt[h];
+      res[h] = a;
       if (MASK) {
         acc[h][0] += (a * a) * mm[h];
         acc[h][3] += mm[h];
@@ -236,43 +240,55 @@ struct FwdItem {
         }
       }
     }
+    if (CROSS) x += res[0] * res[1];
   }
 
-  static inline void step(V (&acc)[2][4], const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
-                          const S* const (&m)[2], int64_t i) {
-    add_terms(acc, [](const S* x) { return C::load(x); }, p, r, t, m, i);
+  static inline void step(V (&acc)[2][4], V& x, const S* const (&p)[2], const S* const (&r)[2],
+                          const S* const (&t)[2], const S* const (&m)[2], int64_t i) {
+    add_terms(acc, x, [](const S* y) { return C::load(y); }, p, r, t, m, i);
   }
 
-  static inline void step1(A (&acc)[2][4], const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
-                           const S* const (&m)[2], int64_t i) {
-    add_terms(acc, [](const S* x) { return C::load1(x); }, p, r, t, m, i);
+  static inline void step1(A (&acc)[2][4], A& x, const S* const (&p)[2], const S* const (&r)[2],
+                           const S* const (&t)[2], const S* const (&m)[2], int64_t i) {
+    add_terms(acc, x, [](const S* y) { return C::load1(y); }, p, r, t, m, i);
   }
 
-  // Sums elements [begin, end) of the pair's rows into out[kSlots].
+  // Sums elements [begin, end) of the pair's rows into out[kSlots] (and, with CROSS, the cross term into *cross),
+  // each in the same fixed order: float lanes per block, flushed into double lanes, lanes in order, then the tail.
   static void run(const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2], const S* const (&m)[2],
-                  int64_t begin, int64_t end, double* out) {
+                  int64_t begin, int64_t end, double* out, double* cross) {
     constexpr int NQ = 4;
     W wide[2][NQ];
+    W xwide;
     std::memset(&wide, 0, sizeof wide);
+    std::memset(&xwide, 0, sizeof xwide);
     int64_t i = begin;
     const int64_t vec_end = begin + ((end - begin) / L) * L;
     while (i < vec_end) {
       const int64_t block_end = (vec_end - i) > kBlock ? i + kBlock : vec_end;
       V acc[2][NQ];
+      V x = V{};
       for (int h = 0; h < 2; ++h)
         for (int k = 0; k < NQ; ++k) acc[h][k] = V{};
-      for (; i < block_end; i += L) step(acc, p, r, t, m, i);
+      for (; i < block_end; i += L) step(acc, x, p, r, t, m, i);
       for (int h = 0; h < 2; ++h)
         for (int k = 0; k < NQ; ++k) C::flush(wide[h][k], acc[h][k]);
+      if (CROSS) C::flush(xwide, x);
     }
     A tail[2][NQ] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-    for (; i < end; ++i) step1(tail, p, r, t, m, i);
+    A xtail = 0;
+    for (; i < end; ++i) step1(tail, xtail, p, r, t, m, i);
     for (int h = 0; h < 2; ++h)
       for (int k = 0; k < NQ; ++k) {
         double s = 0.0;
         for (int l = 0; l < L; ++l) s += C::lane(wide[h][k], l);
         out[4 * h + k] = s + static_cast<double>(tail[h][k]);
       }
+    if (CROSS) {
+      double s = 0.0;
+      for (int l = 0; l < L; ++l) s += C::lane(xwide, l);
+      *cross = s + static_cast<double>(xtail);
+    }
   }
 };
 
@@ -305,10 +321,10 @@ void for_each_pair_chunk(const Args& a, Item&& item, TaskEnd&& task_end) {
   });
 }
 
-template <typename Tag, bool REF, bool MASK, bool SHARED_T, bool SHARED_M>
+template <typename Tag, bool REF, bool MASK, bool SHARED_T, bool SHARED_M, bool CROSS>
 void forward_typed(const FwdArgs& a) {
   using S = typename Tag::S;
-  using Item = FwdItem<Tag, REF, MASK, SHARED_T, SHARED_M>;
+  using Item = FwdItem<Tag, REF, MASK, SHARED_T, SHARED_M, CROSS>;
   const S* pred = static_cast<const S*>(a.pred);
   const S* ref = static_cast<const S*>(a.ref);
   const S* tgt = static_cast<const S*>(a.target);
@@ -321,17 +337,22 @@ void forward_typed(const FwdArgs& a) {
         const S* const rr[2] = {REF ? ref + w.rows[0] * D : nullptr, REF ? ref + w.rows[1] * D : nullptr};
         const S* const tt[2] = {tgt + w.target_rows[0] * D, tgt + w.target_rows[1] * D};
         const S* const mm[2] = {MASK ? msk + w.mask_rows[0] * D : nullptr, MASK ? msk + w.mask_rows[1] * D : nullptr};
-        Item::run(pp, rr, tt, mm, w.lo, w.hi, a.ws + w.index * kSlots);
+        Item::run(pp, rr, tt, mm, w.lo, w.hi, a.ws + w.index * kSlots, CROSS ? a.cross_ws + w.index : nullptr);
       },
       [] {});
 }
 
+// The cross-term variants exist without a mask only (cross_term with a mask is refused by forward_cpu).
 template <typename Tag>
 void forward_tag(const FwdArgs& a) {
   bool_switch(a.ref != nullptr, [&](auto ref) {
     layout_switch(a, [&](auto mask, auto shared_t, auto shared_m) {
-      forward_typed<Tag, decltype(ref)::value, decltype(mask)::value, decltype(shared_t)::value,
-                    decltype(shared_m)::value>(a);
+      constexpr bool kRef = decltype(ref)::value, kMask = decltype(mask)::value;
+      constexpr bool kSharedT = decltype(shared_t)::value, kSharedM = decltype(shared_m)::value;
+      if constexpr (!kMask) {
+        if (a.cross) return forward_typed<Tag, kRef, false, kSharedT, false, true>(a);
+      }
+      forward_typed<Tag, kRef, kMask, kSharedT, kSharedM, false>(a);
     });
   });
 }
@@ -370,9 +391,9 @@ A* scratch_rows() {
   return buffer.data();
 }
 
-template <typename A, bool REF, bool MASK, bool SHARED_T, bool SHARED_M>
+template <typename A, bool REF, bool MASK, bool SHARED_T, bool SHARED_M, bool CROSS>
 void forward_mixed_typed(const FwdArgs& a) {
-  using Item = FwdItem<ComputeTag<A>, REF, MASK, SHARED_T, SHARED_M>;
+  using Item = FwdItem<ComputeTag<A>, REF, MASK, SHARED_T, SHARED_M, CROSS>;
   const int64_t D = a.D;
   for_each_pair_chunk<SHARED_T, SHARED_M>(
       a,
@@ -392,7 +413,7 @@ void forward_mixed_typed(const FwdArgs& a) {
         const A* const cr[2] = {rr[0], rr[1]};
         const A* const ct[2] = {tt[0], tt[1]};
         const A* const cm[2] = {mm[0], mm[1]};
-        Item::run(cp, cr, ct, cm, 0, n, a.ws + w.index * kSlots);
+        Item::run(cp, cr, ct, cm, 0, n, a.ws + w.index * kSlots, CROSS ? a.cross_ws + w.index : nullptr);
       },
       [] {});
 }
@@ -401,8 +422,12 @@ template <typename A>
 void forward_mixed(const FwdArgs& a) {
   bool_switch(a.ref != nullptr, [&](auto ref) {
     layout_switch(a, [&](auto mask, auto shared_t, auto shared_m) {
-      forward_mixed_typed<A, decltype(ref)::value, decltype(mask)::value, decltype(shared_t)::value,
-                          decltype(shared_m)::value>(a);
+      constexpr bool kRef = decltype(ref)::value, kMask = decltype(mask)::value;
+      constexpr bool kSharedT = decltype(shared_t)::value, kSharedM = decltype(shared_m)::value;
+      if constexpr (!kMask) {
+        if (a.cross) return forward_mixed_typed<A, kRef, false, kSharedT, false, true>(a);
+      }
+      forward_mixed_typed<A, kRef, kMask, kSharedT, kSharedM, false>(a);
     });
   });
 }

@@ -12,13 +12,15 @@
 //     of the vector width (else a scalar path), and accumulates in fp32 per row. Mixed storage dtypes (an fp32
 //     model_pred beside a 16-bit target and reference, fdpo::mixed_storage_switch) take the same kernel with a
 //     storage type per tensor and 8 elements per vector; other mixes a generic scalar kernel.
-//       S = sum m (pred - t)^2,  R = sum m (ref - t)^2,  Q = sum m (ref - pred)(ref + pred - 2t),  M = sum m.
+//       S = sum m (pred - t)^2,  R = sum m (ref - t)^2,  Q = sum m (ref - pred)(ref + pred - 2t),  M = sum m,
+//     and with cross_term (never with a mask; the CROSS variants, compiled apart so that the default ones carry no
+//     extra register) X = sum (pred_w - t_w)(pred_l - t_l), the pair's cross term (a shared target read once).
 //     A warp-shuffle + shared-memory reduction in a fixed order gives the block's partials, written to a
 //     workspace.
 //   * Last-block-done: __threadfence + atomicAdd on a per-call int counter; the block that sees count == grid-1
 //     combines the chunk partials of every pair in a FIXED order (fixed thread-to-chunk mapping, xor-shuffle
-//     trees), runs fdpo_pair_head<float> per pair and reduces the per-pair losses in a fixed order. No float
-//     atomics anywhere: same inputs, same device, same bits.
+//     trees), runs fdpo_pair_head<float> per pair and reduces the per-pair losses (and cross terms) in a fixed
+//     order. No float atomics anywhere: same inputs, same device, same bits.
 //   Counter choice: the workspace (partials + counter) is allocated per call from PyTorch's caching allocator on
 //   the current stream and only its 4-byte counter is zeroed by cudaMemsetAsync on that stream. This is safe
 //   under any number of concurrent streams, graphs replayed on several streams and torch.compile's cudagraph
@@ -58,9 +60,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kNQ = 8;        // partials per pair and chunk: S_w R_w Q_w M_w S_l R_l Q_l M_l
+constexpr int kNQ = 8;        // partials per pair and chunk: S_w R_w Q_w M_w S_l R_l Q_l M_l (then X with CROSS)
 constexpr int kBwdIters = 4;  // vectors in flight per thread in the backward
-constexpr int kPairSums = 4;  // per-pair values the forward's tail reduces: loss, win, e_w + e_l, eref_w + eref_l
+constexpr int kPairSums = 4;  // per-pair values the tail reduces: loss, win, e_w + e_l, eref_w + eref_l (then X)
+
+// Partials per pair and chunk, and per-pair sums of the tail, of a forward variant: one more of each with CROSS.
+__host__ __device__ constexpr int fwd_nq(bool cross) { return cross ? kNQ + 1 : kNQ; }
+__host__ __device__ constexpr int fwd_pair_sums(bool cross) { return cross ? kPairSums + 1 : kPairSums; }
 
 template <typename T>
 __host__ __device__ __forceinline__ T ceil_div(T a, T b) {
@@ -168,23 +174,24 @@ struct FwdArgs {
   float* loss;       // [] or [B]
   float* logits;     // [B]
   float* stats;      // [4, 2B]
-  float* summary;    // [3]: implicit_acc, mean e, mean e_ref
+  float* summary;    // [kSummaryLen]: implicit_acc, mean e, mean e_ref, X (0 unless cross_term)
   float* coef;       // [2B]
-  float* partials;   // [B * chunks * kNQ]
-  float* combined;   // [B * kNQ]
-  float* pair_sums;  // [kPairSums * B]: per-pair loss, win, e_w + e_l, eref_w + eref_l
+  float* partials;   // [B * chunks * NQ], NQ = fwd_nq(cross_term)
+  float* combined;   // [B * NQ]
+  float* pair_sums;  // [fwd_pair_sums(cross_term) * B]: per-pair loss, win, e_w + e_l, eref_w + eref_l (, X)
   bool strict_ties;
   unsigned int* counter;  // nullptr when the grid is one block
 };
 
 // The last block: combine chunk partials (fixed order), per-pair head, fixed-order loss reduction.
-template <bool HAS_REF, bool HAS_MASK>
+template <bool HAS_REF, bool HAS_MASK, bool CROSS>
 __device__ void forward_tail(const FwdArgs& a, float* smem) {
+  constexpr int NQ = fwd_nq(CROSS), NS = fwd_pair_sums(CROSS);
   const int64_t B = a.B, C = a.chunks;
-  // 1. combined[p*8+q] = sum_c partials[(p*C+c)*8+q]: groups of L lanes (a power of two <= 32) per (pair, q),
+  // 1. combined[p*NQ+q] = sum_c partials[(p*C+c)*NQ+q]: groups of L lanes (a power of two <= 32) per (pair, q),
   //    lane li of a group sums chunks li, li+L, ... in order, then an xor tree inside the group. The loop bounds
   //    are uniform across the block so every lane reaches every shuffle.
-  const int64_t ncomb = B * kNQ;
+  const int64_t ncomb = B * NQ;
   int L = 32;  // the largest power of two with ncomb * L <= kThreads: 32 lanes per sum for B = 1, 1 for B >= 32
   while (L > 1 && ncomb * L > kThreads) L >>= 1;
   const int groups = kThreads / L;
@@ -193,19 +200,19 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
     const int64_t k = base + g;
     float v = 0.0f;
     if (k < ncomb) {
-      const int64_t p = k / kNQ, q = k % kNQ;
-      const float* src = a.partials + p * C * kNQ + q;
+      const int64_t p = k / NQ, q = k % NQ;
+      const float* src = a.partials + p * C * NQ + q;
       // Four independent accumulators (four L2 loads in flight per lane, not one dependent chain), summed in a
       // fixed order: the same bits every run.
       float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
       int64_t c = li;
       for (; c + 3 * L < C; c += 4 * L) {
-        v0 += __ldcg(src + c * kNQ);
-        v1 += __ldcg(src + (c + L) * kNQ);
-        v2 += __ldcg(src + (c + 2 * L) * kNQ);
-        v3 += __ldcg(src + (c + 3 * L) * kNQ);
+        v0 += __ldcg(src + c * NQ);
+        v1 += __ldcg(src + (c + L) * NQ);
+        v2 += __ldcg(src + (c + 2 * L) * NQ);
+        v3 += __ldcg(src + (c + 3 * L) * NQ);
       }
-      for (; c < C; c += L) v0 += __ldcg(src + c * kNQ);
+      for (; c < C; c += L) v0 += __ldcg(src + c * NQ);
       v = (v0 + v1) + (v2 + v3);
     }
     for (int m = L / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
@@ -216,7 +223,7 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
   // 2. per-pair head, one thread per pair (the epilogue shared with the CPU kernels, fdpo_math.h).
   const fdpo::PairOutputs<float> out{a.loss, a.logits, a.stats, a.coef};
   for (int64_t p = threadIdx.x; p < B; p += kThreads) {
-    const float* v = a.combined + p * kNQ;  // S, R, Q, M of the winner, then of the loser
+    const float* v = a.combined + p * NQ;  // S, R, Q, M of the winner, then of the loser (then X)
     const int64_t rw = fdpo::winner_row(p, B, a.interleaved), rl = fdpo::loser_row(p, B, a.interleaved);
     const auto errors = [&](const float* s, int64_t row) {
       const float scale = fdpo::error_scale(a.err_reduction, HAS_MASK, s[3], a.inv_d);
@@ -229,24 +236,30 @@ __device__ void forward_tail(const FwdArgs& a, float* smem) {
     a.pair_sums[B + p] = fdpo::implicit_win(h.logit, a.strict_ties);
     a.pair_sums[2 * B + p] = ew.e + el.e;
     a.pair_sums[3 * B + p] = ew.e_ref + el.e_ref;
+    if constexpr (CROSS) a.pair_sums[4 * B + p] = v[kNQ];
   }
   __syncthreads();
 
   // 3. the reduced loss and the summary statistics, fixed order.
-  float s[kPairSums] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float s[NS];
+#pragma unroll
+  for (int k = 0; k < NS; ++k) s[k] = 0.0f;
   for (int64_t p = threadIdx.x; p < B; p += kThreads) {
 #pragma unroll
-    for (int k = 0; k < kPairSums; ++k) s[k] += a.pair_sums[k * B + p];
+    for (int k = 0; k < NS; ++k) s[k] += a.pair_sums[k * B + p];
   }
-  block_sum<kPairSums>(s, smem);
-  if (threadIdx.x == 0) fdpo::store_reduced(a.hp, s[0], s[1], s[2], s[3], a.loss, a.summary);
+  block_sum<NS>(s, smem);
+  if (threadIdx.x == 0) fdpo::store_reduced(a.hp, s[0], s[1], s[2], s[3], CROSS ? s[NS - 1] : 0.0f, a.loss, a.summary);
 }
 
-// One element of a pair's two rows into the partial sums S, R, Q, M (winner in acc[0..3], loser in acc[4..7]).
-template <bool HAS_REF, bool HAS_MASK>
-__device__ __forceinline__ void accumulate_element(float (&acc)[kNQ], float pw_, float pl_, float tw_, float tl_,
-                                                   float qw_, float ql_, float mw_, float ml_) {
+// One element of a pair's two rows into the partial sums S, R, Q, M (winner in acc[0..3], loser in acc[4..7];
+// with CROSS, X in acc[8]).
+template <bool HAS_REF, bool HAS_MASK, bool CROSS>
+__device__ __forceinline__ void accumulate_element(float (&acc)[fwd_nq(CROSS)], float pw_, float pl_, float tw_,
+                                                   float tl_, float qw_, float ql_, float mw_, float ml_) {
+  static_assert(!(CROSS && HAS_MASK), "the cross term is defined without a mask");
   const float rw_ = pw_ - tw_, rl_ = pl_ - tl_;
+  if constexpr (CROSS) acc[kNQ] += rw_ * rl_;
   acc[0] += mw_ * (rw_ * rw_);
   acc[4] += ml_ * (rl_ * rl_);
   if (HAS_REF) {
@@ -264,14 +277,15 @@ __device__ __forceinline__ void accumulate_element(float (&acc)[kNQ], float pw_,
 }
 
 // The block's partials to the workspace; the last block to finish runs the tail (last-block-done, see the top).
-template <bool HAS_REF, bool HAS_MASK>
-__device__ __forceinline__ void finish_forward_block(const FwdArgs& a, float (&acc)[kNQ], float* smem) {
+template <bool HAS_REF, bool HAS_MASK, bool CROSS>
+__device__ __forceinline__ void finish_forward_block(const FwdArgs& a, float (&acc)[fwd_nq(CROSS)], float* smem) {
+  constexpr int NQ = fwd_nq(CROSS);
   __shared__ bool is_last;
-  block_sum<kNQ>(acc, smem);
+  block_sum<NQ>(acc, smem);
   if (threadIdx.x == 0) {
-    float* dst = a.partials + static_cast<int64_t>(blockIdx.x) * kNQ;
+    float* dst = a.partials + static_cast<int64_t>(blockIdx.x) * NQ;
 #pragma unroll
-    for (int k = 0; k < kNQ; ++k) dst[k] = acc[k];
+    for (int k = 0; k < NQ; ++k) dst[k] = acc[k];
     if (a.counter == nullptr) {
       is_last = true;
     } else {
@@ -283,7 +297,7 @@ __device__ __forceinline__ void finish_forward_block(const FwdArgs& a, float (&a
   __syncthreads();
   if (!is_last) return;
   __threadfence();  // acquire: every other block's partials are visible (read with __ldcg, bypassing L1)
-  forward_tail<HAS_REF, HAS_MASK>(a, smem);
+  forward_tail<HAS_REF, HAS_MASK, CROSS>(a, smem);
 }
 
 // Element i of an input stored as `dtype` (fdpo::InputDtype), as float.
@@ -333,10 +347,12 @@ constexpr int fwd_min_blocks() {
   return HAS_MASK && bytes >= 10 * 16 ? 2 : 3;
 }
 
-template <typename TP, typename TR, typename TT, typename TM, int VEC, bool HAS_REF, bool HAS_MASK>
+// CROSS: also the pair's cross term X (cross_term; never with a mask).
+template <typename TP, typename TR, typename TT, typename TM, int VEC, bool HAS_REF, bool HAS_MASK, bool CROSS>
 __global__ void __launch_bounds__(kThreads, (fwd_min_blocks<TP, TR, TT, TM, VEC, HAS_REF, HAS_MASK>()))
     fdpo_forward_kernel(const FwdArgs a) {
-  __shared__ float smem[kNQ * kWarps];
+  constexpr int NQ = fwd_nq(CROSS);
+  __shared__ float smem[NQ * kWarps];
   const BlockRows r = block_rows(a);
   const TP* __restrict__ pred = static_cast<const TP*>(a.pred);
   const TR* __restrict__ ref = static_cast<const TR*>(a.ref);
@@ -351,9 +367,9 @@ __global__ void __launch_bounds__(kThreads, (fwd_min_blocks<TP, TR, TT, TM, VEC,
   const TM* mw = HAS_MASK ? msk + r.mw : nullptr;
   const TM* ml = HAS_MASK ? msk + r.ml : nullptr;
 
-  float acc[kNQ];
+  float acc[NQ];
 #pragma unroll
-  for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
+  for (int k = 0; k < NQ; ++k) acc[k] = 0.0f;
 
   const int64_t start = r.start, end = r.end;
   // No unrolling: each iteration already has 4-10 independent 16-byte loads in flight per thread, and unrolled
@@ -376,27 +392,29 @@ __global__ void __launch_bounds__(kThreads, (fwd_min_blocks<TP, TR, TT, TM, VEC,
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      accumulate_element<HAS_REF, HAS_MASK>(acc, xw[k], xl[k], zw[k], zl[k], HAS_REF ? yw[k] : 0.0f,
-                                            HAS_REF ? yl[k] : 0.0f, HAS_MASK ? uw[k] : 1.0f, HAS_MASK ? ul[k] : 1.0f);
+      accumulate_element<HAS_REF, HAS_MASK, CROSS>(acc, xw[k], xl[k], zw[k], zl[k], HAS_REF ? yw[k] : 0.0f,
+                                                   HAS_REF ? yl[k] : 0.0f, HAS_MASK ? uw[k] : 1.0f,
+                                                   HAS_MASK ? ul[k] : 1.0f);
     }
   }
-  finish_forward_block<HAS_REF, HAS_MASK>(a, acc, smem);
+  finish_forward_block<HAS_REF, HAS_MASK, CROSS>(a, acc, smem);
 }
 
 // Any other mix of input dtypes (or misaligned / D % 8 != 0 mixed inputs): each element read in its own dtype (a
 // uniform switch per load), fp32 arithmetic as above, no cast copies. One element per thread per step, a scalar loop
 // (~90 instructions per 16 B): the combinations trainers pass take fdpo_forward_kernel instead (mixed_storage_switch).
-template <bool HAS_REF, bool HAS_MASK>
+template <bool HAS_REF, bool HAS_MASK, bool CROSS>
 __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_mixed_kernel(const FwdArgs a) {
-  __shared__ float smem[kNQ * kWarps];
+  constexpr int NQ = fwd_nq(CROSS);
+  __shared__ float smem[NQ * kWarps];
   const BlockRows r = block_rows(a);
-  float acc[kNQ];
+  float acc[NQ];
 #pragma unroll
-  for (int k = 0; k < kNQ; ++k) acc[k] = 0.0f;
+  for (int k = 0; k < NQ; ++k) acc[k] = 0.0f;
 #pragma unroll 1
   for (int64_t j = r.start + threadIdx.x; j < r.end; j += kThreads) {
     const float t_w = load_as_float(a.target, a.target_dtype, r.tw + j);
-    accumulate_element<HAS_REF, HAS_MASK>(acc, load_as_float(a.pred, a.pred_dtype, r.w + j),
+    accumulate_element<HAS_REF, HAS_MASK, CROSS>(acc, load_as_float(a.pred, a.pred_dtype, r.w + j),
                                           load_as_float(a.pred, a.pred_dtype, r.l + j), t_w,
                                           a.target_shared ? t_w : load_as_float(a.target, a.target_dtype, r.tl + j),
                                           HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.w + j) : 0.0f,
@@ -404,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_mixed_kernel(const F
                                           HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.mw + j) : 1.0f,
                                           HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.ml + j) : 1.0f);
   }
-  finish_forward_block<HAS_REF, HAS_MASK>(a, acc, smem);
+  finish_forward_block<HAS_REF, HAS_MASK, CROSS>(a, acc, smem);
 }
 
 struct BwdArgs {
@@ -545,12 +563,13 @@ void launch_forward(FwdKernel kernel, int64_t vec, FwdArgs a, const at::TensorOp
   // Workspace: partials, combined sums, per-pair sums, then the 4-byte counter. The counter is zeroed by a memset
   // node: the workspace is fresh per call (caching allocator), and a persistent self-resetting counter would be
   // state shared between concurrent streams and CUDA-graph replays.
-  const int64_t nfloat = nblocks * kNQ + a.B * kNQ + kPairSums * a.B;
+  const int64_t nq = fwd_nq(a.hp.cross_term), nsums = fwd_pair_sums(a.hp.cross_term);
+  const int64_t nfloat = nblocks * nq + a.B * nq + nsums * a.B;
   at::Tensor ws = at::empty({nfloat * 4 + 16}, opts.dtype(at::kByte));
   float* base = reinterpret_cast<float*>(ws.data_ptr());
   a.partials = base;
-  a.combined = base + nblocks * kNQ;
-  a.pair_sums = a.combined + a.B * kNQ;
+  a.combined = base + nblocks * nq;
+  a.pair_sums = a.combined + a.B * nq;
   a.counter = nullptr;
   if (nblocks > 1) {
     a.counter = reinterpret_cast<unsigned int*>(base + nfloat);
@@ -560,16 +579,26 @@ void launch_forward(FwdKernel kernel, int64_t vec, FwdArgs a, const at::TensorOp
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// f(mask, cross) as compile-time bools: the cross-term variants exist without a mask only (fdpo::check_cross_term
+// refuses the other case before any launch).
+template <typename F>
+void mask_cross_switch(bool has_mask, bool cross, F&& f) {
+  if (has_mask)
+    f(std::true_type{}, std::false_type{});
+  else
+    fdpo::bool_switch(cross, [&](auto c) { f(std::false_type{}, c); });
+}
+
 // The vectorized forward for storage types (TP, TR, TT), the mask (if any) stored as TT; without ref_pred TR is
 // TP (not read), so the ref_err kernels of two mixes are one instantiation.
 template <typename TP, typename TR, typename TT, int VEC>
 void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
                       cudaStream_t stream) {
   fdpo::bool_switch(has_ref, [&](auto ref) {
-    fdpo::bool_switch(has_mask, [&](auto masked) {
-      constexpr bool kRef = decltype(ref)::value, kMask = decltype(masked)::value;
+    mask_cross_switch(has_mask, a.hp.cross_term, [&](auto masked, auto cross) {
+      constexpr bool kRef = decltype(ref)::value, kMask = decltype(masked)::value, kCross = decltype(cross)::value;
       using TRk = std::conditional_t<kRef, TR, TP>;
-      launch_forward(fdpo_forward_kernel<TP, TRk, TT, TT, VEC, kRef, kMask>, VEC, a, opts, device, stream);
+      launch_forward(fdpo_forward_kernel<TP, TRk, TT, TT, VEC, kRef, kMask, kCross>, VEC, a, opts, device, stream);
     });
   });
 }
@@ -577,9 +606,9 @@ void dispatch_forward(const FwdArgs& a, bool has_ref, bool has_mask, const at::T
 void dispatch_forward_generic(const FwdArgs& a, bool has_ref, bool has_mask, const at::TensorOptions& opts, int device,
                               cudaStream_t stream) {
   fdpo::bool_switch(has_ref, [&](auto ref) {
-    fdpo::bool_switch(has_mask, [&](auto masked) {
-      launch_forward(fdpo_forward_mixed_kernel<decltype(ref)::value, decltype(masked)::value>, 1, a, opts, device,
-                     stream);
+    mask_cross_switch(has_mask, a.hp.cross_term, [&](auto masked, auto cross) {
+      launch_forward(fdpo_forward_mixed_kernel<decltype(ref)::value, decltype(masked)::value, decltype(cross)::value>,
+                     1, a, opts, device, stream);
     });
   });
 }
@@ -622,6 +651,7 @@ fdpo::ForwardOutputs fdpo_forward_cuda(const at::Tensor& model_pred, const std::
   const fdpo::RowViews v = fdpo::row_views("cuda", /*allow_double=*/false, model_pred, ref_pred, target, mask);
   const int64_t rows = 2 * v.B, D = v.D, B = v.B;
   const fdpo::HeadParams hp = fdpo::head_params("cuda", fparams, iparams, B);
+  fdpo::check_cross_term("cuda", hp, v.mask.defined());
 
   const c10::cuda::CUDAGuard guard(model_pred.device());
   const int device = model_pred.get_device();

@@ -41,6 +41,7 @@ struct HeadParams {
   int err_reduction;       // ErrReduction
   bool interleaved;        // row layout (spec §1)
   bool strict_ties;        // implicit_acc counts a tie (z == 0) as 0 instead of 1/2
+  bool cross_term;         // the forward also reduces X = sum (pred_w - t_w)(pred_l - t_l) into summary[3]
   int64_t num_pairs;       // B
 };
 
@@ -330,16 +331,18 @@ FDPO_HD PairHead<T> pair_epilogue(const HeadParams& hp, int64_t p, int64_t rw, i
   return h;
 }
 
-// The reduced loss (mean or sum of the per-pair losses) and the summary (implicit_acc, mean e, mean e_ref) from
-// their totals over the pairs.
+// The reduced loss (mean or sum of the per-pair losses) and the summary (implicit_acc, mean e, mean e_ref, the
+// cross term X: 0 unless hp.cross_term) from their totals over the pairs.
 template <typename T, typename A>
-FDPO_HD void store_reduced(const HeadParams& hp, A loss_total, A wins, A e_total, A eref_total, T* loss, T* summary) {
+FDPO_HD void store_reduced(const HeadParams& hp, A loss_total, A wins, A e_total, A eref_total, A cross, T* loss,
+                           T* summary) {
   const A B = static_cast<A>(hp.num_pairs), rows = static_cast<A>(2 * hp.num_pairs);
   if (hp.reduction == kMean) loss[0] = static_cast<T>(loss_total / B);
   if (hp.reduction == kSum) loss[0] = static_cast<T>(loss_total);
   summary[0] = static_cast<T>(wins / B);
   summary[1] = static_cast<T>(e_total / rows);
   summary[2] = static_cast<T>(eref_total / rows);
+  summary[3] = static_cast<T>(cross);
 }
 
 }  // namespace fdpo

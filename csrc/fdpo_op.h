@@ -17,8 +17,10 @@ namespace fdpo {
 // loss ([] or [B]), logits [B], sample_stats [4, 2B] (e, e_ref, d, psi(d)), summary [kSummaryLen], grad_coef [2B]
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // summary = implicit_acc, raw_model_loss (mean e), raw_ref_loss (mean e_ref): the scalars trainers log, reduced
-// in the kernels' pair head so that statistics cost no extra launch.
-constexpr int64_t kSummaryLen = 3;
+// in the kernels' pair head so that statistics cost no extra launch; then X = sum over pairs and elements of
+// (pred_w - t_w)(pred_l - t_l) when the configuration's cross_term is set (the SDPO safeguard's g_l . g_w, no
+// extra pass), else 0. Python twin: backends/common.py SUMMARY_LEN.
+constexpr int64_t kSummaryLen = 4;
 
 // The arithmetic type for inputs whose model_pred has dtype `t`: float64 stays float64, fp32/fp16/bf16 accumulate in
 // float32 (spec §2). The one home of this rule in C++; fdiv_kernels/backends/common.py has the Python twin.
@@ -105,7 +107,7 @@ struct FloatParam {
   enum : int { kBeta, kAlpha, kGamma, kLabelSmoothing, kLogratioClip, kIpoMargin, kDmpoLogQ, kDmpoLog1mq, kCount };
 };
 struct IntParam {
-  enum : int { kDivergence, kErrReduction, kReduction, kLossType, kInterleaved, kStrictTies, kCount };
+  enum : int { kDivergence, kErrReduction, kReduction, kLossType, kInterleaved, kStrictTies, kCrossTerm, kCount };
 };
 
 inline void check_layout(const char* backend, c10::ArrayRef<double> f, c10::ArrayRef<int64_t> i) {
@@ -137,12 +139,19 @@ inline HeadParams head_params(const char* backend, c10::ArrayRef<double> f, c10:
   p.loss_type = id(IntParam::kLossType, kDMPO, "loss_type");
   p.interleaved = i[IntParam::kInterleaved] != 0;
   p.strict_ties = i[IntParam::kStrictTies] != 0;
+  p.cross_term = i[IntParam::kCrossTerm] != 0;
   p.num_pairs = B;
   return p;
 }
 
 inline void check_reference(const char* backend, bool has_ref_pred, bool has_ref_err) {
   TORCH_CHECK(has_ref_pred != has_ref_err, "fdiv_kernels (", backend, "): pass exactly one of ref_pred and ref_err");
+}
+
+// The cross term X is defined on the unmasked residuals (the SDPO safeguard refuses masks): a mask is refused.
+inline void check_cross_term(const char* backend, const HeadParams& hp, bool has_mask) {
+  TORCH_CHECK(!(hp.cross_term && has_mask), "fdiv_kernels (", backend,
+              "): cross_term (summary[3], the SDPO safeguard's g_l . g_w) is defined without a mask; got a mask");
 }
 
 }  // namespace fdpo

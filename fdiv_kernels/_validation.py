@@ -75,6 +75,8 @@ class FDPOConfig:
             "dmpo_log_1mq": math.log(self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
             "interleaved": self.interleaved,
             "strict_ties": self.implicit_acc_ties == "strict",
+            # the SDPO safeguard's g_l . g_w, reduced by the forward pass itself (heads.sdpo_lambda)
+            "cross_term": self.sdpo_mu is not None,
         }
         packed = ([float(values[k]) for k in OP_FLOATS], [int(values[k]) for k in OP_INTS])
         object.__setattr__(self, "_op", packed)

@@ -192,21 +192,22 @@ def mapo_loss(model_pred, target, mask, config: FDPOConfig, backend: str, return
 _SDPO_EPS = 1e-9  # added to g_l . g_w, as the authors' get_adaptive_lose_l_scale
 
 
-def sdpo_lambda(model_pred: torch.Tensor, target: torch.Tensor, config: FDPOConfig) -> torch.Tensor:
+def sdpo_lambda(
+    sample_stats: torch.Tensor, summary: torch.Tensor, model_pred: torch.Tensor, config: FDPOConfig
+) -> torch.Tensor:
     """lambda = clamp((1 - mu) |g_w|^2 / (g_l . g_w + 1e-9), 0, 1) where g_l . g_w > 0, else 1; g = 2 r / n, the
-    gradients of the batch-mean squared errors of the winners and of the losers (n elements each), on the device,
-    no host sync. The cross term needs winner and loser residuals together: two dot products over the batch
-    (residuals in the accumulate dtype), a pass the fused forward does not make."""
-    acc = accumulate_dtype(model_pred.dtype)
-    pred = model_pred.reshape(model_pred.shape[0], -1)
-    tgt = target.reshape(target.shape[0], -1)
-    pred_w, pred_l = _split(pred, config.interleaved)
-    tgt_w, tgt_l = _split(tgt, config.interleaved) if tgt.shape[0] == pred.shape[0] else (tgt, tgt)
-    r_w = (pred_w.to(acc) - tgt_w.to(acc)).flatten()
-    r_l = (pred_l.to(acc) - tgt_l.to(acc)).flatten()
-    scale = (2.0 / r_w.numel()) ** 2
-    num = scale * torch.dot(r_w, r_w)
-    den = scale * torch.dot(r_w, r_l)
+    gradients of the batch-mean squared errors of the winners and of the losers (n = B * D elements each), on the
+    device, no host sync, from the fused forward's own outputs (no extra pass over the data): |g_w|^2 from the
+    winners' errors (unmasked: sum r_w^2 = e_w / inv, inv = 1/D for err_reduction "mean" / "mean_all", 1 for
+    "sum"), g_l . g_w from summary[3], the cross term X = sum r_w . r_l the forward reduces with cross_term (set
+    by the config for sdpo_mu)."""
+    rows = model_pred.shape[0]
+    per_row = model_pred.numel() // rows
+    e_w, _ = _split(sample_stats[0], config.interleaved)
+    squares_per_error = 1.0 if config.err_reduction == "sum" else float(per_row)  # 1 / inv
+    scale = (2.0 / ((rows // 2) * per_row)) ** 2
+    num = scale * (squares_per_error * e_w.sum())
+    den = scale * summary[3]
     assert config.sdpo_mu is not None
     cap = (1.0 - config.sdpo_mu) * num / (den + _SDPO_EPS)
     return torch.where(den > 0, cap, torch.ones_like(cap)).clamp(0.0, 1.0)
@@ -222,7 +223,7 @@ class _WinnerPreserving(torch.autograd.Function):
         loss, logits, stats, summary, coef = op(
             model_pred, ref_pred, target, ref_err, None, pair_weight, *config.op_scalars()
         )
-        lam = sdpo_lambda(model_pred, target, config)
+        lam = sdpo_lambda(stats, summary, model_pred, config)
         is_loser = torch.zeros_like(coef, dtype=torch.bool)
         _split(is_loser, config.interleaved)[1].fill_(True)
         ctx.save_for_backward(model_pred, target, torch.where(is_loser, coef * lam, coef))

@@ -171,8 +171,11 @@ def ids(name: str) -> dict[str, int]:
 # kernels read, in the order of the packed lists: the C++ twin is ``enum FloatParam`` / ``enum IntParam`` in
 # csrc/fdpo_op.h (tests/test_ops.py compares them). ``FDPOConfig.op_params`` fills them; ids as in ``ids``.
 # dmpo_log_q, dmpo_log_1mq: log q and log(1 - q) of loss_type "dmpo", q = 1 - dmpo_alpha (0 for other loss types).
+# cross_term (0/1): the forward also reduces X = sum over pairs and elements of (pred_w - t_w)(pred_l - t_l) into
+# summary[3] (unmasked; set for sdpo_mu, whose safeguard needs g_l . g_w; 0: summary[3] = 0 and the kernels'
+# default variants, which do not accumulate it).
 OP_FLOATS = ("beta", "alpha", "gamma", "label_smoothing", "logratio_clip", "ipo_margin", "dmpo_log_q", "dmpo_log_1mq")
-OP_INTS = ("divergence", "err_reduction", "reduction", "loss_type", "interleaved", "strict_ties")
+OP_INTS = ("divergence", "err_reduction", "reduction", "loss_type", "interleaved", "strict_ties", "cross_term")
 
 
 def options_doc(indent: int = 8) -> str:

@@ -22,7 +22,8 @@ class FDPOStats:
     ``implicit_acc`` (mean of z > 0; ties count 1/2 unless ``implicit_acc_ties="strict"``),
     ``raw_model_loss`` (mean of e), ``raw_ref_loss`` (mean of e_ref).
 
-    It holds the kernels' three outputs as they come (``logits`` [B], ``sample_stats`` [4, 2B], ``summary`` [3]);
+    It holds the kernels' three outputs as they come (``logits`` [B], ``sample_stats`` [4, 2B], ``summary`` [4]:
+    the three scalars, then the SDPO cross term, 0 unless the op's cross_term; ``from_tensors``: [3]);
     each statistic is a view taken when it is read, so ``return_stats=True`` costs a training step nothing it
     does not use. ``extra``: statistics of the heads that have more (heads.py: ``sdpo_lambda``, KTO's ``kl``).
     """
@@ -33,7 +34,7 @@ class FDPOStats:
     def __init__(self, logits: torch.Tensor, sample_stats: torch.Tensor, summary: torch.Tensor):
         self.logits = logits
         self.sample_stats = sample_stats  # rows: model_err, ref_err, logratio, reward
-        self.summary = summary  # implicit_acc, raw_model_loss, raw_ref_loss
+        self.summary = summary  # implicit_acc, raw_model_loss, raw_ref_loss (the kernels': then the cross term X)
         self.extra: dict[str, torch.Tensor] = {}
 
     model_err = property(lambda self: self.sample_stats[0])

@@ -173,7 +173,8 @@ def test_forward_op_outputs_follow_the_contract():
         scalars = make_config(beta=BETA, divergence="js", reduction=["none", "mean", "sum"][reduction]).op_scalars()
         loss, logits, stats, summary, coef = torch.ops.fdiv_kernels.fdpo_forward(p, r, t, None, None, None, *scalars)
         assert loss.shape == loss_shape and logits.shape == (3,) and stats.shape == (4, 6) and coef.shape == (6,)
-        assert summary.shape == (3,)
+        assert summary.shape == (4,)  # implicit_acc, mean e, mean e_ref, X: 0 without cross_term (SDPO's)
+        assert summary[3].item() == 0.0
         assert {loss.dtype, logits.dtype, stats.dtype, summary.dtype, coef.dtype} == {torch.float32}
     with pytest.raises(RuntimeError, match="exactly one of ref_pred and ref_err"):
         torch.ops.fdiv_kernels.fdpo_forward(p, r, t, torch.zeros(6), None, None, *scalars)

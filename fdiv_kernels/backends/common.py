@@ -24,7 +24,8 @@ class KernelParams(_Fields):
     beta, alpha, gamma, label_smoothing, logratio_clip (<= 0: off), ipo_margin (m = 1 / (2 tau) of ipo),
     dmpo_log_q, dmpo_log_1mq (log q and log(1 - q) of dmpo, q = 1 - dmpo_alpha);
     divergence, err_reduction, reduction, loss_type, interleaved (0/1), strict_ties (0/1: implicit_acc counts ties
-    z == 0 as 0 instead of 1/2)."""
+    z == 0 as 0 instead of 1/2), cross_term (0/1: summary[3] = X, the unmasked cross sum of winner and loser
+    residuals; refused with a mask)."""
 
     __slots__ = ()
 
@@ -41,14 +42,24 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# summary = implicit_acc, mean e, mean e_ref, X (the cross term, 0 unless cross_term): csrc/fdpo_op.h's kSummaryLen
+SUMMARY_LEN = 4
+
+
 def empty_forward_outputs(model_pred: torch.Tensor, reduction: int) -> tuple[torch.Tensor, ...]:
     """The forward op's outputs, uninitialized, in the accumulate dtype: loss ([] or [B] for reduction "none"),
-    logits [B], sample_stats [4, 2B], summary [3], grad_coef [2B]. The Python twin of csrc/fdpo_op.h's."""
+    logits [B], sample_stats [4, 2B], summary [SUMMARY_LEN], grad_coef [2B]. The Python twin of csrc/fdpo_op.h's."""
     rows = model_pred.shape[0]
     pairs = rows // 2
     acc: dict[str, Any] = dict(dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
     loss = torch.empty((pairs,) if reduction == 0 else (), **acc)
-    return loss, torch.empty(pairs, **acc), torch.empty(4, rows, **acc), torch.empty(3, **acc), torch.empty(rows, **acc)
+    return (
+        loss,
+        torch.empty(pairs, **acc),
+        torch.empty(4, rows, **acc),
+        torch.empty(SUMMARY_LEN, **acc),
+        torch.empty(rows, **acc),
+    )
 
 
 def pair_rows(num_pairs: int, interleaved: bool, device) -> tuple[torch.Tensor, torch.Tensor]:

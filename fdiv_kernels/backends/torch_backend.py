@@ -109,7 +109,14 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     )
     loss, logits, logratio, reward, coef = pair_head(params, err_gap, inv, pair_weight)
     wins = implicit_wins(logits, bool(params.strict_ties))
-    summary = torch.stack([wins.mean(), model_err.mean(), ref_err_.mean()])
+    cross = torch.zeros((), dtype=acc, device=model_pred.device)
+    if params.cross_term:  # X = sum (pred_w - t_w)(pred_l - t_l), unmasked (a mask is refused)
+        if mask is not None:
+            raise ValueError("fdiv_kernels (torch): cross_term is defined without a mask; got a mask")
+        w_rows, l_rows = pair_rows(rows // 2, params.interleaved, model_pred.device)
+        residual = pred - tgt
+        cross = (residual[w_rows] * residual[l_rows]).sum()
+    summary = torch.stack([wins.mean(), model_err.mean(), ref_err_.mean(), cross])
     return loss, logits, torch.stack([model_err, ref_err_, logratio, reward]), summary, coef
 
 

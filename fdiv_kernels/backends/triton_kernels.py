@@ -3,7 +3,8 @@
 Forward = 2 launches:
   1. ``_partials_kernel``, grid (pairs, chunks): one pass over model_pred, ref_pred and target (a shared
      target row is read once for both samples of its pair), writing per-row partial sums of one chunk of D
-     into a small fp32 workspace. No atomics, so the result has the same bits every run.
+     into a small fp32 workspace (with cross_term, CROSS: also the pair's cross sum of the two rows' residuals).
+     No atomics, so the result has the same bits every run.
   2. ``_head_kernel``, one program: reduces the partials over chunks in a fixed order and evaluates the
      per-pair head (the twin of ``fdpo_pair_head`` in csrc/fdpo_math.h), the stats and the reduced loss.
 Backward = 1 launch: ``_backward_kernel``, grid (rows, chunks), grad = coef * G * m * (pred - target).
@@ -233,10 +234,13 @@ def _partials_kernel(
     SHARED_MASK: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     BLOCK: tl.constexpr,
+    CROSS: tl.constexpr,
 ):
-    """Partial sums S, R, Q, M (docs/architecture.md) of one pair's two rows over one chunk of D.
+    """Partial sums S, R, Q, M (docs/architecture.md) of one pair's two rows over one chunk of D; with CROSS (never
+    with a mask) also X = sum (pred_w - t_w)(pred_l - t_l), the pair's cross term.
 
-    Workspace ws[stat, row, chunk] (fp32); stats not needed (R, Q without ref_pred; M without mask) stay unset.
+    Workspace ws[stat, row, chunk] (fp32); stats not needed (R, Q without ref_pred; M without mask) stay unset. X
+    is stat 4 at the winner's row.
     """
     pair = tl.program_id(0).to(tl.int64)  # row * row_len may exceed 2^31
     chunk = tl.program_id(1)
@@ -268,6 +272,7 @@ def _partials_kernel(
     q_l = tl.zeros([ACC], tl.float32)
     m_w = tl.zeros([ACC], tl.float32)
     m_l = tl.zeros([ACC], tl.float32)
+    x_wl = tl.zeros([ACC], tl.float32)
     chunk_start = chunk * chunk_len
     # The last chunk stops at the row's end: no empty steps, and cols stays under row_len + BLOCK.
     for step in range(0, tl.minimum(chunk_len, row_len - chunk_start), BLOCK):
@@ -296,6 +301,8 @@ def _partials_kernel(
             k_l = 1.0
         s_w += _fold(k_w * e_w * e_w, BLOCK)
         s_l += _fold(k_l * e_l * e_l, BLOCK)
+        if CROSS:
+            x_wl += _fold(e_w * e_l, BLOCK)
         if HAS_REF:
             ref_w = tl.load(ref_ptr + w_off + cols, mask=valid, other=0.0).to(tl.float32)
             ref_l = tl.load(ref_ptr + l_off + cols, mask=valid, other=0.0).to(tl.float32)
@@ -321,6 +328,8 @@ def _partials_kernel(
     if HAS_MASK:
         tl.store(w_base + 3 * stat_stride, tl.sum(m_w, axis=0))
         tl.store(l_base + 3 * stat_stride, tl.sum(m_l, axis=0))
+    if CROSS:
+        tl.store(w_base + 4 * stat_stride, tl.sum(x_wl, axis=0))
 
 
 @triton.jit
@@ -377,6 +386,17 @@ def _row_errors(
 
 
 @triton.jit
+def _pair_cross(ws_ptr, w_rows, valid, num_chunks, rows, BLOCK_C: tl.constexpr):
+    """The cross term of the given pairs (stat 4 at the winners' rows), summing chunks in a fixed order."""
+    x = tl.zeros([w_rows.shape[0], BLOCK_C], tl.float32)
+    for first in range(0, num_chunks, BLOCK_C):
+        chunks = first + tl.arange(0, BLOCK_C)
+        tile = ws_ptr + 4 * rows * num_chunks + w_rows[:, None] * num_chunks + chunks[None, :]
+        x += tl.load(tile, mask=valid[:, None] & (chunks[None, :] < num_chunks), other=0.0)
+    return tl.sum(x, axis=1)
+
+
+@triton.jit
 def _head_kernel(
     ws_ptr,
     ref_err_ptr,
@@ -408,6 +428,7 @@ def _head_kernel(
     dmpo_log_1mq,
     INTERLEAVED: tl.constexpr,
     STRICT_TIES: tl.constexpr,
+    CROSS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -421,6 +442,7 @@ def _head_kernel(
     wins_total = tl.zeros([BLOCK_B], tl.float32)
     err_total = tl.zeros([BLOCK_B], tl.float32)
     ref_err_total = tl.zeros([BLOCK_B], tl.float32)
+    cross_total = tl.zeros([BLOCK_B], tl.float32)
     for first in range(0, num_pairs, BLOCK_B):
         pairs = first + tl.arange(0, BLOCK_B)
         valid = pairs < num_pairs
@@ -488,11 +510,14 @@ def _head_kernel(
         wins_total += tl.where(valid, win, 0.0)
         err_total += tl.where(valid, e_w + e_l, 0.0)
         ref_err_total += tl.where(valid, eref_w + eref_l, 0.0)
+        if CROSS:
+            cross_total += _pair_cross(ws_ptr, w_rows, valid, num_chunks, rows, BLOCK_C)
     if REDUCTION != _NONE:
         tl.store(loss_ptr, tl.sum(loss_total, axis=0) * red)
     tl.store(summary_ptr, tl.sum(wins_total, axis=0) / num_pairs)
     tl.store(summary_ptr + 1, tl.sum(err_total, axis=0) / rows)
     tl.store(summary_ptr + 2, tl.sum(ref_err_total, axis=0) / rows)
+    tl.store(summary_ptr + 3, tl.sum(cross_total, axis=0))  # 0 unless CROSS
 
 
 @triton.jit
@@ -624,8 +649,8 @@ def _check_row_length(row_len: int) -> None:
 
 
 def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: KernelParams):
-    """Returns (loss, logits [B], sample_stats [4, 2B], summary [3], grad_coef [2B]), all fp32; 2 launches, no host
-    sync."""
+    """Returns (loss, logits [B], sample_stats [4, 2B], summary [4], grad_coef [2B]), all fp32; 2 launches, no host
+    sync. summary[3]: the cross term X with params.cross_term (refused with a mask), else 0."""
     rows, row_len = model_pred.shape
     num_pairs = rows // 2
     device = model_pred.device
@@ -633,6 +658,9 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
     f32 = dict(dtype=torch.float32, device=device)
     loss, logits, sample_stats, summary, grad_coef = empty_forward_outputs(model_pred, params.reduction)
     has_ref, has_mask = ref_pred is not None, mask is not None
+    cross = bool(params.cross_term)
+    if cross and has_mask:
+        raise ValueError("fdiv_kernels (triton): cross_term is defined without a mask; got a mask")
     per_sm = 1
     if device.type == "cuda":  # the partials kernel's occupancy for this variant sizes its grid
         with _device_context(device):
@@ -656,11 +684,12 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
                     SHARED_MASK=has_mask and mask.shape[0] != rows,
                     INTERLEAVED=params.interleaved,
                     BLOCK=_FWD_BLOCK,
+                    CROSS=cross,
                     num_warps=_FWD_WARPS,
                 ),  # fmt: skip
             )
     block, chunk_len, num_chunks = _split_rows(device, row_len, num_pairs, _FWD_BLOCK, per_sm)
-    workspace = torch.empty(4, rows, num_chunks, **f32)
+    workspace = torch.empty(5 if cross else 4, rows, num_chunks, **f32)
     block_pairs = min(triton.next_power_of_2(num_pairs), _HEAD_MAX_BLOCK)
     # Absent optional tensors: any valid pointer; the constexpr flags keep the kernels from reading it.
     with _device_context(device):
@@ -679,6 +708,7 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
             SHARED_MASK=has_mask and mask.shape[0] != rows,
             INTERLEAVED=params.interleaved,
             BLOCK=block,
+            CROSS=cross,
             num_warps=_FWD_WARPS,
         )
         _head_kernel[(1,)](
@@ -712,6 +742,7 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
             dmpo_log_1mq=float(params.dmpo_log_1mq),
             INTERLEAVED=params.interleaved,
             STRICT_TIES=params.strict_ties,
+            CROSS=cross,
             BLOCK_B=block_pairs,
             BLOCK_C=min(triton.next_power_of_2(num_chunks), _HEAD_TILE // block_pairs),
             num_warps=4,
