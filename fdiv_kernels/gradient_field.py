@@ -47,7 +47,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ._validation import ERR_REDUCTIONS, LOSS_TYPES, MAPO_DEFAULTS, REDUCTIONS, _finite_float
+from ._validation import MAPO_DEFAULTS, _finite_float, make_config
 from .backends.common import KernelParams
 from .backends.torch_backend import pair_head
 from .divergences import get_divergence, psi_slope
@@ -111,17 +111,23 @@ def gradient_weights(
         forward_kl / alpha / hellinger overflow (k*d < -88.7 in float32, about -709 in float64) a weight is
         +inf, never NaN (docs/architecture.md, "Overflow").
     """
-    div = get_divergence(divergence, alpha)
     d_w = _as_float_tensor("d_w", d_w)
     d_l = _as_float_tensor("d_l", d_l)
     _check_finite("d_w", d_w)
     _check_finite("d_l", d_l)
-    # The loss's own checks of the scalars, with its messages.
-    gamma = _finite_float("gamma", gamma, positive=True)
-    eps = _finite_float("label_smoothing", label_smoothing)
-    if not (0.0 <= eps < 0.5):
-        raise ValueError(f"label_smoothing must be in [0, 0.5) (conservative DPO's eps); got {eps}")
-    clip = _finite_float("logratio_clip", logratio_clip, positive=True, allow_none=True)
+    # The loss's own validation and packing, with its messages. Halves layout of B = numel pairs; beta = 2 and no
+    # pair weight make d = beta/2 * w * err_gap = err_gap; "sum" errors make inv = 1; reduction "none": loss_p per
+    # pair, no 1/B.
+    config = make_config(
+        beta=2.0,
+        divergence=divergence,
+        alpha=alpha,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        logratio_clip=logratio_clip,
+        err_reduction="sum",
+        reduction="none",
+    )
     lam = _finite_float("sdpo_lambda", sdpo_lambda, allow_none=True)
     if lam is not None and not (0.0 <= lam <= 1.0):
         raise ValueError(f"sdpo_lambda must be in [0, 1] (Diffusion-SDPO clamps its loser scale there); got {lam}")
@@ -136,22 +142,7 @@ def gradient_weights(
     # weight, d = beta/2 * w * err_gap = err_gap; inv = 1 (per-sample error as a plain sum).
     err_gap = torch.cat([d_w.reshape(-1), d_l.reshape(-1)])
     inv = torch.ones_like(err_gap)
-    params = KernelParams(
-        beta=2.0,
-        divergence=div.id,
-        alpha=div.alpha,
-        gamma=gamma,
-        label_smoothing=eps,
-        err_reduction=ERR_REDUCTIONS["sum"],
-        logratio_clip=clip or 0.0,
-        reduction=REDUCTIONS["none"],  # loss_p per pair, no 1/B
-        loss_type=LOSS_TYPES["sigmoid"],
-        ipo_margin=0.0,
-        dmpo_log_q=0.0,
-        dmpo_log_1mq=0.0,
-        interleaved=False,
-        strict_ties=False,
-    )
+    params = KernelParams.unpack(*config.op_scalars())
     _, _, _, _, coef = pair_head(params, err_gap, inv, None)
     # coef_i = dloss/de_i * 2 * inv_i (red = 1) and dd_i/de_i = -beta/2 * w = -1, so dloss/dd_i = -coef_i / 2.
     num_pairs = d_w.numel()
