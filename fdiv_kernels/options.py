@@ -36,7 +36,7 @@ class Head:
 
 # The table of pair heads, in the kernels' id order (csrc/fdpo_math.h LossType, the Triton constants; tests/
 # test_ops.py compares); composed heads (kernel=False) after them. docs/api.md's table of heads is generated
-# from it (tests/test_heads_table.py). Unpaired Diffusion-KTO is fused_kto_loss (heads.py), not a pair head.
+# from it (tests/test_ops.py). Unpaired Diffusion-KTO is fused_kto_loss (heads.py), not a pair head.
 HEADS: dict[str, Head] = {
     "sigmoid": Head(
         "-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)",
@@ -170,7 +170,9 @@ def ids(name: str) -> dict[str, int]:
 # The op's configuration (fdiv_kernels::fdpo_forward's ``float[] fparams, int[] iparams``), one entry per scalar the
 # kernels read, in the order of the packed lists: the C++ twin is ``enum FloatParam`` / ``enum IntParam`` in
 # csrc/fdpo_op.h (tests/test_ops.py compares them). ``FDPOConfig.op_params`` fills them; ids as in ``ids``.
-# dmpo_log_q, dmpo_log_1mq: log q and log(1 - q) of loss_type "dmpo", q = 1 - dmpo_alpha (0 for other loss types).
+# logratio_clip <= 0: off; ipo_margin: 1 / (2 ipo_tau) of "ipo"; dmpo_log_q, dmpo_log_1mq: log q and log(1 - q) of
+# loss_type "dmpo", q = 1 - dmpo_alpha (0 for other loss types); interleaved, strict_ties (implicit_acc counts a tie
+# z == 0 as 0 instead of 1/2): 0/1.
 # cross_term (0/1): the forward also reduces X = sum over pairs and elements of (pred_w - t_w)(pred_l - t_l) into
 # summary[3] (unmasked; set for sdpo_mu, whose safeguard needs g_l . g_w; 0: summary[3] = 0 and the kernels'
 # default variants, which do not accumulate it).

@@ -20,12 +20,8 @@ else:
 
 
 class KernelParams(_Fields):
-    """The op's configuration by name (options.OP_FLOATS / OP_INTS; ids of csrc/fdpo_math.h, as options.ids):
-    beta, alpha, gamma, label_smoothing, logratio_clip (<= 0: off), ipo_margin (m = 1 / (2 tau) of ipo),
-    dmpo_log_q, dmpo_log_1mq (log q and log(1 - q) of dmpo, q = 1 - dmpo_alpha);
-    divergence, err_reduction, reduction, loss_type, interleaved (0/1), strict_ties (0/1: implicit_acc counts ties
-    z == 0 as 0 instead of 1/2), cross_term (0/1: summary[3] = X, the unmasked cross sum of winner and loser
-    residuals; refused with a mask)."""
+    """The op's configuration by name: the fields of options.OP_FLOATS / OP_INTS, whose comment there says what each
+    holds (ids as options.ids, those of csrc/fdpo_math.h)."""
 
     __slots__ = ()
 
