@@ -67,12 +67,14 @@ class FDPOConfig:
             "err_reduction": ERR_REDUCTIONS[self.err_reduction],
             "logratio_clip": self.logratio_clip or 0.0,  # <= 0: off
             "reduction": REDUCTIONS[self.reduction],
-            # a composed head (heads.py) never reaches the op with this config: its passes use their own
+            # a composed head (options.HEADS kernel=False; none at present) never reaches the op with this config
             "loss_type": LOSS_TYPES.get(self.loss_type, 0),
             "ipo_margin": self.ipo_margin,
             # log q and log(1 - q) in float64 here (log1p: exact for small alpha), not in the fp32 kernels
             "dmpo_log_q": math.log1p(-self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
             "dmpo_log_1mq": math.log(self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
+            "mapo_snr": self.mapo_snr,
+            "mapo_timesteps": self.mapo_timesteps,
             "interleaved": self.interleaved,
             "strict_ties": self.implicit_acc_ties == "strict",
         }
@@ -250,7 +252,7 @@ def _mapo_options(loss_type, snr, timesteps, *, divergence, gamma, clip, beta_co
                 f"it has no reference log-ratio for {name} to act on; leave {name} at its default"
             )
     return {
-        name: _finite_float(name, MAPO_DEFAULTS[name] if value is None else value, positive=True)
+        name: _finite_float(name, MAPO_DEFAULTS[name] if value is None else value, positive=True, float32=True)
         for name, value in given.items()
     }
 

@@ -21,7 +21,7 @@ Diffusion-SDPO's winner-preserving safeguard (``sdpo_mu``) multiplies the loser'
 (heads.sdpo_lambda), not from ``(d_w, d_l)``: ``gradient_weights(..., sdpo_lambda=lam)`` scales ``push_l`` by a
 given lambda, the field the safeguarded step follows for that batch.
 
-MaPO (``loss_type="mapo"``, heads.py) has no reference, hence no log-ratio: its per-pair loss
+MaPO (``loss_type="mapo"``) has no reference, hence no log-ratio: its per-pair loss
 ``e_w - beta log sigmoid(T (phi(s e_w) - phi(s e_l)))`` is a function of the winner's and the loser's errors
 themselves, so :func:`mapo_gradient_weights` takes the axes ``(e_w, e_l)``, the per-sample MSEs (>= 0), and returns
 
@@ -51,7 +51,6 @@ from ._validation import ERR_REDUCTIONS, LOSS_TYPES, MAPO_DEFAULTS, REDUCTIONS, 
 from .backends.common import KernelParams
 from .backends.torch_backend import pair_head
 from .divergences import get_divergence, psi_slope
-from .heads import mapo_pair_head, mapo_score
 
 __all__ = [
     "gradient_weights",
@@ -136,21 +135,8 @@ def gradient_weights(
     # weight, d = beta/2 * w * err_gap = err_gap; inv = 1 (per-sample error as a plain sum).
     err_gap = torch.cat([d_w.reshape(-1), d_l.reshape(-1)])
     inv = torch.ones_like(err_gap)
-    params = KernelParams(
-        beta=2.0,
-        divergence=div.id,
-        alpha=div.alpha,
-        gamma=gamma,
-        label_smoothing=eps,
-        err_reduction=ERR_REDUCTIONS["sum"],
-        logratio_clip=clip or 0.0,
-        reduction=REDUCTIONS["none"],  # loss_p per pair, no 1/B
-        loss_type=LOSS_TYPES["sigmoid"],
-        ipo_margin=0.0,
-        dmpo_log_q=0.0,
-        dmpo_log_1mq=0.0,
-        interleaved=False,
-        strict_ties=False,
+    params = _head_params(
+        beta=2.0, divergence=div.id, alpha=div.alpha, gamma=gamma, label_smoothing=eps, logratio_clip=clip or 0.0
     )
     _, _, _, _, coef = pair_head(params, err_gap, inv, None)
     # coef_i = dloss/de_i * 2 * inv_i (red = 1) and dd_i/de_i = -beta/2 * w = -1, so dloss/dd_i = -coef_i / 2.
@@ -160,6 +146,14 @@ def gradient_weights(
     if lam is not None:  # heads._WinnerPreserving: the losers' coefficients times lambda
         push_l = push_l * lam
     return push_w.reshape(shape), push_l.reshape(shape)
+
+
+def _head_params(**values) -> KernelParams:
+    """The head's configuration for the fields: reduction "none" (loss_p per pair, no 1/B), errors as plain sums
+    (inv = 1), halves layout, the sigmoid head; every other scalar 0 (unused)."""
+    base = dict.fromkeys(KernelParams._fields, 0)
+    base.update(err_reduction=ERR_REDUCTIONS["sum"], reduction=REDUCTIONS["none"], loss_type=LOSS_TYPES["sigmoid"])
+    return KernelParams(**{**base, **values})
 
 
 def mapo_gradient_weights(
@@ -177,8 +171,8 @@ def mapo_gradient_weights(
             float32.
         beta, mapo_snr, mapo_timesteps: as in ``fused_fdpo_loss(..., loss_type="mapo")``.
 
-    The head is the loss's own (heads.mapo_score and heads.mapo_pair_head, with the stable phi'), differentiated by
-    autograd, reduction "none".
+    The head is the loss's own (``backends.torch_backend.pair_head``, the twin of csrc/fdpo_math.h's
+    mapo_pair_head, with the stable phi'), reduction "none": its backward coefficient with inv = 1 is 2 dloss_p/de.
     """
     e_w = _as_float_tensor("e_w", e_w)
     e_l = _as_float_tensor("e_l", e_l)
@@ -191,13 +185,12 @@ def mapo_gradient_weights(
     dtype = torch.float64 if torch.float64 in (e_w.dtype, e_l.dtype) else torch.float32
     e_w, e_l = torch.broadcast_tensors(e_w.to(dtype), e_l.to(dtype))
     shape = e_w.shape
-    with torch.enable_grad():
-        e = torch.cat([e_w.reshape(-1), e_l.reshape(-1)]).requires_grad_(True)
-        _, score = mapo_score(e, snr)
-        num_pairs = e_w.numel()
-        losses, _ = mapo_pair_head(score[:num_pairs], score[num_pairs:], e[:num_pairs], beta, timesteps)
-        (grad,) = torch.autograd.grad(losses.sum(), e)
-    return grad[:num_pairs].reshape(shape), -grad[num_pairs:].reshape(shape)
+    e = torch.cat([e_w.reshape(-1), e_l.reshape(-1)])
+    params = _head_params(beta=beta, loss_type=LOSS_TYPES["mapo"], mapo_snr=snr, mapo_timesteps=timesteps)
+    # The kernels read e_ref - e = -e (MaPO's cached reference errors are 0); coef_i = dloss/de_i * 2 * inv_i.
+    _, _, _, _, coef = pair_head(params, -e, torch.ones_like(e), None)
+    num_pairs = e_w.numel()
+    return (coef[:num_pairs] / 2).reshape(shape), (-coef[num_pairs:] / 2).reshape(shape)
 
 
 def weights_table(

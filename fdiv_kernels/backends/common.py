@@ -22,7 +22,8 @@ else:
 class KernelParams(_Fields):
     """The op's configuration by name (options.OP_FLOATS / OP_INTS; ids of csrc/fdpo_math.h, as options.ids):
     beta, alpha, gamma, label_smoothing, logratio_clip (<= 0: off), ipo_margin (m = 1 / (2 tau) of ipo),
-    dmpo_log_q, dmpo_log_1mq (log q and log(1 - q) of dmpo, q = 1 - dmpo_alpha);
+    dmpo_log_q, dmpo_log_1mq (log q and log(1 - q) of dmpo, q = 1 - dmpo_alpha), mapo_snr, mapo_timesteps (s, T
+    of mapo);
     divergence, err_reduction, reduction, loss_type, interleaved (0/1), strict_ties (0/1: implicit_acc counts ties
     z == 0 as 0 instead of 1/2)."""
 

@@ -20,16 +20,19 @@ from ..divergences import (
     soft_clip_log_slope,
     softplus,
 )
-from ..options import choices
+from ..options import choices, ids
 from ..stats import implicit_wins
 from .common import KernelParams, accumulate_dtype, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
 _ERR_REDUCTIONS = choices("err_reduction")  # by id
+_MAPO = ids("loss_type")["mapo"]
 
 
 def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pair_weight: torch.Tensor | None):
     """Per-pair head on fp32 [2B] vectors: returns (loss, logits, logratio, reward, grad_coef)."""
+    if params.loss_type == _MAPO:
+        return mapo_pair_head(params, err_gap, inv)
     num_pairs = err_gap.shape[0] // 2
     w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
     div = Divergence(_NAMES[params.divergence], params.divergence, params.alpha)
@@ -65,6 +68,47 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     gamma_slope = torch.where(underflowed, sign.to(wide), gamma_slope)
     coef = _mul0(_mul0(g_rows.to(wide), gamma_slope), hbw_rows * red * 2 * inv.to(wide)).to(d.dtype)
     return reduced, z, d, psi(div, d), coef
+
+
+_PHI_SERIES_BELOW = 0.5  # |x| below: Taylor series (x / expm1(x) is 0/0 at 0, its derivative cancels near 0)
+
+
+def mapo_phi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi(x) = x / (e^x - 1) and phi'(x), MaPO's score, as csrc/fdpo_math.h's mapo_phi: below |x| = 0.5 the
+    Bernoulli series (terms to x^8, slope to x^7; truncation < 3e-11 relative); above it x / expm1(x), 0 once e^x
+    overflows, and phi' = (phi / x)(1 - phi - x), which does not cancel there (phi(-x) = phi(x) + x)."""
+    small = x.abs() < _PHI_SERIES_BELOW
+    xs = torch.where(small, x, torch.zeros_like(x))
+    u = xs * xs
+    phi_series = 1.0 - 0.5 * xs + u * (1.0 / 12 + u * (-1.0 / 720 + u * (1.0 / 30240 - u / 1209600)))
+    slope_series = -0.5 + xs * (1.0 / 6 + u * (-1.0 / 180 + u * (1.0 / 5040 - u / 151200)))
+    xl = torch.where(small, torch.ones_like(x), x)
+    phi_direct = xl / torch.expm1(xl)
+    slope_direct = (phi_direct / xl) * (1.0 - phi_direct - xl)
+    return torch.where(small, phi_series, phi_direct), torch.where(small, slope_series, slope_direct)
+
+
+def mapo_pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor):
+    """MaPO's head (loss_type "mapo", csrc/fdpo_math.h mapo_pair_head): err_gap = e_ref - e = -e (the caller's
+    cached reference errors are 0). x = s e, z = T (phi(x_w) - phi(x_l)), loss e_w + beta softplus(-z);
+    dL/de_w = 1 - beta sigmoid(-z) T s phi'(x_w), dL/de_l = beta sigmoid(-z) T s phi'(x_l), times red * 2 * inv in
+    float64. Returns (loss, logits, logratio = x, reward = phi(x), grad_coef)."""
+    num_pairs = err_gap.shape[0] // 2
+    w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
+    e = -err_gap
+    x = params.mapo_snr * e
+    phi, slope = mapo_phi(x)
+    z = params.mapo_timesteps * (phi[w_rows] - phi[l_rows])
+    wide = torch.float64
+    loss = (e[w_rows].to(wide) + params.beta * softplus(-z).to(wide)).to(z.dtype)
+    reduce: dict[int, Callable[[], torch.Tensor]] = {0: lambda: loss, 1: loss.mean, 2: loss.sum}
+    red = 1.0 / num_pairs if params.reduction == 1 else 1.0
+    k = torch.sigmoid(-z).to(wide) * (params.beta * params.mapo_timesteps * params.mapo_snr)  # finite: validated
+    dloss_de = torch.empty_like(x, dtype=wide)
+    dloss_de[w_rows] = 1.0 - k * slope[w_rows].to(wide)
+    dloss_de[l_rows] = k * slope[l_rows].to(wide)
+    coef = (dloss_de * (red * 2.0 * inv.to(wide))).to(x.dtype)
+    return reduce[params.reduction](), z, x, phi, coef
 
 
 def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
