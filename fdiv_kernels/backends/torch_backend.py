@@ -91,24 +91,23 @@ def mapo_phi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mapo_pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor):
     """MaPO's head (loss_type "mapo", csrc/fdpo_math.h mapo_pair_head): err_gap = e_ref - e = -e (the caller's
     cached reference errors are 0). x = s e, z = T (phi(x_w) - phi(x_l)), loss e_w + beta softplus(-z);
-    dL/de_w = 1 - beta sigmoid(-z) T s phi'(x_w), dL/de_l = beta sigmoid(-z) T s phi'(x_l), times red * 2 * inv in
-    float64. Returns (loss, logits, logratio = x, reward = phi(x), grad_coef)."""
+    dL/de_w = 1 - beta sigmoid(-z) T s phi'(x_w), dL/de_l = beta sigmoid(-z) T s phi'(x_l), times red * 2 * inv, in
+    the errors' dtype as the kernels (beta and beta T s are validated to float32's range). Returns (loss, logits,
+    logratio = x, reward = phi(x), grad_coef)."""
     num_pairs = err_gap.shape[0] // 2
     w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
     e = -err_gap
     x = params.mapo_snr * e
     phi, slope = mapo_phi(x)
     z = params.mapo_timesteps * (phi[w_rows] - phi[l_rows])
-    wide = torch.float64
-    loss = (e[w_rows].to(wide) + params.beta * softplus(-z).to(wide)).to(z.dtype)
+    loss = e[w_rows] + params.beta * softplus(-z)
     reduce: dict[int, Callable[[], torch.Tensor]] = {0: lambda: loss, 1: loss.mean, 2: loss.sum}
     red = 1.0 / num_pairs if params.reduction == 1 else 1.0
-    k = torch.sigmoid(-z).to(wide) * (params.beta * params.mapo_timesteps * params.mapo_snr)  # finite: validated
-    dloss_de = torch.empty_like(x, dtype=wide)
-    dloss_de[w_rows] = 1.0 - k * slope[w_rows].to(wide)
-    dloss_de[l_rows] = k * slope[l_rows].to(wide)
-    coef = (dloss_de * (red * 2.0 * inv.to(wide))).to(x.dtype)
-    return reduce[params.reduction](), z, x, phi, coef
+    k = torch.sigmoid(-z) * (params.beta * params.mapo_timesteps * params.mapo_snr)
+    dloss_de = torch.empty_like(x)
+    dloss_de[w_rows] = 1.0 - k * slope[w_rows]
+    dloss_de[l_rows] = k * slope[l_rows]
+    return reduce[params.reduction](), z, x, phi, dloss_de * (red * 2.0 * inv)
 
 
 def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

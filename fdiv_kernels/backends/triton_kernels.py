@@ -186,21 +186,19 @@ def _mapo_phi(x):
 
 
 @triton.jit
-def _mapo_head(gap_w, gap_l, inv_w, inv_l, beta, mapo_snr, mapo_timesteps, red):
+def _mapo_head(gap_w, gap_l, inv_w, inv_l, beta, beta_ts, mapo_snr, mapo_timesteps, red):
     """MaPO's head (twin of mapo_pair_head in csrc/fdpo_math.h): gap = e_ref - e = -e (the caller's cached reference
-    errors are 0). Returns (x_w, x_l, phi_w, phi_l, z, loss, coef_w, coef_l); the loss and coefficients formed in
-    fp64 (beta T s may overflow fp32)."""
+    errors are 0). Returns (x_w, x_l, phi_w, phi_l, z, loss, coef_w, coef_l), in fp32 as the C++ head: beta and
+    beta_ts = beta T s (formed in fp64 by the launcher) are validated to fp32's range."""
     x_w = mapo_snr * -gap_w
     x_l = mapo_snr * -gap_l
     phi_w, slope_w = _mapo_phi(x_w)
     phi_l, slope_l = _mapo_phi(x_l)
     z = mapo_timesteps * (phi_w - phi_l)
-    beta64 = tl.cast(beta, tl.float64)
-    loss = (-gap_w.to(tl.float64) + beta64 * _softplus(-z).to(tl.float64)).to(tl.float32)
-    k = _sigmoid(-z).to(tl.float64) * (beta64 * tl.cast(mapo_timesteps, tl.float64) * mapo_snr)  # finite: validated
-    scale = red * 2.0
-    coef_w = ((1.0 - k * slope_w.to(tl.float64)) * (scale * inv_w.to(tl.float64))).to(tl.float32)
-    coef_l = (k * slope_l.to(tl.float64) * (scale * inv_l.to(tl.float64))).to(tl.float32)
+    loss = -gap_w + beta * _softplus(-z)
+    k = _sigmoid(-z) * beta_ts
+    coef_w = (1.0 - k * slope_w) * (red * 2.0 * inv_w)
+    coef_l = k * slope_l * (red * 2.0 * inv_l)
     return x_w, x_l, phi_w, phi_l, z, loss, coef_w, coef_l
 
 
@@ -443,6 +441,7 @@ def _head_kernel(
     dmpo_log_1mq,
     mapo_snr,
     mapo_timesteps,
+    mapo_beta_ts,
     INTERLEAVED: tl.constexpr,
     STRICT_TIES: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -470,7 +469,7 @@ def _head_kernel(
         )
         if LOSS_TYPE == _MAPO:  # reference-free: d = s e, reward = phi(s e) (stats as fdpo_pair_head)
             d_w, d_l, reward_w, reward_l, z, loss, coef_w, coef_l = _mapo_head(
-                gap_w, gap_l, inv_w, inv_l, beta, mapo_snr, mapo_timesteps, red
+                gap_w, gap_l, inv_w, inv_l, beta, mapo_beta_ts, mapo_snr, mapo_timesteps, red
             )
         else:
             half_beta_w = tl.cast(0.5 * beta, tl.float64)  # fp64: beta/2 * w may overflow fp32 where d does not
@@ -756,6 +755,7 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
             dmpo_log_1mq=float(params.dmpo_log_1mq),
             mapo_snr=float(params.mapo_snr),
             mapo_timesteps=float(params.mapo_timesteps),
+            mapo_beta_ts=float(params.beta) * float(params.mapo_timesteps) * float(params.mapo_snr),
             INTERLEAVED=params.interleaved,
             STRICT_TIES=params.strict_ties,
             BLOCK_B=block_pairs,
