@@ -51,6 +51,7 @@ from ._validation import ERR_REDUCTIONS, LOSS_TYPES, MAPO_DEFAULTS, REDUCTIONS, 
 from .backends.common import KernelParams
 from .backends.torch_backend import pair_head
 from .divergences import get_divergence, psi_slope
+from .options import OP_FLOATS, OP_INTS
 
 __all__ = [
     "gradient_weights",
@@ -151,7 +152,7 @@ def gradient_weights(
 def _head_params(**values) -> KernelParams:
     """The head's configuration for the fields: reduction "none" (loss_p per pair, no 1/B), errors as plain sums
     (inv = 1), halves layout, the sigmoid head; every other scalar 0 (unused)."""
-    base = dict.fromkeys(KernelParams._fields, 0)
+    base = dict.fromkeys(OP_FLOATS + OP_INTS, 0)
     base.update(err_reduction=ERR_REDUCTIONS["sum"], reduction=REDUCTIONS["none"], loss_type=LOSS_TYPES["sigmoid"])
     return KernelParams(**{**base, **values})
 
