@@ -21,8 +21,9 @@ enum Reduction : int { kNone = 0, kMean = 1, kSum = 2 };
 // Per-sample error: masked mean (sum m r^2 / sum m), sum, or mean over all D elements (sum m r^2 / D).
 enum ErrReduction : int { kErrMean = 0, kErrSum = 1, kErrMeanAll = 2 };
 // The link from the pair logit z to the pair loss (diffusers' --loss_type): -log sigmoid(z), relu(1 - z), (z - m)^2;
-// DMPO (Diffusion-SDPO): KL(p || q) of Bernoulli p = sigmoid(z) and q = 1 - dmpo_alpha.
-enum LossType : int { kSigmoid = 0, kHinge = 1, kIPO = 2, kDMPO = 3 };
+// DMPO (Diffusion-SDPO): KL(p || q) of Bernoulli p = sigmoid(z) and q = 1 - dmpo_alpha; MaPO (reference-free):
+// e_w - beta log sigmoid(T (phi(s e_w) - phi(s e_l))), phi(x) = x / (e^x - 1) (mapo_pair_head).
+enum LossType : int { kSigmoid = 0, kHinge = 1, kIPO = 2, kDMPO = 3, kMaPO = 4 };
 
 // The op's configuration, parsed once from its packed arguments (fdpo::head_params in fdpo_op.h) and shared by
 // the CPU and CUDA kernels.
@@ -38,6 +39,8 @@ struct HeadParams {
   double ipo_margin;       // m = 1 / (2 tau) of loss_type kIPO
   double dmpo_log_q;       // log q of loss_type kDMPO, q = 1 - dmpo_alpha
   double dmpo_log_1mq;     // log(1 - q) of loss_type kDMPO
+  double mapo_snr;         // s of loss_type kMaPO
+  double mapo_timesteps;   // T of loss_type kMaPO
   int err_reduction;       // ErrReduction
   bool interleaved;        // row layout (spec §1)
   bool strict_ties;        // implicit_acc counts a tie (z == 0) as 0 instead of 1/2
@@ -208,9 +211,71 @@ FDPO_HD T row_coef(T g, T signed_gamma_slope, bool slope_positive, double outer,
   return static_cast<T>(mul0(mul0(static_cast<double>(g), gs), outer * static_cast<double>(inv)));
 }
 
+// phi(x) = x / (e^x - 1) and phi'(x), MaPO's score, to a few ulps in float and double wherever phi is a normal
+// number. Below |x| = 0.5 the Bernoulli series to x^14 (remainder < 1e-20 relative): x / expm1(x) is 0/0 at 0 and
+// its derivative cancels near 0. Above, for x > 0, x e^(-x/2) e^(-x/2) / (1 - e^-x), which does not overflow where
+// e^x does (x > 88.7 in float, where phi is still normal); x / expm1(x) for x < 0; phi' = phi (1 - phi - x) / x,
+// which does not cancel there (phi(-x) = phi(x) + x). Twins: _mapo_phi in triton_kernels.py, mapo_phi in
+// backends/torch_backend.py (tests/test_heads.py checks the latter against mpmath).
+template <typename T>
+FDPO_HD void mapo_phi(T x, T* phi, T* slope) {
+  if (fabs_(x) < T(0.5)) {  // a NaN x takes the other branch and stays NaN
+    const T u = x * x;
+    // phi = sum B_n x^n / n!: B_1 = -1/2, then B_2k / (2k)! for k = 1..7; phi' likewise one power lower
+    *phi = T(1) - T(0.5) * x +
+           u * (T(1) / T(12) +
+                u * (T(-1) / T(720) +
+                     u * (T(1) / T(30240) +
+                          u * (T(-1) / T(1209600) +
+                               u * (T(1) / T(47900160) + u * (T(-691) / T(1307674368000.0) + u / T(74724249600.0)))))));
+    *slope = T(-0.5) +
+             x * (T(1) / T(6) +
+                  u * (T(-1) / T(180) +
+                       u * (T(1) / T(5040) +
+                            u * (T(-1) / T(151200) +
+                                 u * (T(1) / T(4790016) + u * (T(-691) / T(108972864000.0) + u / T(5337446400.0)))))));
+    return;
+  }
+  if (x > T(0)) {
+    const T h = fexp(T(-0.5) * x);
+    *phi = (x * h) * h / -fexpm1(-x);
+  } else {
+    *phi = x / fexpm1(x);
+  }
+  *slope = *phi * ((T(1) - *phi - x) / x);
+}
+
+// MaPO's head (mapo-t2i/mapo@374b3d3:utils.py:286-301). Reference-free: the caller passes cached reference errors of
+// 0 (fdiv_kernels/loss.py), so diff = e_ref - e = -e exactly. Per pair: x = s e, z = T (phi(x_w) - phi(x_l)),
+// loss = e_w + beta softplus(-z) (beta itself: MaPO's, not beta/2; pair weights are refused for MaPO);
+// dL/de_w = 1 - beta sigmoid(-z) T s phi'(x_w), dL/de_l = beta sigmoid(-z) T s phi'(x_l), times red * 2 * inv.
+// In T, not in double as row_coef: beta and beta T s are validated to float's range (_validation._mapo_options),
+// so k = beta T s sigmoid(-z) is finite, |phi'| <= 1, and an overflow is a true one; the double products raised
+// the CUDA forward kernel's registers (sm_90 ref_err+mask x8: 63 -> 72, 4 -> 3 blocks/SM). Statistics: logratio
+// x = s e, reward phi(x).
+template <typename T>
+FDPO_HD PairHead<T> mapo_pair_head(const HeadParams& p, T diff_w, T diff_l, T inv_w, T inv_l) {
+  PairHead<T> h;
+  const T e_w = -diff_w, e_l = -diff_l, s = static_cast<T>(p.mapo_snr);
+  h.d_w = s * e_w;
+  h.d_l = s * e_l;
+  T slope_w, slope_l;  // phi'(x)
+  mapo_phi(h.d_w, &h.reward_w, &slope_w);
+  mapo_phi(h.d_l, &h.reward_l, &slope_l);
+  const T z = static_cast<T>(p.mapo_timesteps) * (h.reward_w - h.reward_l);
+  h.logit = z;
+  h.loss = e_w + static_cast<T>(p.beta) * softplus(-z);
+  const T red = (p.reduction == kMean) ? T(1) / static_cast<T>(p.num_pairs) : T(1);
+  const T k = sigmoid(-z) * static_cast<T>(p.beta * p.mapo_timesteps * p.mapo_snr);  // beta T s formed in double
+  h.coef_w = (T(1) - k * slope_w) * (red * T(2) * inv_w);
+  h.coef_l = k * slope_l * (red * T(2) * inv_l);
+  return h;
+}
+
 // The per-pair head. diff_* = e_ref - e (already scaled by inv), inv_* = 1/D, 1/M or 1, w = pair weight.
 template <typename T>
 FDPO_HD PairHead<T> fdpo_pair_head(const HeadParams& p, T diff_w, T diff_l, T inv_w, T inv_l, T w) {
+  if (p.loss_type == kMaPO) return mapo_pair_head(p, diff_w, diff_l, inv_w, inv_l);
   PairHead<T> h;
   const T alpha = static_cast<T>(p.alpha), gamma = static_cast<T>(p.gamma);
   const T clip = static_cast<T>(p.logratio_clip), eps = static_cast<T>(p.label_smoothing);

@@ -104,7 +104,8 @@ inline at::Tensor small_vector(const at::Tensor& t, const at::Tensor& pred, at::
 // of each scalar. The Python twin is OP_FLOATS / OP_INTS in fdiv_kernels/options.py (tests/test_ops.py compares).
 // (Scoped in structs: the names would clash with the ids' enums of fdpo_math.h, e.g. kAlpha.)
 struct FloatParam {
-  enum : int { kBeta, kAlpha, kGamma, kLabelSmoothing, kLogratioClip, kIpoMargin, kDmpoLogQ, kDmpoLog1mq, kCount };
+  enum : int { kBeta, kAlpha, kGamma, kLabelSmoothing, kLogratioClip, kIpoMargin, kDmpoLogQ, kDmpoLog1mq, kMapoSnr, kMapoTimesteps,
+               kCount };
 };
 struct IntParam {
   enum : int { kDivergence, kErrReduction, kReduction, kLossType, kInterleaved, kStrictTies, kCrossTerm, kCount };
@@ -133,10 +134,12 @@ inline HeadParams head_params(const char* backend, c10::ArrayRef<double> f, c10:
   p.ipo_margin = f[FloatParam::kIpoMargin];
   p.dmpo_log_q = f[FloatParam::kDmpoLogQ];
   p.dmpo_log_1mq = f[FloatParam::kDmpoLog1mq];
+  p.mapo_snr = f[FloatParam::kMapoSnr];
+  p.mapo_timesteps = f[FloatParam::kMapoTimesteps];
   p.divergence = id(IntParam::kDivergence, kHellinger, "divergence");
   p.err_reduction = id(IntParam::kErrReduction, kErrMeanAll, "err_reduction");
   p.reduction = id(IntParam::kReduction, kSum, "reduction");
-  p.loss_type = id(IntParam::kLossType, kDMPO, "loss_type");
+  p.loss_type = id(IntParam::kLossType, kMaPO, "loss_type");
   p.interleaved = i[IntParam::kInterleaved] != 0;
   p.strict_ties = i[IntParam::kStrictTies] != 0;
   p.cross_term = i[IntParam::kCrossTerm] != 0;

@@ -67,12 +67,14 @@ class FDPOConfig:
             "err_reduction": ERR_REDUCTIONS[self.err_reduction],
             "logratio_clip": self.logratio_clip or 0.0,  # <= 0: off
             "reduction": REDUCTIONS[self.reduction],
-            # a composed head (heads.py) never reaches the op with this config: its passes use their own
+            # a composed head (options.HEADS kernel=False; none at present) never reaches the op with this config
             "loss_type": LOSS_TYPES.get(self.loss_type, 0),
             "ipo_margin": self.ipo_margin,
             # log q and log(1 - q) in float64 here (log1p: exact for small alpha), not in the fp32 kernels
             "dmpo_log_q": math.log1p(-self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
             "dmpo_log_1mq": math.log(self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,
+            "mapo_snr": self.mapo_snr,
+            "mapo_timesteps": self.mapo_timesteps,
             "interleaved": self.interleaved,
             "strict_ties": self.implicit_acc_ties == "strict",
             # the SDPO safeguard's g_l . g_w, reduced by the forward pass itself (heads.sdpo_lambda)
@@ -157,6 +159,7 @@ def _checked_config(
         gamma=gamma,
         clip=logratio_clip,
         beta_convention=beta_convention,
+        beta=beta,
     )
     return FDPOConfig(
         beta=beta,
@@ -233,9 +236,10 @@ def _sdpo_mu(loss_type: str, sdpo_mu) -> float | None:
     return sdpo_mu
 
 
-def _mapo_options(loss_type, snr, timesteps, *, divergence, gamma, clip, beta_convention) -> dict:
+def _mapo_options(loss_type, snr, timesteps, *, divergence, gamma, clip, beta_convention, beta) -> dict:
     """MaPO's s and T (its defaults where None; 0 for other loss types), and the options MaPO has no use for
-    refused by name: it has no reference, so no log-ratio for a divergence, a clip or a logit scale."""
+    refused by name: it has no reference, so no log-ratio for a divergence, a clip or a logit scale. beta and
+    beta T s (the gradient's scale) must be within float32's range: the kernels' MaPO head computes in float32."""
     given = {"mapo_snr": snr, "mapo_timesteps": timesteps}
     if loss_type != "mapo":
         return {name: 0.0 for name in given}
@@ -251,10 +255,18 @@ def _mapo_options(loss_type, snr, timesteps, *, divergence, gamma, clip, beta_co
                 f"loss_type='mapo' is reference-free (MaPO: e_w - beta * log sigmoid(T (phi(s e_w) - phi(s e_l)))): "
                 f"it has no reference log-ratio for {name} to act on; leave {name} at its default"
             )
-    return {
-        name: _finite_float(name, MAPO_DEFAULTS[name] if value is None else value, positive=True)
+    values = {
+        name: _finite_float(name, MAPO_DEFAULTS[name] if value is None else value, positive=True, float32=True)
         for name, value in given.items()
     }
+    scale = beta * values["mapo_snr"] * values["mapo_timesteps"]
+    if beta > _FLOAT32_MAX or scale > _FLOAT32_MAX:
+        raise ValueError(
+            f"loss_type='mapo' with beta={beta:g}, mapo_snr={values['mapo_snr']:g}, mapo_timesteps="
+            f"{values['mapo_timesteps']:g}: beta and beta * mapo_snr * mapo_timesteps ({scale:g}), the gradient's "
+            f"scale, must be within float32's range ({_FLOAT32_MAX:.4g}), in which the kernels compute"
+        )
+    return values
 
 
 _cached_config = functools.lru_cache(maxsize=512, typed=True)(make_config)

@@ -21,7 +21,7 @@ Diffusion-SDPO's winner-preserving safeguard (``sdpo_mu``) multiplies the loser'
 (heads.sdpo_lambda), not from ``(d_w, d_l)``: ``gradient_weights(..., sdpo_lambda=lam)`` scales ``push_l`` by a
 given lambda, the field the safeguarded step follows for that batch.
 
-MaPO (``loss_type="mapo"``, heads.py) has no reference, hence no log-ratio: its per-pair loss
+MaPO (``loss_type="mapo"``) has no reference, hence no log-ratio: its per-pair loss
 ``e_w - beta log sigmoid(T (phi(s e_w) - phi(s e_l)))`` is a function of the winner's and the loser's errors
 themselves, so :func:`mapo_gradient_weights` takes the axes ``(e_w, e_l)``, the per-sample MSEs (>= 0), and returns
 
@@ -51,7 +51,6 @@ from ._validation import MAPO_DEFAULTS, _finite_float, make_config
 from .backends.common import KernelParams
 from .backends.torch_backend import pair_head
 from .divergences import get_divergence, psi_slope
-from .heads import mapo_pair_head, mapo_score
 
 __all__ = [
     "gradient_weights",
@@ -168,8 +167,8 @@ def mapo_gradient_weights(
             float32.
         beta, mapo_snr, mapo_timesteps: as in ``fused_fdpo_loss(..., loss_type="mapo")``.
 
-    The head is the loss's own (heads.mapo_score and heads.mapo_pair_head, with the stable phi'), differentiated by
-    autograd, reduction "none".
+    The head is the loss's own (``backends.torch_backend.pair_head``, the twin of csrc/fdpo_math.h's
+    mapo_pair_head, with the stable phi'), reduction "none": its backward coefficient with inv = 1 is 2 dloss_p/de.
     """
     e_w = _as_float_tensor("e_w", e_w)
     e_l = _as_float_tensor("e_l", e_l)
@@ -182,13 +181,15 @@ def mapo_gradient_weights(
     dtype = torch.float64 if torch.float64 in (e_w.dtype, e_l.dtype) else torch.float32
     e_w, e_l = torch.broadcast_tensors(e_w.to(dtype), e_l.to(dtype))
     shape = e_w.shape
-    with torch.enable_grad():
-        e = torch.cat([e_w.reshape(-1), e_l.reshape(-1)]).requires_grad_(True)
-        _, score = mapo_score(e, snr)
-        num_pairs = e_w.numel()
-        losses, _ = mapo_pair_head(score[:num_pairs], score[num_pairs:], e[:num_pairs], beta, timesteps)
-        (grad,) = torch.autograd.grad(losses.sum(), e)
-    return grad[:num_pairs].reshape(shape), -grad[num_pairs:].reshape(shape)
+    e = torch.cat([e_w.reshape(-1), e_l.reshape(-1)])
+    config = make_config(
+        loss_type="mapo", beta=beta, mapo_snr=snr, mapo_timesteps=timesteps, err_reduction="sum", reduction="none"
+    )
+    params = KernelParams.unpack(*config.op_scalars())
+    # The kernels read e_ref - e = -e (MaPO's cached reference errors are 0); coef_i = dloss/de_i * 2 * inv_i.
+    _, _, _, _, coef = pair_head(params, -e, torch.ones_like(e), None)
+    num_pairs = e_w.numel()
+    return (coef[:num_pairs] / 2).reshape(shape), (-coef[num_pairs:] / 2).reshape(shape)
 
 
 def weights_table(

@@ -1,12 +1,12 @@
-"""Preference losses whose head runs on the fused kernels' per-sample errors: MaPO, Diffusion-KTO and the
-Diffusion-SDPO safeguard.
+"""Preference losses whose head runs on the fused kernels' per-sample errors: Diffusion-KTO and the Diffusion-SDPO
+safeguard (MaPO's pair head runs in the kernels' epilogue: loss_type="mapo", csrc/fdpo_math.h mapo_pair_head).
 
 The data passes are fused_fdpo_loss's own, on every backend: the dispatched op's forward reads each row once and
 returns the per-sample errors (``e``, ``e_ref`` and ``e_ref - e`` accumulated directly), and its backward writes
 the gradient in one elementwise pass, ``grad = c_i * mask * (pred - target)``. Only the head between them differs:
 here it is PyTorch on ``[2B]``-sized tensors, differentiated by autograd in the per-sample errors
 (:class:`_SampleErrors` turns ``dL/de_i`` into the backward pass's ``c_i``), where the kernels' built-in heads
-(sigmoid, hinge, ipo, dmpo) are evaluated in-register in the forward's epilogue. A few launches on ``B`` numbers
+(sigmoid, hinge, ipo, dmpo, mapo) are evaluated in-register in the forward's epilogue. A few launches on ``B`` numbers
 each, independent of the sample size. A new head of this shape is a function of ``(e, e_ref, e_ref - e)``.
 
 The float64 reference of each head is written independently in reference.py; tests/test_heads.py checks both
@@ -16,7 +16,6 @@ against the authors' formulas.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._validation import FDPOConfig, check_inputs, config_for
 from .backends.common import accumulate_dtype
@@ -89,100 +88,8 @@ def _split(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tens
     return (x[0::2], x[1::2]) if interleaved else (x[:half], x[half:])
 
 
-def _join(w: torch.Tensor, l: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    return torch.stack([w, l], dim=1).flatten() if interleaved else torch.cat([w, l])
-
-
 def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     return losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MaPO (mapo-t2i/mapo@374b3d3:utils.py:286-301): e_w - beta * log sigmoid(T (phi(s e_w) - phi(s e_l))).
-# ---------------------------------------------------------------------------------------------------------------
-
-_PHI_SERIES_BELOW = 0.5  # |x| below: Taylor series (x / expm1(x) is 0/0 at 0, its derivative cancels near 0)
-
-
-def mapo_phi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """phi(x) = x / (e^x - 1) and phi'(x), accurate to a few ulps for every x >= 0 in float32 and float64 while the
-    value is a normal number (tests/test_heads.py checks against mpmath). Below |x| = 0.5 the Bernoulli series to
-    x^14 (remainder < 1e-20 relative: float64's precision too). Above it, for x > 0, x e^(-x/2) e^(-x/2) /
-    (1 - e^-x), which does not overflow where e^x does (x > 88.7 in float32, 709.8 in float64, where phi is still
-    a normal number); x / expm1(x) for x < 0. phi' = phi (1 - phi - x) / x there, which does not cancel."""
-    small = x.abs() < _PHI_SERIES_BELOW
-    xs = torch.where(small, x, torch.zeros_like(x))
-    u = xs * xs
-    # phi = sum B_n x^n / n!; B_1 = -1/2, then B_2k / (2k)! for k = 1..7
-    phi_series = (
-        1.0
-        - 0.5 * xs
-        + u
-        * (
-            1.0 / 12
-            + u
-            * (
-                -1.0 / 720
-                + u
-                * (
-                    1.0 / 30240
-                    + u * (-1.0 / 1209600 + u * (1.0 / 47900160 + u * (-691.0 / 1307674368000 + u / 74724249600)))
-                )
-            )
-        )
-    )
-    slope_series = -0.5 + xs * (
-        1.0 / 6
-        + u
-        * (
-            -1.0 / 180
-            + u
-            * (1.0 / 5040 + u * (-1.0 / 151200 + u * (1.0 / 4790016 + u * (-691.0 / 108972864000 + u / 5337446400))))
-        )
-    )
-    xl = torch.where(small, torch.ones_like(x), x)
-    a = xl.abs()
-    h = torch.exp(-0.5 * a)
-    phi_pos = (a * h) * h / -torch.expm1(-a)  # x > 0: no overflow; the products stay normal while phi is
-    phi_direct = torch.where(xl > 0, phi_pos, xl / torch.expm1(xl))
-    slope_direct = phi_direct * ((1.0 - phi_direct - xl) / xl)
-    return torch.where(small, phi_series, phi_direct), torch.where(small, slope_series, slope_direct)
-
-
-def _with_slope(value: torch.Tensor, slope: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``value`` whose autograd derivative in ``x`` is ``slope`` (both computed stably, not differentiated)."""
-    return value.detach() + (x - x.detach()) * slope.detach()
-
-
-def mapo_score(e: torch.Tensor, snr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, phi(x))``, x = s e: MaPO's "Win Score" / "Lose Score" per row, differentiable in ``e`` with the stable
-    phi' of :func:`mapo_phi`."""
-    x = snr * e
-    phi_value, phi_slope = mapo_phi(x.detach())
-    return x, _with_slope(phi_value, phi_slope, x)
-
-
-def mapo_pair_head(score_w, score_l, e_w, beta: float, timesteps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair MaPO loss ``e_w - beta log sigmoid(z)`` and its logits ``z = T (score_w - score_l)``
-    (gradient_field differentiates this same head)."""
-    logits = timesteps * (score_w - score_l)
-    return e_w - beta * F.logsigmoid(logits), logits
-
-
-def mapo_loss(model_pred, target, mask, config: FDPOConfig, backend: str, return_stats: bool):
-    """loss_type="mapo": reference-free; the kernels' reference side reads cached errors of 0 (a [2B] vector)."""
-    rows = model_pred.shape[0]
-    zeros = torch.zeros(rows, dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
-    e, _, _ = sample_errors(model_pred, None, target, zeros, mask, config, backend)
-    x, score = mapo_score(e, config.mapo_snr)
-    score_w, score_l = _split(score, config.interleaved)
-    e_w, _ = _split(e, config.interleaved)
-    losses, logits = mapo_pair_head(score_w, score_l, e_w, config.beta, config.mapo_timesteps)
-    loss = _reduce(losses, config.reduction)
-    if not return_stats:
-        return loss
-    stats = FDPOStats.from_tensors(logits, e, zeros, x, score, config.implicit_acc_ties)
-    return loss, stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,14 +161,14 @@ def sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config: FDPOCo
 
 
 def composed_loss(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight):
-    """fused_fdpo_loss for the heads that run here (check_inputs has run)."""
-    if config.loss_type == "mapo":
-        return mapo_loss(model_pred, target, mask, config, backend, return_stats)
+    """fused_fdpo_loss for the heads that run here (check_inputs has run): the SDPO safeguard."""
     return sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config, backend, return_stats)
 
 
 def is_composed(config: FDPOConfig) -> bool:
-    return config.loss_type == "mapo" or config.sdpo_mu is not None
+    """The safeguard scales the fused backward's coefficients; every pair head itself (MaPO included) runs in the
+    kernels' epilogue."""
+    return config.sdpo_mu is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,10 +62,10 @@ HEADS: dict[str, Head] = {
     ),
     "mapo": Head(
         "e_w - beta log sigmoid(T (phi(s e_w) - phi(s e_l))), phi(x) = x / (e^x - 1)",
-        "autograd of the head in e (heads.py), then the fused backward pass",
+        "dL/de_w = 1 - beta sigmoid(-z) T s phi'(s e_w), dL/de_l = beta sigmoid(-z) T s phi'(s e_l) in the "
+        "epilogue (the kernels read ref_err = 0)",
         "logratio = s e, reward = phi(s e) (MaPO's Win/Lose Score); ref_err = 0",
         "mapo-t2i/mapo@374b3d3 utils.py:286-301",
-        kernel=False,
         reference=False,
         options=("mapo_snr", "mapo_timesteps"),
     ),
@@ -171,12 +171,24 @@ def ids(name: str) -> dict[str, int]:
 # kernels read, in the order of the packed lists: the C++ twin is ``enum FloatParam`` / ``enum IntParam`` in
 # csrc/fdpo_op.h (tests/test_ops.py compares them). ``FDPOConfig.op_params`` fills them; ids as in ``ids``.
 # logratio_clip <= 0: off; ipo_margin: 1 / (2 ipo_tau) of "ipo"; dmpo_log_q, dmpo_log_1mq: log q and log(1 - q) of
-# loss_type "dmpo", q = 1 - dmpo_alpha (0 for other loss types); interleaved, strict_ties (implicit_acc counts a tie
-# z == 0 as 0 instead of 1/2): 0/1.
+# loss_type "dmpo", q = 1 - dmpo_alpha (0 for other loss types); mapo_snr, mapo_timesteps: s and T of loss_type
+# "mapo" (0 for other loss types); interleaved, strict_ties (implicit_acc counts a tie z == 0 as 0 instead of
+# 1/2): 0/1.
 # cross_term (0/1): the forward also reduces X = sum over pairs and elements of (pred_w - t_w)(pred_l - t_l) into
 # summary[3] (unmasked; set for sdpo_mu, whose safeguard needs g_l . g_w; 0: summary[3] = 0 and the kernels'
 # default variants, which do not accumulate it).
-OP_FLOATS = ("beta", "alpha", "gamma", "label_smoothing", "logratio_clip", "ipo_margin", "dmpo_log_q", "dmpo_log_1mq")
+OP_FLOATS = (
+    "beta",
+    "alpha",
+    "gamma",
+    "label_smoothing",
+    "logratio_clip",
+    "ipo_margin",
+    "dmpo_log_q",
+    "dmpo_log_1mq",
+    "mapo_snr",
+    "mapo_timesteps",
+)
 OP_INTS = ("divergence", "err_reduction", "reduction", "loss_type", "interleaved", "strict_ties", "cross_term")
 
 

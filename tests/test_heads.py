@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from harness import BETA, BF16, F16, F32, F64, TOL, Tol, assert_close, cpu_backend_params, make_inputs, rows_of_pairs
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss, fused_kto_loss, kto_loss_reference
-from fdiv_kernels.heads import mapo_phi
+from fdiv_kernels.backends.torch_backend import mapo_phi
 
 BACKENDS = cpu_backend_params()  # cpu, torch, triton (TRITON_INTERPRET on CPU): skip marks with the registry's reason
 EPS32 = torch.finfo(F32).eps
@@ -505,7 +505,7 @@ def _phi_exact(x):
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["fp64", "fp32"])
 def test_mapo_phi_matches_mpmath(dtype):
-    """heads.mapo_phi's phi and phi' within 4 and 8 eps (relative; phi' = phi (1 - phi - x) / x cancels ~2.5x just
+    """torch_backend.mapo_phi's phi and phi' within 4 and 8 eps (relative; phi' = phi (1 - phi - x) / x cancels ~2.5x
     above the switch) of mpmath wherever the exact value is a normal number
     of the dtype (beyond: below the smallest normal, absolutely); the float64 reference's phi and its autograd
     derivative within 16 eps while e^-x is normal, plus the derivative's documented cancellation, 4 eps / x, between

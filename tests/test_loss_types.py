@@ -1,6 +1,7 @@
-"""diffusers' --loss_type (sigmoid, hinge, ipo) and Diffusion-SDPO's DMPO on the f-divergence logit, and the flow
-trainers' error reduction over all elements: every backend against the float64 reference, the reference against the
-trainers' formulas, DMPO's head against mpmath where p is near 0 and 1."""
+"""diffusers' --loss_type (sigmoid, hinge, ipo) and Diffusion-SDPO's DMPO on the f-divergence logit, MaPO's
+reference-free head in the kernels' epilogue, and the flow trainers' error reduction over all elements: every
+backend against the float64 reference, the reference against the trainers' formulas, DMPO's head against mpmath where
+p is near 0 and 1, MaPO's phi against mpmath near 0, across the series' edge and past float32's exp range."""
 
 import functools
 import math
@@ -9,7 +10,7 @@ import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import cpu_backend_params
+from harness import BF16, F32, as64, assert_close, check_against_reference, cpu_backend_params, make_inputs, run
 
 from fdiv_kernels import fdpo_loss_reference, fused_fdpo_loss, get_divergence
 from fdiv_kernels.divergences import psi_slope
@@ -180,6 +181,10 @@ def test_mean_all_is_the_flow_trainers_masked_mean_over_every_element(backend, s
         (dict(loss_type="dmpo", dmpo_alpha=float("nan")), r"dmpo_alpha must be finite"),
         (dict(loss_type="sigmoid", dmpo_alpha=0.01), r"dmpo_alpha is used by loss_type='dmpo' only"),
         (dict(loss_type="dmpo", dmpo_alpha=0.01, label_smoothing=0.1), r"label_smoothing is used by loss_type="),
+        # MaPO's head computes in float32: beta and its gradient scale beta s T must fit (the kernels' mapo_pair_head)
+        (dict(loss_type="mapo", beta=5e38), r"beta and beta \* mapo_snr \* mapo_timesteps .* float32's range"),
+        (dict(loss_type="mapo", beta=1e36), r"mapo_timesteps \(5e\+38\), the gradient's scale, must be within"),
+        (dict(loss_type="mapo", mapo_snr=1e39), r"mapo_snr=1e\+39 is beyond float32's range"),
         (
             dict(err_reduction="max"),
             r"err_reduction='max' is not supported; expected one of \['mean', 'sum', "
@@ -309,3 +314,103 @@ def test_dmpo_head_matches_mpmath_with_p_near_0_and_1(backend, dtype):
     torch.testing.assert_close(loss.double(), exact_loss, rtol=rtol, atol=rtol * -math.log(alpha))
     torch.testing.assert_close(grad[:B, 0].double(), -2 * exact_slope, rtol=rtol, atol=0)
     torch.testing.assert_close(grad[B:, 0].double(), 2 * exact_slope, rtol=rtol, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- MaPO (kernel head)
+# dtype of (model_pred, target and mask): one low-precision dtype, or fp32 predictions with bf16 targets and masks
+_MAPO_DTYPES = {"fp32": (F32, F32), "bf16": (BF16, BF16), "mixed": (F32, BF16)}
+# T <= 80 keeps |z| <= T (phi is in (0, 1] for e >= 0) where sigmoid(-z) is a normal float32: every row's gradient
+# keeps its relative precision, so each row is compared against its own scale
+_MAPO_CASES = [
+    dict(beta=0.1, mapo_timesteps=50.0),
+    dict(beta=5.0, mapo_snr=0.9, mapo_timesteps=3.0, reduction="none", err_reduction="mean_all"),
+]
+
+
+def _mapo_inputs(dtypes, mask, layout, seed=0):
+    pred_dtype, other = dtypes
+    inputs = make_inputs(B=3, shape=(3, 7, 5), dtype=pred_dtype, mask=mask, layout=layout, seed=seed)
+    del inputs["ref_pred"]  # reference-free
+    inputs["target"] = inputs["target"].to(other)
+    if mask is not None:
+        inputs["mask"] = inputs["mask"].to(other)
+    return inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", list(_MAPO_DTYPES), ids=list(_MAPO_DTYPES))
+@pytest.mark.parametrize("layout", ["halves", "interleaved"])
+@pytest.mark.parametrize("mask", [None, "per_sample", "shared"])
+@pytest.mark.parametrize("case", _MAPO_CASES, ids=["mean", "none-mean_all"])
+def test_mapo_matches_the_reference(backend, dtypes, layout, mask, case):
+    """loss_type="mapo" in every backend's epilogue against the float64 reference (reference.py's own MaPO, autograd
+    of x / expm1(x)): loss, every statistic (logratio s e, reward phi(s e), ref_err 0) and the gradient, with the
+    dtype's tolerances. The empty mask of row 0 gives e = 0, phi = 1 on that row."""
+    inputs = _mapo_inputs(_MAPO_DTYPES[dtypes], mask, layout)
+    upstream = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) if case.get("reduction") == "none" else None
+    _, stats, _ = check_against_reference(backend, inputs, upstream, loss_type="mapo", layout=layout, **case)
+    assert not stats["ref_err"].any() and not stats["raw_ref_loss"].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mapo_with_the_authors_defaults_matches_the_reference(backend):
+    """beta 0.1, s 0.5, T 1000 (MaPO's script): z reaches tens, where sigmoid(-z) of a loser's row underflows float32
+    long before float64; the gradient is compared against the whole tensor's scale (a winner's dL/de_w >= 1)."""
+    inputs = _mapo_inputs((F32, F32), "per_sample", "halves", seed=3)
+    loss, stats, grad = run(backend, inputs, loss_type="mapo", beta=0.1)
+    loss_r, stats_r, grad_r = run("reference", as64(inputs), loss_type="mapo", beta=0.1)
+    assert_close(loss, loss_r, 2e-5, "loss")
+    for name in ("logits", "model_err", "logratio", "reward"):
+        assert_close(stats[name], stats_r[name], 2e-5, name)
+    assert_close(grad, grad_r, 4e-5, "grad")
+
+
+def _mapo_exact(e_w, e_l, beta, snr, timesteps):
+    """MaPO's per-pair loss, logit, scores and dL/de_w, dL/de_l in 60 digits; phi'(x) = (e^x - 1 - x e^x) /
+    (e^x - 1)^2, checked against mpmath's numerical derivative of x / (e^x - 1)."""
+    with mpmath.workdps(60):
+        phi = lambda x: x / mpmath.expm1(x)  # noqa: E731
+        slope = lambda x: (mpmath.expm1(x) - x * mpmath.exp(x)) / mpmath.expm1(x) ** 2  # noqa: E731
+        x_w, x_l = snr * mpmath.mpf(e_w), snr * mpmath.mpf(e_l)
+        for x in (x_w, x_l):
+            assert abs(mpmath.diff(phi, x) - slope(x)) <= mpmath.mpf(10) ** -40 * (1 + abs(slope(x)))
+        z = timesteps * (phi(x_w) - phi(x_l))
+        loss = e_w + beta * mpmath.log1p(mpmath.exp(-z))
+        k = beta / (1 + mpmath.exp(z)) * timesteps * snr  # beta sigmoid(-z) T s
+        return [float(v) for v in (loss, z, phi(x_w), phi(x_l), 1 - k * slope(x_w), k * slope(x_l))]
+
+
+# winner / loser residuals r (D = 1, target 0, e = r^2 exact in float32), s = 0.5 so x = r^2 / 2: x tiny (2^-21),
+# both sides of the series' edge |x| = 0.5 (and x = 0.5 itself, the direct branch), moderate, and past float32's
+# exp range (x = 98 and 91.1: phi underflows to 0 there in float32, phi' too)
+_MAPO_R = [(2.0**-10, 2.0**-9), (255 / 256, 257 / 256), (1.0, 0.75), (1.5, 2.0), (14.0, 13.5), (0.5, 14.0)]
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_mapo_phi_near_0_across_the_series_edge_and_past_exp_range_matches_mpmath(backend, dtype):
+    """The MaPO loss, logits, scores and gradient against mpmath at chosen errors (beta = T = 1, so sigmoid(-z) is
+    O(1) and every phi' term counts): the kernels' series below |x| = 0.5 (truncation < 3e-11 relative, hence
+    fp64's 1e-9), x / expm1(x) above it, 0 once e^x overflows (an absolute error below 1e-30)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton computes in float32 only (float64 input is refused: tests/test_kernels.py)")
+    if backend == "reference" and dtype == torch.float32:
+        pytest.skip(
+            "the reference is the float64 oracle: in float32 its autograd of x / expm1(x) overflows past x ~ 44"
+        )
+    B = len(_MAPO_R)
+    r = torch.tensor([w for w, _ in _MAPO_R] + [lo for _, lo in _MAPO_R], dtype=torch.float64)
+    pred = r.to(dtype)[:, None].requires_grad_(True)
+    kwargs = dict(loss_type="mapo", beta=1.0, mapo_snr=0.5, mapo_timesteps=1.0, reduction="none", return_stats=True)
+    fn = fdpo_loss_reference if backend == "reference" else functools.partial(fused_fdpo_loss, backend=backend)
+    loss, stats = fn(pred, None, torch.zeros_like(pred), **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    exact = torch.tensor([_mapo_exact(w * w, lo * lo, 1.0, 0.5, 1.0) for w, lo in _MAPO_R], dtype=torch.float64)
+    rtol = 1e-9 if dtype == torch.float64 else 2e-5
+    close = functools.partial(torch.testing.assert_close, rtol=rtol, atol=1e-30)
+    assert torch.equal(stats.model_err.double(), r * r) and torch.equal(stats.logratio.double(), r * r / 2)
+    close(loss.double(), exact[:, 0])
+    torch.testing.assert_close(stats.logits.double(), exact[:, 1], rtol=rtol, atol=rtol)  # phi_w - phi_l cancels
+    close(stats.reward.double(), torch.cat([exact[:, 2], exact[:, 3]]), atol=1e-37)  # phi(91.1) ~ 3e-38: 0 in fp32
+    close(grad[:B, 0].double(), 2 * r[:B] * exact[:, 4])  # dL/de * de/dpred, de/dpred = 2 r
+    close(grad[B:, 0].double(), 2 * r[B:] * exact[:, 5])

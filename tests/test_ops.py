@@ -274,6 +274,7 @@ def test_ids_match_the_cpp_enums_and_the_triton_constants():
         "_HINGE": LOSS_TYPES["hinge"],
         "_IPO": LOSS_TYPES["ipo"],
         "_DMPO": LOSS_TYPES["dmpo"],
+        "_MAPO": LOSS_TYPES["mapo"],
     }
     for name, expected in constants.items():
         assert getattr(triton_kernels, name).value == expected, name

@@ -20,16 +20,19 @@ from ..divergences import (
     soft_clip_log_slope,
     softplus,
 )
-from ..options import choices
+from ..options import choices, ids
 from ..stats import implicit_wins
 from .common import KernelParams, accumulate_dtype, pair_rows, target_rows
 
 _NAMES = {v: k for k, v in DIVERGENCES.items()}
 _ERR_REDUCTIONS = choices("err_reduction")  # by id
+_MAPO = ids("loss_type")["mapo"]
 
 
 def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pair_weight: torch.Tensor | None):
     """Per-pair head on fp32 [2B] vectors: returns (loss, logits, logratio, reward, grad_coef)."""
+    if params.loss_type == _MAPO:
+        return mapo_pair_head(params, err_gap, inv)
     num_pairs = err_gap.shape[0] // 2
     w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
     div = Divergence(_NAMES[params.divergence], params.divergence, params.alpha)
@@ -65,6 +68,76 @@ def pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor, pa
     gamma_slope = torch.where(underflowed, sign.to(wide), gamma_slope)
     coef = _mul0(_mul0(g_rows.to(wide), gamma_slope), hbw_rows * red * 2 * inv.to(wide)).to(d.dtype)
     return reduced, z, d, psi(div, d), coef
+
+
+_PHI_SERIES_BELOW = 0.5  # |x| below: Taylor series (x / expm1(x) is 0/0 at 0, its derivative cancels near 0)
+
+
+def mapo_phi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi(x) = x / (e^x - 1) and phi'(x), MaPO's score, as csrc/fdpo_math.h's mapo_phi: accurate to a few ulps
+    in float32 and float64 wherever phi is a normal number (tests/test_heads.py checks against mpmath). Below
+    |x| = 0.5 the Bernoulli series to x^14 (remainder < 1e-20 relative). Above it, for x > 0, x e^(-x/2) e^(-x/2) /
+    (1 - e^-x), which does not overflow where e^x does (x > 88.7 in float32, 709.8 in float64); x / expm1(x) for
+    x < 0; phi' = phi (1 - phi - x) / x there, which does not cancel (phi(-x) = phi(x) + x)."""
+    small = x.abs() < _PHI_SERIES_BELOW
+    xs = torch.where(small, x, torch.zeros_like(x))
+    u = xs * xs
+    # phi = sum B_n x^n / n!; B_1 = -1/2, then B_2k / (2k)! for k = 1..7
+    phi_series = (
+        1.0
+        - 0.5 * xs
+        + u
+        * (
+            1.0 / 12
+            + u
+            * (
+                -1.0 / 720
+                + u
+                * (
+                    1.0 / 30240
+                    + u * (-1.0 / 1209600 + u * (1.0 / 47900160 + u * (-691.0 / 1307674368000 + u / 74724249600)))
+                )
+            )
+        )
+    )
+    slope_series = -0.5 + xs * (
+        1.0 / 6
+        + u
+        * (
+            -1.0 / 180
+            + u
+            * (1.0 / 5040 + u * (-1.0 / 151200 + u * (1.0 / 4790016 + u * (-691.0 / 108972864000 + u / 5337446400))))
+        )
+    )
+    xl = torch.where(small, torch.ones_like(x), x)
+    a = xl.abs()
+    h = torch.exp(-0.5 * a)
+    phi_pos = (a * h) * h / -torch.expm1(-a)  # x > 0: no overflow; the products stay normal while phi is
+    phi_direct = torch.where(xl > 0, phi_pos, xl / torch.expm1(xl))
+    slope_direct = phi_direct * ((1.0 - phi_direct - xl) / xl)
+    return torch.where(small, phi_series, phi_direct), torch.where(small, slope_series, slope_direct)
+
+
+def mapo_pair_head(params: KernelParams, err_gap: torch.Tensor, inv: torch.Tensor):
+    """MaPO's head (loss_type "mapo", csrc/fdpo_math.h mapo_pair_head): err_gap = e_ref - e = -e (the caller's
+    cached reference errors are 0). x = s e, z = T (phi(x_w) - phi(x_l)), loss e_w + beta softplus(-z);
+    dL/de_w = 1 - beta sigmoid(-z) T s phi'(x_w), dL/de_l = beta sigmoid(-z) T s phi'(x_l), times red * 2 * inv, in
+    the errors' dtype as the kernels (beta and beta T s are validated to float32's range). Returns (loss, logits,
+    logratio = x, reward = phi(x), grad_coef)."""
+    num_pairs = err_gap.shape[0] // 2
+    w_rows, l_rows = pair_rows(num_pairs, params.interleaved, err_gap.device)
+    e = -err_gap
+    x = params.mapo_snr * e
+    phi, slope = mapo_phi(x)
+    z = params.mapo_timesteps * (phi[w_rows] - phi[l_rows])
+    loss = e[w_rows] + params.beta * softplus(-z)
+    reduce: dict[int, Callable[[], torch.Tensor]] = {0: lambda: loss, 1: loss.mean, 2: loss.sum}
+    red = 1.0 / num_pairs if params.reduction == 1 else 1.0
+    k = torch.sigmoid(-z) * (params.beta * params.mapo_timesteps * params.mapo_snr)
+    dloss_de = torch.empty_like(x)
+    dloss_de[w_rows] = 1.0 - k * slope[w_rows]
+    dloss_de[l_rows] = k * slope[l_rows]
+    return reduce[params.reduction](), z, x, phi, dloss_de * (red * 2.0 * inv)
 
 
 def link_loss(params: KernelParams, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

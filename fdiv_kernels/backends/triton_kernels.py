@@ -42,6 +42,7 @@ _ERR_SUM = tl.constexpr(1)
 _HINGE = tl.constexpr(1)  # LossType ids (csrc/fdpo_math.h); sigmoid is 0
 _IPO = tl.constexpr(2)
 _DMPO = tl.constexpr(3)
+_MAPO = tl.constexpr(4)
 
 # Launch shapes. GPU: 8 contiguous elements per thread (16-byte accesses for fp16/bf16), grids of _WAVES waves of
 # the kernel's resident programs (_resident_programs) so that few long rows still fill the machine. Interpreter:
@@ -168,6 +169,70 @@ def _hinge(z):
     """relu(1 - z) and its derivative; a NaN z gives a NaN loss and slope -1, as relu and its backward do."""
     above = z >= 1.0
     return tl.where(above, 0.0, 1.0 - z), tl.where(above, 0.0, -1.0)
+
+
+@triton.jit
+def _mapo_phi(x):
+    """phi(x) = x / (e^x - 1) and phi'(x), as mapo_phi in csrc/fdpo_math.h: the Bernoulli series to x^14 below
+    |x| = 0.5; above it, for x > 0, x e^(-x/2) e^(-x/2) / (1 - e^-x) (no overflow where e^x does), x / expm1(x) for
+    x < 0, and phi' = phi (1 - phi - x) / x."""
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    u = xs * xs
+    phi_series = (
+        1.0
+        - 0.5 * xs
+        + u
+        * (
+            1.0 / 12.0
+            + u
+            * (
+                -1.0 / 720.0
+                + u
+                * (
+                    1.0 / 30240.0
+                    + u
+                    * (-1.0 / 1209600.0 + u * (1.0 / 47900160.0 + u * (-691.0 / 1307674368000.0 + u / 74724249600.0)))
+                )
+            )
+        )
+    )
+    slope_series = -0.5 + xs * (
+        1.0 / 6.0
+        + u
+        * (
+            -1.0 / 180.0
+            + u
+            * (
+                1.0 / 5040.0
+                + u * (-1.0 / 151200.0 + u * (1.0 / 4790016.0 + u * (-691.0 / 108972864000.0 + u / 5337446400.0)))
+            )
+        )
+    )
+    xl = tl.where(small, 1.0, x)  # the side not taken: never 0 / 0
+    a = tl.abs(xl)
+    h = tl.exp(-0.5 * a)
+    phi_pos = (a * h) * h / -_expm1(-a)
+    phi_direct = tl.where(xl > 0, phi_pos, xl / _expm1(xl))
+    slope_direct = phi_direct * ((1.0 - phi_direct - xl) / xl)
+    return tl.where(small, phi_series, phi_direct), tl.where(small, slope_series, slope_direct)
+
+
+@triton.jit
+def _mapo_head(gap_w, gap_l, inv_w, inv_l, beta, beta_ts, mapo_snr, mapo_timesteps, red):
+    """MaPO's head (twin of mapo_pair_head in csrc/fdpo_math.h): gap = e_ref - e = -e (the caller's cached reference
+    errors are 0). Returns (x_w, x_l, phi_w, phi_l, z, loss, coef_w, coef_l), in fp32 as the C++ head: beta and
+    beta_ts = beta T s (formed in fp64 by the launcher) are validated to fp32's range."""
+    x_w = mapo_snr * -gap_w
+    x_l = mapo_snr * -gap_l
+    phi_w, slope_w = _mapo_phi(x_w)
+    phi_l, slope_l = _mapo_phi(x_l)
+    z = mapo_timesteps * (phi_w - phi_l)
+    loss = -gap_w + beta * _softplus(-z)
+    k = _sigmoid(-z) * beta_ts
+    coef_w = (1.0 - k * slope_w) * (red * 2.0 * inv_w)
+    coef_l = k * slope_l * (red * 2.0 * inv_l)
+    return x_w, x_l, phi_w, phi_l, z, loss, coef_w, coef_l
 
 
 @triton.jit
@@ -426,6 +491,9 @@ def _head_kernel(
     ipo_margin,
     dmpo_log_q,
     dmpo_log_1mq,
+    mapo_snr,
+    mapo_timesteps,
+    mapo_beta_ts,
     INTERLEAVED: tl.constexpr,
     STRICT_TIES: tl.constexpr,
     CROSS: tl.constexpr,
@@ -453,40 +521,47 @@ def _head_kernel(
         e_l, eref_l, gap_l, inv_l = _row_errors(
             ws_ptr, ref_err_ptr, l_rows, valid, num_chunks, rows, row_count, HAS_REF, HAS_MASK, ERR_REDUCTION, BLOCK_C
         )
-        half_beta_w = tl.cast(0.5 * beta, tl.float64)  # fp64: beta/2 * w may overflow fp32 where d does not
-        if HAS_WEIGHT:
-            half_beta_w = half_beta_w * tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0).to(tl.float64)
-        d_w = (half_beta_w * gap_w.to(tl.float64)).to(tl.float32)
-        d_l = (half_beta_w * gap_l.to(tl.float64)).to(tl.float32)
-        if HAS_CLIP:
-            d_w, log_clip_w = _soft_clip(d_w, logratio_clip)
-            d_l, log_clip_l = _soft_clip(d_l, logratio_clip)
-        z = gamma * _psi_diff(d_w, d_l, alpha, DIVERGENCE)
-        if LOSS_TYPE == _HINGE:
-            loss, g = _hinge(z)
-        elif LOSS_TYPE == _IPO:
-            loss = (z - ipo_margin) * (z - ipo_margin)
-            g = 2.0 * (z - ipo_margin)
-        elif LOSS_TYPE == _DMPO:  # KL(p || q) in z, as fdpo_pair_head: 1 - p = sigmoid(-z), d/dz = p(1-p)(z - logit q)
-            p_win = _sigmoid(z)
-            p_lose = _sigmoid(-z)
-            loss = _mul0(p_win, -_softplus(-z) - dmpo_log_q) + _mul0(p_lose, -_softplus(z) - dmpo_log_1mq)
-            g = _mul0(p_win * p_lose, z - (dmpo_log_q - dmpo_log_1mq))
+        if LOSS_TYPE == _MAPO:  # reference-free: d = s e, reward = phi(s e) (stats as fdpo_pair_head)
+            d_w, d_l, reward_w, reward_l, z, loss, coef_w, coef_l = _mapo_head(
+                gap_w, gap_l, inv_w, inv_l, beta, mapo_beta_ts, mapo_snr, mapo_timesteps, red
+            )
         else:
-            # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
-            loss = (1.0 - label_smoothing) * _softplus(-z)
-            g = -(1.0 - label_smoothing) * _sigmoid(-z)
-            if SMOOTHING:
-                loss += label_smoothing * _softplus(z)
-                g += label_smoothing * _sigmoid(z)
-        outer = half_beta_w * red * 2.0
-        if not HAS_CLIP:
-            log_clip_w = tl.zeros_like(d_w)
-            log_clip_l = tl.zeros_like(d_l)
-        slope_w = _scaled_psi_slope(d_w, log_clip_w, alpha, DIVERGENCE)
-        slope_l = _scaled_psi_slope(d_l, log_clip_l, alpha, DIVERGENCE)
-        coef_w = _row_coef(g, -1.0, gamma * slope_w, d_w, log_clip_w, outer, inv_w)
-        coef_l = _row_coef(g, 1.0, gamma * slope_l, d_l, log_clip_l, outer, inv_l)
+            half_beta_w = tl.cast(0.5 * beta, tl.float64)  # fp64: beta/2 * w may overflow fp32 where d does not
+            if HAS_WEIGHT:
+                half_beta_w = half_beta_w * tl.load(pair_weight_ptr + pairs, mask=valid, other=1.0).to(tl.float64)
+            d_w = (half_beta_w * gap_w.to(tl.float64)).to(tl.float32)
+            d_l = (half_beta_w * gap_l.to(tl.float64)).to(tl.float32)
+            if HAS_CLIP:
+                d_w, log_clip_w = _soft_clip(d_w, logratio_clip)
+                d_l, log_clip_l = _soft_clip(d_l, logratio_clip)
+            z = gamma * _psi_diff(d_w, d_l, alpha, DIVERGENCE)
+            if LOSS_TYPE == _HINGE:
+                loss, g = _hinge(z)
+            elif LOSS_TYPE == _IPO:
+                loss = (z - ipo_margin) * (z - ipo_margin)
+                g = 2.0 * (z - ipo_margin)
+            elif LOSS_TYPE == _DMPO:  # KL(p || q) in z as fdpo_pair_head: 1 - p = sigmoid(-z), p(1-p)(z - logit q)
+                p_win = _sigmoid(z)
+                p_lose = _sigmoid(-z)
+                loss = _mul0(p_win, -_softplus(-z) - dmpo_log_q) + _mul0(p_lose, -_softplus(z) - dmpo_log_1mq)
+                g = _mul0(p_win * p_lose, z - (dmpo_log_q - dmpo_log_1mq))
+            else:
+                # The smoothing term only where its weight is non-zero (0 * inf); label_smoothing < 0.5 is validated.
+                loss = (1.0 - label_smoothing) * _softplus(-z)
+                g = -(1.0 - label_smoothing) * _sigmoid(-z)
+                if SMOOTHING:
+                    loss += label_smoothing * _softplus(z)
+                    g += label_smoothing * _sigmoid(z)
+            outer = half_beta_w * red * 2.0
+            if not HAS_CLIP:
+                log_clip_w = tl.zeros_like(d_w)
+                log_clip_l = tl.zeros_like(d_l)
+            slope_w = _scaled_psi_slope(d_w, log_clip_w, alpha, DIVERGENCE)
+            slope_l = _scaled_psi_slope(d_l, log_clip_l, alpha, DIVERGENCE)
+            coef_w = _row_coef(g, -1.0, gamma * slope_w, d_w, log_clip_w, outer, inv_w)
+            coef_l = _row_coef(g, 1.0, gamma * slope_l, d_l, log_clip_l, outer, inv_l)
+            reward_w = _psi(d_w, alpha, DIVERGENCE)
+            reward_l = _psi(d_l, alpha, DIVERGENCE)
 
         tl.store(logits_ptr + pairs, z, mask=valid)
         tl.store(coef_ptr + w_rows, coef_w, mask=valid)
@@ -497,8 +572,8 @@ def _head_kernel(
         tl.store(stats_ptr + rows + l_rows, eref_l, mask=valid)
         tl.store(stats_ptr + 2 * rows + w_rows, d_w, mask=valid)
         tl.store(stats_ptr + 2 * rows + l_rows, d_l, mask=valid)
-        tl.store(stats_ptr + 3 * rows + w_rows, _psi(d_w, alpha, DIVERGENCE), mask=valid)
-        tl.store(stats_ptr + 3 * rows + l_rows, _psi(d_l, alpha, DIVERGENCE), mask=valid)
+        tl.store(stats_ptr + 3 * rows + w_rows, reward_w, mask=valid)
+        tl.store(stats_ptr + 3 * rows + l_rows, reward_l, mask=valid)
         if REDUCTION == _NONE:
             tl.store(loss_ptr + pairs, loss, mask=valid)
         else:
@@ -740,6 +815,9 @@ def forward(model_pred, ref_pred, target, ref_err, mask, pair_weight, params: Ke
             ipo_margin=float(params.ipo_margin),
             dmpo_log_q=float(params.dmpo_log_q),
             dmpo_log_1mq=float(params.dmpo_log_1mq),
+            mapo_snr=float(params.mapo_snr),
+            mapo_timesteps=float(params.mapo_timesteps),
+            mapo_beta_ts=float(params.beta) * float(params.mapo_timesteps) * float(params.mapo_snr),
             INTERLEAVED=params.interleaved,
             STRICT_TIES=params.strict_ties,
             CROSS=cross,
