@@ -213,7 +213,8 @@ def _mapo_phi(x):
     a = tl.abs(xl)
     h = tl.exp(-0.5 * a)
     phi_pos = (a * h) * h / -_expm1(-a)
-    phi_direct = tl.where(xl > 0, phi_pos, xl / _expm1(xl))
+    xn = tl.where(xl > 0, -1.0, xl)  # the x < 0 side's argument, kept off e^x's overflow where not taken
+    phi_direct = tl.where(xl > 0, phi_pos, xn / _expm1(xn))
     slope_direct = phi_direct * ((1.0 - phi_direct - xl) / xl)
     return tl.where(small, phi_series, phi_direct), tl.where(small, slope_series, slope_direct)
 
