@@ -189,7 +189,8 @@ def frontier_gap(
     level: float = 0.95,
     rng_seed: int = DEFAULT_SEED,
 ) -> dict:
-    """Does divergence b's reward-diversity curve lie above a's? Values ``[S, G, P]`` (seeds x strengths x prompts).
+    """Does divergence b's reward-diversity curve lie above a's? Values ``[S, G, P]`` (seeds x strengths x prompts;
+    each curve its own G).
 
     Per seed, each divergence's frontier runs through its non-dominated points among the G (means over prompts);
     both are read at common reward levels (inside the range every seed's frontiers cover) and the gap is b's
@@ -200,11 +201,20 @@ def frontier_gap(
     """
     arrays = [np.asarray(x, float) for x in (reward_a, diversity_a, reward_b, diversity_b)]
     shape = arrays[0].shape
-    if len(shape) != 3 or any(x.shape != shape for x in arrays):
+    # Each curve may have its own number of strengths; seeds (paired) and prompts must match.
+    if (
+        len(shape) != 3
+        or any(x.ndim != 3 for x in arrays)
+        or arrays[1].shape != shape
+        or arrays[3].shape != arrays[2].shape
+        or arrays[2].shape[0] != shape[0]
+        or arrays[2].shape[2] != shape[2]
+    ):
         raise ValueError(
-            f"frontier values must all be [seeds, strengths, prompts] of one shape; got {[x.shape for x in arrays]}"
+            "frontier values must be [seeds, strengths, prompts], reward and diversity of one curve of one shape, "
+            f"both curves with the same seeds and prompts; got {[x.shape for x in arrays]}"
         )
-    if shape[1] < 2:
+    if min(shape[1], arrays[2].shape[1]) < 2:
         raise ValueError("a frontier needs at least 2 regularisation strengths")
     if not all(np.isfinite(x).all() for x in arrays):
         raise ValueError("frontier values must be finite")
