@@ -243,13 +243,13 @@ struct FwdItem {
     if (CROSS) x += res[0] * res[1];
   }
 
-  static inline void step(V (&acc)[2][4], V& x, const S* const (&p)[2], const S* const (&r)[2],
-                          const S* const (&t)[2], const S* const (&m)[2], int64_t i) {
+  static inline void step(V (&acc)[2][4], V& x, const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
+                          const S* const (&m)[2], int64_t i) {
     add_terms(acc, x, [](const S* y) { return C::load(y); }, p, r, t, m, i);
   }
 
-  static inline void step1(A (&acc)[2][4], A& x, const S* const (&p)[2], const S* const (&r)[2],
-                           const S* const (&t)[2], const S* const (&m)[2], int64_t i) {
+  static inline void step1(A (&acc)[2][4], A& x, const S* const (&p)[2], const S* const (&r)[2], const S* const (&t)[2],
+                           const S* const (&m)[2], int64_t i) {
     add_terms(acc, x, [](const S* y) { return C::load1(y); }, p, r, t, m, i);
   }
 

@@ -414,13 +414,13 @@ __global__ void __launch_bounds__(kThreads, 3) fdpo_forward_mixed_kernel(const F
 #pragma unroll 1
   for (int64_t j = r.start + threadIdx.x; j < r.end; j += kThreads) {
     const float t_w = load_as_float(a.target, a.target_dtype, r.tw + j);
-    accumulate_element<HAS_REF, HAS_MASK, CROSS>(acc, load_as_float(a.pred, a.pred_dtype, r.w + j),
-                                          load_as_float(a.pred, a.pred_dtype, r.l + j), t_w,
-                                          a.target_shared ? t_w : load_as_float(a.target, a.target_dtype, r.tl + j),
-                                          HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.w + j) : 0.0f,
-                                          HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.l + j) : 0.0f,
-                                          HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.mw + j) : 1.0f,
-                                          HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.ml + j) : 1.0f);
+    accumulate_element<HAS_REF, HAS_MASK, CROSS>(
+        acc, load_as_float(a.pred, a.pred_dtype, r.w + j), load_as_float(a.pred, a.pred_dtype, r.l + j), t_w,
+        a.target_shared ? t_w : load_as_float(a.target, a.target_dtype, r.tl + j),
+        HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.w + j) : 0.0f,
+        HAS_REF ? load_as_float(a.ref, a.ref_dtype, r.l + j) : 0.0f,
+        HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.mw + j) : 1.0f,
+        HAS_MASK ? load_as_float(a.mask, a.mask_dtype, r.ml + j) : 1.0f);
   }
   finish_forward_block<HAS_REF, HAS_MASK, CROSS>(a, acc, smem);
 }

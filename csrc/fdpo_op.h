@@ -104,8 +104,19 @@ inline at::Tensor small_vector(const at::Tensor& t, const at::Tensor& pred, at::
 // of each scalar. The Python twin is OP_FLOATS / OP_INTS in fdiv_kernels/options.py (tests/test_ops.py compares).
 // (Scoped in structs: the names would clash with the ids' enums of fdpo_math.h, e.g. kAlpha.)
 struct FloatParam {
-  enum : int { kBeta, kAlpha, kGamma, kLabelSmoothing, kLogratioClip, kIpoMargin, kDmpoLogQ, kDmpoLog1mq, kMapoSnr, kMapoTimesteps,
-               kCount };
+  enum : int {
+    kBeta,
+    kAlpha,
+    kGamma,
+    kLabelSmoothing,
+    kLogratioClip,
+    kIpoMargin,
+    kDmpoLogQ,
+    kDmpoLog1mq,
+    kMapoSnr,
+    kMapoTimesteps,
+    kCount
+  };
 };
 struct IntParam {
   enum : int { kDivergence, kErrReduction, kReduction, kLossType, kInterleaved, kStrictTies, kCrossTerm, kCount };
