@@ -200,7 +200,7 @@ def test_missing_image_file_unreadable_shard_and_unchecked_images(tmp_path):
 
 
 MEASURE = textwrap.dedent("""
-    import json, resource, sys, tracemalloc
+    import gc, json, resource, sys, tracemalloc
     import pyarrow as pa, torch
     import datasets, datasets.packaged_modules.parquet.parquet  # imported before measuring, as in a run
     from fdiv_kernels.train.data import PreferenceDataset
@@ -208,6 +208,7 @@ MEASURE = textwrap.dedent("""
     path, backend, cache = sys.argv[1:4]
     pool = pa.default_memory_pool()
     base_arrow = pool.max_memory()
+    gc.collect()
     tracemalloc.start()
     def use(pairs):
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:256]
@@ -220,6 +221,7 @@ MEASURE = textwrap.dedent("""
     else:
         n = use(ArrowPreferenceDataset(path, 8, check_images=True, cache_dir=cache))  # converts into the cache
     first = tracemalloc.get_traced_memory()[1] + pool.max_memory() - base_arrow
+    gc.collect()  # the same collector state for every table size: its timing otherwise moves the peak by ~150 KB
     tracemalloc.reset_peak()
     if backend == "datasets":  # a later run: opens the cache
         use(ArrowPreferenceDataset(path, 8, check_images=True, cache_dir=cache))
