@@ -11,13 +11,12 @@ import numpy as np
 import torch
 
 from .divergences import Divergence, get_divergence
-from .options import COMPOSED_LOSS_TYPES, DEFAULTS, HEADS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
+from .options import DEFAULTS, HEADS, OP_FLOATS, OP_INTS, OPTIONS, choices, ids
 
 REDUCTIONS = ids("reduction")
 # Per-sample error: masked mean, sum, or mean over all elements (sum m r^2 / D, e.g. SimpleTuner's norm_type="mean").
 ERR_REDUCTIONS = ids("err_reduction")
-# diffusers' --loss_type and the other heads the kernels evaluate (their ids); heads.py evaluates the composed ones
-LOSS_TYPES = {name: i for name, i in ids("loss_type").items() if name not in COMPOSED_LOSS_TYPES}
+LOSS_TYPES = ids("loss_type")  # diffusers' --loss_type and the other pair heads (options.HEADS), kernel ids
 MAPO_DEFAULTS = {"mapo_snr": 0.5, "mapo_timesteps": 1000.0}  # mapo-t2i/mapo args.py --snr_value; SD's T
 LAYOUTS = choices("layout")
 BETA_CONVENTIONS = choices("beta_convention")
@@ -67,8 +66,7 @@ class FDPOConfig:
             "err_reduction": ERR_REDUCTIONS[self.err_reduction],
             "logratio_clip": self.logratio_clip or 0.0,  # <= 0: off
             "reduction": REDUCTIONS[self.reduction],
-            # a composed head (options.HEADS kernel=False; none at present) never reaches the op with this config
-            "loss_type": LOSS_TYPES.get(self.loss_type, 0),
+            "loss_type": LOSS_TYPES[self.loss_type],
             "ipo_margin": self.ipo_margin,
             # log q and log(1 - q) in float64 here (log1p: exact for small alpha), not in the fp32 kernels
             "dmpo_log_q": math.log1p(-self.dmpo_alpha) if self.dmpo_alpha is not None else 0.0,

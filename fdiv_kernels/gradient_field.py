@@ -175,16 +175,18 @@ def mapo_gradient_weights(
     for name, t in (("e_w", e_w), ("e_l", e_l)):
         if t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
             raise ValueError(f"{name} must be finite per-sample errors >= 0 (MaPO's axes are the MSEs)")
-    beta = _finite_float("beta", beta, positive=True)
-    snr = _finite_float("mapo_snr", mapo_snr, positive=True)
-    timesteps = _finite_float("mapo_timesteps", mapo_timesteps, positive=True)
+    config = make_config(  # the loss's own checks of beta, s and T, with its messages
+        loss_type="mapo",
+        beta=beta,
+        mapo_snr=mapo_snr,
+        mapo_timesteps=mapo_timesteps,
+        err_reduction="sum",
+        reduction="none",
+    )
     dtype = torch.float64 if torch.float64 in (e_w.dtype, e_l.dtype) else torch.float32
     e_w, e_l = torch.broadcast_tensors(e_w.to(dtype), e_l.to(dtype))
     shape = e_w.shape
     e = torch.cat([e_w.reshape(-1), e_l.reshape(-1)])
-    config = make_config(
-        loss_type="mapo", beta=beta, mapo_snr=snr, mapo_timesteps=timesteps, err_reduction="sum", reduction="none"
-    )
     params = KernelParams.unpack(*config.op_scalars())
     # The kernels read e_ref - e = -e (MaPO's cached reference errors are 0); coef_i = dloss/de_i * 2 * inv_i.
     _, _, _, _, coef = pair_head(params, -e, torch.ones_like(e), None)

@@ -160,17 +160,6 @@ def sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config: FDPOCo
     return loss, out
 
 
-def composed_loss(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight):
-    """fused_fdpo_loss for the heads that run here (check_inputs has run): the SDPO safeguard."""
-    return sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config, backend, return_stats)
-
-
-def is_composed(config: FDPOConfig) -> bool:
-    """The safeguard scales the fused backward's coefficients; every pair head itself (MaPO included) runs in the
-    kernels' epilogue."""
-    return config.sdpo_mu is not None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Diffusion-KTO (jacklishufan/diffusion-kto@226bbd0:train_kto_sd_v1.5.py:1451-1483): unpaired rows with labels.
 # ---------------------------------------------------------------------------------------------------------------

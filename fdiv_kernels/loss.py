@@ -8,7 +8,7 @@ from torch import nn
 from ._validation import FDPOConfig, check_inputs, config_for, make_config
 from .backends import BACKENDS
 from .backends.common import accumulate_dtype
-from .heads import composed_loss, is_composed
+from .heads import sdpo_loss
 from .ops import dispatch
 from .options import DEFAULTS, with_options
 from .stats import FDPOStats
@@ -62,8 +62,8 @@ def _apply(
             f"backend={name!r} supports float32, float16 and bfloat16 inputs; got {model_pred.dtype} "
             "(float64 runs on backend='cpu' or 'torch')"
         )
-    if is_composed(config):  # the SDPO safeguard: its backward scaling runs on the same fused passes (heads.py)
-        return composed_loss(config, backend, return_stats, model_pred, ref_pred, target, ref_err, mask, pair_weight)
+    if config.sdpo_mu is not None:  # the SDPO safeguard scales the same fused passes' coefficients (heads.py)
+        return sdpo_loss(model_pred, ref_pred, target, ref_err, pair_weight, config, backend, return_stats)
     if config.loss_type == "mapo":  # reference-free: the kernels read cached reference errors of 0, so e_ref - e = -e
         ref_err = torch.zeros(model_pred.shape[0], dtype=accumulate_dtype(model_pred.dtype), device=model_pred.device)
     loss, logits, sample_stats, summary, _ = op(

@@ -29,14 +29,13 @@ class Head:
     derivative: str  # what the backward's per-row coefficient comes from (docs)
     logs: str  # what FDPOStats holds for it beyond the common statistics (docs)
     source: str  # the authors' code it reproduces
-    kernel: bool = True  # evaluated in the kernels' pair epilogue (id = position); else heads.py (composed)
     reference: bool = True  # needs ref_pred or ref_err
     options: tuple = ()  # the options only this head reads (set for another head: an error naming both)
 
 
 # The table of pair heads, in the kernels' id order (csrc/fdpo_math.h LossType, the Triton constants; tests/
-# test_ops.py compares); composed heads (kernel=False) after them. docs/api.md's table of heads is generated
-# from it (tests/test_ops.py). Unpaired Diffusion-KTO is fused_kto_loss (heads.py), not a pair head.
+# test_ops.py compares); each is evaluated in the kernels' pair epilogue. docs/api.md's table of heads is
+# generated from it (tests/test_ops.py). Unpaired Diffusion-KTO is fused_kto_loss (heads.py), not a pair head.
 HEADS: dict[str, Head] = {
     "sigmoid": Head(
         "-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)",
@@ -141,20 +140,16 @@ OPTIONS: dict = {f.name: f for f in fields(LossOptions)}
 DEFAULTS: dict = {name: f.default for name, f in OPTIONS.items()}
 
 
-# Loss types whose head the fused kernels do not evaluate: their head runs in heads.py on the kernels' per-sample
-# errors (same fused reduction and backward passes). Their ids follow the kernels' and never reach the op.
-COMPOSED_LOSS_TYPES = tuple(name for name, head in HEADS.items() if not head.kernel)
-
-
 def heads_table() -> str:
     """docs/api.md's table of the pair heads, from ``HEADS``."""
-    rows = ["| `loss_type=` | per-pair loss | backward coefficient from | also logs | options | runs in | reproduces |"]
+    rows = [
+        "| `loss_type=` | per-pair loss | backward coefficient from | also logs | options | reference | reproduces |"
+    ]
     rows.append("|---|---|---|---|---|---|---|")
     for name, h in HEADS.items():
         options = ", ".join(f"`{o}`" for o in h.options) or "-"
-        where = "kernel epilogue" if h.kernel else "heads.py on the fused passes"
-        where += "" if h.reference else "; no reference"
-        rows.append(f"| `{name}` | `{h.loss}` | {h.derivative} | {h.logs} | {options} | {where} | {h.source} |")
+        reference = "needed" if h.reference else "none"
+        rows.append(f"| `{name}` | `{h.loss}` | {h.derivative} | {h.logs} | {options} | {reference} | {h.source} |")
     return "\n".join(rows)
 
 

@@ -332,12 +332,3 @@ def test_docs_table_of_heads_is_generated_from_the_heads_table():
         "docs/api.md's table of heads differs from fdiv_kernels.options.HEADS: paste the output of "
         "python -c 'from fdiv_kernels.options import heads_table; print(heads_table())' between its heads markers"
     )
-
-
-def test_composed_heads_have_no_kernel_id_and_the_kernel_heads_come_first():
-    from fdiv_kernels._validation import LOSS_TYPES
-    from fdiv_kernels.options import COMPOSED_LOSS_TYPES, HEADS
-
-    kernel_heads = [name for name, head in HEADS.items() if head.kernel]
-    assert list(HEADS)[: len(kernel_heads)] == kernel_heads  # ids = positions: a composed head never shifts them
-    assert set(LOSS_TYPES) == set(kernel_heads) and not set(LOSS_TYPES) & set(COMPOSED_LOSS_TYPES)
