@@ -38,7 +38,7 @@ from fdiv_kernels.train.model import load_pipeline
 
 from . import bootstrap as stats
 from . import task
-from .study import BASE_PIPELINE, check_base, evaluate, make_pairs, portable_path, prompt_groups
+from .study import StudyConfig, check_base, evaluate, make_pairs, portable_path, prompt_groups
 
 # Chosen from a pilot (seed 0, reverse KL and JS; results/study/frontier_pilot.jsonl, docs/training.md "Frontiers"):
 # reverse KL's reward peaks near gamma 1 and falls at 0.3 while diversity keeps falling (over-optimisation); at 100
@@ -61,17 +61,18 @@ class FrontierConfig:
     divergences: tuple[str, ...] = DEFAULT_DIVERGENCES
     gammas: tuple[float, ...] = DEFAULT_GAMMAS
     seeds: tuple[int, ...] = DEFAULT_SEEDS
-    base: Path = BASE_PIPELINE
-    pairs: int = 1024
-    sampling_steps: int = 10
-    steps: int = 80
-    batch_size: int = 32
-    learning_rate: float = 4e-5
-    beta: float = 500.0
+    # The main study's settings (StudyConfig's defaults) for everything but the strengths.
+    base: Path = StudyConfig.base
+    pairs: int = StudyConfig.pairs
+    sampling_steps: int = StudyConfig.sampling_steps
+    steps: int = StudyConfig.steps
+    batch_size: int = StudyConfig.batch_size
+    learning_rate: float = StudyConfig.learning_rate
+    beta: float = StudyConfig.beta
     alpha: float = 0.5
-    label_temperature: float = 0.0
-    eval_prompts: int = 36
-    eval_samples: int = 12
+    label_temperature: float = StudyConfig.label_temperature
+    eval_prompts: int = StudyConfig.eval_prompts
+    eval_samples: int = StudyConfig.eval_samples
     progress: bool = True
     keep_runs: bool = False  # keep each fine-tuned UNet (else removed once evaluated)
 
